@@ -1,0 +1,93 @@
+"""Hand-written Numba CPU kernels (NCHW, float32 or float64), forward and backward.
+
+Every public kernel is a plain function on numpy arrays; see the submodules.
+"""
+import os
+
+# Must precede the numpy import: OpenBLAS worker threads and Numba's prange
+# threads both spin-wait, and together they made a conv 24x slower. We
+# parallelise over the batch with prange and keep each BLAS call serial.
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+
+import types  # noqa: E402
+
+import numba  # noqa: E402
+import numpy as np  # noqa: E402,F401
+
+# Below this many elements a parallel launch (~3 us) costs more than it saves.
+PAR_MIN = 1 << 16
+
+# Not fastmath=True: that implies 'nnan'/'ninf', which folds isnan() to False.
+FAST = {"reassoc", "contract", "arcp", "nsz"}
+
+
+def njit(fn):
+    """Serial, cached njit for helpers called from kernels."""
+    return numba.njit(cache=True, fastmath=FAST)(fn)
+
+
+class Kernel:
+    """One Python kernel body compiled twice: serial and parallel (prange).
+
+    The parallel copy gets its own __qualname__ so the two never share an
+    on-disk cache entry.
+    """
+
+    def __init__(self, fn):
+        self.serial = numba.njit(cache=True, fastmath=FAST)(fn)
+        par = types.FunctionType(fn.__code__, fn.__globals__, fn.__name__ + "_par",
+                                 fn.__defaults__, fn.__closure__)
+        par.__qualname__ = fn.__qualname__ + "_par"
+        par.__module__ = fn.__module__
+        self.parallel = numba.njit(cache=True, parallel=True, fastmath=FAST)(par)
+
+    def pick(self, size):
+        """(compiled function, thread count) for a problem of `size` elements."""
+        if size >= PAR_MIN and numba.get_num_threads() > 1:
+            return self.parallel, numba.get_num_threads()
+        return self.serial, 1
+
+    def __call__(self, size, *args):
+        return self.pick(size)[0](*args)
+
+
+def kernel(fn):
+    return Kernel(fn)
+
+
+def pair(v):
+    """Normalise an int-or-pair attribute to a tuple of two ints."""
+    if isinstance(v, (tuple, list)):
+        a, b = v
+        return int(a), int(b)
+    return int(v), int(v)
+
+
+def as_float(x):
+    """C-contiguous float array; float32/float64 are kept, anything else -> float32."""
+    x = np.asarray(x)
+    if x.dtype not in (np.float32, np.float64):
+        x = x.astype(np.float32)
+    return np.ascontiguousarray(x)
+
+
+from .conv import conv2d, conv2d_backward, conv_transpose2d, conv_transpose2d_backward  # noqa: E402
+from .dense import linear, linear_backward  # noqa: E402
+from .pool import (  # noqa: E402
+    maxpool2d, maxpool2d_backward, max_unpool2d, max_unpool2d_backward,
+    avgpool2d, avgpool2d_backward, global_avgpool2d, global_avgpool2d_backward,
+    upsample_nearest2d, upsample_nearest2d_backward,
+    upsample_bilinear2d, upsample_bilinear2d_backward,
+)
+from .norm import (  # noqa: E402
+    local_response_norm, local_response_norm_backward,
+    batchnorm_train, batchnorm_backward, batchnorm_infer,
+    batchnorm2d_train, batchnorm2d_backward, batchnorm2d_infer,
+    batchnorm1d_train, batchnorm1d_backward, batchnorm1d_infer,
+    dropout, dropout_backward, dropout_mask,
+)
+from .loss import (  # noqa: E402
+    softmax_cross_entropy, softmax_cross_entropy_backward,
+    mse_loss, mse_loss_backward, smooth_l1_loss, smooth_l1_loss_backward,
+    bce_with_logits, bce_with_logits_backward,
+)

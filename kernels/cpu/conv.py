@@ -1,0 +1,224 @@
+"""2-D convolution and transposed convolution via im2col + BLAS GEMM.
+
+Threads split the batch (prange); each runs serial sgemm/dgemm through
+np.dot on an im2col buffer covering `nb` images at once, so small spatial
+sizes still give GEMMs with enough columns to run near peak.
+"""
+import numpy as np
+from numba import prange
+
+from . import as_float, kernel, njit, pair
+
+# Columns per GEMM we aim for when several images are batched into one im2col.
+TARGET_COLS = 1024
+
+
+def out_size(n, k, s, p, d):
+    return (n + 2 * p - d * (k - 1) - 1) // s + 1
+
+
+@njit
+def _valid(off, s, n, on):
+    """Range [lo, hi) of outputs o with 0 <= o*s + off < n."""
+    lo = 0 if off >= 0 else (-off + s - 1) // s
+    hi = 0 if n - 1 - off < 0 else (n - 1 - off) // s + 1
+    lo = min(lo, on)
+    hi = max(min(hi, on), lo)
+    return lo, hi
+
+
+@njit
+def _im2col(x, cols, n0, nb, c0, KH, KW, OH, OW, sh, sw, ph, pw, dh, dw, to_cols):
+    """cols[(c*KH+ki)*KW+kj, b*OH*OW + oh*OW + ow] <-> x[n0+b, c0+c, ih, iw].
+
+    to_cols: gather x into cols (zero padding); else scatter-add cols into x
+    (col2im, the adjoint), which is the conv backward-data.
+    """
+    H, W = x.shape[2], x.shape[3]
+    CKK = cols.shape[0]
+    OHW = OH * OW
+    zero = cols.dtype.type(0)
+    for r in range(CKK):
+        c = r // (KH * KW)
+        ki = (r // KW) % KH
+        kj = r % KW
+        lo, hi = _valid(kj * dw - pw, sw, W, OW)
+        for b in range(nb):
+            xp = x[n0 + b, c0 + c]
+            for oh in range(OH):
+                ih = oh * sh - ph + ki * dh
+                base = b * OHW + oh * OW
+                inside = 0 <= ih < H
+                if to_cols:
+                    if not inside:
+                        for ow in range(OW):
+                            cols[r, base + ow] = zero
+                        continue
+                    for ow in range(lo):
+                        cols[r, base + ow] = zero
+                    for ow in range(lo, hi):
+                        cols[r, base + ow] = xp[ih, ow * sw - pw + kj * dw]
+                    for ow in range(hi, OW):
+                        cols[r, base + ow] = zero
+                elif inside:
+                    for ow in range(lo, hi):
+                        xp[ih, ow * sw - pw + kj * dw] += cols[r, base + ow]
+
+
+def _fwd(x, wg, b, y, KH, KW, OH, OW, sh, sw, ph, pw, dh, dw, B, T):
+    """y[N, O, OH*OW] = conv(x) + b, with wg[G, O/G, C/G*KH*KW]."""
+    N, C = x.shape[0], x.shape[1]
+    G, Og, CKK = wg.shape
+    Cg = C // G
+    OHW = OH * OW
+    for t in prange(T):
+        colbuf = np.empty(CKK * B * OHW, x.dtype)
+        outbuf = np.empty(Og * B * OHW, x.dtype)
+        n_lo, n_hi = t * N // T, (t + 1) * N // T
+        for n0 in range(n_lo, n_hi, B):
+            nb = min(B, n_hi - n0)
+            cols = colbuf[:CKK * nb * OHW].reshape(CKK, nb * OHW)
+            out = outbuf[:Og * nb * OHW].reshape(Og, nb * OHW)
+            for g in range(G):
+                _im2col(x, cols, n0, nb, g * Cg, KH, KW, OH, OW, sh, sw, ph, pw, dh, dw, True)
+                np.dot(wg[g], cols, out)
+                for bi in range(nb):
+                    for o in range(Og):
+                        bias = b[g * Og + o]
+                        for i in range(OHW):
+                            y[n0 + bi, g * Og + o, i] = out[o, bi * OHW + i] + bias
+    return y
+
+
+def _bwd(x, wg, gy, gx, gw, KH, KW, OH, OW, sh, sw, ph, pw, dh, dw, B, T, need_gx, need_gw):
+    """gx[N, C, H, W] (pre-zeroed) and per-thread partial gw[T, G, O/G, CKK]."""
+    N, C = gx.shape[0], gx.shape[1]
+    G, Og, CKK = wg.shape
+    Cg = C // G
+    OHW = OH * OW
+    for t in prange(T):
+        colbuf = np.empty(CKK * B * OHW, gy.dtype)
+        gybuf = np.empty(Og * B * OHW, gy.dtype)
+        gwt = np.empty((Og, CKK), gy.dtype)
+        n_lo, n_hi = t * N // T, (t + 1) * N // T
+        for n0 in range(n_lo, n_hi, B):
+            nb = min(B, n_hi - n0)
+            cols = colbuf[:CKK * nb * OHW].reshape(CKK, nb * OHW)
+            gyb = gybuf[:Og * nb * OHW].reshape(Og, nb * OHW)
+            for g in range(G):
+                for bi in range(nb):
+                    for o in range(Og):
+                        for i in range(OHW):
+                            gyb[o, bi * OHW + i] = gy[n0 + bi, g * Og + o, i]
+                if need_gw:
+                    _im2col(x, cols, n0, nb, g * Cg, KH, KW, OH, OW, sh, sw, ph, pw, dh, dw, True)
+                    np.dot(gyb, cols.T, gwt)
+                    gw[t, g] += gwt
+                if need_gx:
+                    np.dot(wg[g].T, gyb, cols)
+                    _im2col(gx, cols, n0, nb, g * Cg, KH, KW, OH, OW, sh, sw, ph, pw, dh, dw, False)
+    return gx
+
+
+_fwd = kernel(_fwd)
+_bwd = kernel(_bwd)
+
+
+class _Geom:
+    """Shapes and attributes of one conv, plus the batching decision."""
+
+    def __init__(self, xshape, wshape, stride, pad, dilation, groups):
+        self.N, self.C, self.H, self.W = xshape
+        self.O, Cg, self.KH, self.KW = wshape
+        self.G = int(groups)
+        if self.C != Cg * self.G or self.O % self.G:
+            raise ValueError(f"conv2d: x channels {self.C}, weight {wshape}, groups {groups}")
+        self.s, self.p, self.d = pair(stride), pair(pad), pair(dilation)
+        self.OH = out_size(self.H, self.KH, self.s[0], self.p[0], self.d[0])
+        self.OW = out_size(self.W, self.KW, self.s[1], self.p[1], self.d[1])
+        if self.OH <= 0 or self.OW <= 0:
+            raise ValueError("conv2d: output would be empty")
+        self.work = self.N * self.O * self.OH * self.OW * Cg * self.KH * self.KW
+
+    def split(self, k):
+        """(kernel, T, B): images per GEMM so it has ~TARGET_COLS columns,
+        but never so many that a thread is left without images."""
+        fn, T = k.pick(self.work)
+        ohw = self.OH * self.OW
+        B = max(1, -(-TARGET_COLS // ohw))
+        B = min(B, max(1, -(-self.N // T)))
+        return fn, T, B
+
+    def args(self):
+        return (self.KH, self.KW, self.OH, self.OW, *self.s, *self.p, *self.d)
+
+    def wg(self, w):
+        return np.ascontiguousarray(w).reshape(self.G, self.O // self.G, -1)
+
+
+def conv2d(x, w, b=None, stride=1, pad=0, dilation=1, groups=1):
+    """y[N, O, OH, OW] = cross-correlation of x[N, C, H, W] with w[O, C/groups, KH, KW] (+ b[O])."""
+    x = as_float(x)
+    w = np.ascontiguousarray(w, dtype=x.dtype)
+    g = _Geom(x.shape, w.shape, stride, pad, dilation, groups)
+    b = np.zeros(g.O, x.dtype) if b is None else np.ascontiguousarray(b, dtype=x.dtype)
+    y = np.empty((g.N, g.O, g.OH * g.OW), x.dtype)
+    fn, T, B = g.split(_fwd)
+    fn(x, g.wg(w), b, y, *g.args(), B, T)
+    return y.reshape(g.N, g.O, g.OH, g.OW)
+
+
+def _backward(x, xshape, w, gy, g, need_gx, need_gw):
+    gy = np.ascontiguousarray(gy, dtype=w.dtype).reshape(g.N, g.O, g.OH * g.OW)
+    fn, T, B = g.split(_bwd)
+    gx = np.zeros(xshape, w.dtype) if need_gx else np.zeros((g.N, g.C, 1, 1), w.dtype)
+    gwp = np.zeros((T if need_gw else 1, g.G, g.O // g.G, w[0].size), w.dtype)
+    fn(x, g.wg(w), gy, gx, gwp, *g.args(), B, T, need_gx, need_gw)
+    gw = gwp.sum(axis=0).reshape(w.shape) if need_gw else None
+    return (gx if need_gx else None), gw
+
+
+def conv2d_backward(x, w, gy, stride=1, pad=0, dilation=1, groups=1, need_gx=True, need_gw=True):
+    """(gx, gw, gb) for conv2d; gx / gw are None when not requested."""
+    x = as_float(x)
+    w = np.ascontiguousarray(w, dtype=x.dtype)
+    g = _Geom(x.shape, w.shape, stride, pad, dilation, groups)
+    gx, gw = _backward(x, x.shape, w, gy, g, need_gx, need_gw)
+    return gx, gw, np.asarray(gy, dtype=x.dtype).sum(axis=(0, 2, 3))
+
+
+def _transpose_geom(x, w, stride, pad, output_padding, dilation, groups):
+    """The conv whose backward-data is this transposed conv: its input is our output."""
+    N, Cin, H, W = x.shape
+    G = int(groups)
+    s, p, d, op = pair(stride), pair(pad), pair(dilation), pair(output_padding)
+    OH = (H - 1) * s[0] - 2 * p[0] + d[0] * (w.shape[2] - 1) + op[0] + 1
+    OW = (W - 1) * s[1] - 2 * p[1] + d[1] * (w.shape[3] - 1) + op[1] + 1
+    yshape = (N, w.shape[1] * G, OH, OW)
+    g = _Geom(yshape, w.shape, s, p, d, G)
+    if (g.OH, g.OW) != (H, W) or op[0] >= max(s[0], d[0]) or op[1] >= max(s[1], d[1]):
+        raise ValueError("conv_transpose2d: inconsistent output_padding/stride")
+    return g, yshape
+
+
+def conv_transpose2d(x, w, b=None, stride=1, pad=0, output_padding=0, dilation=1, groups=1):
+    """torch.nn.functional.conv_transpose2d: x[N, Cin, H, W], w[Cin, Cout/groups, KH, KW]."""
+    x = as_float(x)
+    w = np.ascontiguousarray(w, dtype=x.dtype)
+    g, yshape = _transpose_geom(x, w, stride, pad, output_padding, dilation, groups)
+    y, _ = _backward(x[:0], yshape, w, x, g, True, False)
+    if b is not None:
+        y += np.asarray(b, dtype=x.dtype).reshape(1, -1, 1, 1)
+    return y
+
+
+def conv_transpose2d_backward(x, w, gy, stride=1, pad=0, output_padding=0, dilation=1,
+                              groups=1, need_gx=True, need_gw=True):
+    """(gx, gw, gb) for conv_transpose2d: gx is a plain conv of gy, gw a conv weight-grad."""
+    x = as_float(x)
+    w = np.ascontiguousarray(w, dtype=x.dtype)
+    gy = np.ascontiguousarray(gy, dtype=x.dtype)
+    g, _ = _transpose_geom(x, w, stride, pad, output_padding, dilation, groups)
+    gx = conv2d(gy, w, None, g.s, g.p, g.d, g.G) if need_gx else None
+    gw = _backward(gy, gy.shape, w, x, g, False, True)[1] if need_gw else None
+    return gx, gw, gy.sum(axis=(0, 2, 3))

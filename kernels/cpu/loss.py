@@ -1,0 +1,165 @@
+"""Losses (mean reduction), forward and backward.
+
+Forwards return the loss as a numpy scalar of the input dtype; sums are
+accumulated in float64 on purpose.
+"""
+import numpy as np
+from numba import prange
+
+from . import as_float, kernel, njit
+
+MSE, SMOOTH_L1, BCE_LOGITS = 0, 1, 2
+
+
+# ---------------------------------------------------------------- softmax CE
+
+def _softmax_ce(z, labels, ignore, probs, rowloss):
+    N, K = z.shape
+    for n in prange(N):
+        m = z[n, 0]
+        for j in range(1, K):
+            m = max(m, z[n, j])
+        s = z.dtype.type(0)
+        for j in range(K):
+            e = np.exp(z[n, j] - m)
+            probs[n, j] = e
+            s += e
+        inv = z.dtype.type(1) / s
+        for j in range(K):
+            probs[n, j] *= inv
+        lab = labels[n]
+        # log-sum-exp form: exact even when probs[lab] underflows to 0
+        rowloss[n] = 0.0 if lab == ignore else np.log(s) + m - z[n, lab]
+    return rowloss
+
+
+def _softmax_ce_bwd(probs, labels, ignore, scale, gz):
+    N, K = probs.shape
+    for n in prange(N):
+        lab = labels[n]
+        for j in range(K):
+            gz[n, j] = 0 if lab == ignore else probs[n, j] * scale
+        if lab != ignore:
+            gz[n, lab] -= scale
+    return gz
+
+
+_softmax_ce = kernel(_softmax_ce)
+_softmax_ce_bwd = kernel(_softmax_ce_bwd)
+
+
+def _labels(labels, N, K, ignore_index):
+    labels = np.ascontiguousarray(labels, np.int64).reshape(N)
+    bad = (labels != ignore_index) & ((labels < 0) | (labels >= K))
+    if bad.any():
+        raise ValueError(f"cross-entropy: label {labels[bad][0]} outside [0, {K})")
+    return labels
+
+
+def softmax_cross_entropy(logits, labels, ignore_index=-1):
+    """(loss, probs): mean over the rows whose label != ignore_index (NaN if none),
+    logits[N, K], integer labels[N]. Keep probs for the backward."""
+    z = as_float(logits)
+    N, K = z.shape
+    labels = _labels(labels, N, K, ignore_index)
+    probs = np.empty_like(z)
+    rowloss = np.empty(N, np.float64)
+    _softmax_ce(z.size, z, labels, ignore_index, probs, rowloss)
+    count = int((labels != ignore_index).sum())
+    loss = rowloss.sum() / count if count else np.nan
+    return z.dtype.type(loss), probs
+
+
+def softmax_cross_entropy_backward(probs, labels, ignore_index=-1, gloss=1.0):
+    """d loss / d logits = (probs - onehot) * gloss / count, zero on ignored rows."""
+    probs = as_float(probs)
+    N, K = probs.shape
+    labels = _labels(labels, N, K, ignore_index)
+    count = int((labels != ignore_index).sum())
+    scale = probs.dtype.type(gloss / count if count else np.nan)
+    gz = np.empty_like(probs)
+    _softmax_ce_bwd(probs.size, probs, labels, ignore_index, scale, gz)
+    return gz
+
+
+# ---------------------------------------------------------------- pointwise losses
+
+@njit
+def _point(a, b, kind, beta, one):
+    """(loss, d loss / d a) of one element; `one` carries the dtype."""
+    two, half, zero = one + one, one / (one + one), one - one
+    d = a - b
+    if kind == MSE:
+        return d * d, two * d
+    if kind == SMOOTH_L1:
+        if abs(d) < beta:
+            return half * d * d / beta, d / beta
+        return abs(d) - half * beta, (one if d > zero else -one)
+    # BCE with logits a and targets b, stable for any |a|
+    e = np.exp(-abs(a))
+    sig = one / (one + e) if a >= zero else e / (one + e)
+    return max(a, zero) - a * b + np.log1p(e), sig - b
+
+
+def _reduce(a, b, kind, beta):
+    s = 0.0
+    for i in prange(a.size):
+        s += _point(a[i], b[i], kind, beta, a.dtype.type(1))[0]
+    return s
+
+
+def _grad(a, b, kind, beta, scale, g):
+    for i in prange(a.size):
+        g[i] = _point(a[i], b[i], kind, beta, a.dtype.type(1))[1] * scale
+    return g
+
+
+_reduce = kernel(_reduce)
+_grad = kernel(_grad)
+
+
+def _pair(pred, target):
+    a = as_float(pred)
+    b = np.ascontiguousarray(target, a.dtype)
+    if a.shape != b.shape:
+        raise ValueError(f"loss: prediction {a.shape} and target {b.shape} differ")
+    return a, b
+
+
+def _forward(kind, pred, target, beta=1.0):
+    a, b = _pair(pred, target)
+    s = _reduce(a.size, a.reshape(-1), b.reshape(-1), kind, a.dtype.type(beta))
+    return a.dtype.type(s / a.size)
+
+
+def _backward(kind, pred, target, gloss, beta=1.0):
+    """Gradient wrt pred; the gradient wrt target of MSE / smooth-L1 is its negation."""
+    a, b = _pair(pred, target)
+    g = np.empty_like(a)
+    _grad(a.size, a.reshape(-1), b.reshape(-1), kind, a.dtype.type(beta),
+          a.dtype.type(gloss / a.size), g.reshape(-1))
+    return g
+
+
+def mse_loss(pred, target):
+    return _forward(MSE, pred, target)
+
+
+def mse_loss_backward(pred, target, gloss=1.0):
+    return _backward(MSE, pred, target, gloss)
+
+
+def smooth_l1_loss(pred, target, beta=1.0):
+    return _forward(SMOOTH_L1, pred, target, beta)
+
+
+def smooth_l1_loss_backward(pred, target, gloss=1.0, beta=1.0):
+    return _backward(SMOOTH_L1, pred, target, gloss, beta)
+
+
+def bce_with_logits(logits, target):
+    return _forward(BCE_LOGITS, logits, target)
+
+
+def bce_with_logits_backward(logits, target, gloss=1.0):
+    return _backward(BCE_LOGITS, logits, target, gloss)
