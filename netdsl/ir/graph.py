@@ -1,0 +1,127 @@
+"""The graph IR: typed values, nodes with source positions and block paths.
+
+Shape, parameter and FLOP rules belong to operators (netdsl/ops), not to the graph;
+the graph only records what elaboration produced.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..errors import Pos
+from .dims import Dim, fmt_shape
+
+
+@dataclass(eq=False)
+class Value:
+    """One tensor: an input, a node output, or a parameter."""
+    shape: tuple[Dim, ...]
+    dtype: str
+    producer: "Node | None" = None
+    index: int = 0
+    name: str = ""            # user-visible name where there is one (input, assigned variable)
+    pos: Pos | None = None    # where it was produced
+
+    @property
+    def rank(self) -> int:
+        return len(self.shape)
+
+    def __repr__(self):
+        return f"{self.dtype}{fmt_shape(self.shape)}"
+
+
+@dataclass
+class Param:
+    name: str                 # full path, e.g. layer1.0.conv1.weight
+    shape: tuple[int, ...]
+    dtype: str
+    init: str                 # initialiser name, see the op's registry entry
+    node: "Node | None" = None
+    role: str = "weight"      # weight | bias | scale | shift | buffer (buffers are not trained)
+
+
+@dataclass(eq=False)
+class Frame:
+    """One level of block nesting, kept on every node for rendering and naming."""
+    scope: str                # path component, e.g. "layer1" or "0"
+    kind: str                 # block | loop | step | network
+    callee: str               # block name, loop var, ...
+    pos: Pos | None = None
+    repeat_key: Any = None    # identifies repetitions of the same block for folding
+
+@dataclass(eq=False)
+class Node:
+    op: str
+    inputs: list[Value]
+    attrs: dict[str, Any]
+    path: str                 # e.g. layer1.0.conv1
+    pos: Pos | None
+    frames: tuple[Frame, ...] = ()
+    outputs: list[Value] = field(default_factory=list)
+    params: dict[str, Param] = field(default_factory=dict)   # role name -> Param
+    macs: Dim = 0
+    body: "Graph | None" = None   # for scan: the step graph
+
+    def __repr__(self):
+        return f"Node({self.op} {self.path})"
+
+
+@dataclass
+class Loss:
+    name: str
+    value: Value
+    weight: float
+    phase: str                # "all" or "train"
+    pos: Pos | None = None
+
+
+@dataclass
+class Carry:
+    """State of a recurrence: carried across steps, and across chunks in truncated BPTT."""
+    name: str                 # path name, e.g. rnn1.h
+    init: Value               # the value at step 0
+    step_in: Value            # inside the body: the state entering the step
+    step_out: Value | None = None   # inside the body: the state leaving the step
+    final: Value | None = None      # outside: the state after the last step
+
+
+@dataclass
+class Graph:
+    name: str
+    inputs: dict[str, Value] = field(default_factory=dict)
+    outputs: dict[str, Value] = field(default_factory=dict)
+    losses: list[Loss] = field(default_factory=list)
+    nodes: list[Node] = field(default_factory=list)
+    params: dict[str, Param] = field(default_factory=dict)
+    carries: list[Carry] = field(default_factory=list)
+    train: dict[str, Any] = field(default_factory=dict)
+    train_pos: dict[str, Pos] = field(default_factory=dict)
+    symbols: dict[str, Pos] = field(default_factory=dict)
+    args: dict[str, Any] = field(default_factory=dict)
+    pos: Pos | None = None
+
+    def consumers(self) -> dict[int, list[Node]]:
+        out: dict[int, list[Node]] = {}
+        for n in self.nodes:
+            for v in n.inputs:
+                out.setdefault(id(v), []).append(n)
+        return out
+
+    def param_count(self, trainable_only: bool = True) -> int:
+        from .dims import product
+        return sum(product(p.shape) for p in self.params.values()
+                   if not trainable_only or p.role != "buffer")
+
+    def phase_of_nodes(self) -> dict[int, str]:
+        """'all' for nodes needed at inference (outputs, all-phase losses), else 'train'."""
+        needed: set[int] = set()
+        by_value = {id(o): n for n in self.nodes for o in n.outputs}
+        stack = [v for v in self.outputs.values()] + [l.value for l in self.losses if l.phase == "all"]
+        while stack:
+            v = stack.pop()
+            n = by_value.get(id(v))
+            if n is None or id(n) in needed:
+                continue
+            needed.add(id(n))
+            stack.extend(n.inputs)
+        return {id(n): ("all" if id(n) in needed else "train") for n in self.nodes}

@@ -1,0 +1,940 @@
+"""Elaboration: run a network definition at compile time and record its graph.
+
+Blocks are inlined (their path kept on every node), loops unrolled, conditionals on
+compile-time values decided, parameters named by path, shapes inferred through each
+operator's registry entry. Everything a user can get wrong raises NetdslError at the
+position of the offending text.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from lark import Token, Tree
+
+from ..errors import NetdslError, Note, Pos, did_you_mean
+from ..ir.dims import Sym, fmt_shape, is_dim, product
+from ..ir.graph import Carry, Frame, Graph, Loss, Node, Param, Value
+from ..ops import OPS, REQUIRED, Ctx, OpDef
+from ..ops.elementwise import BINARY_SYMBOLS
+from ..ops.registry import check_attr, _show
+from . import training
+from .parser import Loader, Module, pos_of
+
+DTYPES = ("f16", "f32", "f64", "i32", "i64", "bool")
+MAX_DEPTH = 64
+
+
+# ---- things a name can stand for
+
+@dataclass
+class Def:
+    kind: str            # block_def | step_def | network_def
+    tree: Tree
+    module: Module
+
+    @property
+    def name(self):
+        return self.tree.children[0].value
+
+
+@dataclass
+class Namespace:
+    module: Module
+
+
+@dataclass
+class Builtin:
+    name: str
+    fn: object
+
+
+class ScanResult:
+    """Per-step outputs of a scan, with the final carried states beside them."""
+
+    def __init__(self, emits, finals):
+        self.emits, self.finals = emits, finals
+
+    def unwrap(self):
+        return self.emits[0] if len(self.emits) == 1 else tuple(self.emits)
+
+
+class _Return(Exception):
+    def __init__(self, value):
+        self.value = value
+
+
+def _builtin_range(*a):
+    if not all(isinstance(x, int) and not isinstance(x, bool) for x in a) or not 1 <= len(a) <= 3:
+        raise TypeError("range() takes 1 to 3 integers")
+    return list(range(*a))
+
+
+BUILTINS = {
+    "range": _builtin_range,
+    "len": lambda x: len(x),
+    "min": lambda *a: min(a[0] if len(a) == 1 else a),
+    "max": lambda *a: max(a[0] if len(a) == 1 else a),
+    "int": int, "float": float, "abs": abs,
+    "sqrt": math.sqrt, "ceil": math.ceil, "floor": math.floor,
+}
+
+
+class Env:
+    def __init__(self, parent=None):
+        self.vars: dict = {}
+        self.parent = parent
+
+    def lookup(self, name):
+        e = self
+        while e is not None:
+            if name in e.vars:
+                return e.vars[name]
+            e = e.parent
+        raise KeyError(name)
+
+    def names(self):
+        e, out = self, set()
+        while e is not None:
+            out |= set(e.vars)
+            e = e.parent
+        return out
+
+
+class StepState:
+    """What a step body is building: its graph, carries and emits."""
+
+    def __init__(self, graph: Graph):
+        self.graph = graph
+        self.carries: list[tuple[str, Carry, Pos]] = []
+        self.emits: list[tuple[Value, Pos]] = []
+
+
+class Elaborator:
+    def __init__(self, loader: Loader, overrides: dict | None = None):
+        self.loader = loader
+        self.overrides = dict(overrides or {})
+        self.graph: Graph | None = None
+        self.frames: list[Frame] = []
+        self.counters: dict[tuple[str, str], int] = {}
+        self.used: dict[str, Pos | None] = {}
+        self.steps: list[StepState] = []
+        self.symvals: dict = {}
+        self._globals: dict[int, Env] = {}
+        self.file = ""
+
+    # ------------------------------------------------------------ entry
+    def network(self, mod: Module, name: str | None) -> Graph:
+        nets = {n: d for n, d in mod.defs.items() if d[0] == "network_def"}
+        if not nets:
+            raise NetdslError(f"'{mod.path}' defines no network", None,
+                              hint="a spec needs `network NAME(...) { ... }`")
+        if name is None:
+            if len(nets) > 1:
+                raise NetdslError(f"'{mod.path}' defines several networks ({', '.join(nets)}); "
+                                  f"choose one with --network")
+            name = next(iter(nets))
+        if name not in nets:
+            raise NetdslError(f"'{mod.path}' has no network '{name}'", None,
+                              hint=did_you_mean(name, nets) or "networks: " + ", ".join(nets))
+        tree = nets[name][1]
+        self.file = mod.path
+        g = self.graph = Graph(name, pos=pos_of(tree.children[0], mod.path))
+        env = Env(self.globals(mod))
+        self.bind_params(Def("network_def", tree, mod), env, [], {}, pos_of(tree, mod.path),
+                         overrides=self.overrides)
+        g.args = {k: v for k, v in env.vars.items()}
+        self.frames = [Frame("", "network", name, g.pos)]
+        self.exec_body(tree.children[2], env, mod)
+        for k in self.overrides:
+            raise NetdslError(f"--set {k}: network '{name}' has no parameter or dimension '{k}'",
+                              hint=did_you_mean(k, list(env.vars) + list(g.symbols)))
+        if not g.outputs and not g.losses:
+            raise NetdslError(f"network '{name}' has no output and no loss", g.pos,
+                              hint="add `output NAME` or `loss NAME = ...`")
+        if not g.train:
+            g.train = training.defaults()
+        return g
+
+    def globals(self, mod: Module) -> Env:
+        if id(mod) not in self._globals:
+            self._globals[id(mod)] = self._make_globals(mod)
+        return self._globals[id(mod)]
+
+    def _make_globals(self, mod: Module) -> Env:
+        env = Env()
+        for alias, sub, _ in mod.imports:
+            if alias:
+                env.vars[alias] = Namespace(sub)
+            else:
+                for n, (kind, tree) in sub.defs.items():
+                    if kind == "const_def":
+                        env.vars[n] = self.eval(tree.children[1], Env(), sub)
+                    else:
+                        env.vars[n] = Def(kind, tree, sub)
+        for n, (kind, tree) in mod.defs.items():
+            env.vars[n] = (self.eval(tree.children[1], Env(env), mod) if kind == "const_def"
+                           else Def(kind, tree, mod))
+        return env
+
+    # ------------------------------------------------------------ helpers
+    def pos(self, node, mod: Module) -> Pos | None:
+        return pos_of(node, mod.path)
+
+    @property
+    def target(self) -> Graph:
+        return self.steps[-1].graph if self.steps else self.graph
+
+    def scope_path(self) -> str:
+        return ".".join(f.scope for f in self.frames if f.scope)
+
+    def fresh(self, kind: str, base: str, start: int) -> str:
+        key = (self.scope_path(), kind + ":" + base)
+        n = self.counters.get(key, start)
+        self.counters[key] = n + 1
+        return f"{base}{n}" if kind == "op" else str(n)
+
+    def claim(self, path: str, pos):
+        if path in self.used:
+            raise NetdslError(f"the name '{path}' is already taken", pos,
+                              notes=[Note("first used here", self.used[path])] if self.used[path] else [],
+                              hint="give this layer or block a different name=")
+        self.used[path] = pos
+
+    # ------------------------------------------------------------ parameters of defs
+    def bind_params(self, d: Def, env: Env, args, kwargs, pos, overrides=None, kwpos=None):
+        """Bind call arguments to a definition's parameters (defaults may use earlier ones)."""
+        params = d.tree.children[1]
+        plist = params.children if params is not None else []
+        names = [p.children[0].value for p in plist]
+        kind = {"block_def": "block", "step_def": "step", "network_def": "network"}[d.kind]
+        if len(args) > len(names):
+            raise NetdslError(f"{kind} '{d.name}' takes {len(names)} argument(s) but {len(args)} were given",
+                              pos, notes=[Note(f"'{d.name}' is defined here", self.pos(d.tree.children[0], d.module))])
+        for k in kwargs:
+            if k not in names:
+                raise NetdslError(f"{kind} '{d.name}' has no parameter '{k}'", (kwpos or {}).get(k, pos),
+                                  hint=did_you_mean(k, names) or f"its parameters: {', '.join(names) or 'none'}")
+        seq = []
+        for i, p in enumerate(plist):
+            pname, ann, default = p.children
+            if ann is not None:
+                if ann.value != "seq" or kind != "step":
+                    raise NetdslError(f"unknown parameter annotation '{ann.value}'" +
+                                      ("" if kind == "step" else f"; annotations belong to steps"),
+                                      self.pos(ann, d.module), hint="the only annotation is ': seq' in a step")
+                seq.append(pname.value)
+            if i < len(args):
+                if pname.value in kwargs:
+                    raise NetdslError(f"argument '{pname.value}' given twice", (kwpos or {}).get(pname.value, pos))
+                v = args[i]
+            elif pname.value in kwargs:
+                v = kwargs[pname.value]
+            elif overrides is not None and pname.value in overrides:
+                v = overrides.pop(pname.value)
+            elif default is not None:
+                v = self.eval(default, env, d.module)
+            else:
+                raise NetdslError(f"{kind} '{d.name}' needs the argument '{pname.value}'", pos,
+                                  notes=[Note(f"'{d.name}' is defined here", self.pos(d.tree.children[0], d.module))])
+            env.vars[pname.value] = v
+        return seq
+
+    # ------------------------------------------------------------ statements
+    def exec_body(self, body: Tree, env: Env, mod: Module):
+        for st in body.children:
+            self.exec_stmt(st, env, mod)
+
+    def exec_stmt(self, st: Tree, env: Env, mod: Module):
+        getattr(self, "st_" + st.data)(st, env, mod)
+
+    def st_assign(self, st, env, mod):
+        targets, expr = st.children
+        names = [t.value for t in targets.children]
+        v = self.eval(expr, env, mod)
+        if isinstance(v, ScanResult):
+            if len(names) == len(v.emits) + len(v.finals) and v.finals:
+                v = tuple(v.emits) + tuple(v.finals)
+            else:
+                v = v.unwrap()
+        if len(names) == 1:
+            vals = [v]
+        else:
+            if not isinstance(v, (tuple, list)):
+                raise NetdslError(f"cannot unpack one value into {len(names)} names", self.pos(st, mod))
+            if len(v) != len(names):
+                raise NetdslError(f"cannot unpack {len(v)} values into {len(names)} names", self.pos(st, mod))
+            vals = list(v)
+        for tok, val in zip(targets.children, vals):
+            if isinstance(val, Value) and not val.name:
+                val.name = tok.value
+            env.vars[tok.value] = val
+
+    def st_return_stmt(self, st, env, mod):
+        vals = [self.eval(c, env, mod) for c in st.children]
+        raise _Return(vals[0] if len(vals) == 1 else tuple(vals))
+
+    def st_const_def(self, st, env, mod):
+        env.vars[st.children[0].value] = self.eval(st.children[1], env, mod)
+
+    def st_for_stmt(self, st, env, mod):
+        loopvars, it, scope, body = st.children
+        names = [t.value for t in loopvars.children]
+        seq = self.eval(it, env, mod)
+        if not isinstance(seq, (list, tuple)):
+            raise NetdslError(f"a for loop needs a list to go over, got {_show(seq)}", self.pos(it, mod),
+                              hint="use range(n) for a count")
+        for i, item in enumerate(seq):
+            if len(names) == 1:
+                env.vars[names[0]] = item
+            else:
+                if not isinstance(item, (list, tuple)) or len(item) != len(names):
+                    raise NetdslError(f"item {i + 1} of the list cannot be unpacked into "
+                                      f"({', '.join(names)})", self.pos(it, mod))
+                env.vars.update(zip(names, item))
+            self._loop_iteration(scope, i, st, body, env, mod)
+
+    def st_repeat_stmt(self, st, env, mod):
+        count, scope, body = st.children
+        n = self.eval(count, env, mod)
+        if not isinstance(n, int) or isinstance(n, bool) or n < 0:
+            raise NetdslError(f"repeat needs a count of 0 or more, got {_show(n)}", self.pos(count, mod))
+        for i in range(n):
+            self._loop_iteration(scope, i, st, body, env, mod)
+
+    def _loop_iteration(self, scope, i, st, body, env, mod):
+        if scope is not None:
+            self.frames.append(Frame(f"{scope.value}{i + 1}", "loop", scope.value, self.pos(st, mod)))
+        try:
+            self.exec_body(body, env, mod)
+        finally:
+            if scope is not None:
+                self.frames.pop()
+
+    def st_if_stmt(self, st, env, mod):
+        cond, body, *rest = st.children
+        branches = [(cond, body)] + [(c.children[0], c.children[1]) for c in rest if c is not None and c.data == "elif_clause"]
+        for c, b in branches:
+            if self.cond(c, env, mod):
+                return self.exec_body(b, env, mod)
+        for c in rest:
+            if c is not None and c.data == "else_clause":
+                return self.exec_body(c.children[0], env, mod)
+
+    def cond(self, c, env, mod) -> bool:
+        v = self.eval(c, env, mod)
+        if not isinstance(v, bool):
+            raise NetdslError(f"a condition must be a compile-time true or false, got {_show(v)}",
+                              self.pos(c, mod), hint="conditions decide the graph's structure; "
+                              "they cannot depend on tensor values")
+        return v
+
+    def _network_only(self, st, mod, what):
+        if any(f.kind in ("block", "step") for f in self.frames):
+            raise NetdslError(f"'{what}' belongs in a network, not in a block or step", self.pos(st, mod),
+                              hint=f"return values from the block and declare the {what} in the network")
+
+    def st_input_stmt(self, st, env, mod):
+        self._network_only(st, mod, "input")
+        name, dtype, *dims = st.children
+        if dtype.value not in DTYPES:
+            raise NetdslError(f"unknown dtype '{dtype.value}'", self.pos(dtype, mod),
+                              hint=did_you_mean(dtype.value, DTYPES) or "dtypes: " + ", ".join(DTYPES))
+        shape = tuple(self.dim(d, env, mod) for d in dims if d is not None)
+        if name.value in self.graph.inputs or name.value in env.vars:
+            raise NetdslError(f"'{name.value}' is already defined", self.pos(name, mod))
+        v = Value(shape, dtype.value, name=name.value, pos=self.pos(st, mod))
+        self.graph.inputs[name.value] = v
+        env.vars[name.value] = v
+
+    def dim(self, d, env, mod):
+        """A dimension in an input type: a number, an expression, or a capitalised symbol."""
+        if d.data == "name":
+            n = d.children[0].value
+            try:
+                v = env.lookup(n)
+            except KeyError:
+                if not n[0].isupper():
+                    raise NetdslError(f"unknown name '{n}' in a shape", self.pos(d, mod),
+                                      hint=did_you_mean(n, env.names()) or
+                                      "symbolic dimensions are capitalised (N, T, R...)") from None
+                v = self.overrides.pop(n) if n in self.overrides else Sym.var(n)
+                self.graph.symbols.setdefault(n, self.pos(d, mod))
+                self.symvals[n] = v
+                env.vars[n] = v
+            if is_dim(v):
+                return v
+        v = self.eval(d, env, mod)
+        if not is_dim(v) or (isinstance(v, int) and v <= 0):
+            raise NetdslError(f"a dimension must be a positive integer or a symbol, got {_show(v)}",
+                              self.pos(d, mod))
+        return v
+
+    def st_output_stmt(self, st, env, mod):
+        self._network_only(st, mod, "output")
+        name, expr = st.children
+        v = self.eval(expr, env, mod) if expr is not None else self.lookup(name, env, mod)
+        self._add_output(name, v, mod)
+
+    def st_output_many(self, st, env, mod):
+        self._network_only(st, mod, "output")
+        for name in st.children:
+            self._add_output(name, self.lookup(name, env, mod), mod)
+
+    def _add_output(self, name, v, mod):
+        v = v.unwrap() if isinstance(v, ScanResult) else v
+        if not isinstance(v, Value):
+            raise NetdslError(f"output '{name.value}' must be a tensor, got {_show(v)}", self.pos(name, mod))
+        if name.value in self.graph.outputs:
+            raise NetdslError(f"output '{name.value}' is declared twice", self.pos(name, mod))
+        self.graph.outputs[name.value] = v
+
+    def st_loss_stmt(self, st, env, mod):
+        self._network_only(st, mod, "loss")
+        name, expr, *mods = st.children
+        v = self.eval(expr, env, mod)
+        if not isinstance(v, Value) or v.shape != ():
+            what = fmt_shape(v.shape) if isinstance(v, Value) else _show(v)
+            raise NetdslError(f"loss '{name.value}' must be a scalar tensor, got {what}", self.pos(expr, mod),
+                              hint="use a loss operator (cross_entropy, l2, smooth_l1, bce)")
+        weight, phase = 1.0, "all"
+        for m in mods:
+            if m.data == "loss_weight":
+                w = self.eval(m.children[0], env, mod)
+                if isinstance(w, bool) or not isinstance(w, (int, float)) or w < 0:
+                    raise NetdslError(f"a loss weight must be a non-negative number, got {_show(w)}",
+                                      self.pos(m, mod))
+                weight = float(w)
+            else:
+                phase = m.children[0].value
+                if phase not in ("train", "all"):
+                    raise NetdslError(f"unknown phase '{phase}'", self.pos(m.children[0], mod),
+                                      hint="phases: train (only while training), all (the default)")
+        if any(l.name == name.value for l in self.graph.losses):
+            raise NetdslError(f"loss '{name.value}' is declared twice", self.pos(name, mod))
+        self.graph.losses.append(Loss(name.value, v, weight, phase, self.pos(st, mod)))
+        env.vars[name.value] = v
+
+    def st_train_stmt(self, st, env, mod):
+        self._network_only(st, mod, "train")
+        if self.graph.train:
+            raise NetdslError("a network has one train section", self.pos(st, mod))
+        tenv = Env(env)
+        tenv.vars.update({n: Builtin(n, None) for n in training.train_env()})
+        cfg = training.defaults()
+        seen = {}
+        for s in st.children:
+            key, expr = s.children
+            if key.value in seen:
+                raise NetdslError(f"training setting '{key.value}' is given twice", self.pos(key, mod),
+                                  notes=[Note("first given here", seen[key.value])])
+            seen[key.value] = self.pos(key, mod)
+            val = self.eval(expr, tenv, mod, train=True)
+            if isinstance(val, Builtin):
+                val = val.name
+            cfg[key.value] = training.check_setting(key.value, val, self.pos(key, mod), self.pos(expr, mod))
+            self.graph.train_pos[key.value] = self.pos(key, mod)
+        self.graph.train = cfg
+
+    def st_carry_stmt(self, st, env, mod):
+        if not self.steps or len([f for f in self.frames if f.kind == "step"]) == 0:
+            raise NetdslError("'carry' belongs in a step", self.pos(st, mod),
+                              hint="declare the recurrence with `step name(x_t: seq, ...) { carry h = ... }`")
+        state = self.steps[-1]
+        for item in st.children:
+            name, expr = item.children
+            # the initial value is computed once, before the loop, in the enclosing graph
+            saved = self.steps.pop()
+            try:
+                init = self.eval(expr, env, mod)
+            finally:
+                self.steps.append(saved)
+            if not isinstance(init, Value):
+                raise NetdslError(f"carry '{name.value}' needs a tensor as its initial value, got {_show(init)}",
+                                  self.pos(expr, mod), hint="e.g. carry h = zeros([N, H])")
+            inside = Value(init.shape, init.dtype, name=name.value, pos=self.pos(item, mod))
+            path = ".".join(p for p in (self.scope_path(), name.value) if p)
+            state.carries.append((name.value, Carry(path, init, inside), self.pos(item, mod)))
+            env.vars[name.value] = inside
+
+    def st_emit_stmt(self, st, env, mod):
+        if not self.steps:
+            raise NetdslError("'emit' belongs in a step", self.pos(st, mod))
+        for name in st.children:
+            v = self.lookup(name, env, mod)
+            if not isinstance(v, Value):
+                raise NetdslError(f"emit needs a tensor, '{name.value}' is {_show(v)}", self.pos(name, mod))
+            self.steps[-1].emits.append((v, self.pos(name, mod)))
+
+    def st_assert_stmt(self, st, env, mod):
+        cond, msg = st.children
+        if not self.cond(cond, env, mod):
+            raise NetdslError("assertion failed" + (f": {msg.value[1:-1]}" if msg else ""), self.pos(st, mod))
+
+    # ------------------------------------------------------------ expressions
+    def lookup(self, tok: Token, env: Env, mod: Module):
+        n = tok.value
+        try:
+            return env.lookup(n)
+        except KeyError:
+            pass
+        if n in OPS:
+            return OPS[n]
+        if n in BUILTINS:
+            return Builtin(n, BUILTINS[n])
+        if n in self.symvals:
+            return self.symvals[n]
+        cands = env.names() | set(OPS) | set(BUILTINS)
+        raise NetdslError(f"unknown name '{n}'", self.pos(tok, mod), hint=did_you_mean(n, cands))
+
+    def eval(self, t, env: Env, mod: Module, train: bool = False):
+        if isinstance(t, Token):
+            return self.lookup(t, env, mod)
+        fn = getattr(self, "ex_" + t.data)
+        return fn(t, env, mod, train) if t.data in ("call", "pipe") else fn(t, env, mod)
+
+    def ex_name(self, t, env, mod):
+        return self.lookup(t.children[0], env, mod)
+
+    def ex_number(self, t, env, mod):
+        s = t.children[0].value
+        return float(s) if any(c in s for c in ".eE") else int(s)
+
+    def ex_string(self, t, env, mod):
+        return bytes(t.children[0].value[1:-1], "utf-8").decode("unicode_escape")
+
+    def ex_true(self, t, env, mod):
+        return True
+
+    def ex_false(self, t, env, mod):
+        return False
+
+    def ex_none(self, t, env, mod):
+        return None
+
+    def ex_tuple(self, t, env, mod):
+        return tuple(self.eval(c, env, mod) for c in t.children if c is not None)
+
+    def ex_list(self, t, env, mod):
+        return [self.eval(c, env, mod) for c in t.children if c is not None]
+
+    def ex_if_expr(self, t, env, mod):
+        ch = t.children
+        for i in range(0, len(ch) - 1, 2):
+            if self.cond(ch[i], env, mod):
+                return self.eval(ch[i + 1], env, mod)
+        return self.eval(ch[-1], env, mod)
+
+    def ex_or_(self, t, env, mod):
+        return self.cond(t.children[0], env, mod) or self.cond(t.children[1], env, mod)
+
+    def ex_and_(self, t, env, mod):
+        return self.cond(t.children[0], env, mod) and self.cond(t.children[1], env, mod)
+
+    def ex_not_(self, t, env, mod):
+        return not self.cond(t.children[0], env, mod)
+
+    def ex_compare(self, t, env, mod):
+        a, op, b = t.children
+        x, y = self.eval(a, env, mod), self.eval(b, env, mod)
+        if isinstance(x, Value) or isinstance(y, Value):
+            raise NetdslError("tensors cannot be compared at compile time", self.pos(t, mod),
+                              hint="compare shapes instead, e.g. x.C != c")
+        if op.value in ("==", "!="):
+            eq = x == y
+            return eq if op.value == "==" else not eq
+        if isinstance(x, Sym) or isinstance(y, Sym):
+            raise NetdslError(f"cannot order symbolic dimensions ({x} {op.value} {y})", self.pos(t, mod),
+                              hint="give the dimension a value with --set")
+        try:
+            return {"<": x < y, ">": x > y, "<=": x <= y, ">=": x >= y}[op.value]
+        except TypeError:
+            raise NetdslError(f"cannot compare {_show(x)} with {_show(y)}", self.pos(t, mod)) from None
+
+    def ex_unary(self, t, env, mod):
+        op, a = t.children
+        v = self.eval(a, env, mod)
+        if isinstance(v, Value):
+            return v if op.value == "+" else self.apply_op(OPS["neg"], [v], {}, self.pos(t, mod))
+        if not _is_number(v):
+            raise NetdslError(f"'{op.value}' needs a number, got {_show(v)}", self.pos(t, mod))
+        return v if op.value == "+" else -v
+
+    def ex_power(self, t, env, mod):
+        a, b = (self.eval(c, env, mod) for c in t.children)
+        if not (_is_number(a) and _is_number(b)):
+            raise NetdslError(f"'**' needs numbers, got {_show(a)} and {_show(b)}", self.pos(t, mod))
+        return a ** b
+
+    def ex_binop(self, t, env, mod):
+        a, op, b = t.children
+        x, y = self.eval(a, env, mod), self.eval(b, env, mod)
+        pos = self.pos(t, mod)
+        if isinstance(x, Value) or isinstance(y, Value):
+            return self.tensor_arith(op.value, x, y, pos)
+        if isinstance(x, (list, tuple)) and isinstance(y, (list, tuple)) and op.value == "+":
+            return type(x)(list(x) + list(y))
+        if not ((_is_number(x) or isinstance(x, Sym)) and (_is_number(y) or isinstance(y, Sym))):
+            raise NetdslError(f"'{op.value}' cannot combine {_show(x)} and {_show(y)}", pos)
+        try:
+            if op.value == "+": return x + y
+            if op.value == "-": return x - y
+            if op.value == "*": return x * y
+            if op.value == "//": return x // y
+            if op.value == "%": return x % y
+            if op.value == "/":
+                if isinstance(x, Sym) or isinstance(y, Sym):
+                    raise NetdslError("use '//' to divide dimensions", pos)
+                return x / y
+        except ZeroDivisionError:
+            raise NetdslError("division by zero", pos) from None
+        except TypeError:
+            raise NetdslError(f"'{op.value}' cannot combine {_show(x)} and {_show(y)}", pos) from None
+
+    def tensor_arith(self, op, x, y, pos):
+        if isinstance(x, Value) and isinstance(y, Value):
+            if op not in BINARY_SYMBOLS:
+                raise NetdslError(f"'{op}' is not defined on tensors", pos)
+            return self.apply_op(OPS[BINARY_SYMBOLS[op]], [x, y], {}, pos)
+        t, n = (x, y) if isinstance(x, Value) else (y, x)
+        if not _is_number(n):
+            raise NetdslError(f"'{op}' cannot combine a tensor with {_show(n)}", pos)
+        if op == "*":
+            return self.apply_op(OPS["scale"], [t], {"factor": float(n)}, pos)
+        if op == "/" and t is x:
+            if n == 0:
+                raise NetdslError("division by zero", pos)
+            return self.apply_op(OPS["scale"], [t], {"factor": 1.0 / n}, pos)
+        if op == "+":
+            return self.apply_op(OPS["shift"], [t], {"amount": float(n)}, pos)
+        if op == "-":
+            if t is x:
+                return self.apply_op(OPS["shift"], [t], {"amount": -float(n)}, pos)
+            neg = self.apply_op(OPS["neg"], [t], {}, pos)
+            return self.apply_op(OPS["shift"], [neg], {"amount": float(n)}, pos)
+        raise NetdslError(f"'{op}' between a number and a tensor is not supported", pos)
+
+    def ex_getattr(self, t, env, mod):
+        obj, name = t.children
+        v = self.eval(obj, env, mod)
+        n = name.value
+        if isinstance(v, Namespace):
+            if n not in v.module.defs:
+                raise NetdslError(f"'{v.module.path}' defines no '{n}'", self.pos(name, mod),
+                                  hint=did_you_mean(n, v.module.defs))
+            kind, tree = v.module.defs[n]
+            return self.eval(tree.children[1], Env(), v.module) if kind == "const_def" else Def(kind, tree, v.module)
+        if isinstance(v, Value):
+            return self.tensor_attr(v, n, self.pos(name, mod))
+        raise NetdslError(f"{_show(v)} has no attribute '{n}'", self.pos(name, mod))
+
+    def tensor_attr(self, v: Value, n: str, pos):
+        r = v.rank
+        axes = {"N": 0 if r >= 1 else None, "C": 1 if r >= 2 else None, "H": 2 if r == 4 else None,
+                "W": 3 if r == 4 else None, "T": 1 if r == 3 else None, "F": r - 1 if r in (2, 3) else None}
+        if n == "shape":
+            return tuple(v.shape)
+        if n == "rank":
+            return r
+        if n == "dtype":
+            return v.dtype
+        if n in axes:
+            if axes[n] is None:
+                raise NetdslError(f"a tensor of rank {r} {fmt_shape(v.shape)} has no axis '{n}'", pos,
+                                  hint="N C H W name the axes of rank-4 tensors; N T F of rank 3; N F of rank 2")
+            return v.shape[axes[n]]
+        raise NetdslError(f"tensors have no attribute '{n}'", pos,
+                          hint=did_you_mean(n, list(axes) + ["shape", "rank", "dtype"]))
+
+    def ex_getitem(self, t, env, mod):
+        obj, *subs = t.children
+        v = self.eval(obj, env, mod)
+        pos = self.pos(t, mod)
+        idx = []
+        for s in subs:
+            if isinstance(s, Tree) and s.data == "slice":
+                lo, hi = (None if c is None else self.eval(c, env, mod) for c in s.children)
+                idx.append((lo, hi))
+            else:
+                idx.append(self.eval(s, env, mod))
+        if isinstance(v, Value):
+            for i in idx:
+                parts = i if isinstance(i, tuple) else (i,)
+                if not all(p is None or is_dim(p) for p in parts):
+                    raise NetdslError(f"tensor indices must be integers, got {_show(i)}", pos)
+            return self.apply_op(OPS["slice"], [v], {"index": tuple(idx)}, pos)
+        if isinstance(v, (list, tuple)):
+            if len(idx) != 1:
+                raise NetdslError("a list takes one index", pos)
+            i = idx[0]
+            if isinstance(i, tuple):
+                return v[slice(*i)]
+            if not isinstance(i, int) or isinstance(i, bool):
+                raise NetdslError(f"a list index must be an integer, got {_show(i)}", pos)
+            if not -len(v) <= i < len(v):
+                raise NetdslError(f"index {i} is out of range for a list of {len(v)}", pos)
+            return v[i]
+        raise NetdslError(f"{_show(v)} cannot be indexed", pos)
+
+    def ex_pipe(self, t, env, mod, train=False):
+        left, stage = t.children
+        v = self.eval(left, env, mod)
+        if isinstance(v, ScanResult):
+            v = v.unwrap()
+        if isinstance(stage, Tree) and stage.data == "call":
+            return self.ex_call(stage, env, mod, train, first=v)
+        callee = self.eval(stage, env, mod)
+        return self.call(callee, [v], {}, self.pos(stage, mod), mod)
+
+    def ex_call(self, t, env, mod, train=False, first=None):
+        fn, args = t.children
+        callee = self.eval(fn, env, mod)
+        pos_args = [] if first is None else [first]
+        kwargs, kwpos = {}, {}
+        for a in (args.children if args is not None else []):
+            if isinstance(a, Tree) and a.data == "kwarg":
+                k = a.children[0].value
+                if k in kwargs:
+                    raise NetdslError(f"argument '{k}' given twice", self.pos(a, mod))
+                kwargs[k] = self.eval(a.children[1], env, mod, train)
+                kwpos[k] = self.pos(a, mod)
+            else:
+                if kwargs:
+                    raise NetdslError("a positional argument cannot follow keyword arguments", self.pos(a, mod))
+                v = self.eval(a, env, mod, train)
+                pos_args.append(v.unwrap() if isinstance(v, ScanResult) else v)
+        if train and isinstance(callee, Builtin) and callee.fn is None:
+            if pos_args:
+                raise NetdslError(f"{callee.name}() takes keyword arguments only", self.pos(t, mod))
+            return training.TrainCall(callee.name, kwargs, self.pos(t, mod), kwpos)
+        return self.call(callee, pos_args, kwargs, self.pos(t, mod), mod, kwpos)
+
+    def call(self, callee, args, kwargs, pos, mod, kwpos=None):
+        if isinstance(callee, OpDef):
+            return self.apply_op(callee, args, kwargs, pos, kwpos)
+        if isinstance(callee, Def):
+            if callee.kind == "block_def":
+                return self.call_block(callee, args, kwargs, pos, kwpos)
+            if callee.kind == "step_def":
+                raise NetdslError(f"'{callee.name}' is a step; apply it over time with `scan {callee.name}(...)`", pos)
+            raise NetdslError(f"'{callee.name}' is a network and cannot be called; "
+                              f"put the shared layers in a block", pos)
+        if isinstance(callee, Builtin) and callee.fn is not None:
+            if kwargs:
+                raise NetdslError(f"{callee.name}() takes no keyword arguments", pos)
+            try:
+                return callee.fn(*args)
+            except (TypeError, ValueError, OverflowError) as e:
+                raise NetdslError(f"{callee.name}(): {e}", pos) from None
+        if isinstance(callee, Builtin):
+            raise NetdslError(f"'{callee.name}' can only be used in the train section", pos)
+        raise NetdslError(f"{_show(callee)} is not callable", pos)
+
+    # ------------------------------------------------------------ operators
+    def apply_op(self, op: OpDef, args, kwargs, pos, kwpos=None):
+        kwargs = dict(kwargs)
+        label = kwargs.pop("name", None)
+        if label is not None and not isinstance(label, str):
+            raise NetdslError(f"name= must be a string, got {_show(label)}", pos)
+        ninputs = len(op.inputs)
+        inputs: list = []
+        rest = list(args)
+        while rest and isinstance(rest[0], Value) and (op.variadic or len(inputs) < ninputs):
+            inputs.append(rest.pop(0))
+        if op.variadic and rest and isinstance(rest[0], (list, tuple)) and not inputs:
+            inputs = list(rest.pop(0))
+        for i, iname in enumerate(op.inputs):
+            if iname in kwargs and not iname.startswith("*"):
+                if i != len(inputs):
+                    raise NetdslError(f"{op.name}: input '{iname}' given twice or out of order", pos)
+                inputs.append(kwargs.pop(iname))
+        required = 1 if op.variadic else ninputs - op.optional_inputs
+        if len(inputs) < required:
+            missing = op.inputs[len(inputs)].lstrip("*")
+            got = f"got {len(inputs)}" if inputs else "got none"
+            raise NetdslError(f"{op.name} needs {required} tensor input(s) ({', '.join(i.lstrip('*') for i in op.inputs[:required])}); "
+                              f"{got}", pos, hint=f"missing '{missing}'" if inputs else
+                              f"pass it first, or pipe it in: x -> {op.name}(...)")
+        for i, v in enumerate(inputs):
+            if not isinstance(v, Value):
+                raise NetdslError(f"{op.name}: input {i + 1} must be a tensor, got {_show(v)}", pos)
+        attrs = {}
+        for a, v in zip(op.attrs, rest):
+            attrs[a.name] = v
+        if len(rest) > len(op.attrs):
+            extra = rest[len(op.attrs)]
+            what = "tensor" if isinstance(extra, Value) else "value"
+            raise NetdslError(f"{op.name} takes {ninputs} tensor input(s) and {len(op.attrs)} attribute(s); "
+                              f"an extra {what} {_show(extra)} was given", pos)
+        names = [a.name for a in op.attrs]
+        for k, v in kwargs.items():
+            if k not in names:
+                raise NetdslError(f"{op.name} has no attribute '{k}'", (kwpos or {}).get(k, pos),
+                                  hint=did_you_mean(k, names + ["name"]) or
+                                  (f"its attributes: {', '.join(names)}" if names else f"{op.name} takes no attributes"))
+            if k in attrs:
+                raise NetdslError(f"{op.name}: attribute '{k}' given twice", (kwpos or {}).get(k, pos))
+            attrs[k] = v
+        for a in op.attrs:
+            if a.name not in attrs:
+                if a.default is REQUIRED:
+                    raise NetdslError(f"{op.name} needs the attribute '{a.name}'" + (f" ({a.doc})" if a.doc else ""), pos)
+                attrs[a.name] = check_attr(op, a, a.default, pos)
+            else:
+                attrs[a.name] = check_attr(op, a, attrs[a.name], (kwpos or {}).get(a.name, pos))
+        local = label or self.fresh("op", op.name, 1)
+        path = ".".join(p for p in (self.scope_path(), local) if p)
+        self.claim(path, pos)
+        ctx = Ctx(op, inputs, attrs, pos, path)
+        outs = op.infer(ctx)
+        node = Node(op.name, inputs, ctx.attrs, path, pos, tuple(self.frames))
+        for i, (shape, dtype) in enumerate(outs):
+            node.outputs.append(Value(tuple(shape), dtype, node, i, pos=pos))
+        ctx.outputs = node.outputs
+        if op.params:
+            for role, (shape, init, kind) in op.params(ctx).items():
+                if not all(isinstance(d, int) for d in shape):
+                    raise NetdslError(f"{op.name}: parameter '{role}' would have a symbolic shape "
+                                      f"{fmt_shape(shape)}", pos, hint="fix the dimension with --set")
+                p = Param(f"{path}.{role}", tuple(shape), "f32", init, node, kind)
+                node.params[role] = p
+                self.graph.params[p.name] = p
+        if op.macs:
+            node.macs = op.macs(ctx)
+        self.target.nodes.append(node)
+        return node.outputs[0] if len(node.outputs) == 1 else tuple(node.outputs)
+
+    # ------------------------------------------------------------ blocks and steps
+    def call_block(self, d: Def, args, kwargs, pos, kwpos=None):
+        kwargs = dict(kwargs)
+        label = kwargs.pop("name", None)
+        if label is not None and not isinstance(label, str):
+            raise NetdslError(f"name= must be a string, got {_show(label)}", pos)
+        if len(self.frames) > MAX_DEPTH:
+            raise NetdslError(f"blocks nest more than {MAX_DEPTH} deep; is '{d.name}' calling itself?", pos)
+        env = Env(self.globals(d.module))
+        self.bind_params(d, env, args, kwargs, pos, kwpos=kwpos)
+        # name="" inlines the block without a path component of its own
+        scope = label if label is not None else self.fresh("block", d.name, 0)
+        key = (d.name, tuple(_sig(a) for a in args), tuple(sorted((k, _sig(v)) for k, v in kwargs.items())))
+        self.frames.append(Frame(scope, "block", d.name, pos, key))
+        try:
+            self.exec_body(d.tree.children[2], env, d.module)
+        except _Return as r:
+            return r.value
+        finally:
+            self.frames.pop()
+        return None
+
+    def ex_scan(self, t, env, mod):
+        call, over = t.children
+        pos = self.pos(t, mod)
+        if not (isinstance(call, Tree) and call.data == "call"):
+            raise NetdslError("scan applies a step: scan name(args...)", pos)
+        fn, args = call.children
+        d = self.eval(fn, env, mod)
+        if not isinstance(d, Def) or d.kind != "step_def":
+            raise NetdslError(f"scan needs a step, got {_show(d) if not isinstance(d, Def) else d.name}", pos,
+                              hint="define one with `step name(x_t: seq, ...) { ... }`")
+        pos_args, kwargs, kwpos = [], {}, {}
+        for a in (args.children if args is not None else []):
+            if isinstance(a, Tree) and a.data == "kwarg":
+                kwargs[a.children[0].value] = self.eval(a.children[1], env, mod)
+                kwpos[a.children[0].value] = self.pos(a, mod)
+            else:
+                pos_args.append(self.eval(a, env, mod))
+        length = self.eval(over, env, mod) if over is not None else None
+        return self.run_scan(d, pos_args, kwargs, kwpos, length, pos)
+
+    def run_scan(self, d: Def, args, kwargs, kwpos, length, pos):
+        label = kwargs.pop("name", None)
+        senv = Env(self.globals(d.module))
+        seq_names = self.bind_params(d, senv, args, kwargs, pos, kwpos=kwpos)
+        seqs = []
+        for n in seq_names:
+            v = senv.vars[n]
+            if not isinstance(v, Value) or v.rank < 2:
+                raise NetdslError(f"step '{d.name}': sequence argument '{n}' must be a tensor [N, T, ...], "
+                                  f"got {_show(v)}", pos)
+            if length is None:
+                length = v.shape[1]
+            elif v.shape[1] != length:
+                raise NetdslError(f"step '{d.name}': sequence '{n}' has {v.shape[1]} steps but the scan runs "
+                                  f"over {length}", pos, notes=[Note(f"'{n}' has shape {fmt_shape(v.shape)}", v.pos)])
+            seqs.append(v)
+        if length is None:
+            raise NetdslError(f"scan {d.name}: no sequence input, so the number of steps must be given", pos,
+                              hint=f"write `scan {d.name}(...) over T`")
+        if not is_dim(length) or (isinstance(length, int) and length <= 0):
+            raise NetdslError(f"a scan runs over a positive number of steps, got {_show(length)}", pos)
+        scope = label or self.fresh("op", d.name, 1)
+        path = ".".join(p for p in (self.scope_path(), scope) if p)
+        self.claim(path, pos)
+        body = Graph(d.name, pos=pos)
+        state = StepState(body)
+        for n, v in zip(seq_names, seqs):
+            inner = Value((v.shape[0], *v.shape[2:]), v.dtype, name=n, pos=v.pos)
+            body.inputs[n] = inner
+            senv.vars[n] = inner
+        self.frames.append(Frame(scope, "step", d.name, pos))
+        self.steps.append(state)
+        try:
+            self.exec_body(d.tree.children[2], senv, d.module)
+        except _Return:
+            raise NetdslError("a step ends with emit, not return", pos) from None
+        finally:
+            self.steps.pop()
+            self.frames.pop()
+        for name, c, cpos in state.carries:
+            out = senv.vars[name]
+            if not isinstance(out, Value) or out.shape != c.step_in.shape or out.dtype != c.step_in.dtype:
+                raise NetdslError(f"carry '{name}' must keep its shape from step to step: it enters as "
+                                  f"{c.step_in.dtype}{fmt_shape(c.step_in.shape)} and leaves as {_show(out)}", cpos)
+            c.step_out = out
+        if not state.emits and not state.carries:
+            raise NetdslError(f"step '{d.name}' neither carries state nor emits anything", pos)
+        outs = [((v.shape[0], length, *v.shape[1:]), v.dtype) for v, _ in state.emits]
+        outs += [(c.init.shape, c.init.dtype) for _, c, _ in state.carries]
+        inputs = seqs + [c.init for _, c, _ in state.carries]
+        node = Node("scan", inputs, {"step": d.name, "length": length, "seq": seq_names,
+                                     "carries": [n for n, _, _ in state.carries],
+                                     "emits": [v.name for v, _ in state.emits]},
+                    path, pos, tuple(self.frames), body=body)
+        body.outputs = {f"emit{i}": v for i, (v, _) in enumerate(state.emits)}
+        body.carries = [c for _, c, _ in state.carries]
+        for i, (shape, dtype) in enumerate(outs):
+            node.outputs.append(Value(tuple(shape), dtype, node, i, pos=pos))
+        ne = len(state.emits)
+        for (_, c, _), v in zip(state.carries, node.outputs[ne:]):
+            c.final = v
+            self.graph.carries.append(c)
+        node.macs = sum((n.macs for n in _all_nodes(body)), 0) * length
+        self.target.nodes.append(node)
+        return ScanResult(node.outputs[:ne], node.outputs[ne:])
+
+
+def _all_nodes(g: Graph):
+    for n in g.nodes:
+        yield n
+        if n.body is not None:
+            yield from _all_nodes(n.body)
+
+
+def _is_number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _sig(v):
+    if isinstance(v, Value):
+        return ("tensor", tuple(str(d) for d in v.shape))
+    if isinstance(v, (list, tuple)):
+        return tuple(_sig(x) for x in v)
+    return v if isinstance(v, (int, float, str, bool, type(None))) else str(v)
+
+
+def elaborate(path: str, network: str | None = None, overrides: dict | None = None) -> tuple[Graph, Loader]:
+    loader = Loader()
+    mod = loader.load(path)
+    el = Elaborator(loader, overrides)
+    g = el.network(mod, network)
+    return g, loader

@@ -1,0 +1,200 @@
+"""The operator registry: one entry per operator holds everything about it.
+
+An entry has the operator's tensor inputs, its attributes (type, default, check), its
+shape rule, its parameters (shape and initialiser), its multiply-add count and
+whether gradients flow through it. Elaboration, rendering, counting and (later) the
+backward pass all read the same entry, so an operator is defined in one place.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from ..errors import NetdslError, Note, Pos
+from ..ir.dims import Sym, fmt_shape, is_dim
+
+REQUIRED = object()
+
+
+@dataclass
+class Attr:
+    name: str
+    type: str                       # int float bool str pair ints floats dim any
+    default: Any = REQUIRED
+    choices: tuple | None = None
+    check: Callable[[Any], str | None] | None = None   # returns an error message or None
+    doc: str = ""
+
+
+@dataclass
+class OpDef:
+    name: str
+    inputs: tuple[str, ...]          # tensor inputs; a name starting with '*' is variadic
+    attrs: tuple[Attr, ...]
+    infer: Callable[["Ctx"], list]   # -> [(shape, dtype), ...] one per output
+    params: Callable[["Ctx"], dict] | None = None   # role -> (shape, init, kind)
+    macs: Callable[["Ctx"], Any] | None = None
+    differentiable: bool = True
+    kind: str = "layer"              # layer | elementwise | loss | structural | detection | recurrent
+    optional_inputs: int = 0         # trailing inputs that may be omitted
+    outputs: tuple[str, ...] = ("y",)
+    doc: str = ""
+    vjp: Callable | None = None      # filled in by the autodiff issue
+
+    @property
+    def variadic(self) -> bool:
+        return bool(self.inputs) and self.inputs[-1].startswith("*")
+
+
+OPS: dict[str, OpDef] = {}
+
+
+def register(op: OpDef) -> OpDef:
+    if op.name in OPS:
+        raise RuntimeError(f"operator {op.name} registered twice")
+    OPS[op.name] = op
+    return op
+
+
+def defop(name, inputs, attrs=(), **kw):
+    """Decorator form: the decorated function is the shape rule."""
+    def wrap(fn):
+        register(OpDef(name=name, inputs=tuple(inputs), attrs=tuple(attrs), infer=fn,
+                       doc=(fn.__doc__ or "").strip(), **kw))
+        return fn
+    return wrap
+
+
+class Ctx:
+    """What a shape/param/FLOP rule sees: input values, checked attributes, outputs."""
+
+    def __init__(self, op: OpDef, inputs: list, attrs: dict, pos: Pos | None, path: str):
+        self.op, self.inputs, self.attrs, self.pos, self.path = op, inputs, attrs, pos, path
+        self.outputs: list = []
+
+    def __getattr__(self, k):
+        try:
+            return self.__dict__["attrs"][k]
+        except KeyError:
+            raise AttributeError(k) from None
+
+    def x(self, i: int = 0):
+        return self.inputs[i]
+
+    def fail(self, message: str, *culprits: int, hint: str | None = None):
+        """A shape error, with a note for each input that took part (its producer and shape)."""
+        notes = []
+        for i in culprits or range(len(self.inputs)):
+            if i >= len(self.inputs) or self.inputs[i] is None:
+                continue
+            v = self.inputs[i]
+            what = f"'{v.name}'" if v.name else "this input"
+            src = f" produced by {v.producer.op} ({v.producer.path})" if v.producer else ""
+            notes.append(Note(f"{what}{src} has shape {fmt_shape(v.shape)}", v.pos))
+        raise NetdslError(f"{self.op.name}: {message}", self.pos, hint=hint, notes=notes)
+
+
+# ---- attribute checking, shared by every operator
+
+def check_attr(op: OpDef, a: Attr, value, pos) -> Any:
+    def bad(expect):
+        return NetdslError(f"{op.name}: attribute '{a.name}' must be {expect}, got {_show(value)}", pos)
+    t = a.type
+    if t == "int":
+        if not (isinstance(value, int) and not isinstance(value, bool)):
+            raise bad("an integer")
+    elif t == "dim":
+        if not is_dim(value):
+            raise bad("an integer or a symbolic dimension")
+    elif t == "float":
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise bad("a number")
+        value = float(value)
+    elif t == "bool":
+        if not isinstance(value, bool):
+            raise bad("true or false")
+    elif t == "str":
+        if not isinstance(value, str):
+            raise bad("a string")
+    elif t == "pair":
+        if isinstance(value, int) and not isinstance(value, bool):
+            value = (value, value)
+        elif (isinstance(value, (list, tuple)) and len(value) == 2
+              and all(isinstance(v, int) and not isinstance(v, bool) for v in value)):
+            value = tuple(value)
+        else:
+            raise bad("an integer or a pair of integers")
+    elif t in ("ints", "dims"):
+        ok = is_dim if t == "dims" else (lambda v: isinstance(v, int) and not isinstance(v, bool))
+        if isinstance(value, (list, tuple)) and all(ok(v) for v in value):
+            value = tuple(value)
+        elif ok(value):
+            value = (value,)
+        else:
+            raise bad("a list of integers")
+    elif t == "floats":
+        if isinstance(value, (list, tuple)) and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value):
+            value = tuple(float(v) for v in value)
+        else:
+            raise bad("a list of numbers")
+    if a.choices is not None and value not in a.choices:
+        raise NetdslError(f"{op.name}: attribute '{a.name}' must be one of "
+                          f"{', '.join(map(str, a.choices))}; got {_show(value)}", pos)
+    if a.check is not None:
+        msg = a.check(value)
+        if msg:
+            raise NetdslError(f"{op.name}: attribute '{a.name}' {msg}, got {_show(value)}", pos)
+    return value
+
+
+def _show(v) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, str):
+        return f'"{v}"'
+    if v is None:
+        return "none"
+    if hasattr(v, "shape") and hasattr(v, "dtype"):
+        return f"a tensor {v!r}"
+    return str(v)
+
+
+# ---- small helpers for shape rules
+
+def positive(v):
+    vals = v if isinstance(v, tuple) else (v,)
+    return None if all((not isinstance(x, int)) or x > 0 for x in vals) else "must be positive"
+
+
+def nonneg(v):
+    vals = v if isinstance(v, tuple) else (v,)
+    return None if all(x >= 0 for x in vals) else "must not be negative"
+
+
+def prob(v):
+    return None if 0.0 <= v < 1.0 else "must be in [0, 1)"
+
+
+def conv_out(size, k, s, p, d=1, ceil=False):
+    """Output length of a sliding window (conv or pool) along one axis."""
+    eff = d * (k - 1) + 1
+    span = size + 2 * p - eff
+    if isinstance(span, int):
+        if span < 0:
+            return None
+        return (-(-span // s) if ceil else span // s) + 1
+    return span // s + 1
+
+
+def need_rank(ctx: Ctx, i: int, *ranks: int):
+    v = ctx.inputs[i]
+    if v.rank not in ranks:
+        want = " or ".join(str(r) for r in ranks)
+        names = {4: "[N, C, H, W]", 2: "[N, F]", 3: "[N, T, F]"}
+        shape_hint = " or ".join(names[r] for r in ranks if r in names)
+        ctx.fail(f"input '{ctx.op.inputs[min(i, len(ctx.op.inputs) - 1)].lstrip('*')}' must have rank {want}"
+                 + (f" ({shape_hint})" if shape_hint else "") + f", got rank {v.rank}", i)
+
+
+def is_float(dtype: str) -> bool:
+    return dtype in ("f16", "f32", "f64")

@@ -1,0 +1,228 @@
+"""Structural operators (reshape, concat, split, slice...), softmax, embedding and losses."""
+from __future__ import annotations
+
+from ..ir.dims import Sym, fmt_shape, is_dim, product
+from .registry import Attr, Ctx, defop, is_float, positive
+
+
+def _axis(ctx: Ctx, axis: int, rank: int, i: int = 0) -> int:
+    a = axis + rank if axis < 0 else axis
+    if not 0 <= a < rank:
+        ctx.fail(f"axis {axis} is out of range for a tensor of rank {rank}", i)
+    return a
+
+
+@defop("flatten", ["x"], (Attr("start", "int", 1),), kind="structural")
+def flatten(ctx: Ctx):
+    """Merge every axis from `start` on into one: [N, C, H, W] -> [N, C*H*W]."""
+    x = ctx.x()
+    a = _axis(ctx, ctx.start, x.rank)
+    return [((*x.shape[:a], product(x.shape[a:])), x.dtype)]
+
+
+@defop("reshape", ["x"], (Attr("shape", "dims"),), kind="structural")
+def reshape(ctx: Ctx):
+    """Reshape; one entry may be -1 and is then inferred."""
+    x = ctx.x()
+    shape = list(ctx.shape)
+    total = product(x.shape)
+    holes = [i for i, d in enumerate(shape) if d == -1]
+    if len(holes) > 1:
+        ctx.fail("only one entry of the new shape may be -1")
+    if holes:
+        known = product(d for d in shape if d != -1)
+        inferred = total // known
+        if inferred * known != total:
+            ctx.fail(f"cannot reshape {fmt_shape(x.shape)} ({total} elements) to {fmt_shape(shape)}", 0)
+        shape[holes[0]] = inferred
+    elif product(shape) != total:
+        ctx.fail(f"cannot reshape {fmt_shape(x.shape)} ({total} elements) "
+                 f"to {fmt_shape(shape)} ({product(shape)} elements)", 0)
+    return [(tuple(shape), x.dtype)]
+
+
+@defop("transpose", ["x"], (Attr("perm", "ints"),), kind="structural")
+def transpose(ctx: Ctx):
+    """Permute axes: perm[i] is the input axis that becomes output axis i."""
+    x = ctx.x()
+    if sorted(ctx.perm) != list(range(x.rank)):
+        ctx.fail(f"perm {list(ctx.perm)} is not a permutation of the {x.rank} axes", 0)
+    return [(tuple(x.shape[p] for p in ctx.perm), x.dtype)]
+
+
+@defop("concat", ["*xs"], (Attr("axis", "int", 1),), kind="structural")
+def concat(ctx: Ctx):
+    """Join tensors along an axis (inception's branch merge; [h; x] in an LSTM)."""
+    first = ctx.inputs[0]
+    a = _axis(ctx, ctx.axis, first.rank)
+    total = 0
+    for i, v in enumerate(ctx.inputs):
+        if v.rank != first.rank:
+            ctx.fail(f"input {i + 1} has rank {v.rank} but input 1 has rank {first.rank}", 0, i)
+        if v.dtype != first.dtype:
+            ctx.fail(f"input {i + 1} is {v.dtype} but input 1 is {first.dtype}", 0, i)
+        for j, (d1, d2) in enumerate(zip(first.shape, v.shape)):
+            if j != a and d1 != d2:
+                ctx.fail(f"inputs disagree on axis {j} ({d1} vs {d2}); only axis {a} may differ", 0, i)
+        total = total + v.shape[a]
+    return [((*first.shape[:a], total, *first.shape[a + 1:]), first.dtype)]
+
+
+@defop("split", ["x"], (Attr("parts", "ints", check=positive), Attr("axis", "int", 1)),
+       kind="structural", outputs=("*parts",))
+def split(ctx: Ctx):
+    """Split into n equal parts (parts=n) or parts of given sizes (parts=[a, b, ...])."""
+    x = ctx.x()
+    a = _axis(ctx, ctx.axis, x.rank)
+    size = x.shape[a]
+    if len(ctx.parts) == 1:
+        n = ctx.parts[0]
+        each = size // n
+        if each * n != size:
+            ctx.fail(f"axis {a} of size {size} does not split into {n} equal parts", 0)
+        sizes = [each] * n
+    else:
+        sizes = list(ctx.parts)
+        if sum(sizes) != size:
+            ctx.fail(f"part sizes {sizes} add up to {sum(sizes)}, but axis {a} has size {size}", 0)
+    return [((*x.shape[:a], s, *x.shape[a + 1:]), x.dtype) for s in sizes]
+
+
+@defop("slice", ["x"], (Attr("index", "any"),), kind="structural")
+def slice_(ctx: Ctx):
+    """x[i], x[a:b], x[:, -1]...: each entry an integer (drops the axis) or a (start, stop) range."""
+    x = ctx.x()
+    if len(ctx.index) > x.rank:
+        ctx.fail(f"{len(ctx.index)} indices for a tensor of rank {x.rank}", 0)
+    out = []
+    for ax, ix in enumerate(ctx.index):
+        size = x.shape[ax]
+        if isinstance(ix, tuple):
+            start, stop = ix
+            start = 0 if start is None else start
+            stop = size if stop is None else stop
+            if isinstance(size, int):
+                start = start + size if isinstance(start, int) and start < 0 else start
+                stop = stop + size if isinstance(stop, int) and stop < 0 else stop
+                if not (isinstance(start, int) and isinstance(stop, int) and 0 <= start < stop <= size):
+                    ctx.fail(f"range {ix[0]}:{ix[1]} is empty or out of bounds for axis {ax} of size {size}", 0)
+            elif isinstance(start, int) and start < 0 or isinstance(stop, int) and stop < 0:
+                stop = size + stop if isinstance(stop, int) and stop < 0 else stop
+                start = size + start if isinstance(start, int) and start < 0 else start
+            out.append(stop - start)
+        else:
+            if isinstance(size, int) and not -size <= ix < size:
+                ctx.fail(f"index {ix} is out of bounds for axis {ax} of size {size}", 0)
+    out += list(x.shape[len(ctx.index):])
+    return [(tuple(out), x.dtype)]
+
+
+@defop("softmax", ["x"], (Attr("axis", "int", -1),), kind="layer")
+def softmax(ctx: Ctx):
+    """Softmax along an axis."""
+    _axis(ctx, ctx.axis, ctx.x().rank)
+    return [(ctx.x().shape, ctx.x().dtype)]
+
+
+@defop("log_softmax", ["x"], (Attr("axis", "int", -1),), kind="layer")
+def log_softmax(ctx: Ctx):
+    """Log of the softmax, computed stably."""
+    _axis(ctx, ctx.axis, ctx.x().rank)
+    return [(ctx.x().shape, ctx.x().dtype)]
+
+
+@defop("sum", ["x"], (Attr("axis", "int", -1),), kind="layer")
+def sum_(ctx: Ctx):
+    """Sum over one axis (removes it)."""
+    x = ctx.x()
+    a = _axis(ctx, ctx.axis, x.rank)
+    return [((*x.shape[:a], *x.shape[a + 1:]), x.dtype)]
+
+
+@defop("mean", ["x"], (Attr("axis", "int", -1),), kind="layer")
+def mean(ctx: Ctx):
+    """Mean over one axis (removes it)."""
+    x = ctx.x()
+    a = _axis(ctx, ctx.axis, x.rank)
+    return [((*x.shape[:a], *x.shape[a + 1:]), x.dtype)]
+
+
+@defop("detach", ["x"], kind="structural", differentiable=False)
+def detach(ctx: Ctx):
+    """Identity whose gradient is zero: stops the backward pass here."""
+    return [(ctx.x().shape, ctx.x().dtype)]
+
+
+@defop("zeros", [], (Attr("shape", "dims"), Attr("dtype", "str", "f32", choices=("f32", "f64", "i64"))),
+       kind="structural", differentiable=False)
+def zeros(ctx: Ctx):
+    """A tensor of zeros, e.g. the initial state of a recurrence: zeros([N, H])."""
+    return [(tuple(ctx.shape), ctx.dtype)]
+
+
+@defop("embedding", ["ids"], (Attr("vocab", "int", check=positive), Attr("dim", "int", check=positive)),
+       params=lambda ctx: {"weight": ((ctx.vocab, ctx.dim), "normal1", "weight")})
+def embedding(ctx: Ctx):
+    """Look up a learned vector per integer id: [...] -> [..., dim]."""
+    if ctx.x().dtype != "i64":
+        ctx.fail(f"ids must be i64, got {ctx.x().dtype}", 0)
+    return [((*ctx.x().shape, ctx.dim), "f32")]
+
+
+@defop("one_hot", ["ids"], (Attr("classes", "int", check=positive),), differentiable=False)
+def one_hot(ctx: Ctx):
+    """Integer ids to one-hot float vectors."""
+    if ctx.x().dtype != "i64":
+        ctx.fail(f"ids must be i64, got {ctx.x().dtype}", 0)
+    return [((*ctx.x().shape, ctx.classes), "f32")]
+
+
+# ---- losses: each returns a scalar (mean over the batch)
+
+def _scalar(ctx: Ctx):
+    return [((), ctx.x().dtype)]
+
+
+def _same_shape(ctx: Ctx):
+    p, t = ctx.inputs[:2]
+    if tuple(p.shape) != tuple(t.shape):
+        ctx.fail("prediction and target must have the same shape", 0, 1)
+    if len(ctx.inputs) > 2 and ctx.inputs[2] is not None and tuple(ctx.inputs[2].shape) not in (
+            tuple(p.shape), tuple(p.shape[:-1])):
+        ctx.fail("the weight must have the prediction's shape, or that shape without its last axis", 0, 2)
+    return _scalar(ctx)
+
+
+@defop("cross_entropy", ["logits", "labels"], (Attr("ignore_index", "int", -1),), kind="loss")
+def cross_entropy(ctx: Ctx):
+    """Softmax cross-entropy. logits [N, C] with labels [N]; [N, C, H, W] with [N, H, W]
+    (per pixel); [N, T, C] with [N, T] (per step). Labels equal to ignore_index are skipped."""
+    lg, lb = ctx.inputs
+    if lb.dtype != "i64":
+        ctx.fail(f"labels must be integer class ids (i64), got {lb.dtype}", 1,
+                 hint="for soft or binary targets use bce or l2")
+    if lg.rank == 3:    # sequence [N, T, C]
+        want = lg.shape[:2]
+    else:
+        want = (lg.shape[0], *lg.shape[2:])
+    if tuple(lb.shape) != tuple(want):
+        ctx.fail(f"labels should have shape {fmt_shape(want)} for logits of shape {fmt_shape(lg.shape)}", 0, 1)
+    return _scalar(ctx)
+
+
+@defop("l2", ["pred", "target", "weight"], kind="loss", optional_inputs=1)
+def l2(ctx: Ctx):
+    """Mean squared error (the notes' L2 loss), optionally weighted per element or per row."""
+    return _same_shape(ctx)
+
+
+@defop("smooth_l1", ["pred", "target", "weight"], (Attr("beta", "float", 1.0),), kind="loss", optional_inputs=1)
+def smooth_l1(ctx: Ctx):
+    """Huber-style box regression loss of Fast R-CNN, optionally weighted (only positives count)."""
+    return _same_shape(ctx)
+
+
+@defop("bce", ["logits", "target", "weight"], kind="loss", optional_inputs=1)
+def bce(ctx: Ctx):
+    """Binary cross-entropy on logits (per-pixel masks, objectness)."""
+    return _same_shape(ctx)
