@@ -1,0 +1,1 @@
+"""Detection and segmentation operators (owned by the detection work)."""

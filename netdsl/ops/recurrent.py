@@ -1,0 +1,1 @@
+"""Recurrent cells and attention (owned by the recurrent-networks work)."""
