@@ -1,0 +1,322 @@
+"""Data sources (train/test splits as numpy arrays) and a batch loader with augmentation.
+
+Images are float32 NCHW in [0, 1] (normalisation is the loader's job), labels int64.
+"""
+from __future__ import annotations
+
+import gzip
+import os
+import pickle
+import zipfile
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..errors import NetdslError
+from . import construct, lookup
+
+FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"  # Debian's dataset-fashion-mnist
+
+
+@dataclass
+class Dataset:
+    name: str
+    x_train: np.ndarray
+    y_train: np.ndarray
+    x_test: np.ndarray
+    y_test: np.ndarray
+    num_classes: int
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        return tuple(self.x_train.shape[1:])
+
+
+def _dataset(name: str, source: str, x_train, y_train, x_test, y_test) -> Dataset:
+    """Check shapes and labels that came from a file, so the error names the file."""
+    for split, x, y in (("train", x_train, y_train), ("test", x_test, y_test)):
+        if x.ndim != 4:
+            raise NetdslError(f"{source}: {split} images have shape {x.shape}, expected (N, C, H, W) or (N, H, W)")
+        if y.ndim != 1 or len(y) != len(x):
+            raise NetdslError(f"{source}: {len(x)} {split} images but labels of shape {y.shape}, "
+                              f"expected ({len(x)},)")
+        if len(x) == 0:
+            raise NetdslError(f"{source}: the {split} split is empty")
+        if not np.issubdtype(y.dtype, np.integer) or y.min() < 0:
+            raise NetdslError(f"{source}: {split} labels must be non-negative integers")
+    if x_train.shape[1:] != x_test.shape[1:]:
+        raise NetdslError(f"{source}: train images are {x_train.shape[1:]} but test images {x_test.shape[1:]}")
+    return Dataset(name, x_train, y_train.astype(np.int64), x_test, y_test.astype(np.int64),
+                   int(max(y_train.max(), y_test.max())) + 1)
+
+
+def _images(x: np.ndarray, source: str) -> np.ndarray:
+    """uint8 -> [0, 1]; other numbers as float32; (N, H, W) gains a channel axis."""
+    if x.dtype == np.uint8:
+        x = x.astype(np.float32)
+        x /= np.float32(255)
+    elif np.issubdtype(x.dtype, np.number) and not np.issubdtype(x.dtype, np.complexfloating):
+        x = x.astype(np.float32)
+    else:
+        raise NetdslError(f"{source}: images have dtype {x.dtype}, expected uint8 or floating point")
+    return x[:, None] if x.ndim == 3 else x
+
+
+# ---------------------------------------------------------------- scikit-learn digits
+
+def load_digits(test_size: int = 360, seed: int = 0) -> Dataset:
+    """sklearn's bundled 8x8 digits (1797 images), split by a fixed-seed permutation."""
+    from sklearn.datasets import load_digits as sk_digits
+    d = sk_digits()
+    if not 0 < test_size < len(d.target):
+        raise NetdslError(f"digits: test_size must be between 1 and {len(d.target) - 1}, got {test_size}")
+    order = np.random.default_rng(seed).permutation(len(d.target))
+    x = (d.images / 16.0).astype(np.float32)[:, None]  # pixel values are 0..16
+    y = d.target.astype(np.int64)
+    test, train = order[:test_size], order[test_size:]
+    return _dataset("digits", "sklearn digits", x[train], y[train], x[test], y[test])
+
+
+# ---------------------------------------------------------------- MNIST-style IDX files
+
+_IDX_DTYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
+
+
+def read_idx(path: str, ndim: int | None = None) -> np.ndarray:
+    """Read an IDX file (gzipped or not): 0, 0, type code, ndim, big-endian uint32 dims."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+        if data[:2] == b"\x1f\x8b":
+            data = gzip.decompress(data)
+    except FileNotFoundError:
+        raise NetdslError(f"IDX file {path} not found") from None
+    except (OSError, EOFError, zipfile.BadZipFile) as e:  # gzip.BadGzipFile is an OSError
+        raise NetdslError(f"cannot read {path}: corrupt gzip data ({e})") from None
+    if len(data) < 4 or data[:2] != b"\0\0" or data[2] not in _IDX_DTYPES:
+        raise NetdslError(f"{path} is not an IDX file: bad magic number {data[:4].hex() or '(empty)'}",
+                          hint="expected 00 00 <type> <ndim>, e.g. 00000803 for images, 00000801 for labels")
+    dims_n = data[3]
+    if ndim is not None and dims_n != ndim:
+        raise NetdslError(f"{path}: IDX file has {dims_n} dimensions, expected {ndim}"
+                          + (" (images)" if ndim == 3 else " (labels)" if ndim == 1 else ""))
+    header = 4 + 4 * dims_n
+    if len(data) < header:
+        raise NetdslError(f"{path}: truncated IDX header")
+    dims = tuple(int(d) for d in np.frombuffer(data, ">u4", dims_n, 4))
+    dtype = np.dtype(_IDX_DTYPES[data[2]])
+    expected = header + int(np.prod(dims, dtype=np.int64)) * dtype.itemsize
+    if len(data) != expected:
+        raise NetdslError(f"{path}: IDX header promises shape {dims} ({expected} bytes) "
+                          f"but the file has {len(data)} bytes ({'truncated' if len(data) < expected else 'trailing data'})")
+    return np.frombuffer(data, dtype, offset=header).reshape(dims).astype(dtype.newbyteorder("="))
+
+
+def _find(directory: str, names: list[str], what: str) -> str:
+    for n in names:
+        for candidate in (n, n + ".gz"):
+            p = os.path.join(directory, candidate)
+            if os.path.isfile(p):
+                return p
+    raise NetdslError(f"{what}: no {names[0]}[.gz] in {directory}",
+                      hint=None if os.path.isdir(directory) else f"directory {directory} does not exist")
+
+
+def load_idx_dir(path: str, name: str = "mnist") -> Dataset:
+    """MNIST or Fashion-MNIST: train-/t10k- images-idx3-ubyte and labels-idx1-ubyte."""
+    splits = []
+    for prefix in ("train", "t10k"):
+        # The original MNIST site names them 'train-images-idx3-ubyte'; some mirrors use a dot.
+        ip = _find(path, [f"{prefix}-images-idx3-ubyte", f"{prefix}-images.idx3-ubyte"], name)
+        lp = _find(path, [f"{prefix}-labels-idx1-ubyte", f"{prefix}-labels.idx1-ubyte"], name)
+        x, y = read_idx(ip, 3), read_idx(lp, 1)
+        if x.dtype != np.uint8 or y.dtype != np.uint8:
+            raise NetdslError(f"{ip if x.dtype != np.uint8 else lp}: expected unsigned-byte IDX data")
+        if len(x) != len(y):
+            raise NetdslError(f"{ip} holds {len(x)} images but {lp} holds {len(y)} labels")
+        splits += [_images(x, ip), y]
+    return _dataset(name, path, *splits)
+
+
+def load_mnist(path: str) -> Dataset:
+    return load_idx_dir(path, "mnist")
+
+
+def load_fashion_mnist(path: str = FASHION_MNIST_DIR) -> Dataset:
+    return load_idx_dir(path, "fashion_mnist")
+
+
+# ---------------------------------------------------------------- CIFAR-10 python batches
+
+class _ArrayUnpickler(pickle.Unpickler):
+    """Unpickles only plain containers and numpy arrays, so a hostile file cannot run
+    code. The CIFAR-10 batches are pickles; this is the only pickle netdsl reads."""
+    _ALLOWED = {
+        ("numpy.core.multiarray", "_reconstruct"): np.zeros(1).__reduce__()[0],
+        ("numpy._core.multiarray", "_reconstruct"): np.zeros(1).__reduce__()[0],
+        ("numpy.core.multiarray", "scalar"): np.float64(0).__reduce__()[0],
+        ("numpy._core.multiarray", "scalar"): np.float64(0).__reduce__()[0],
+        ("numpy.core.numeric", "_frombuffer"): np.zeros(1).__reduce_ex__(5)[0],
+        ("numpy._core.numeric", "_frombuffer"): np.zeros(1).__reduce_ex__(5)[0],
+        ("numpy", "ndarray"): np.ndarray,
+        ("numpy", "dtype"): np.dtype,
+        ("_codecs", "encode"): __import__("codecs").encode,  # bytes under protocol 2
+    }
+
+    def find_class(self, module, name):
+        try:
+            return self._ALLOWED[(module, name)]
+        except KeyError:
+            raise pickle.UnpicklingError(f"refusing to load {module}.{name}") from None
+
+
+def read_cifar_batch(path: str) -> tuple[np.ndarray, np.ndarray]:
+    """One batch file: a dict with 'data' (N x 3072 uint8, RGB planes) and 'labels'."""
+    try:
+        with open(path, "rb") as f:
+            d = _ArrayUnpickler(f, encoding="bytes").load()
+    except FileNotFoundError:
+        raise NetdslError(f"CIFAR-10 batch {path} not found") from None
+    except Exception as e:  # a malformed pickle can fail in many ways; all are the file's fault
+        raise NetdslError(f"{path} is not a CIFAR-10 python batch: {type(e).__name__}: {e}") from None
+    if not isinstance(d, dict):
+        raise NetdslError(f"{path} is not a CIFAR-10 python batch (expected a dict)")
+    d = {k.decode("latin1") if isinstance(k, bytes) else k: v for k, v in d.items()}
+    if "data" not in d or "labels" not in d:
+        raise NetdslError(f"{path}: CIFAR-10 batch lacks 'data' or 'labels' (found {sorted(map(str, d))})")
+    x, y = d["data"], np.asarray(d["labels"])
+    if not isinstance(x, np.ndarray) or x.dtype != np.uint8 or x.ndim != 2 or x.shape[1] != 3 * 32 * 32:
+        raise NetdslError(f"{path}: 'data' should be a uint8 array of shape (N, 3072), "
+                          f"got {getattr(x, 'dtype', type(x).__name__)} {getattr(x, 'shape', '')}")
+    if y.shape != (len(x),) or not np.issubdtype(y.dtype, np.integer):
+        raise NetdslError(f"{path}: expected {len(x)} integer labels, got shape {y.shape}")
+    return x.reshape(-1, 3, 32, 32), y.astype(np.int64)
+
+
+def load_cifar10(path: str) -> Dataset:
+    """The directory holding data_batch_1..5 and test_batch (cifar-10-batches-py)."""
+    if os.path.isdir(os.path.join(path, "cifar-10-batches-py")):
+        path = os.path.join(path, "cifar-10-batches-py")
+    if not os.path.isdir(path):
+        raise NetdslError(f"cifar10: directory {path} not found",
+                          hint="point it at the extracted cifar-10-batches-py directory")
+    train = [read_cifar_batch(os.path.join(path, f"data_batch_{i}")) for i in range(1, 6)]
+    xt, yt = read_cifar_batch(os.path.join(path, "test_batch"))
+    return _dataset("cifar10", path, _images(np.concatenate([b[0] for b in train]), path),
+                    np.concatenate([b[1] for b in train]), _images(xt, path), yt)
+
+
+# ---------------------------------------------------------------- .npz arrays
+
+NPZ_KEYS = ("x_train", "y_train", "x_test", "y_test")
+
+
+def load_npz(path: str) -> Dataset:
+    """Arrays x_train, y_train, x_test, y_test; images (N, C, H, W) or (N, H, W)."""
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            found = list(z.files)
+            if any(k not in found for k in NPZ_KEYS):
+                raise NetdslError(f"{path}: expected arrays {', '.join(NPZ_KEYS)}; found "
+                                  + (", ".join(found) or "no arrays"))
+            arrays = [z[k] for k in NPZ_KEYS]
+    except FileNotFoundError:
+        raise NetdslError(f"data file {path} not found") from None
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
+        raise NetdslError(f"cannot read {path}: not a valid .npz file ({e})") from None
+    xtr, ytr, xte, yte = arrays
+    return _dataset("npz", path, _images(xtr, path), ytr, _images(xte, path), yte)
+
+
+# ---------------------------------------------------------------- factory
+
+_SOURCES = {"digits": load_digits, "mnist": load_mnist, "fashion_mnist": load_fashion_mnist,
+            "cifar10": load_cifar10, "npz": load_npz}
+
+
+def make_source(name: str, **kwargs) -> Dataset:
+    """Load a data source by name: digits(test_size, seed), mnist(path),
+    fashion_mnist(path), cifar10(path), npz(path)."""
+    if "path" in kwargs:
+        kwargs["path"] = os.path.expanduser(os.fspath(kwargs["path"]))
+    return construct(f"data source '{name}'", lookup("data source", name, _SOURCES), kwargs)
+
+
+# ---------------------------------------------------------------- loader
+
+def channel_stats(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per-channel mean and std of NCHW images (computed in float64 for accuracy)."""
+    return (x.mean(axis=(0, 2, 3), dtype=np.float64).astype(np.float32),
+            x.std(axis=(0, 2, 3), dtype=np.float64).astype(np.float32))
+
+
+class Loader:
+    """Iterates one epoch of (images, labels) batches per `iter()`.
+
+    Per batch: gather, random crop after zero padding, random horizontal flip, then
+    normalise (x - mean) / std per channel, the order torchvision pipelines use.
+    All randomness comes from `rng`, so a run is reproducible from its seed and the
+    Generator's state, which a checkpoint saves.
+    """
+
+    def __init__(self, x: np.ndarray, y: np.ndarray, batch_size: int, *, rng: np.random.Generator | None = None,
+                 shuffle: bool = False, drop_last: bool = False, mean=None, std=None,
+                 crop_padding: int = 0, flip: bool = False):
+        if batch_size < 1:
+            raise NetdslError(f"batch size must be at least 1, got {batch_size}")
+        if crop_padding < 0:
+            raise NetdslError(f"crop padding must not be negative, got {crop_padding}")
+        if (shuffle or crop_padding or flip) and rng is None:
+            raise ValueError("shuffling and augmentation need an rng")
+        self.x, self.y, self.batch_size, self.rng = x, y, batch_size, rng
+        self.shuffle, self.drop_last, self.pad, self.flip = shuffle, drop_last, crop_padding, flip
+        c = x.shape[1]
+        self.mean = None if mean is None else _per_channel(mean, c, "mean")
+        self.std = None if std is None else _per_channel(std, c, "std")
+        if self.std is not None and np.any(self.std <= 0):
+            raise NetdslError("normalisation std must be positive")
+
+    def __len__(self) -> int:
+        n, b = len(self.x), self.batch_size
+        return n // b if self.drop_last else -(-n // b)
+
+    def __iter__(self):
+        n = len(self.x)
+        order = self.rng.permutation(n) if self.shuffle else np.arange(n)
+        for i in range(len(self)):
+            idx = order[i * self.batch_size:(i + 1) * self.batch_size]
+            yield self._augment(self.x[idx]), self.y[idx]
+
+    def _augment(self, xb: np.ndarray) -> np.ndarray:
+        xb = xb.astype(np.float32, copy=False)  # x[idx] is already a private copy
+        if self.pad:
+            xb = random_crop(xb, self.pad, self.rng)
+        if self.flip:
+            flip = self.rng.random(len(xb)) < 0.5
+            xb[flip] = xb[flip, :, :, ::-1]
+        if self.mean is not None:
+            xb -= self.mean[:, None, None]
+        if self.std is not None:
+            xb /= self.std[:, None, None]
+        return xb
+
+
+def random_crop(xb: np.ndarray, pad: int, rng: np.random.Generator) -> np.ndarray:
+    """Zero-pad each side by `pad`, then cut one random same-size window per image."""
+    n, c, h, w = xb.shape
+    padded = np.zeros((n, c, h + 2 * pad, w + 2 * pad), np.float32)
+    padded[:, :, pad:pad + h, pad:pad + w] = xb
+    offsets = rng.integers(0, 2 * pad + 1, size=(n, 2))
+    out = np.empty_like(xb)
+    for i, (dy, dx) in enumerate(offsets):
+        out[i] = padded[i, :, dy:dy + h, dx:dx + w]
+    return out
+
+
+def _per_channel(v, c: int, what: str) -> np.ndarray:
+    a = np.asarray(v, dtype=np.float32).reshape(-1)
+    if a.size == 1:
+        a = np.repeat(a, c)
+    if a.size != c:
+        raise NetdslError(f"normalisation {what} has {a.size} values, the images have {c} channels")
+    return a

@@ -1,0 +1,258 @@
+"""Optimisers, learning-rate schedules and gradient clipping, in numpy.
+
+Semantics follow torch.optim (single-tensor CPU path) operation for operation, so a
+run can be checked against PyTorch. Parameters are a dict name -> float32 array and
+are updated in place; hyper-parameters are cast to float32 before touching an array
+so float32 stays float32. Optimiser state is a flat dict of arrays (checkpointable).
+"""
+from __future__ import annotations
+
+import inspect
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..errors import NetdslError
+from . import construct, lookup
+
+F32 = np.float32
+
+
+# ---------------------------------------------------------------- schedules
+# A schedule maps (steps already taken, base lr) -> lr for the next step, like a torch
+# LRScheduler stepped once per optimiser step. Being a pure function of the step count,
+# it needs no state of its own in a checkpoint.
+
+@dataclass(frozen=True)
+class Constant:
+    def __call__(self, step: int, base_lr: float) -> float:
+        return base_lr
+
+
+@dataclass(frozen=True)
+class Step:
+    step_size: int
+    gamma: float = 0.1
+
+    def __call__(self, step: int, base_lr: float) -> float:
+        return base_lr * self.gamma ** (step // self.step_size)
+
+
+@dataclass(frozen=True)
+class MultiStep:
+    milestones: tuple[int, ...]
+    gamma: float = 0.1
+
+    def __call__(self, step: int, base_lr: float) -> float:
+        return base_lr * self.gamma ** sum(1 for m in self.milestones if step >= m)
+
+
+@dataclass(frozen=True)
+class Cosine:
+    t_max: int
+    eta_min: float = 0.0
+
+    def __call__(self, step: int, base_lr: float) -> float:
+        # torch's closed form; past t_max it rises again exactly as torch's does.
+        return self.eta_min + (base_lr - self.eta_min) * (1 + math.cos(math.pi * step / self.t_max)) / 2
+
+
+@dataclass(frozen=True)
+class Warmup:
+    """Linear warm-up multiplied onto another schedule (torch: ChainedScheduler of
+    LinearLR(start_factor, 1.0, steps) and the inner scheduler)."""
+    inner: object
+    steps: int
+    start_factor: float = 1e-3
+
+    def __call__(self, step: int, base_lr: float) -> float:
+        frac = min(step, self.steps) / self.steps
+        return self.inner(step, base_lr) * (self.start_factor + (1 - self.start_factor) * frac)
+
+
+_SCHEDULES = {"constant": Constant, "step": Step, "multistep": MultiStep, "cosine": Cosine}
+
+
+def make_schedule(name: str, warmup_steps: int = 0, warmup_start_factor: float = 1e-3, **kwargs):
+    """Build a schedule by name; `warmup_steps > 0` wraps it in a linear warm-up."""
+    cls = lookup("learning-rate schedule", name, _SCHEDULES)
+    if "milestones" in kwargs:
+        kwargs["milestones"] = tuple(sorted(int(m) for m in kwargs["milestones"]))
+    sched = construct(f"learning-rate schedule '{name}'", cls, kwargs)
+    for field, low in (("step_size", 1), ("t_max", 1)):
+        if getattr(sched, field, low) < low:
+            raise NetdslError(f"schedule '{name}': {field} must be at least {low}, got {getattr(sched, field)}")
+    if warmup_steps < 0:
+        raise NetdslError(f"warm-up steps must not be negative, got {warmup_steps}")
+    if warmup_steps:
+        sched = Warmup(sched, int(warmup_steps), float(warmup_start_factor))
+    return sched
+
+
+# ---------------------------------------------------------------- clipping
+
+def clip_grad_norm(grads: dict[str, np.ndarray], max_norm: float) -> float:
+    """Scale all gradients in place so their global L2 norm is at most `max_norm`.
+
+    Returns the norm before clipping (inf/nan included, so the caller can skip the
+    step), as torch.nn.utils.clip_grad_norm_ does, with the same 1e-6 guard.
+    """
+    total = math.sqrt(sum(float(np.dot(g.ravel().astype(np.float64), g.ravel().astype(np.float64)))
+                          for g in grads.values()))
+    coef = min(max_norm / (total + 1e-6), 1.0)
+    if coef < 1.0:  # torch multiplies by 1.0 too, which changes nothing
+        for g in grads.values():
+            g *= g.dtype.type(coef)
+    return total
+
+
+# ---------------------------------------------------------------- optimisers
+
+class Optimizer:
+    """Holds a reference to the parameter dict; `step(grads)` updates it in place.
+
+    `lr` is the base learning rate; the rate used for a step is
+    `schedule(steps_taken, lr)` and is left in `current_lr` for logging.
+    Gradients missing from `grads` leave their parameter untouched (torch: grad None).
+    """
+    state_keys: tuple[str, ...] = ()
+
+    def __init__(self, params: dict[str, np.ndarray], lr: float, schedule=None):
+        if lr < 0:
+            raise NetdslError(f"learning rate must not be negative, got {lr}")
+        self.params = params
+        self.lr = float(lr)
+        self.schedule = schedule or Constant()
+        self.steps = 0
+        self.current_lr = self.schedule(0, self.lr)
+        self.state: dict[str, dict[str, np.ndarray]] = {k: {} for k in self.state_keys}
+
+    def step(self, grads: dict[str, np.ndarray]) -> None:
+        unknown = set(grads) - set(self.params)
+        if unknown:  # a bug in the caller, not something a user wrote
+            raise KeyError(f"gradients for unknown parameters: {sorted(unknown)}")
+        self.current_lr = lr = self.schedule(self.steps, self.lr)
+        self.steps += 1
+        for name, g in grads.items():
+            p = self.params[name]
+            if g.shape != p.shape:
+                raise ValueError(f"gradient for {name} has shape {g.shape}, parameter {p.shape}")
+            self._update(name, p, g, lr)
+
+    def _update(self, name: str, p: np.ndarray, g: np.ndarray, lr: float) -> None:
+        raise NotImplementedError
+
+    def state_dict(self) -> dict[str, np.ndarray]:
+        """Flat arrays: 'step' and '<buffer>/<param name>' for every buffer."""
+        out = {"step": np.array(self.steps, dtype=np.int64)}
+        for kind, bufs in self.state.items():
+            out.update({f"{kind}/{n}": b for n, b in bufs.items()})
+        return out
+
+    def load_state_dict(self, state: dict[str, np.ndarray], source: str = "optimiser state") -> None:
+        """Restore buffers (copied) after checking every name and shape."""
+        from .checkpoint import check_arrays
+        if "step" not in state:
+            raise NetdslError(f"{source}: no 'step' entry; not state saved by {type(self).__name__}")
+        expected, got = {}, {}
+        for key, arr in state.items():
+            if key == "step":
+                continue
+            kind, _, name = key.partition("/")
+            if kind in self.state and name in self.params:
+                expected[key] = self.params[name].shape
+            got[key] = arr
+        # Buffers are created lazily, so only their names and shapes can be checked.
+        check_arrays(expected, got, source, allow_missing=True)
+        self.steps = int(state["step"])
+        self.current_lr = self.schedule(self.steps, self.lr)
+        for kind in self.state:
+            self.state[kind] = {}
+        for key, arr in got.items():
+            kind, _, name = key.partition("/")
+            self.state[kind][name] = np.array(arr, dtype=self.params[name].dtype, copy=True)
+
+
+class SGD(Optimizer):
+    """torch.optim.SGD: weight decay, momentum with dampening, Nesterov."""
+    state_keys = ("momentum",)
+
+    def __init__(self, params, lr: float = 1e-3, momentum: float = 0.0, dampening: float = 0.0,
+                 weight_decay: float = 0.0, nesterov: bool = False, schedule=None):
+        super().__init__(params, lr, schedule)
+        if nesterov and (momentum <= 0 or dampening != 0):
+            raise NetdslError("Nesterov momentum needs momentum > 0 and dampening = 0")
+        if momentum < 0 or weight_decay < 0:
+            raise NetdslError("momentum and weight decay must not be negative")
+        self.momentum, self.dampening = momentum, dampening
+        self.weight_decay, self.nesterov = weight_decay, nesterov
+
+    def _update(self, name, p, g, lr):
+        t = p.dtype.type
+        if self.weight_decay:
+            g = g + t(self.weight_decay) * p
+        if self.momentum:
+            bufs = self.state["momentum"]
+            buf = bufs.get(name)
+            if buf is None:
+                buf = bufs[name] = g.copy()
+            else:
+                buf *= t(self.momentum)
+                buf += t(1 - self.dampening) * g
+            g = g + t(self.momentum) * buf if self.nesterov else buf
+        p -= t(lr) * g
+
+
+class Adam(Optimizer):
+    """torch.optim.Adam (L2 weight decay added to the gradient); AdamW decouples it."""
+    state_keys = ("exp_avg", "exp_avg_sq")
+    decoupled = False
+
+    def __init__(self, params, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
+                 eps: float = 1e-8, weight_decay: float = 0.0, schedule=None):
+        super().__init__(params, lr, schedule)
+        b1, b2 = betas
+        if not (0 <= b1 < 1 and 0 <= b2 < 1):
+            raise NetdslError(f"Adam betas must lie in [0, 1), got {tuple(betas)}")
+        if eps < 0 or weight_decay < 0:
+            raise NetdslError("eps and weight decay must not be negative")
+        self.beta1, self.beta2, self.eps, self.weight_decay = b1, b2, eps, weight_decay
+
+    def _update(self, name, p, g, lr):
+        t = p.dtype.type
+        if self.weight_decay:
+            if self.decoupled:
+                p *= t(1 - lr * self.weight_decay)
+            else:
+                g = g + t(self.weight_decay) * p
+        m = self.state["exp_avg"].setdefault(name, np.zeros_like(p))
+        v = self.state["exp_avg_sq"].setdefault(name, np.zeros_like(p))
+        # torch: exp_avg.lerp_(grad, 1 - beta1), i.e. m + w * (g - m) for w < 0.5
+        m += t(1 - self.beta1) * (g - m)
+        v *= t(self.beta2)
+        v += t(1 - self.beta2) * (g * g)
+        step = self.steps  # already counts this step, as torch's state['step'] does
+        step_size = lr / (1 - self.beta1 ** step)
+        bc2_sqrt = math.sqrt(1 - self.beta2 ** step)
+        denom = np.sqrt(v) / t(bc2_sqrt) + t(self.eps)
+        p -= t(step_size) * (m / denom)
+
+
+class AdamW(Adam):
+    decoupled = True
+
+    def __init__(self, params, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
+                 eps: float = 1e-8, weight_decay: float = 1e-2, schedule=None):
+        super().__init__(params, lr, betas, eps, weight_decay, schedule)
+
+
+_OPTIMIZERS = {"sgd": SGD, "adam": Adam, "adamw": AdamW}
+
+
+def make_optimizer(name: str, params: dict[str, np.ndarray], **kwargs) -> Optimizer:
+    """Build an optimiser by name ('sgd', 'adam', 'adamw') with torch's keyword names."""
+    cls = lookup("optimiser", name, _OPTIMIZERS)
+    if "betas" in kwargs:
+        kwargs["betas"] = tuple(kwargs["betas"])
+    return construct(f"optimiser '{name}'", cls, kwargs, params)
