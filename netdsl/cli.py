@@ -67,6 +67,24 @@ def cmd_render(args):
     return 0
 
 
+def cmd_ops(args):
+    from .ops import OPS, REQUIRED
+    from .ops.registry import _show
+    names = sorted(OPS) if not args.name else args.name
+    for n in names:
+        if n not in OPS:
+            from .errors import did_you_mean
+            raise NetdslError(f"unknown operator '{n}'", hint=did_you_mean(n, OPS))
+        op = OPS[n]
+        attrs = ", ".join(a.name if a.default is REQUIRED else f"{a.name}={_show(a.default)}" for a in op.attrs)
+        ins = ", ".join(op.inputs)
+        flag = "" if op.differentiable else "  [no gradient]"
+        print(f"{n}({ins}{'; ' if ins and attrs else ''}{attrs}){flag}")
+        if op.doc:
+            print("    " + op.doc.splitlines()[0])
+    return 0
+
+
 def build_parser():
     p = _Parser(prog="netdsl", description="netdsl: check, draw, train and run neural network specs")
     sub = p.add_subparsers(dest="cmd", required=True, parser_class=_Parser)
@@ -90,6 +108,9 @@ def build_parser():
                         "with repeated blocks folded)")
     r.add_argument("--expand", action="store_true", help="draw repeated blocks one by one instead of folding")
     r.set_defaults(fn=cmd_render)
+    o = sub.add_parser("ops", help="list operators with their inputs and attributes")
+    o.add_argument("name", nargs="*", help="only these operators")
+    o.set_defaults(fn=cmd_ops)
     return p
 
 

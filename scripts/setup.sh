@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# Install everything netdsl needs on a Debian machine (run as root, or with sudo available).
+#   bash scripts/setup.sh          runtime: Graphviz, Fashion-MNIST, netdsl and its Python deps
+#   bash scripts/setup.sh --test   the same plus the test dependencies (pytest, hypothesis, torch)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+extras=""
+[ "${1:-}" = "--test" ] && extras="[test,ptx]"
+
+SUDO=""
+[ "$(id -u)" -ne 0 ] && command -v sudo >/dev/null && SUDO="sudo"
+
+need_apt=""
+command -v dot >/dev/null || need_apt="$need_apt graphviz"
+[ -e /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz ] || need_apt="$need_apt dataset-fashion-mnist"
+if [ -n "$need_apt" ]; then
+  if command -v apt-get >/dev/null; then
+    $SUDO apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq $need_apt >/dev/null
+  else
+    echo "setup: please install:$need_apt (Graphviz's dot and Debian's dataset-fashion-mnist)" >&2
+  fi
+fi
+
+PY=${PYTHON:-python3}
+pip_install() {
+  # Debian's own Python refuses pip installs (PEP 668); fall back to the documented override.
+  $PY -m pip install -q "$@" 2>/tmp/netdsl-pip.err || {
+    if grep -q externally-managed /tmp/netdsl-pip.err; then
+      $PY -m pip install -q --break-system-packages "$@"
+    else
+      cat /tmp/netdsl-pip.err >&2; return 1
+    fi
+  }
+}
+pip_install -e ".$extras"
+echo "setup: netdsl $($PY -c 'import netdsl; print(netdsl.__version__)') ready"
