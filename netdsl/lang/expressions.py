@@ -1,0 +1,454 @@
+"""Expressions of the language: values a name can stand for, evaluation, calls, operators.
+
+The statement side (elaborate.py) mixes this in; everything here evaluates one
+expression in an environment and, for tensors, records nodes through the operator
+registry.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from lark import Token, Tree
+
+from ..errors import NetdslError, Pos, did_you_mean
+from ..ir.dims import Sym, fmt_shape, is_dim
+from ..ir.graph import Carry, Graph, Node, Param, Value
+from ..ops import OPS, REQUIRED, Ctx, OpDef
+from ..ops.elementwise import BINARY_SYMBOLS
+from ..ops.registry import check_attr, _show
+from . import training
+from .parser import Module
+
+# ---- things a name can stand for
+
+@dataclass
+class Def:
+    kind: str            # block_def | step_def | network_def
+    tree: Tree
+    module: Module
+
+    @property
+    def name(self):
+        return self.tree.children[0].value
+
+
+@dataclass
+class Namespace:
+    module: Module
+
+
+@dataclass
+class Builtin:
+    name: str
+    fn: object
+
+
+class ScanResult:
+    """Per-step outputs of a scan, with the final carried states beside them."""
+
+    def __init__(self, emits, finals):
+        self.emits, self.finals = emits, finals
+
+    def unwrap(self):
+        return self.emits[0] if len(self.emits) == 1 else tuple(self.emits)
+
+
+class _Return(Exception):
+    def __init__(self, value):
+        self.value = value
+
+
+def _builtin_range(*a):
+    if not all(isinstance(x, int) and not isinstance(x, bool) for x in a) or not 1 <= len(a) <= 3:
+        raise TypeError("range() takes 1 to 3 integers")
+    return list(range(*a))
+
+
+BUILTINS = {
+    "range": _builtin_range,
+    "len": lambda x: len(x),
+    "min": lambda *a: min(a[0] if len(a) == 1 else a),
+    "max": lambda *a: max(a[0] if len(a) == 1 else a),
+    "int": int, "float": float, "abs": abs,
+    "sqrt": math.sqrt, "ceil": math.ceil, "floor": math.floor,
+}
+
+
+class Env:
+    def __init__(self, parent=None):
+        self.vars: dict = {}
+        self.parent = parent
+
+    def lookup(self, name):
+        e = self
+        while e is not None:
+            if name in e.vars:
+                return e.vars[name]
+            e = e.parent
+        raise KeyError(name)
+
+    def names(self):
+        e, out = self, set()
+        while e is not None:
+            out |= set(e.vars)
+            e = e.parent
+        return out
+
+
+class StepState:
+    """What a step body is building: its graph, carries and emits."""
+
+    def __init__(self, graph: Graph):
+        self.graph = graph
+        self.carries: list[tuple[str, Carry, Pos]] = []
+        self.emits: list[tuple[Value, Pos]] = []
+
+
+def _is_number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _sig(v):
+    if isinstance(v, Value):
+        return ("tensor", tuple(str(d) for d in v.shape))
+    if isinstance(v, (list, tuple)):
+        return tuple(_sig(x) for x in v)
+    return v if isinstance(v, (int, float, str, bool, type(None))) else str(v)
+
+
+class Expressions:
+    """Expression evaluation; expects the host to provide pos, fresh, claim, scope_path,
+    frames, graph, target, symvals, call_block and run_scan."""
+    # ------------------------------------------------------------ expressions
+    def lookup(self, tok: Token, env: Env, mod: Module):
+        n = tok.value
+        try:
+            return env.lookup(n)
+        except KeyError:
+            pass
+        if n in OPS:
+            return OPS[n]
+        if n in BUILTINS:
+            return Builtin(n, BUILTINS[n])
+        if n in self.symvals:
+            return self.symvals[n]
+        cands = env.names() | set(OPS) | set(BUILTINS)
+        raise NetdslError(f"unknown name '{n}'", self.pos(tok, mod), hint=did_you_mean(n, cands))
+
+    def eval(self, t, env: Env, mod: Module, train: bool = False):
+        if isinstance(t, Token):
+            return self.lookup(t, env, mod)
+        fn = getattr(self, "ex_" + t.data)
+        return fn(t, env, mod, train) if t.data in ("call", "pipe") else fn(t, env, mod)
+
+    def ex_name(self, t, env, mod):
+        return self.lookup(t.children[0], env, mod)
+
+    def ex_number(self, t, env, mod):
+        s = t.children[0].value
+        return float(s) if any(c in s for c in ".eE") else int(s)
+
+    def ex_string(self, t, env, mod):
+        return bytes(t.children[0].value[1:-1], "utf-8").decode("unicode_escape")
+
+    def ex_true(self, t, env, mod):
+        return True
+
+    def ex_false(self, t, env, mod):
+        return False
+
+    def ex_none(self, t, env, mod):
+        return None
+
+    def ex_tuple(self, t, env, mod):
+        return tuple(self.eval(c, env, mod) for c in t.children if c is not None)
+
+    def ex_list(self, t, env, mod):
+        return [self.eval(c, env, mod) for c in t.children if c is not None]
+
+    def ex_if_expr(self, t, env, mod):
+        ch = t.children
+        for i in range(0, len(ch) - 1, 2):
+            if self.cond(ch[i], env, mod):
+                return self.eval(ch[i + 1], env, mod)
+        return self.eval(ch[-1], env, mod)
+
+    def ex_or_(self, t, env, mod):
+        return self.cond(t.children[0], env, mod) or self.cond(t.children[1], env, mod)
+
+    def ex_and_(self, t, env, mod):
+        return self.cond(t.children[0], env, mod) and self.cond(t.children[1], env, mod)
+
+    def ex_not_(self, t, env, mod):
+        return not self.cond(t.children[0], env, mod)
+
+    def ex_compare(self, t, env, mod):
+        a, op, b = t.children
+        x, y = self.eval(a, env, mod), self.eval(b, env, mod)
+        if isinstance(x, Value) or isinstance(y, Value):
+            raise NetdslError("tensors cannot be compared at compile time", self.pos(t, mod),
+                              hint="compare shapes instead, e.g. x.C != c")
+        if op.value in ("==", "!="):
+            eq = x == y
+            return eq if op.value == "==" else not eq
+        if isinstance(x, Sym) or isinstance(y, Sym):
+            raise NetdslError(f"cannot order symbolic dimensions ({x} {op.value} {y})", self.pos(t, mod),
+                              hint="give the dimension a value with --set")
+        try:
+            return {"<": x < y, ">": x > y, "<=": x <= y, ">=": x >= y}[op.value]
+        except TypeError:
+            raise NetdslError(f"cannot compare {_show(x)} with {_show(y)}", self.pos(t, mod)) from None
+
+    def ex_unary(self, t, env, mod):
+        op, a = t.children
+        v = self.eval(a, env, mod)
+        if isinstance(v, Value):
+            return v if op.value == "+" else self.apply_op(OPS["neg"], [v], {}, self.pos(t, mod))
+        if not _is_number(v):
+            raise NetdslError(f"'{op.value}' needs a number, got {_show(v)}", self.pos(t, mod))
+        return v if op.value == "+" else -v
+
+    def ex_power(self, t, env, mod):
+        a, b = (self.eval(c, env, mod) for c in t.children)
+        if not (_is_number(a) and _is_number(b)):
+            raise NetdslError(f"'**' needs numbers, got {_show(a)} and {_show(b)}", self.pos(t, mod))
+        return a ** b
+
+    def ex_binop(self, t, env, mod):
+        a, op, b = t.children
+        x, y = self.eval(a, env, mod), self.eval(b, env, mod)
+        pos = self.pos(t, mod)
+        if isinstance(x, Value) or isinstance(y, Value):
+            return self.tensor_arith(op.value, x, y, pos)
+        if isinstance(x, (list, tuple)) and isinstance(y, (list, tuple)) and op.value == "+":
+            return type(x)(list(x) + list(y))
+        if not ((_is_number(x) or isinstance(x, Sym)) and (_is_number(y) or isinstance(y, Sym))):
+            raise NetdslError(f"'{op.value}' cannot combine {_show(x)} and {_show(y)}", pos)
+        try:
+            if op.value == "+": return x + y
+            if op.value == "-": return x - y
+            if op.value == "*": return x * y
+            if op.value == "//": return x // y
+            if op.value == "%": return x % y
+            if op.value == "/":
+                if isinstance(x, Sym) or isinstance(y, Sym):
+                    raise NetdslError("use '//' to divide dimensions", pos)
+                return x / y
+        except ZeroDivisionError:
+            raise NetdslError("division by zero", pos) from None
+        except TypeError:
+            raise NetdslError(f"'{op.value}' cannot combine {_show(x)} and {_show(y)}", pos) from None
+
+    def tensor_arith(self, op, x, y, pos):
+        if isinstance(x, Value) and isinstance(y, Value):
+            if op not in BINARY_SYMBOLS:
+                raise NetdslError(f"'{op}' is not defined on tensors", pos)
+            return self.apply_op(OPS[BINARY_SYMBOLS[op]], [x, y], {}, pos)
+        t, n = (x, y) if isinstance(x, Value) else (y, x)
+        if not _is_number(n):
+            raise NetdslError(f"'{op}' cannot combine a tensor with {_show(n)}", pos)
+        if op == "*":
+            return self.apply_op(OPS["scale"], [t], {"factor": float(n)}, pos)
+        if op == "/" and t is x:
+            if n == 0:
+                raise NetdslError("division by zero", pos)
+            return self.apply_op(OPS["scale"], [t], {"factor": 1.0 / n}, pos)
+        if op == "+":
+            return self.apply_op(OPS["shift"], [t], {"amount": float(n)}, pos)
+        if op == "-":
+            if t is x:
+                return self.apply_op(OPS["shift"], [t], {"amount": -float(n)}, pos)
+            neg = self.apply_op(OPS["neg"], [t], {}, pos)
+            return self.apply_op(OPS["shift"], [neg], {"amount": float(n)}, pos)
+        raise NetdslError(f"'{op}' between a number and a tensor is not supported", pos)
+
+    def ex_getattr(self, t, env, mod):
+        obj, name = t.children
+        v = self.eval(obj, env, mod)
+        n = name.value
+        if isinstance(v, Namespace):
+            if n not in v.module.defs:
+                raise NetdslError(f"'{v.module.path}' defines no '{n}'", self.pos(name, mod),
+                                  hint=did_you_mean(n, v.module.defs))
+            kind, tree = v.module.defs[n]
+            return self.eval(tree.children[1], Env(), v.module) if kind == "const_def" else Def(kind, tree, v.module)
+        if isinstance(v, Value):
+            return self.tensor_attr(v, n, self.pos(name, mod))
+        raise NetdslError(f"{_show(v)} has no attribute '{n}'", self.pos(name, mod))
+
+    def tensor_attr(self, v: Value, n: str, pos):
+        r = v.rank
+        axes = {"N": 0 if r >= 1 else None, "C": 1 if r >= 2 else None, "H": 2 if r == 4 else None,
+                "W": 3 if r == 4 else None, "T": 1 if r == 3 else None, "F": r - 1 if r in (2, 3) else None}
+        if n == "shape":
+            return tuple(v.shape)
+        if n == "rank":
+            return r
+        if n == "dtype":
+            return v.dtype
+        if n in axes:
+            if axes[n] is None:
+                raise NetdslError(f"a tensor of rank {r} {fmt_shape(v.shape)} has no axis '{n}'", pos,
+                                  hint="N C H W name the axes of rank-4 tensors; N T F of rank 3; N F of rank 2")
+            return v.shape[axes[n]]
+        raise NetdslError(f"tensors have no attribute '{n}'", pos,
+                          hint=did_you_mean(n, list(axes) + ["shape", "rank", "dtype"]))
+
+    def ex_getitem(self, t, env, mod):
+        obj, *subs = t.children
+        v = self.eval(obj, env, mod)
+        pos = self.pos(t, mod)
+        idx = []
+        for s in subs:
+            if isinstance(s, Tree) and s.data == "slice":
+                lo, hi = (None if c is None else self.eval(c, env, mod) for c in s.children)
+                idx.append((lo, hi))
+            else:
+                idx.append(self.eval(s, env, mod))
+        if isinstance(v, Value):
+            for i in idx:
+                parts = i if isinstance(i, tuple) else (i,)
+                if not all(p is None or is_dim(p) for p in parts):
+                    raise NetdslError(f"tensor indices must be integers, got {_show(i)}", pos)
+            return self.apply_op(OPS["slice"], [v], {"index": tuple(idx)}, pos)
+        if isinstance(v, (list, tuple)):
+            if len(idx) != 1:
+                raise NetdslError("a list takes one index", pos)
+            i = idx[0]
+            if isinstance(i, tuple):
+                return v[slice(*i)]
+            if not isinstance(i, int) or isinstance(i, bool):
+                raise NetdslError(f"a list index must be an integer, got {_show(i)}", pos)
+            if not -len(v) <= i < len(v):
+                raise NetdslError(f"index {i} is out of range for a list of {len(v)}", pos)
+            return v[i]
+        raise NetdslError(f"{_show(v)} cannot be indexed", pos)
+
+    def ex_pipe(self, t, env, mod, train=False):
+        left, stage = t.children
+        v = self.eval(left, env, mod)
+        if isinstance(v, ScanResult):
+            v = v.unwrap()
+        if isinstance(stage, Tree) and stage.data == "call":
+            return self.ex_call(stage, env, mod, train, first=v)
+        callee = self.eval(stage, env, mod)
+        return self.call(callee, [v], {}, self.pos(stage, mod), mod)
+
+    def ex_call(self, t, env, mod, train=False, first=None):
+        fn, args = t.children
+        callee = self.eval(fn, env, mod)
+        pos_args = [] if first is None else [first]
+        kwargs, kwpos = {}, {}
+        for a in (args.children if args is not None else []):
+            if isinstance(a, Tree) and a.data == "kwarg":
+                k = a.children[0].value
+                if k in kwargs:
+                    raise NetdslError(f"argument '{k}' given twice", self.pos(a, mod))
+                kwargs[k] = self.eval(a.children[1], env, mod, train)
+                kwpos[k] = self.pos(a, mod)
+            else:
+                if kwargs:
+                    raise NetdslError("a positional argument cannot follow keyword arguments", self.pos(a, mod))
+                v = self.eval(a, env, mod, train)
+                pos_args.append(v.unwrap() if isinstance(v, ScanResult) else v)
+        if train and isinstance(callee, Builtin) and callee.fn is None:
+            if pos_args:
+                raise NetdslError(f"{callee.name}() takes keyword arguments only", self.pos(t, mod))
+            return training.TrainCall(callee.name, kwargs, self.pos(t, mod), kwpos)
+        return self.call(callee, pos_args, kwargs, self.pos(t, mod), mod, kwpos)
+
+    def call(self, callee, args, kwargs, pos, mod, kwpos=None):
+        if isinstance(callee, OpDef):
+            return self.apply_op(callee, args, kwargs, pos, kwpos)
+        if isinstance(callee, Def):
+            if callee.kind == "block_def":
+                return self.call_block(callee, args, kwargs, pos, kwpos)
+            if callee.kind == "step_def":
+                raise NetdslError(f"'{callee.name}' is a step; apply it over time with `scan {callee.name}(...)`", pos)
+            raise NetdslError(f"'{callee.name}' is a network and cannot be called; "
+                              f"put the shared layers in a block", pos)
+        if isinstance(callee, Builtin) and callee.fn is not None:
+            if kwargs:
+                raise NetdslError(f"{callee.name}() takes no keyword arguments", pos)
+            try:
+                return callee.fn(*args)
+            except (TypeError, ValueError, OverflowError) as e:
+                raise NetdslError(f"{callee.name}(): {e}", pos) from None
+        if isinstance(callee, Builtin):
+            raise NetdslError(f"'{callee.name}' can only be used in the train section", pos)
+        raise NetdslError(f"{_show(callee)} is not callable", pos)
+
+    # ------------------------------------------------------------ operators
+    def apply_op(self, op: OpDef, args, kwargs, pos, kwpos=None):
+        kwargs = dict(kwargs)
+        label = kwargs.pop("name", None)
+        if label is not None and not isinstance(label, str):
+            raise NetdslError(f"name= must be a string, got {_show(label)}", pos)
+        ninputs = len(op.inputs)
+        inputs: list = []
+        rest = list(args)
+        while rest and isinstance(rest[0], Value) and (op.variadic or len(inputs) < ninputs):
+            inputs.append(rest.pop(0))
+        if op.variadic and rest and isinstance(rest[0], (list, tuple)) and not inputs:
+            inputs = list(rest.pop(0))
+        for i, iname in enumerate(op.inputs):
+            if iname in kwargs and not iname.startswith("*"):
+                if i != len(inputs):
+                    raise NetdslError(f"{op.name}: input '{iname}' given twice or out of order", pos)
+                inputs.append(kwargs.pop(iname))
+        required = 1 if op.variadic else ninputs - op.optional_inputs
+        if len(inputs) < required:
+            missing = op.inputs[len(inputs)].lstrip("*")
+            got = f"got {len(inputs)}" if inputs else "got none"
+            raise NetdslError(f"{op.name} needs {required} tensor input(s) ({', '.join(i.lstrip('*') for i in op.inputs[:required])}); "
+                              f"{got}", pos, hint=f"missing '{missing}'" if inputs else
+                              f"pass it first, or pipe it in: x -> {op.name}(...)")
+        for i, v in enumerate(inputs):
+            if not isinstance(v, Value):
+                raise NetdslError(f"{op.name}: input {i + 1} must be a tensor, got {_show(v)}", pos)
+        attrs = {}
+        for a, v in zip(op.attrs, rest):
+            attrs[a.name] = v
+        if len(rest) > len(op.attrs):
+            extra = rest[len(op.attrs)]
+            what = "tensor" if isinstance(extra, Value) else "value"
+            raise NetdslError(f"{op.name} takes {ninputs} tensor input(s) and {len(op.attrs)} attribute(s); "
+                              f"an extra {what} {_show(extra)} was given", pos)
+        names = [a.name for a in op.attrs]
+        for k, v in kwargs.items():
+            if k not in names:
+                raise NetdslError(f"{op.name} has no attribute '{k}'", (kwpos or {}).get(k, pos),
+                                  hint=did_you_mean(k, names + ["name"]) or
+                                  (f"its attributes: {', '.join(names)}" if names else f"{op.name} takes no attributes"))
+            if k in attrs:
+                raise NetdslError(f"{op.name}: attribute '{k}' given twice", (kwpos or {}).get(k, pos))
+            attrs[k] = v
+        for a in op.attrs:
+            if a.name not in attrs:
+                if a.default is REQUIRED:
+                    raise NetdslError(f"{op.name} needs the attribute '{a.name}'" + (f" ({a.doc})" if a.doc else ""), pos)
+                attrs[a.name] = check_attr(op, a, a.default, pos)
+            else:
+                attrs[a.name] = check_attr(op, a, attrs[a.name], (kwpos or {}).get(a.name, pos))
+        local = label or self.fresh("op", op.name, 1)
+        path = ".".join(p for p in (self.scope_path(), local) if p)
+        self.claim(path, pos)
+        ctx = Ctx(op, inputs, attrs, pos, path)
+        outs = op.infer(ctx)
+        node = Node(op.name, inputs, ctx.attrs, path, pos, tuple(self.frames))
+        for i, (shape, dtype) in enumerate(outs):
+            node.outputs.append(Value(tuple(shape), dtype, node, i, pos=pos))
+        ctx.outputs = node.outputs
+        if op.params:
+            for role, (shape, init, kind) in op.params(ctx).items():
+                if not all(isinstance(d, int) for d in shape):
+                    raise NetdslError(f"{op.name}: parameter '{role}' would have a symbolic shape "
+                                      f"{fmt_shape(shape)}", pos, hint="fix the dimension with --set")
+                p = Param(f"{path}.{role}", tuple(shape), "f32", init, node, kind)
+                node.params[role] = p
+                self.graph.params[p.name] = p
+        if op.macs:
+            node.macs = op.macs(ctx)
+        self.target.nodes.append(node)
+        return node.outputs[0] if len(node.outputs) == 1 else tuple(node.outputs)
