@@ -72,6 +72,7 @@ BUILTINS = {
     "max": lambda *a: max(a[0] if len(a) == 1 else a),
     "int": int, "float": float, "abs": abs,
     "sqrt": math.sqrt, "ceil": math.ceil, "floor": math.floor,
+    "str": lambda v: v if isinstance(v, str) else _show(v),   # e.g. name="features." + str(i)
 }
 
 
@@ -223,6 +224,8 @@ class Expressions:
             return self.tensor_arith(op.value, x, y, pos)
         if isinstance(x, (list, tuple)) and isinstance(y, (list, tuple)) and op.value == "+":
             return type(x)(list(x) + list(y))
+        if isinstance(x, str) and isinstance(y, str) and op.value == "+":
+            return x + y
         if not ((_is_number(x) or isinstance(x, Sym)) and (_is_number(y) or isinstance(y, Sym))):
             raise NetdslError(f"'{op.value}' cannot combine {_show(x)} and {_show(y)}", pos)
         try:
