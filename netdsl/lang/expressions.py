@@ -141,7 +141,7 @@ class Expressions:
         if isinstance(t, Token):
             return self.lookup(t, env, mod)
         fn = getattr(self, "ex_" + t.data)
-        return fn(t, env, mod, train) if t.data in ("call", "pipe") else fn(t, env, mod)
+        return fn(t, env, mod, train) if t.data in ("call", "pipe", "if_expr") else fn(t, env, mod)
 
     def ex_name(self, t, env, mod):
         return self.lookup(t.children[0], env, mod)
@@ -168,12 +168,13 @@ class Expressions:
     def ex_list(self, t, env, mod):
         return [self.eval(c, env, mod) for c in t.children if c is not None]
 
-    def ex_if_expr(self, t, env, mod):
+    def ex_if_expr(self, t, env, mod, train=False):
+        # `train` passes through so a train setting can choose, e.g. bptt = if f { full } else { truncated(...) }
         ch = t.children
         for i in range(0, len(ch) - 1, 2):
             if self.cond(ch[i], env, mod):
-                return self.eval(ch[i + 1], env, mod)
-        return self.eval(ch[-1], env, mod)
+                return self.eval(ch[i + 1], env, mod, train)
+        return self.eval(ch[-1], env, mod, train)
 
     def ex_or_(self, t, env, mod):
         return self.cond(t.children[0], env, mod) or self.cond(t.children[1], env, mod)
