@@ -7,7 +7,6 @@ so float32 stays float32. Optimiser state is a flat dict of arrays (checkpointab
 """
 from __future__ import annotations
 
-import inspect
 import math
 from dataclasses import dataclass
 

@@ -1,0 +1,194 @@
+"""Checkpoints: exact round trip, name/shape checks, spec hash, crash safety."""
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+
+from netdsl.errors import NetdslError
+from netdsl.runtime import checkpoint as ck
+from netdsl.runtime.checkpoint import load_checkpoint, load_weights, save_checkpoint
+from netdsl.runtime.optim import make_optimizer
+
+SPEC = "net tiny { conv 3 -> 4 }\n"
+
+
+def _params(seed=0):
+    rng = np.random.default_rng(seed)
+    p = {"layer1.0.conv1.weight": rng.standard_normal((4, 3, 3, 3)).astype(np.float32),
+         "layer1.0.bn1.running_var": rng.random(4).astype(np.float32),
+         "fc.bias": rng.standard_normal(10).astype(np.float32)}
+    # Values whose bits a careless round trip would change.
+    p["fc.bias"][:4] = [np.nan, -0.0, np.inf, np.float32(1e-45)]
+    return p
+
+
+def test_round_trip_is_bit_identical(tmp_path):
+    params = _params()
+    opt = make_optimizer("adam", params, lr=1e-3)
+    opt.step({k: np.ones_like(v) for k, v in params.items()})
+    rng = np.random.default_rng(42)
+    rng.random(3)  # advance it, so restoring the seed alone would not suffice
+    path = tmp_path / "ckpt.npz"
+    save_checkpoint(path, params, opt.state_dict(), step=17, epoch=2, rng=rng, spec_text=SPEC,
+                    extra={"best_acc": 0.5})
+    c = load_checkpoint(path, spec_text=SPEC)
+    assert (c.step, c.epoch, c.extra) == (17, 2, {"best_acc": 0.5})
+    assert c.params.keys() == params.keys()
+    for k, v in params.items():
+        assert c.params[k].dtype == v.dtype and c.params[k].tobytes() == v.tobytes()
+    for k, v in opt.state_dict().items():
+        assert c.opt_state[k].tobytes() == v.tobytes() and c.opt_state[k].dtype == v.dtype
+    np.testing.assert_array_equal(c.make_rng().random(5), rng.random(5))
+
+    fresh = _params(seed=1)
+    ids = {k: id(v) for k, v in fresh.items()}
+    load_weights(fresh, c)
+    assert all(id(v) == ids[k] for k, v in fresh.items())  # in place: optimisers keep their references
+    assert all(fresh[k].tobytes() == params[k].tobytes() for k in params)
+    # The file is a plain npz that needs no pickle.
+    with np.load(path, allow_pickle=False) as z:
+        assert "param/fc.bias" in z.files and "opt/step" in z.files
+
+
+def test_mt19937_state_round_trips(tmp_path):
+    rng = np.random.Generator(np.random.MT19937(5))
+    save_checkpoint(tmp_path / "c.npz", {}, rng=rng)
+    np.testing.assert_array_equal(load_checkpoint(tmp_path / "c.npz").make_rng().integers(0, 1 << 30, 8),
+                                  rng.integers(0, 1 << 30, 8))
+
+
+def test_wrong_names_and_shapes_listed_together(tmp_path):
+    saved = _params()
+    saved["head.weight"] = saved.pop("fc.bias")
+    saved["layer1.0.conv1.weight"] = saved["layer1.0.conv1.weight"][:2]
+    save_checkpoint(tmp_path / "c.npz", saved)
+    target = _params(seed=3)
+    before = {k: v.copy() for k, v in target.items()}
+    with pytest.raises(NetdslError) as e:
+        load_weights(target, load_checkpoint(tmp_path / "c.npz"))
+    err = e.value
+    assert str(tmp_path / "c.npz") in err.message
+    assert "1 missing, 1 unexpected, 1 wrong-shaped" in err.message
+    notes = "\n".join(n.message for n in err.notes)
+    assert "missing: fc.bias" in notes and "unexpected: head.weight" in notes
+    assert "wrong shape: layer1.0.conv1.weight is (2, 3, 3, 3), expected (4, 3, 3, 3)" in notes
+    assert all(np.array_equal(target[k], before[k], equal_nan=True) for k in target)  # nothing half-loaded
+
+
+def test_spec_hash_mismatch(tmp_path):
+    save_checkpoint(tmp_path / "c.npz", _params(), spec_text=SPEC)
+    with pytest.raises(NetdslError, match="different spec"):
+        load_checkpoint(tmp_path / "c.npz", spec_text=SPEC + "# edited\n")
+    assert load_checkpoint(tmp_path / "c.npz", spec_text="other", allow_spec_mismatch=True).step == 0
+
+
+def test_unreadable_files_are_user_errors(tmp_path):
+    with pytest.raises(NetdslError, match="not found"):
+        load_checkpoint(tmp_path / "none.npz")
+    (tmp_path / "junk.npz").write_bytes(b"garbage")
+    with pytest.raises(NetdslError, match="not a valid .npz"):
+        load_checkpoint(tmp_path / "junk.npz")
+    np.savez(tmp_path / "plain.npz", a=np.zeros(3))
+    with pytest.raises(NetdslError, match="not a netdsl checkpoint"):
+        load_checkpoint(tmp_path / "plain.npz")
+    with pytest.raises(NetdslError, match="cannot write"):
+        save_checkpoint(tmp_path / "no" / "such" / "dir.npz", _params())
+
+
+def _ls(d):
+    return sorted(os.listdir(d))
+
+
+def test_failed_save_keeps_previous_checkpoint(tmp_path, monkeypatch):
+    path = tmp_path / "ckpt.npz"
+    save_checkpoint(path, _params(), step=1)
+
+    def half_then_fail(f, **arrays):
+        f.write(b"PK\x03\x04 partial zip data")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(ck.np, "savez", half_then_fail)
+    with pytest.raises(NetdslError, match="No space left"):
+        save_checkpoint(path, _params(seed=9), step=2)
+    monkeypatch.undo()
+    assert _ls(tmp_path) == ["ckpt.npz"]  # temp file removed
+    assert load_checkpoint(path).step == 1
+
+
+def test_killed_save_keeps_previous_checkpoint(tmp_path):
+    """SIGKILL a process while its temp file holds part of the data, before the rename."""
+    path = tmp_path / "ckpt.npz"
+    save_checkpoint(path, _params(), step=1)
+    child = textwrap.dedent(f"""
+        import os, sys, time, numpy as np
+        from netdsl.runtime import checkpoint as ck
+        real_fsync = os.fsync
+        def stall(fd):  # data written, not yet renamed: the worst moment to die
+            print("written", flush=True)
+            time.sleep(60)
+        ck.os.fsync = stall
+        ck.save_checkpoint({str(path)!r}, {{"w": np.ones((512, 1024), np.float32)}}, step=2)
+    """)
+    proc = subprocess.Popen([sys.executable, "-c", child], stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "written"
+        temps = [n for n in _ls(tmp_path) if n != "ckpt.npz"]
+        assert len(temps) == 1 and os.path.getsize(tmp_path / temps[0]) > 1 << 20
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    c = load_checkpoint(path)
+    assert c.step == 1 and c.params.keys() == _params().keys()
+    leftovers = [n for n in _ls(tmp_path) if n != "ckpt.npz"]
+    # The orphan cannot be mistaken for a checkpoint: hidden, and not *.npz.
+    assert leftovers and all(n.startswith(".") and n.endswith(".tmp") for n in leftovers)
+
+
+# ---------------------------------------------------------------- run outputs (progress.py)
+# These share the atomic writer above; they live here because they are the other
+# files a run leaves behind.
+
+def _bar_output(is_tty, steps, total=100):
+    import io
+    from netdsl.runtime.progress import ProgressBar
+    t = [0.0]
+    out = io.StringIO()
+    with ProgressBar(total, "train", stream=out, is_tty=is_tty, log_every_s=10, clock=lambda: t[0]) as bar:
+        for i in range(steps):
+            t[0] += 0.5
+            bar.update(loss=2.0 / (i + 1), images=64)
+    return out.getvalue()
+
+
+def test_progress_log_lines_and_terminal_redraws():
+    log = _bar_output(False, 100)
+    lines = log.splitlines()
+    assert "\r" not in log and len(lines) == 5  # one line per 10 s of a 50 s run
+    assert lines[0].startswith("train  [####") and "20/100" in lines[0] and "128 img/s" in lines[0]
+    assert "ETA 0:00:40" in lines[0] and "took 0:00:50" in lines[-1] and "loss 0.0200" in lines[-1]
+    tty = _bar_output(True, 30)  # stopped early: the last state is still shown
+    assert tty.count("\r") == 30 and tty.endswith("\n") and "30/100" in tty.rsplit("\r", 1)[1]
+
+
+def test_metrics_log_and_plot(tmp_path):
+    from netdsl.runtime.progress import MetricsLog, plot_metrics, read_metrics
+    path = tmp_path / "metrics.jsonl"
+    with MetricsLog(path) as m:
+        for step in range(3):
+            m.log(step=np.int64(step), train_loss=np.float32(1.0 / (step + 1)), test_acc=0.5, lr=float("nan"))
+    with open(path, "a") as f:
+        f.write('{"step": 3, "train_lo')  # killed mid-write
+    recs = read_metrics(path)
+    assert [r["step"] for r in recs] == [0, 1, 2] and recs[0]["lr"] is None
+    png = tmp_path / "curves.png"
+    plot_metrics(path, png)
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and _ls(tmp_path) == ["curves.png", "metrics.jsonl"]
+    (tmp_path / "empty.jsonl").write_text('{"step": 1}\n')
+    with pytest.raises(NetdslError, match="no loss or accuracy"):
+        plot_metrics(tmp_path / "empty.jsonl", png)
+    with pytest.raises(NetdslError, match="not found"):
+        plot_metrics(tmp_path / "none.jsonl", png)
