@@ -344,6 +344,8 @@ class Elaborator(Expressions):
             val = self.eval(expr, tenv, mod, train=True)
             if isinstance(val, Builtin):
                 val = val.name
+            elif isinstance(val, list):   # bare constructors in a list: augment = [crop(pad = 4), flip]
+                val = [v.name if isinstance(v, Builtin) else v for v in val]
             cfg[key.value] = training.check_setting(key.value, val, self.pos(key, mod), self.pos(expr, mod))
             self.graph.train_pos[key.value] = self.pos(key, mod)
         self.graph.train = cfg

@@ -141,7 +141,8 @@ class Expressions:
         if isinstance(t, Token):
             return self.lookup(t, env, mod)
         fn = getattr(self, "ex_" + t.data)
-        return fn(t, env, mod, train) if t.data in ("call", "pipe", "if_expr") else fn(t, env, mod)
+        return (fn(t, env, mod, train) if t.data in ("call", "pipe", "if_expr", "list", "tuple")
+                else fn(t, env, mod))
 
     def ex_name(self, t, env, mod):
         return self.lookup(t.children[0], env, mod)
@@ -162,11 +163,11 @@ class Expressions:
     def ex_none(self, t, env, mod):
         return None
 
-    def ex_tuple(self, t, env, mod):
-        return tuple(self.eval(c, env, mod) for c in t.children if c is not None)
+    def ex_tuple(self, t, env, mod, train=False):
+        return tuple(self.eval(c, env, mod, train) for c in t.children if c is not None)
 
-    def ex_list(self, t, env, mod):
-        return [self.eval(c, env, mod) for c in t.children if c is not None]
+    def ex_list(self, t, env, mod, train=False):   # train: e.g. augment = [crop(pad = 4), flip]
+        return [self.eval(c, env, mod, train) for c in t.children if c is not None]
 
     def ex_if_expr(self, t, env, mod, train=False):
         # `train` passes through so a train setting can choose, e.g. bptt = if f { full } else { truncated(...) }
