@@ -233,3 +233,19 @@ def bed_of_nails(ctx: Ctx):
     need_rank(ctx, 0, 4)
     N, C, H, W = ctx.x().shape
     return [((N, C, H * ctx.scale, W * ctx.scale), ctx.x().dtype)]
+
+
+@defop("adaptive_avgpool", ["x"], (Attr("size", "pair", check=positive, doc="output height and width"),),
+       vjp="kernel")
+def adaptive_avgpool(ctx: Ctx):
+    """Average pooling to a fixed output size, whatever the input size (torch's
+    AdaptiveAvgPool2d): output cell i averages input rows floor(i*H/h) to ceil((i+1)*H/h).
+    torchvision's AlexNet (6x6), VGG (7x7) and GoogLeNet's auxiliary heads (4x4) use it."""
+    need_rank(ctx, 0, 4)
+    _float_input(ctx)
+    N, C, H, W = ctx.x().shape
+    h, w = ctx.size
+    if isinstance(H, int) and H < h or isinstance(W, int) and W < w:
+        ctx.fail(f"cannot pool a {H}x{W} input up to {h}x{w}", 0,
+                 hint="adaptive pooling only shrinks; use upsample to enlarge")
+    return [((N, C, h, w), ctx.x().dtype)]

@@ -226,3 +226,25 @@ def smooth_l1(ctx: Ctx):
 def bce(ctx: Ctx):
     """Binary cross-entropy on logits (per-pixel masks, objectness)."""
     return _same_shape(ctx)
+
+
+def _count(v):
+    return None if v >= 0 else "must not be negative"
+
+
+def _pad_vjp(b, n, g):
+    """The gradient of zero-padding is the slice that drops the padding."""
+    x = n.inputs[0]
+    a = n.attrs["axis"] % x.rank
+    index = ((None, None),) * a + ((n.attrs["before"], n.attrs["before"] + x.shape[a]),)
+    return [b.one("slice", [g[0]], {"index": index}, n)], {}
+
+
+@defop("pad", ["x"], (Attr("before", "int", check=_count), Attr("after", "int", check=_count),
+                      Attr("axis", "int", 1)), kind="structural", vjp=_pad_vjp)
+def pad(ctx: Ctx):
+    """Zero-pad one axis (channels by default): `before` zeros in front, `after` behind.
+    The parameter-free "option A" shortcut of CIFAR ResNets pads channels this way."""
+    x = ctx.x()
+    a = _axis(ctx, ctx.axis, x.rank)
+    return [((*x.shape[:a], x.shape[a] + ctx.before + ctx.after, *x.shape[a + 1:]), x.dtype)]
