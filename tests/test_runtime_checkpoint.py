@@ -90,7 +90,7 @@ def test_unreadable_files_are_user_errors(tmp_path):
     with pytest.raises(NetdslError, match="not found"):
         load_checkpoint(tmp_path / "none.npz")
     (tmp_path / "junk.npz").write_bytes(b"garbage")
-    with pytest.raises(NetdslError, match="not a valid .npz"):
+    with pytest.raises(NetdslError, match="not an .npz file"):
         load_checkpoint(tmp_path / "junk.npz")
     np.savez(tmp_path / "plain.npz", a=np.zeros(3))
     with pytest.raises(NetdslError, match="not a netdsl checkpoint"):

@@ -184,6 +184,9 @@ def test_npz(tmp_path):
         make_source("npz", path=str(p))
     with pytest.raises(NetdslError, match="not found"):
         make_source("npz", path=str(tmp_path / "missing.npz"))
+    np.savez(p, x_train=np.array([None]), y_train=np.zeros(1), x_test=np.zeros(1), y_test=np.zeros(1))
+    with pytest.raises(NetdslError, match="Python objects"):
+        make_source("npz", path=str(p))
 
 
 def test_factory_errors():

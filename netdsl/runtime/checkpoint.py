@@ -117,15 +117,7 @@ def load_checkpoint(path: str, *, spec_text: str | None = None, allow_spec_misma
     """Read a checkpoint. With `spec_text`, a checkpoint saved from a different spec is
     an error unless `allow_spec_mismatch` is set."""
     path = os.fspath(path)
-    try:
-        with np.load(path, allow_pickle=False) as z:
-            arrays = {k: z[k] for k in z.files}
-    except FileNotFoundError:
-        raise NetdslError(f"checkpoint {path} not found") from None
-    except IsADirectoryError:
-        raise NetdslError(f"checkpoint {path} is a directory, expected a .npz file") from None
-    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
-        raise NetdslError(f"cannot read checkpoint {path}: not a valid .npz file ({e})") from None
+    arrays = read_npz(path, "checkpoint")
     try:
         meta = json.loads(arrays.pop("__meta__").tobytes().decode("utf-8"))
         if meta.get("format") != FORMAT:
@@ -144,6 +136,25 @@ def load_checkpoint(path: str, *, spec_text: str | None = None, allow_spec_misma
         raise NetdslError(f"checkpoint {path} {why}",
                           hint="edit the spec back, or allow the mismatch to load the weights anyway")
     return ckpt
+
+
+def read_npz(path: str, what: str) -> dict[str, np.ndarray]:
+    """All arrays of an .npz file, read without pickle; any failure is a NetdslError."""
+    if not os.path.exists(path):
+        raise NetdslError(f"{what} {path} not found")
+    if os.path.isdir(path):
+        raise NetdslError(f"{what} {path} is a directory, expected an .npz file")
+    if not zipfile.is_zipfile(path):  # np.load would otherwise suggest unpickling it
+        raise NetdslError(f"{what} {path} is not an .npz file (expected a zip archive of .npy arrays)")
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            return {k: z[k] for k in z.files}
+    except ValueError as e:
+        if "pickle" in str(e):
+            raise NetdslError(f"{what} {path} holds Python objects; only plain numeric arrays are read") from None
+        raise NetdslError(f"cannot read {what} {path}: {e}") from None
+    except (OSError, EOFError, zipfile.BadZipFile) as e:
+        raise NetdslError(f"cannot read {what} {path}: damaged .npz file ({e})") from None
 
 
 def load_weights(params: dict[str, np.ndarray], source: Checkpoint | dict[str, np.ndarray]) -> None:

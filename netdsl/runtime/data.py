@@ -14,6 +14,7 @@ import numpy as np
 
 from ..errors import NetdslError
 from . import construct, lookup
+from .checkpoint import read_npz
 
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"  # Debian's dataset-fashion-mnist
 
@@ -118,8 +119,9 @@ def _find(directory: str, names: list[str], what: str) -> str:
             p = os.path.join(directory, candidate)
             if os.path.isfile(p):
                 return p
-    raise NetdslError(f"{what}: no {names[0]}[.gz] in {directory}",
-                      hint=None if os.path.isdir(directory) else f"directory {directory} does not exist")
+    hint = (None if os.path.isdir(directory) else f"{directory} is a file; give the directory holding it"
+            if os.path.exists(directory) else f"directory {directory} does not exist")
+    raise NetdslError(f"{what}: no {names[0]}[.gz] in {directory}", hint=hint)
 
 
 def load_idx_dir(path: str, name: str = "mnist") -> Dataset:
@@ -213,18 +215,11 @@ NPZ_KEYS = ("x_train", "y_train", "x_test", "y_test")
 
 def load_npz(path: str) -> Dataset:
     """Arrays x_train, y_train, x_test, y_test; images (N, C, H, W) or (N, H, W)."""
-    try:
-        with np.load(path, allow_pickle=False) as z:
-            found = list(z.files)
-            if any(k not in found for k in NPZ_KEYS):
-                raise NetdslError(f"{path}: expected arrays {', '.join(NPZ_KEYS)}; found "
-                                  + (", ".join(found) or "no arrays"))
-            arrays = [z[k] for k in NPZ_KEYS]
-    except FileNotFoundError:
-        raise NetdslError(f"data file {path} not found") from None
-    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
-        raise NetdslError(f"cannot read {path}: not a valid .npz file ({e})") from None
-    xtr, ytr, xte, yte = arrays
+    arrays = read_npz(path, "data file")
+    if any(k not in arrays for k in NPZ_KEYS):
+        raise NetdslError(f"{path}: expected arrays {', '.join(NPZ_KEYS)}; found "
+                          + (", ".join(arrays) or "no arrays"))
+    xtr, ytr, xte, yte = (arrays[k] for k in NPZ_KEYS)
     return _dataset("npz", path, _images(xtr, path), ytr, _images(xte, path), yte)
 
 
@@ -238,6 +233,8 @@ def make_source(name: str, **kwargs) -> Dataset:
     """Load a data source by name: digits(test_size, seed), mnist(path),
     fashion_mnist(path), cifar10(path), npz(path)."""
     if "path" in kwargs:
+        if not isinstance(kwargs["path"], (str, os.PathLike)):
+            raise NetdslError(f"data source '{name}': path must be a string, got {kwargs['path']!r}")
         kwargs["path"] = os.path.expanduser(os.fspath(kwargs["path"]))
     return construct(f"data source '{name}'", lookup("data source", name, _SOURCES), kwargs)
 

@@ -85,6 +85,8 @@ def make_schedule(name: str, warmup_steps: int = 0, warmup_start_factor: float =
     if warmup_steps < 0:
         raise NetdslError(f"warm-up steps must not be negative, got {warmup_steps}")
     if warmup_steps:
+        if not 0 < warmup_start_factor <= 1:
+            raise NetdslError(f"warm-up start factor must be in (0, 1], got {warmup_start_factor}")
         sched = Warmup(sched, int(warmup_steps), float(warmup_start_factor))
     return sched
 
@@ -97,7 +99,8 @@ def clip_grad_norm(grads: dict[str, np.ndarray], max_norm: float) -> float:
     Returns the norm before clipping (inf/nan included, so the caller can skip the
     step), as torch.nn.utils.clip_grad_norm_ does, with the same 1e-6 guard.
     """
-    total = math.sqrt(sum(float(np.dot(g.ravel().astype(np.float64), g.ravel().astype(np.float64)))
+    # float64 accumulation without a float64 copy: exact where a float32 dot drifts ~1e-5.
+    total = math.sqrt(sum(float(np.einsum("i,i->", g.ravel(), g.ravel(), dtype=np.float64))
                           for g in grads.values()))
     coef = min(max_norm / (total + 1e-6), 1.0)
     if coef < 1.0:  # torch multiplies by 1.0 too, which changes nothing

@@ -34,7 +34,7 @@ class ProgressBar:
                  clock=time.monotonic):
         self.total, self.desc, self.width = total, desc, width
         self.stream = stream if stream is not None else sys.stderr
-        self.tty = self.stream.isatty() if is_tty is None else is_tty
+        self.tty = getattr(self.stream, "isatty", lambda: False)() if is_tty is None else is_tty
         self.interval = redraw_s if self.tty else log_every_s
         self.clock = clock
         self.start = self.last_draw = clock()
