@@ -192,3 +192,50 @@ def test_metrics_log_and_plot(tmp_path):
         plot_metrics(tmp_path / "empty.jsonl", png)
     with pytest.raises(NetdslError, match="not found"):
         plot_metrics(tmp_path / "none.jsonl", png)
+
+
+# ---------------------------------------------------------------- resume end to end
+
+def _train(epochs, params, opt, rng, x, y):
+    from netdsl.runtime.data import Loader
+    from netdsl.runtime.optim import clip_grad_norm
+    loader = Loader(x, y, 8, rng=rng, shuffle=True, crop_padding=1, flip=True, mean=[0.5], std=[0.25])
+    for _ in range(epochs):
+        for xb, yb in loader:  # softmax regression, gradients by hand
+            logits = xb.reshape(len(xb), -1) @ params["fc.weight"].T + params["fc.bias"]
+            p = np.exp(logits - logits.max(1, keepdims=True))
+            p /= p.sum(1, keepdims=True)
+            p[np.arange(len(yb)), yb] -= 1
+            grads = {"fc.weight": (p.T @ xb.reshape(len(xb), -1)) / len(xb), "fc.bias": p.mean(0)}
+            clip_grad_norm(grads, 1.0)
+            opt.step(grads)
+
+
+def test_resume_from_checkpoint_is_bit_identical(tmp_path):
+    from netdsl.runtime.optim import make_schedule
+    data_rng = np.random.default_rng(0)
+    x, y = data_rng.random((30, 1, 4, 4), dtype=np.float32), data_rng.integers(0, 3, 30)
+
+    def fresh():
+        params = {"fc.weight": np.zeros((3, 16), np.float32), "fc.bias": np.zeros(3, np.float32)}
+        opt = make_optimizer("sgd", params, lr=0.1, momentum=0.9, nesterov=True, weight_decay=1e-3,
+                             schedule=make_schedule("cosine", t_max=12, warmup_steps=3))
+        return params, opt
+
+    straight, opt = fresh()
+    _train(3, straight, opt, np.random.default_rng(7), x, y)
+
+    params, opt = fresh()
+    rng = np.random.default_rng(7)
+    _train(1, params, opt, rng, x, y)
+    save_checkpoint(tmp_path / "c.npz", params, opt.state_dict(), step=opt.steps, epoch=1, rng=rng, spec_text=SPEC)
+    del params, opt, rng
+    c = load_checkpoint(tmp_path / "c.npz", spec_text=SPEC)
+    params, opt = fresh()
+    load_weights(params, c)
+    opt.load_state_dict(c.opt_state)
+    _train(2, params, opt, c.make_rng(), x, y)
+    assert opt.steps == 12
+    for k in straight:
+        assert params[k].tobytes() == straight[k].tobytes(), k
+    assert not np.array_equal(straight["fc.weight"], 0)

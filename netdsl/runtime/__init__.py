@@ -1,6 +1,21 @@
 """Training runtime: data sources, optimisers, checkpoints and progress output.
 
 Everything here is plain numpy; anything a user can get wrong raises NetdslError.
+
+A training loop uses it like this (tests/test_runtime_checkpoint.py runs it and
+checks that resuming gives bit-identical weights):
+
+    ds = make_source("digits")                      # or "fashion_mnist", path=...
+    rng = np.random.default_rng(seed)
+    mean, std = channel_stats(ds.x_train)
+    train = Loader(ds.x_train, ds.y_train, 64, rng=rng, shuffle=True, mean=mean, std=std,
+                   crop_padding=0, flip=False)
+    opt = make_optimizer("sgd", params, lr=0.1, momentum=0.9,
+                         schedule=make_schedule("cosine", t_max=epochs * len(train), warmup_steps=100))
+    for xb, yb in train:  ...; clip_grad_norm(grads, 5.0); opt.step(grads)
+    save_checkpoint(path, params, opt.state_dict(), step=opt.steps, epoch=e, rng=rng, spec_text=src)
+    # resume: c = load_checkpoint(path, spec_text=src); load_weights(params, c);
+    #         opt.load_state_dict(c.opt_state); rng = c.make_rng()  (checkpoint at epoch ends)
 """
 from __future__ import annotations
 
