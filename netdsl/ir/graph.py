@@ -21,6 +21,7 @@ class Value:
     index: int = 0
     name: str = ""            # user-visible name where there is one (input, assigned variable)
     pos: Pos | None = None    # where it was produced
+    param: str | None = None  # set when this value is a parameter, by its path name
 
     @property
     def rank(self) -> int:
@@ -38,6 +39,14 @@ class Param:
     init: str                 # initialiser name, see the op's registry entry
     node: "Node | None" = None
     role: str = "weight"      # weight | bias | scale | shift | buffer (buffers are not trained)
+    _value: "Value | None" = None
+
+    @property
+    def value(self) -> Value:
+        """The parameter as a graph value, so backward nodes can take it as an input."""
+        if self._value is None:
+            self._value = Value(self.shape, self.dtype, name=self.name, param=self.name)
+        return self._value
 
 
 @dataclass(eq=False)
@@ -61,6 +70,7 @@ class Node:
     params: dict[str, Param] = field(default_factory=dict)   # role name -> Param
     macs: Dim = 0
     body: "Graph | None" = None   # for scan: the step graph
+    fwd: "Node | None" = None     # for backward nodes: the forward node they differentiate
 
     def __repr__(self):
         return f"Node({self.op} {self.path})"

@@ -8,11 +8,13 @@ target. Binary operators broadcast like numpy.
 """
 from __future__ import annotations
 
+import ast
+
 from .registry import Attr, Ctx, OpDef, register
 
 # name: (arity, expr, grads, attrs)
 SCALAR = {
-    "relu":       (1, "max(a, 0)", ("g * (a > 0)",), ()),
+    "relu":       (1, "max(a, 0)", ("g * (y > 0)",), ()),
     "leaky_relu": (1, "a if a > 0 else slope * a", ("g if a > 0 else g * slope",),
                    (Attr("slope", "float", 0.01),)),
     "sigmoid":    (1, "1 / (1 + exp(-a))", ("g * y * (1 - y)",), ()),
@@ -59,11 +61,42 @@ def _unary(ctx: Ctx):
     return [(ctx.x().shape, ctx.x().dtype)]
 
 
+def names_in(expr: str) -> set[str]:
+    return {n.id for n in ast.walk(ast.parse(expr, mode="eval")) if isinstance(n, ast.Name)}
+
+
+def _vjp(b, node, gys):
+    """Each input's gradient is the op's scalar derivative applied elementwise (an
+    `ew_grad` node, fused with its neighbours later), summed back over broadcast axes."""
+    g = gys[0]
+    grads = []
+    for i, x in enumerate(node.inputs):
+        if not b.needs(x):
+            grads.append(None)
+            continue
+        expr = SCALAR[node.op][2][i]
+        if expr == "g":
+            gi = g
+        else:   # pass only what the derivative reads, so nothing else is kept alive for it
+            named = dict(zip(("a", "b"), node.inputs), y=node.outputs[0])
+            uses = [k for k in ("a", "b", "y") if k in names_in(expr)]
+            gi = b.one("ew_grad", [g, *(named[k] for k in uses)],
+                       dict(node.attrs, of=node.op, wrt=i, uses=tuple(uses)), node)
+        grads.append(b.sum_to(gi, x, node))
+    return grads, {}
+
+
 for _name, (_arity, _expr, _grads, _attrs) in SCALAR.items():
     register(OpDef(
         name=_name, inputs=("a", "b")[:_arity], attrs=_attrs,
-        infer=_unary if _arity == 1 else broadcast, kind="elementwise",
+        infer=_unary if _arity == 1 else broadcast, kind="elementwise", vjp=_vjp,
         doc=f"elementwise: y = {_expr}"))
+
+register(OpDef(
+    name="ew_grad", inputs=("g", "*xs"), attrs=(), kind="elementwise", differentiable=False,
+    infer=lambda ctx: [(ctx.inputs[0].shape, ctx.inputs[0].dtype)],
+    doc="gradient of an elementwise operator with respect to input `wrt`: "
+        "the `grads` expression of SCALAR[of] evaluated on (g, inputs, output)"))
 
 # elementwise operators the language spells with symbols
 BINARY_SYMBOLS = {"+": "add", "-": "sub", "*": "mul", "/": "div"}

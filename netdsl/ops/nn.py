@@ -51,7 +51,7 @@ def _conv_macs(ctx: Ctx):
     return product(ctx.outputs[0].shape) * (cin // ctx.groups) * ctx.k[0] * ctx.k[1]
 
 
-@defop("conv", ["x"], CONV_ATTRS, params=_conv_params, macs=_conv_macs)
+@defop("conv", ["x"], CONV_ATTRS, params=_conv_params, macs=_conv_macs, vjp="kernel")
 def conv(ctx: Ctx):
     """2-D convolution over [N, C, H, W], with stride, padding, dilation and groups."""
     need_rank(ctx, 0, 4)
@@ -72,7 +72,7 @@ def _convt_params(ctx: Ctx):
 
 @defop("conv_transpose", ["x"], CONV_ATTRS + (Attr("output_padding", "pair", 0, check=nonneg),),
        params=_convt_params,
-       macs=lambda ctx: product(ctx.x().shape) * (ctx.c // ctx.groups) * ctx.k[0] * ctx.k[1])
+       macs=lambda ctx: product(ctx.x().shape) * (ctx.c // ctx.groups) * ctx.k[0] * ctx.k[1], vjp="kernel")
 def conv_transpose(ctx: Ctx):
     """Transpose convolution (learnable upsampling): the adjoint of conv."""
     need_rank(ctx, 0, 4)
@@ -95,7 +95,7 @@ def _linear_params(ctx: Ctx):
 
 
 @defop("linear", ["x"], (Attr("out", "int", check=positive), Attr("bias", "bool", True)),
-       params=_linear_params, macs=lambda ctx: product(ctx.x().shape) * ctx.out)
+       params=_linear_params, macs=lambda ctx: product(ctx.x().shape) * ctx.out, vjp="kernel")
 def linear(ctx: Ctx):
     """Fully connected layer over the last axis: [..., K] -> [..., out]."""
     _float_input(ctx)
@@ -122,7 +122,7 @@ def _bn_params(ctx: Ctx):
                      Attr("momentum", "float", 0.1, check=prob),
                      Attr("affine", "bool", True),
                      Attr("zero_init", "bool", False, doc="start the scale at 0 (last norm of a residual block)")),
-       params=_bn_params)
+       params=_bn_params, vjp="kernel")
 def bn(ctx: Ctx):
     """Batch normalisation over axis 1 of [N, C] or [N, C, H, W]."""
     need_rank(ctx, 0, 2, 3, 4)
@@ -133,7 +133,7 @@ def bn(ctx: Ctx):
 
 
 @defop("lrn", ["x"], (Attr("size", "int", 5, check=positive), Attr("alpha", "float", 1e-4),
-                      Attr("beta", "float", 0.75), Attr("k", "float", 2.0)))
+                      Attr("beta", "float", 0.75), Attr("k", "float", 2.0)), vjp="kernel")
 def lrn(ctx: Ctx):
     """Local response normalisation across channels (AlexNet's NORM layers)."""
     need_rank(ctx, 0, 4)
@@ -141,7 +141,7 @@ def lrn(ctx: Ctx):
     return [(ctx.x().shape, ctx.x().dtype)]
 
 
-@defop("dropout", ["x"], (Attr("p", "float", 0.5, check=prob),))
+@defop("dropout", ["x"], (Attr("p", "float", 0.5, check=prob),), vjp="kernel")
 def dropout(ctx: Ctx):
     """Inverted dropout in training, identity at inference."""
     _float_input(ctx)
@@ -173,20 +173,20 @@ def _pool(ctx: Ctx):
 
 @defop("maxpool", ["x"], POOL_ATTRS + (Attr("switches", "bool", False,
                                              doc="also return argmax positions for max_unpool"),),
-       outputs=("y", "switches"))
+       outputs=("y", "switches"), vjp="kernel")
 def maxpool(ctx: Ctx):
     """Max pooling; with switches=true also returns where each maximum came from."""
     shape, dt = _pool(ctx)
     return [(shape, dt), (shape, "i64")] if ctx.switches else [(shape, dt)]
 
 
-@defop("avgpool", ["x"], POOL_ATTRS)
+@defop("avgpool", ["x"], POOL_ATTRS, vjp="kernel")
 def avgpool(ctx: Ctx):
     """Average pooling (padding counted, as torch's default)."""
     return [_pool(ctx)]
 
 
-@defop("global_avgpool", ["x"])
+@defop("global_avgpool", ["x"], vjp="kernel")
 def global_avgpool(ctx: Ctx):
     """Average over all positions: [N, C, H, W] -> [N, C, 1, 1]."""
     need_rank(ctx, 0, 4)
@@ -194,7 +194,7 @@ def global_avgpool(ctx: Ctx):
     return [((N, C, 1, 1), ctx.x().dtype)]
 
 
-@defop("global_maxpool", ["x"])
+@defop("global_maxpool", ["x"], vjp="kernel")
 def global_maxpool(ctx: Ctx):
     """Maximum over all positions: [N, C, H, W] -> [N, C, 1, 1]."""
     need_rank(ctx, 0, 4)
@@ -202,7 +202,7 @@ def global_maxpool(ctx: Ctx):
     return [((N, C, 1, 1), ctx.x().dtype)]
 
 
-@defop("max_unpool", ["x", "switches"], POOL_ATTRS)
+@defop("max_unpool", ["x", "switches"], POOL_ATTRS, vjp="kernel", grad_wrt=(0,))
 def max_unpool(ctx: Ctx):
     """Max unpooling: put each value back where its pooling layer found the maximum."""
     need_rank(ctx, 0, 4)
@@ -219,7 +219,7 @@ def max_unpool(ctx: Ctx):
 
 
 @defop("upsample", ["x"], (Attr("scale", "int", 2, check=positive),
-                           Attr("mode", "str", "nearest", choices=("nearest", "bilinear"))))
+                           Attr("mode", "str", "nearest", choices=("nearest", "bilinear"))), vjp="kernel")
 def upsample(ctx: Ctx):
     """Unpooling by repetition ("nearest", bed of nails' smooth cousin) or bilinear interpolation."""
     need_rank(ctx, 0, 4)
@@ -227,7 +227,7 @@ def upsample(ctx: Ctx):
     return [((N, C, H * ctx.scale, W * ctx.scale), ctx.x().dtype)]
 
 
-@defop("bed_of_nails", ["x"], (Attr("scale", "int", 2, check=positive),))
+@defop("bed_of_nails", ["x"], (Attr("scale", "int", 2, check=positive),), vjp="kernel")
 def bed_of_nails(ctx: Ctx):
     """Unpooling that puts each value in the top-left corner of its block, zeros elsewhere."""
     need_rank(ctx, 0, 4)

@@ -39,7 +39,11 @@ class OpDef:
     optional_inputs: int = 0         # trailing inputs that may be omitted
     outputs: tuple[str, ...] = ("y",)
     doc: str = ""
-    vjp: Callable | None = None      # filled in by the autodiff issue
+    # Gradient: "kernel" means a dedicated `<name>_grad` operator computes every input and
+    # parameter gradient at once; a callable writes the gradient as IR from other
+    # operators: vjp(builder, node, output_grads) -> (input_grads, {param role: grad}).
+    vjp: Callable | str | None = None
+    grad_wrt: tuple[int, ...] | None = None   # inputs that get gradients (None: every float input)
 
     @property
     def variadic(self) -> bool:
@@ -53,7 +57,16 @@ def register(op: OpDef) -> OpDef:
     if op.name in OPS:
         raise RuntimeError(f"operator {op.name} registered twice")
     OPS[op.name] = op
+    if op.vjp == "kernel":
+        # its gradient operator: inputs are the output gradients, the forward inputs and
+        # the trainable parameters; outputs are shaped like the ones in attrs["like"]
+        register(OpDef(f"{op.name}_grad", ("*ins",), (), _like_inputs, kind="grad",
+                       differentiable=False, doc=f"gradient of {op.name}"))
     return op
+
+
+def _like_inputs(ctx: "Ctx"):
+    return [(ctx.inputs[i].shape, ctx.inputs[i].dtype) for i in ctx.attrs["like"]]
 
 
 def defop(name, inputs, attrs=(), **kw):

@@ -12,7 +12,7 @@ def _axis(ctx: Ctx, axis: int, rank: int, i: int = 0) -> int:
     return a
 
 
-@defop("flatten", ["x"], (Attr("start", "int", 1),), kind="structural")
+@defop("flatten", ["x"], (Attr("start", "int", 1),), kind="structural", vjp=lambda b, n, g: _reshape_back(b, n, g))
 def flatten(ctx: Ctx):
     """Merge every axis from `start` on into one: [N, C, H, W] -> [N, C*H*W]."""
     x = ctx.x()
@@ -20,7 +20,7 @@ def flatten(ctx: Ctx):
     return [((*x.shape[:a], product(x.shape[a:])), x.dtype)]
 
 
-@defop("reshape", ["x"], (Attr("shape", "dims"),), kind="structural")
+@defop("reshape", ["x"], (Attr("shape", "dims"),), kind="structural", vjp=lambda b, n, g: _reshape_back(b, n, g))
 def reshape(ctx: Ctx):
     """Reshape; one entry may be -1 and is then inferred."""
     x = ctx.x()
@@ -41,7 +41,8 @@ def reshape(ctx: Ctx):
     return [(tuple(shape), x.dtype)]
 
 
-@defop("transpose", ["x"], (Attr("perm", "ints"),), kind="structural")
+@defop("transpose", ["x"], (Attr("perm", "ints"),), kind="structural",
+       vjp=lambda b, n, g: ([b.one("transpose", [g[0]], {"perm": tuple(sorted(range(len(n.attrs["perm"])), key=lambda i: n.attrs["perm"][i]))}, n)], {}))
 def transpose(ctx: Ctx):
     """Permute axes: perm[i] is the input axis that becomes output axis i."""
     x = ctx.x()
@@ -50,7 +51,7 @@ def transpose(ctx: Ctx):
     return [(tuple(x.shape[p] for p in ctx.perm), x.dtype)]
 
 
-@defop("concat", ["*xs"], (Attr("axis", "int", 1),), kind="structural")
+@defop("concat", ["*xs"], (Attr("axis", "int", 1),), kind="structural", vjp=lambda b, n, g: _concat_vjp(b, n, g))
 def concat(ctx: Ctx):
     """Join tensors along an axis (inception's branch merge; [h; x] in an LSTM)."""
     first = ctx.inputs[0]
@@ -69,7 +70,7 @@ def concat(ctx: Ctx):
 
 
 @defop("split", ["x"], (Attr("parts", "ints", check=positive), Attr("axis", "int", 1)),
-       kind="structural", outputs=("*parts",))
+       kind="structural", outputs=("*parts",), vjp=lambda b, n, g: _split_vjp(b, n, g))
 def split(ctx: Ctx):
     """Split into n equal parts (parts=n) or parts of given sizes (parts=[a, b, ...])."""
     x = ctx.x()
@@ -88,7 +89,8 @@ def split(ctx: Ctx):
     return [((*x.shape[:a], s, *x.shape[a + 1:]), x.dtype) for s in sizes]
 
 
-@defop("slice", ["x"], (Attr("index", "any"),), kind="structural")
+@defop("slice", ["x"], (Attr("index", "any"),), kind="structural",
+       vjp=lambda b, n, g: ([b.one("slice_grad", [g[0]], {"index": n.attrs["index"], "shape": n.inputs[0].shape}, n)], {}))
 def slice_(ctx: Ctx):
     """x[i], x[a:b], x[:, -1]...: each entry an integer (drops the axis) or a (start, stop) range."""
     x = ctx.x()
@@ -117,21 +119,21 @@ def slice_(ctx: Ctx):
     return [(tuple(out), x.dtype)]
 
 
-@defop("softmax", ["x"], (Attr("axis", "int", -1),), kind="layer")
+@defop("softmax", ["x"], (Attr("axis", "int", -1),), kind="layer", vjp="kernel")
 def softmax(ctx: Ctx):
     """Softmax along an axis."""
     _axis(ctx, ctx.axis, ctx.x().rank)
     return [(ctx.x().shape, ctx.x().dtype)]
 
 
-@defop("log_softmax", ["x"], (Attr("axis", "int", -1),), kind="layer")
+@defop("log_softmax", ["x"], (Attr("axis", "int", -1),), kind="layer", vjp="kernel")
 def log_softmax(ctx: Ctx):
     """Log of the softmax, computed stably."""
     _axis(ctx, ctx.axis, ctx.x().rank)
     return [(ctx.x().shape, ctx.x().dtype)]
 
 
-@defop("sum", ["x"], (Attr("axis", "int", -1),), kind="layer")
+@defop("sum", ["x"], (Attr("axis", "int", -1),), kind="layer", vjp="kernel")
 def sum_(ctx: Ctx):
     """Sum over one axis (removes it)."""
     x = ctx.x()
@@ -139,7 +141,7 @@ def sum_(ctx: Ctx):
     return [((*x.shape[:a], *x.shape[a + 1:]), x.dtype)]
 
 
-@defop("mean", ["x"], (Attr("axis", "int", -1),), kind="layer")
+@defop("mean", ["x"], (Attr("axis", "int", -1),), kind="layer", vjp="kernel")
 def mean(ctx: Ctx):
     """Mean over one axis (removes it)."""
     x = ctx.x()
@@ -153,6 +155,43 @@ def detach(ctx: Ctx):
     return [(ctx.x().shape, ctx.x().dtype)]
 
 
+def _reshape_back(b, n, g):
+    return [b.one("reshape", [g[0]], {"shape": tuple(n.inputs[0].shape)}, n)], {}
+
+
+def _concat_vjp(b, n, g):
+    if len(n.inputs) == 1:
+        return [g[0]], {}
+    axis = n.attrs["axis"] % n.inputs[0].rank
+    parts = b.emit("split", [g[0]], {"parts": tuple(v.shape[axis] for v in n.inputs), "axis": axis}, n)
+    return list(parts), {}
+
+
+def _split_vjp(b, n, g):
+    g = [gi if gi is not None else b.one("zeros", [], {"shape": v.shape, "dtype": v.dtype}, n)
+         for gi, v in zip(g, n.outputs)]
+    return [b.one("concat", g, {"axis": n.attrs["axis"]}, n) if len(g) > 1 else g[0]], {}
+
+
+@defop("slice_grad", ["g"], (Attr("index", "any"), Attr("shape", "dims")), kind="grad", differentiable=False)
+def slice_grad(ctx: Ctx):
+    """Gradient of slice: g placed into zeros of the input's shape."""
+    return [(tuple(ctx.shape), ctx.x().dtype)]
+
+
+@defop("sum_to", ["g"], (Attr("shape", "dims"),), kind="grad", differentiable=False)
+def sum_to(ctx: Ctx):
+    """Sum a gradient over the axes its forward operand was broadcast along."""
+    return [(tuple(ctx.shape), ctx.x().dtype)]
+
+
+@defop("fill", [], (Attr("shape", "dims"), Attr("value", "float"), Attr("dtype", "str", "f32")),
+       kind="structural", differentiable=False)
+def fill(ctx: Ctx):
+    """A tensor filled with one value (the seed of a loss's gradient is its weight)."""
+    return [(tuple(ctx.shape), ctx.dtype)]
+
+
 @defop("zeros", [], (Attr("shape", "dims"), Attr("dtype", "str", "f32", choices=("f32", "f64", "i64"))),
        kind="structural", differentiable=False)
 def zeros(ctx: Ctx):
@@ -161,7 +200,7 @@ def zeros(ctx: Ctx):
 
 
 @defop("embedding", ["ids"], (Attr("vocab", "int", check=positive), Attr("dim", "int", check=positive)),
-       params=lambda ctx: {"weight": ((ctx.vocab, ctx.dim), "normal1", "weight")})
+       params=lambda ctx: {"weight": ((ctx.vocab, ctx.dim), "normal1", "weight")}, vjp="kernel")
 def embedding(ctx: Ctx):
     """Look up a learned vector per integer id: [...] -> [..., dim]."""
     if ctx.x().dtype != "i64":
@@ -193,7 +232,8 @@ def _same_shape(ctx: Ctx):
     return _scalar(ctx)
 
 
-@defop("cross_entropy", ["logits", "labels"], (Attr("ignore_index", "int", -1),), kind="loss")
+@defop("cross_entropy", ["logits", "labels"], (Attr("ignore_index", "int", -1),), kind="loss",
+       vjp="kernel", grad_wrt=(0,))
 def cross_entropy(ctx: Ctx):
     """Softmax cross-entropy. logits [N, C] with labels [N]; [N, C, H, W] with [N, H, W]
     (per pixel); [N, T, C] with [N, T] (per step). Labels equal to ignore_index are skipped."""
@@ -210,19 +250,20 @@ def cross_entropy(ctx: Ctx):
     return _scalar(ctx)
 
 
-@defop("l2", ["pred", "target", "weight"], kind="loss", optional_inputs=1)
+@defop("l2", ["pred", "target", "weight"], kind="loss", optional_inputs=1, vjp="kernel", grad_wrt=(0,))
 def l2(ctx: Ctx):
     """Mean squared error (the notes' L2 loss), optionally weighted per element or per row."""
     return _same_shape(ctx)
 
 
-@defop("smooth_l1", ["pred", "target", "weight"], (Attr("beta", "float", 1.0),), kind="loss", optional_inputs=1)
+@defop("smooth_l1", ["pred", "target", "weight"], (Attr("beta", "float", 1.0),), kind="loss", optional_inputs=1,
+       vjp="kernel", grad_wrt=(0,))
 def smooth_l1(ctx: Ctx):
     """Huber-style box regression loss of Fast R-CNN, optionally weighted (only positives count)."""
     return _same_shape(ctx)
 
 
-@defop("bce", ["logits", "target", "weight"], kind="loss", optional_inputs=1)
+@defop("bce", ["logits", "target", "weight"], kind="loss", optional_inputs=1, vjp="kernel", grad_wrt=(0,))
 def bce(ctx: Ctx):
     """Binary cross-entropy on logits (per-pixel masks, objectness)."""
     return _same_shape(ctx)

@@ -1,0 +1,142 @@
+"""The planner: schedule, elementwise fusion, liveness and in-place reuse.
+
+The plan is target-neutral: it says which nodes run as one fused elementwise kernel,
+when each intermediate can be released, and which outputs may overwrite an input
+that dies at the same step. Backends bind kernels to the steps.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from .ir.dims import product, subs
+from .ir.graph import Node, Value
+from .ops import OPS
+
+BYTES = {"f16": 2, "f32": 4, "f64": 8, "i32": 4, "i64": 8, "bool": 1}
+
+
+@dataclass(eq=False)
+class Step:
+    nodes: list[Node]                  # one node, or a fused elementwise group in order
+    inputs: list[Value]                # values read from outside the step
+    outputs: list[Value]               # values the step must materialise
+    inplace: dict = field(default_factory=dict)   # output index -> input index it overwrites
+
+    @property
+    def fused(self) -> bool:
+        return len(self.nodes) > 1 or is_elementwise(self.nodes[0])
+
+    @property
+    def name(self) -> str:
+        return "+".join(n.op if n.op != "ew_grad" else f"{n.attrs['of']}'{n.attrs['wrt']}" for n in self.nodes)
+
+
+@dataclass
+class Plan:
+    steps: list[Step]
+    free_after: list[list[Value]]      # values released after each step
+    peak_naive: int                    # bytes if every intermediate were kept
+    peak_planned: int                  # bytes with liveness-based release and in-place reuse
+    dims: dict
+
+
+def is_elementwise(n: Node) -> bool:
+    return OPS[n.op].kind == "elementwise" and all(v.dtype in ("f32", "f64") for v in n.outputs)
+
+
+def nbytes(v: Value, dims: dict) -> int:
+    return int(subs(product(v.shape), dims)) * BYTES.get(v.dtype, 4)
+
+
+def _fusable_edge(v: Value, consumer: Node, users: dict, keep: set) -> bool:
+    """Fold v's producer into consumer's kernel: v is used only there and never kept."""
+    p = v.producer
+    return (p is not None and is_elementwise(p) and is_elementwise(consumer)
+            and id(v) not in keep and len(users.get(id(v), ())) == 1
+            and tuple(v.shape) == tuple(consumer.outputs[0].shape))
+
+
+def plan(nodes: list[Node], keep: list[Value], dims: dict, fuse: bool = True) -> Plan:
+    keep_ids = {id(v) for v in keep}
+    users: dict[int, list[Node]] = {}
+    for n in nodes:
+        for v in n.inputs:
+            if v is not None:
+                users.setdefault(id(v), []).append(n)
+    # fusion groups: follow single-use edges from elementwise producers into consumers
+    group_of: dict[int, list[Node]] = {}
+    for n in nodes:
+        g = [n]
+        for v in (n.inputs if fuse else []):
+            if v is not None and id(v.producer) in group_of and _fusable_edge(v, n, users, keep_ids):
+                pg = group_of[id(v.producer)]
+                if pg is not g:
+                    g = pg + [m for m in g if m not in pg]
+        for m in g:
+            group_of[id(m)] = g
+    steps, seen = [], set()
+    for n in nodes:
+        g = group_of[id(n)]
+        if g[-1] is not n or id(g[-1]) in seen:
+            continue   # a group runs where its last node was
+        seen.add(id(n))
+        made = {id(v) for m in g for v in m.outputs}
+        ins, outs = [], []
+        for m in g:
+            for v in m.inputs:
+                if v is not None and id(v) not in made and all(v is not u for u in ins):
+                    ins.append(v)
+            for v in m.outputs:
+                if id(v) in keep_ids or any(u not in g for u in users.get(id(v), [])):
+                    outs.append(v)
+        steps.append(Step(list(g), ins, outs))
+    return _liveness(steps, keep_ids, dims)
+
+
+def _liveness(steps: list[Step], keep_ids: set, dims: dict) -> Plan:
+    last: dict[int, int] = {}
+    vals: dict[int, Value] = {}
+    for i, s in enumerate(steps):
+        for v in s.inputs:
+            last[id(v)] = i
+            vals[id(v)] = v
+        for v in s.outputs:
+            last.setdefault(id(v), i)
+            vals[id(v)] = v
+    free = [[] for _ in steps]
+    for vid, i in last.items():
+        v = vals[vid]
+        if vid not in keep_ids and v.producer is not None and v.param is None:
+            free[i].append(v)
+    live = peak = naive = 0
+    for i, s in enumerate(steps):
+        dying = {id(v) for v in free[i]}
+        for j, v in enumerate(s.outputs):
+            # an elementwise step may write into an input that dies here (same shape and dtype)
+            if s.fused:
+                for k, u in enumerate(s.inputs):
+                    if (id(u) in dying and tuple(u.shape) == tuple(v.shape) and u.dtype == v.dtype
+                            and k not in s.inplace.values()):
+                        s.inplace[j] = k
+                        break
+            naive += nbytes(v, dims)
+            if j not in s.inplace:
+                live += nbytes(v, dims)
+        peak = max(peak, live)
+        reused = {id(s.inputs[k]) for k in s.inplace.values()}
+        live -= sum(nbytes(v, dims) for v in free[i] if id(v) not in reused)
+    return Plan(steps, free, naive, peak, dims)
+
+
+def explain(p: Plan) -> str:
+    lines = []
+    fused = [s for s in p.steps if len(s.nodes) > 1]
+    lines.append(f"steps        {len(p.steps)} ({sum(len(s.nodes) for s in p.steps)} nodes)")
+    lines.append(f"fused        {len(fused)} elementwise groups of 2+ nodes")
+    for s in fused:
+        lines.append(f"  {s.nodes[-1].path}: {s.name}")
+    inpl = [s for s in p.steps if s.inplace]
+    lines.append(f"in place     {len(inpl)} steps write into a dying input")
+    lines.append(f"peak memory  {p.peak_naive / 2**20:.1f} MiB with every intermediate kept; "
+                 f"{p.peak_planned / 2**20:.1f} MiB planned")
+    return "\n".join(lines)

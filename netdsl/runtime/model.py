@@ -1,0 +1,154 @@
+"""A compiled network with its parameters: inference and training steps on the CPU."""
+from __future__ import annotations
+
+import numpy as np
+
+from .. import autodiff
+from ..errors import NetdslError, Note
+from ..ir.dims import Sym, fmt_shape
+from ..ir.graph import Graph, Value
+from .cpu import DTYPES
+from .executor import Program, RunState
+from .init import init_params
+
+
+class Model:
+    def __init__(self, graph: Graph, params: dict | None = None, seed: int = 0, fuse: bool = True):
+        self.g = graph
+        self.params = params if params is not None else init_params(graph, seed)
+        self.seed, self.fuse = seed, fuse
+        self._tg = None
+        self._programs: dict = {}
+        self.step = 0
+
+    @property
+    def training_graph(self) -> autodiff.TrainingGraph:
+        if self._tg is None:
+            self._tg = autodiff.build(self.g)
+        return self._tg
+
+    def trainable(self) -> dict[str, np.ndarray]:
+        return {n: a for n, a in self.params.items() if self.g.params[n].role != "buffer"}
+
+    # ---- feeding data
+
+    def bind(self, feeds: dict[str, np.ndarray]) -> tuple[dict, dict]:
+        """Check arrays against the declared inputs; returns (dims, feeds by value id)."""
+        dims: dict[str, int] = {}
+        out = {}
+        for name, arr in feeds.items():
+            if name not in self.g.inputs:
+                raise NetdslError(f"the network has no input '{name}'", self.g.pos,
+                                  hint="inputs: " + ", ".join(self.g.inputs))
+            v = self.g.inputs[name]
+            want = DTYPES[v.dtype]
+            arr = np.asarray(arr)
+            if arr.ndim != v.rank or not _fits(v, arr.shape, dims):
+                raise NetdslError(f"input '{name}' is declared {v.dtype}{fmt_shape(v.shape)} but the data "
+                                  f"has shape {list(arr.shape)}", v.pos)
+            if arr.dtype != want:
+                if np.issubdtype(want, np.integer) != np.issubdtype(arr.dtype, np.integer):
+                    raise NetdslError(f"input '{name}' is declared {v.dtype} but the data is {arr.dtype}", v.pos)
+                arr = arr.astype(want)
+            out[id(v)] = np.ascontiguousarray(arr)
+        return dims, out
+
+    # ---- programs
+
+    def _program(self, train: bool, dims: dict, want: tuple) -> Program:
+        key = (train, tuple(sorted(dims.items())), want)
+        if key not in self._programs:
+            if train:
+                tg = self.training_graph
+                keep = list(self.g.outputs.values()) + [l.value for l in self.g.losses] + list(tg.grads.values())
+                nodes = tg.nodes
+            else:
+                keep = [self.g.outputs[n] for n in want if n in self.g.outputs] + \
+                       [l.value for l in self.g.losses if l.name in want]
+                nodes = _needed(self.g, keep)
+            self._programs[key] = Program(nodes, keep, dims, self.fuse)
+        return self._programs[key]
+
+    def infer(self, feeds: dict, want=None) -> dict[str, np.ndarray]:
+        """Outputs (and all-phase losses whose inputs are fed) in inference mode."""
+        dims, fv = self.bind(feeds)
+        if want is None:
+            fed = set(fv)
+            want = list(self.g.outputs) + [l.name for l in self.g.losses
+                                           if l.phase == "all" and _inputs_of(self.g, l.value) <= fed]
+        prog = self._program(False, dims, tuple(want))
+        env = prog.run(RunState(self.params, dims, False, self.seed), fv)
+        named = {**self.g.outputs, **{l.name: l.value for l in self.g.losses}}
+        return {n: env[id(named[n])] for n in want}
+
+    def train_step(self, feeds: dict):
+        """Forward and backward; returns (total loss, {loss name: value}, outputs, grads)."""
+        dims, fv = self.bind(feeds)
+        missing = [n for n, v in self.g.inputs.items() if id(v) not in fv]
+        if missing:
+            raise NetdslError(f"training needs data for every input; missing: {', '.join(missing)}", self.g.pos)
+        prog = self._program(True, dims, ())
+        st = RunState(self.params, dims, True, self.seed)
+        st.step = self.step
+        env = prog.run(st, fv)
+        losses = {l.name: float(env[id(l.value)]) for l in self.g.losses}
+        total = sum(l.weight * losses[l.name] for l in self.g.losses)
+        grads = {n: env[id(v)] for n, v in self.training_graph.grads.items()}
+        if not np.isfinite(total) or not all(np.isfinite(g).all() for g in grads.values()):
+            self._blame(prog, st, fv)
+        self.step += 1
+        outputs = {n: env[id(v)] for n, v in self.g.outputs.items() if id(v) in env}
+        return total, losses, outputs, grads
+
+    def _blame(self, prog: Program, st: RunState, fv):
+        """Re-run the step checking every value, and name the first non-finite producer."""
+        st.saved.clear()
+        bad = prog.first_nonfinite(st, fv)
+        if bad is None:
+            raise NetdslError("the loss or a gradient is not finite", self.g.pos)
+        n = bad
+        raise NetdslError(f"non-finite values (NaN or inf) first produced by {n.op} at {n.path}"
+                          + (" (in the backward pass)" if n.fwd is not None else ""),
+                          n.pos, hint="lower the learning rate, add gradient clipping (clip = 1.0), "
+                          "or check the data for NaNs")
+
+
+def _fits(v: Value, shape, dims) -> bool:
+    for d, n in zip(v.shape, shape):
+        if isinstance(d, Sym):
+            if len(d.terms) == 1 and list(d.terms.items())[0][1] == 1 and len(list(d.terms)[0]) == 1:
+                name = list(d.terms)[0][0]
+                if dims.setdefault(name, n) != n:
+                    return False
+                continue
+            return False
+        if d != n:
+            return False
+    return True
+
+
+def _inputs_of(g: Graph, v: Value) -> set[int]:
+    seen, stack, out = set(), [v], set()
+    ids = {id(x) for x in g.inputs.values()}
+    while stack:
+        x = stack.pop()
+        if id(x) in seen:
+            continue
+        seen.add(id(x))
+        if id(x) in ids:
+            out.add(id(x))
+        if x.producer is not None:
+            stack.extend(i for i in x.producer.inputs if i is not None)
+    return out
+
+
+def _needed(g: Graph, keep: list[Value]):
+    need, stack = set(), list(keep)
+    while stack:
+        v = stack.pop()
+        n = v.producer
+        if n is None or id(n) in need:
+            continue
+        need.add(id(n))
+        stack.extend(i for i in n.inputs if i is not None)
+    return [n for n in g.nodes if id(n) in need]
