@@ -261,6 +261,7 @@ def test_carry_that_changes_shape_points_at_the_carry(tmp_path):
     assert "carry 'h' must keep its shape" in e.value.message
     assert "[N, 8]" in e.value.message and "[N, 16]" in e.value.message
     assert (e.value.pos.file.endswith("t.net"), e.value.pos.line) == (True, 2)
+    assert [n.pos.line for n in e.value.notes] == [3]     # and at the line that changed it
     compile_text(tmp_path, STEP.replace("{out}", "H"))          # the same step with the right size compiles
 
 

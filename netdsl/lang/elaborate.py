@@ -470,7 +470,10 @@ class Elaborator(Expressions):
             out = senv.vars[name]
             if not isinstance(out, Value) or out.shape != c.step_in.shape or out.dtype != c.step_in.dtype:
                 raise NetdslError(f"carry '{name}' must keep its shape from step to step: it enters as "
-                                  f"{c.step_in.dtype}{fmt_shape(c.step_in.shape)} and leaves as {_show(out)}", cpos)
+                                  f"{c.step_in.dtype}{fmt_shape(c.step_in.shape)} and leaves as {_show(out)}", cpos,
+                                  # point at the line that made the leaving value too
+                                  notes=[Note(f"'{name}' gets its new value here", out.pos)]
+                                  if isinstance(out, Value) and out.pos else [])
             c.step_out = out
         if not state.emits and not state.carries:
             raise NetdslError(f"step '{d.name}' neither carries state nor emits anything", pos)
