@@ -175,7 +175,7 @@ def shapes(g):
     ("captioning.net", dict(T=17), {"logits": "[N, 16, 10000]"}),
     ("captioning_greedy.net", dict(max_len=12), {"words": "[N, 12]"}),
     ("captioning_attention.net", dict(T=17), {"logits": "[N, 16, 10000]", "alphas": "[N, 16, 49]"}),
-    ("charlm_gru.net", dict(T=100, vocab=65), {"logits": "[N, 100, 65]"}),
+    ("charlm_gru.net", dict(T=100, vocab=65), {"logits": "[N, 100, 65]", "sampled": "[N]"}),
 ])
 def test_output_shapes(spec, sets, expect):
     assert shapes(compile_spec(f"rnn/{spec}", **sets)) == expect
@@ -232,6 +232,16 @@ def test_hard_attention_samples_soft_attention_averages(capsys):
     rows = {row["op"]: row for row in json.loads(out)["nodes"]}
     assert rows["sample_categorical"]["differentiable"] is False
     assert rows["gather_location"]["differentiable"] is True
+
+
+def test_charlm_samples_the_next_character_with_temperature():
+    g = compile_spec("rnn/charlm_rnn.net", T=1, temperature=0.5)
+    sampled = g.outputs["sampled"]
+    assert sampled.dtype == "i64" and sampled.producer.op == "sample_categorical"
+    scale = next(n for n in g.nodes if n.op == "scale")       # logits / temperature
+    assert scale.attrs["factor"] == 2.0
+    with pytest.raises(NetdslError, match="temperature must be positive"):
+        compile_spec("rnn/charlm_rnn.net", temperature=0)
 
 
 def test_attention_must_be_soft_or_hard():
