@@ -62,8 +62,9 @@ def cmd_compile(args):
 def cmd_render(args):
     from .render import render
     g = load_graph(args)
-    render(g, args.output, depth=args.depth, expand=args.expand)
-    print(f"wrote {args.output}")
+    scene = render(g, args.output, depth=args.depth, expand=args.expand, rankdir=args.rankdir,
+                   stack=not args.each_op, legend=not args.no_legend)
+    print(f"wrote {args.output} ({len(scene.boxes)} boxes)")
     return 0
 
 
@@ -82,6 +83,54 @@ def cmd_ops(args):
         print(f"{n}({ins}{'; ' if ins and attrs else ''}{attrs}){flag}")
         if op.doc:
             print("    " + op.doc.splitlines()[0])
+    return 0
+
+
+def cmd_run(args):
+    import numba
+    from .lang.training import TrainCall
+    from .runtime.train import Trainer
+    if args.device == "cuda":
+        raise NetdslError("--device cuda: the CUDA target is not available in this version; use --device cpu")
+    if args.threads is not None:
+        if not 1 <= args.threads <= numba.config.NUMBA_NUM_THREADS:
+            raise NetdslError(f"--threads must be between 1 and {numba.config.NUMBA_NUM_THREADS}")
+        numba.set_num_threads(args.threads)
+    g = load_graph(args)
+    cfg = dict(g.train)
+    for flag, key in (("epochs", "epochs"), ("batch", "batch"), ("seed", "seed")):
+        v = getattr(args, flag)
+        if v is not None:
+            if v < (0 if key == "seed" else 1):
+                raise NetdslError(f"--{flag} must be positive, got {v}")
+            cfg[key] = v
+    if args.lr is not None:
+        if not args.lr > 0:
+            raise NetdslError(f"--lr must be positive, got {args.lr}")
+        cfg["optimizer"] = TrainCall(cfg["optimizer"].name, dict(cfg["optimizer"].kwargs, lr=args.lr))
+    if args.data:
+        name, _, path = args.data.partition(":")
+        cfg["data"] = TrainCall(name, {"path": path} if path else {})
+    out = args.out or os.path.join("runs", os.path.splitext(os.path.basename(args.spec))[0])
+    spec_text = "".join(args._sources.values())
+    t = Trainer(g, cfg, out, spec_text, log=lambda s: print(s, flush=True))
+    if args.resume or args.eval or args.predict:
+        ckpt = args.weights or t.ckpt_path
+        if not os.path.exists(ckpt):
+            raise NetdslError(f"no checkpoint at '{ckpt}'", hint="train first, or give --weights FILE")
+        t.resume(ckpt)
+    if args.predict:
+        dest = os.path.join(out, "predictions.json")
+        preds = t.predict(args.predict, dest)
+        print(f"{len(preds)} predictions written to {dest}: {preds[:20]}{' ...' if len(preds) > 20 else ''}")
+        return 0
+    if args.eval:
+        print("  ".join(f"{k} {v:.4f}" for k, v in t.evaluate().items()))
+        return 0
+    print(f"training {g.name} on {t.data.name}: {len(t.data.x_train)} train / {len(t.data.x_test)} test, "
+          f"{cfg['epochs']} epochs of batch {cfg['batch']}, {numba.get_num_threads()} threads -> {out}", flush=True)
+    t.fit(progress=not args.no_progress)
+    print(f"wrote {out}/metrics.jsonl, {out}/metrics.png, {out}/checkpoint.npz")
     return 0
 
 
@@ -107,7 +156,29 @@ def build_parser():
                    help="block nesting depth to draw; deeper blocks are one box (default: whole network, "
                         "with repeated blocks folded)")
     r.add_argument("--expand", action="store_true", help="draw repeated blocks one by one instead of folding")
+    r.add_argument("--rankdir", default="TB", choices=("TB", "LR", "BT", "RL"),
+                   help="direction of flow: TB top to bottom (default), LR left to right")
+    r.add_argument("--each-op", action="store_true",
+                   help="one box per operator (default: conv -> bn -> relu chains share a box)")
+    r.add_argument("--no-legend", action="store_true", help="leave out the legend")
     r.set_defaults(fn=cmd_render)
+    t = sub.add_parser("run", help="train (default), evaluate or predict with a spec")
+    spec_args(t)
+    t.add_argument("--epochs", type=int)
+    t.add_argument("--batch", type=int)
+    t.add_argument("--lr", type=float, help="learning rate (the optimizer's lr)")
+    t.add_argument("--data", help="data source, NAME or NAME:PATH (digits, mnist, fashion_mnist, cifar10, npz, synthetic)")
+    t.add_argument("--threads", type=int, help="CPU threads (default: all cores)")
+    t.add_argument("--seed", type=int)
+    t.add_argument("--out", help="run directory (default runs/SPEC)")
+    t.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    t.add_argument("--resume", action="store_true", help="continue from the run directory's checkpoint")
+    t.add_argument("--weights", help="checkpoint to resume/evaluate/predict from")
+    t.add_argument("--eval", action="store_true", help="evaluate the checkpoint on the test split")
+    t.add_argument("--predict", metavar="FILE", help="predict classes for images in a .npy/.npz file")
+    t.add_argument("--no-progress", action="store_true", help="no progress bar")
+    t.set_defaults(fn=cmd_run)
+
     o = sub.add_parser("ops", help="list operators with their inputs and attributes")
     o.add_argument("name", nargs="*", help="only these operators")
     o.set_defaults(fn=cmd_ops)
