@@ -309,7 +309,7 @@ def extract_patches(ctx: Ctx):
 
 @defop("l2norm", ["x"], (Attr("scale", "float", 20.0, doc="initial per-channel scale"),),
        kind="layer", vjp="kernel",
-       params=lambda ctx: {"weight": ((ctx.x().shape[1],), f"constant:{ctx.scale:g}", "scale")})
+       params=lambda ctx: {"weight": ((ctx.x().shape[1],), f"constant({ctx.scale:g})", "scale")})
 def l2norm(ctx: Ctx):
     """SSD's L2Norm on conv4_3: normalise each position's channel vector, then scale it by
     a learned per-channel weight (initialised to `scale`)."""
