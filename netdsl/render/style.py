@@ -123,6 +123,8 @@ def op_text(node: Node) -> str:
         t = f"embedding {a['vocab']} → {a['dim']}"
     elif op == "bn":
         t = "bn γ=0" if a.get("zero_init") else "bn"
+    elif op == "slice":
+        t = "slice [" + ", ".join(_index(i) for i in a["index"]) + "]"
     elif op == "scale":
         t = f"× {a['factor']:g}"
     elif op == "shift":
@@ -137,6 +139,13 @@ def op_text(node: Node) -> str:
     if local != op and not _auto_name(local, op):
         t = f"{local}: {t}"
     return t if len(t) <= 40 else t[:39] + "…"
+
+
+def _index(i) -> str:
+    """One subscript as it was written: 3, :, 1:, :-1."""
+    if isinstance(i, tuple) and len(i) == 2:
+        return ":".join("" if x is None else str(x) for x in i)
+    return str(i)
 
 
 def _short(v) -> str:
