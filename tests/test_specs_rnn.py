@@ -314,3 +314,15 @@ def test_attention_hidden_defaults_to_feature_size(tmp_path):
     assert fmt_shape(g.outputs["a"].shape) == "[N, 49]"
     assert g.params["attention_scores1.weight_feat"].shape == (16, 16)
     assert g.param_count() == count(additive_attention(16, 8, 16))
+
+
+def test_fused_cells_initialise_like_torch():
+    """torch draws every recurrent weight and bias from U(-1/sqrt(H), 1/sqrt(H))."""
+    from netdsl.runtime.init import init_params
+    H = SMALL["hidden"]
+    g = compile_spec("rnn/charlm_lstm.net", fused=True, **SMALL)
+    ours = init_params(g, 0)
+    theirs = dict(nn.LSTM(SMALL["embed"], H, num_layers=SMALL["layers"]).named_parameters())
+    for role in ("weight_ih", "weight_hh", "bias_ih", "bias_hh"):
+        a, b = abs(ours[f"layer1.rnn.cell.{role}"]).max(), theirs[f"{role}_l0"].abs().max().item()
+        assert 0.9 / H ** 0.5 < a <= 1 / H ** 0.5 and 0.9 / H ** 0.5 < b <= 1 / H ** 0.5

@@ -12,13 +12,18 @@ weighted average of the locations, hard attention samples one location.
 """
 from __future__ import annotations
 
+import math
+
 from ..ir.dims import fmt_shape
 from .registry import Attr, Ctx, defop, is_float, need_rank, nonneg, positive
 
 HIDDEN = Attr("hidden", "int", check=positive, doc="size of the hidden state H")
 BIAS = Attr("bias", "bool", True)
-# torch's recurrent initialiser: every weight and bias ~ U(-1/sqrt(H), 1/sqrt(H))
-RNN_INIT = "uniform_inv_sqrt_hidden"
+
+
+def rnn_init(H: int) -> str:
+    """torch's recurrent initialiser: every weight and bias ~ U(-1/sqrt(H), 1/sqrt(H))."""
+    return f"uniform({1 / math.sqrt(H)!r})"
 
 
 def _float(ctx: Ctx, *idx: int):
@@ -49,11 +54,12 @@ def _cell_params(gates: int):
     """torch layout: weight_ih [G*H, D], weight_hh [G*H, H], bias_ih and bias_hh [G*H]."""
     def params(ctx: Ctx):
         H, D = ctx.hidden, ctx.x().shape[1]
-        ps = {"weight_ih": ((gates * H, D), RNN_INIT, "weight"),
-              "weight_hh": ((gates * H, H), RNN_INIT, "weight")}
+        init = rnn_init(H)
+        ps = {"weight_ih": ((gates * H, D), init, "weight"),
+              "weight_hh": ((gates * H, H), init, "weight")}
         if ctx.bias:
-            ps["bias_ih"] = ((gates * H,), RNN_INIT, "bias")
-            ps["bias_hh"] = ((gates * H,), RNN_INIT, "bias")
+            ps["bias_ih"] = ((gates * H,), init, "bias")
+            ps["bias_hh"] = ((gates * H,), init, "bias")
         return ps
     return params
 
