@@ -71,7 +71,7 @@ def _source_text(path: str, sources: dict[str, str] | None) -> str | None:
     try:
         with open(path, encoding="utf-8") as f:
             return f.read()
-    except OSError:
+    except (OSError, ValueError):   # unreadable, or not UTF-8: show no source line
         return None
 
 

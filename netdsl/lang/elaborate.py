@@ -32,22 +32,31 @@ class Elaborator(Expressions):
         self.used: dict[str, Pos | None] = {}
         self.steps: list[StepState] = []
         self.symvals: dict = {}
+        self.output_pos: dict[str, Pos | None] = {}
         self._globals: dict[int, Env] = {}
         self.file = ""
 
     # ------------------------------------------------------------ entry
     def network(self, mod: Module, name: str | None) -> Graph:
         nets = {n: d for n, d in mod.defs.items() if d[0] == "network_def"}
+        def where(d):   # a definition's name
+            return self.pos(d[1].children[0], mod)
         if not nets:
-            raise NetdslError(f"'{mod.path}' defines no network", None,
+            first = next(iter(mod.defs.values()), None)
+            raise NetdslError(f"'{mod.path}' defines no network",
+                              self.pos(first[1], mod) if first else Pos(mod.path, 1, 1),
                               hint="a spec needs `network NAME(...) { ... }`")
         if name is None:
             if len(nets) > 1:
+                first, *others = nets.values()
                 raise NetdslError(f"'{mod.path}' defines several networks ({', '.join(nets)}); "
-                                  f"choose one with --network")
+                                  f"choose one with --network", where(first),
+                                  hint="e.g. --network " + next(iter(nets)),
+                                  notes=[Note(f"network '{d[1].children[0].value}' is defined here", where(d))
+                                         for d in others])
             name = next(iter(nets))
         if name not in nets:
-            raise NetdslError(f"'{mod.path}' has no network '{name}'", None,
+            raise NetdslError(f"'{mod.path}' has no network '{name}'", where(next(iter(nets.values()))),
                               hint=did_you_mean(name, nets) or "networks: " + ", ".join(nets))
         tree = nets[name][1]
         self.file = mod.path
@@ -57,10 +66,15 @@ class Elaborator(Expressions):
                          overrides=self.overrides)
         g.args = {k: v for k, v in env.vars.items()}
         self.frames = [Frame("", "network", name, g.pos)]
-        self.exec_body(tree.children[2], env, mod)
+        try:
+            self.exec_body(tree.children[2], env, mod)
+        except _Return as r:
+            raise NetdslError("'return' belongs in a block", r.pos,
+                              hint="a network names its results with `output NAME`") from None
         for k in self.overrides:
-            raise NetdslError(f"--set {k}: network '{name}' has no parameter or dimension '{k}'",
-                              hint=did_you_mean(k, list(env.vars) + list(g.symbols)))
+            raise NetdslError(f"--set {k}: network '{name}' has no parameter or dimension '{k}'", g.pos,
+                              hint=did_you_mean(k, list(env.vars) + list(g.symbols)) or
+                              "its parameters and dimensions: " + ", ".join(list(g.args) + list(g.symbols)))
         if not g.outputs and not g.losses:
             raise NetdslError(f"network '{name}' has no output and no loss", g.pos,
                               hint="add `output NAME` or `loss NAME = ...`")
@@ -184,7 +198,7 @@ class Elaborator(Expressions):
 
     def st_return_stmt(self, st, env, mod):
         vals = [self.eval(c, env, mod) for c in st.children]
-        raise _Return(vals[0] if len(vals) == 1 else tuple(vals))
+        raise _Return(vals[0] if len(vals) == 1 else tuple(vals), self.pos(st, mod))
 
     def st_const_def(self, st, env, mod):
         env.vars[st.children[0].value] = self.eval(st.children[1], env, mod)
@@ -254,7 +268,9 @@ class Elaborator(Expressions):
                               hint=did_you_mean(dtype.value, DTYPES) or "dtypes: " + ", ".join(DTYPES))
         shape = tuple(self.dim(d, env, mod) for d in dims if d is not None)
         if name.value in self.graph.inputs or name.value in env.vars:
-            raise NetdslError(f"'{name.value}' is already defined", self.pos(name, mod))
+            prev = self.graph.inputs.get(name.value)
+            raise NetdslError(f"'{name.value}' is already defined", self.pos(name, mod),
+                              notes=[Note("first defined here", prev.pos)] if prev is not None else [])
         v = Value(shape, dtype.value, name=name.value, pos=self.pos(st, mod))
         self.graph.inputs[name.value] = v
         env.vars[name.value] = v
@@ -298,8 +314,10 @@ class Elaborator(Expressions):
         if not isinstance(v, Value):
             raise NetdslError(f"output '{name.value}' must be a tensor, got {_show(v)}", self.pos(name, mod))
         if name.value in self.graph.outputs:
-            raise NetdslError(f"output '{name.value}' is declared twice", self.pos(name, mod))
+            raise NetdslError(f"output '{name.value}' is declared twice", self.pos(name, mod),
+                              notes=[Note("first declared here", self.output_pos.get(name.value))])
         self.graph.outputs[name.value] = v
+        self.output_pos[name.value] = self.pos(name, mod)
 
     def st_loss_stmt(self, st, env, mod):
         self._network_only(st, mod, "loss")
@@ -322,8 +340,10 @@ class Elaborator(Expressions):
                 if phase not in ("train", "all"):
                     raise NetdslError(f"unknown phase '{phase}'", self.pos(m.children[0], mod),
                                       hint="phases: train (only while training), all (the default)")
-        if any(l.name == name.value for l in self.graph.losses):
-            raise NetdslError(f"loss '{name.value}' is declared twice", self.pos(name, mod))
+        prev = next((l for l in self.graph.losses if l.name == name.value), None)
+        if prev is not None:
+            raise NetdslError(f"loss '{name.value}' is declared twice", self.pos(name, mod),
+                              notes=[Note("first declared here", prev.pos)])
         self.graph.losses.append(Loss(name.value, v, weight, phase, self.pos(st, mod)))
         env.vars[name.value] = v
 
@@ -391,13 +411,15 @@ class Elaborator(Expressions):
         label = kwargs.pop("name", None)
         if label is not None and not isinstance(label, str):
             raise NetdslError(f"name= must be a string, got {_show(label)}", pos)
-        if len(self.frames) > MAX_DEPTH:
-            raise NetdslError(f"blocks nest more than {MAX_DEPTH} deep; is '{d.name}' calling itself?", pos)
+        self._check_depth(d, pos)
         env = Env(self.globals(d.module))
         self.bind_params(d, env, args, kwargs, pos, kwpos=kwpos)
+        key = (d.name, tuple(_sig(a) for a in args), tuple(sorted((k, _sig(v)) for k, v in kwargs.items())))
+        self._check_recursion(d, key, pos)
         # name="" inlines the block without a path component of its own
         scope = label if label is not None else self.fresh("block", d.name, 0)
-        key = (d.name, tuple(_sig(a) for a in args), tuple(sorted((k, _sig(v)) for k, v in kwargs.items())))
+        if label:
+            self.claim(".".join(p for p in (self.scope_path(), label) if p), pos)
         self.frames.append(Frame(scope, "block", d.name, pos, key))
         try:
             self.exec_body(d.tree.children[2], env, d.module)
@@ -407,6 +429,18 @@ class Elaborator(Expressions):
             self.frames.pop()
         return None
 
+    def _check_depth(self, d: Def, pos):
+        if len(self.frames) > MAX_DEPTH:
+            raise NetdslError(f"blocks and steps nest more than {MAX_DEPTH} deep; is '{d.name}' calling itself?", pos)
+
+    def _check_recursion(self, d: Def, key, pos):
+        """A block entered again with the same arguments would unfold forever."""
+        for f in self.frames:
+            if f.kind == "block" and f.repeat_key == key:
+                raise NetdslError(f"block '{d.name}' calls itself with the same arguments, so it would never end",
+                                  pos, notes=[Note(f"'{d.name}' was called from here", f.pos)],
+                                  hint="recursion must change an argument and stop on a condition")
+
     def ex_scan(self, t, env, mod):
         call, over = t.children
         pos = self.pos(t, mod)
@@ -415,7 +449,7 @@ class Elaborator(Expressions):
         fn, args = call.children
         d = self.eval(fn, env, mod)
         if not isinstance(d, Def) or d.kind != "step_def":
-            raise NetdslError(f"scan needs a step, got {_show(d) if not isinstance(d, Def) else d.name}", pos,
+            raise NetdslError(f"scan needs a step, got {_show(d)}", pos,
                               hint="define one with `step name(x_t: seq, ...) { ... }`")
         pos_args, kwargs, kwpos = [], {}, {}
         for a in (args.children if args is not None else []):
@@ -429,6 +463,9 @@ class Elaborator(Expressions):
 
     def run_scan(self, d: Def, args, kwargs, kwpos, length, pos):
         label = kwargs.pop("name", None)
+        if label is not None and not isinstance(label, str):
+            raise NetdslError(f"name= must be a string, got {_show(label)}", kwpos.get("name", pos))
+        self._check_depth(d, pos)
         senv = Env(self.globals(d.module))
         seq_names = self.bind_params(d, senv, args, kwargs, pos, kwpos=kwpos)
         seqs = []
@@ -461,8 +498,8 @@ class Elaborator(Expressions):
         self.steps.append(state)
         try:
             self.exec_body(d.tree.children[2], senv, d.module)
-        except _Return:
-            raise NetdslError("a step ends with emit, not return", pos) from None
+        except _Return as r:
+            raise NetdslError("a step ends with emit, not return", r.pos) from None
         finally:
             self.steps.pop()
             self.frames.pop()

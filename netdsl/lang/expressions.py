@@ -32,16 +32,25 @@ class Def:
     def name(self):
         return self.tree.children[0].value
 
+    def __repr__(self):
+        return f"{self.kind[:-4]} '{self.name}'"
+
 
 @dataclass
 class Namespace:
     module: Module
+
+    def __repr__(self):
+        return f"the module '{self.module.path}'"
 
 
 @dataclass
 class Builtin:
     name: str
     fn: object
+
+    def __repr__(self):
+        return f"the built-in '{self.name}'"
 
 
 class ScanResult:
@@ -53,10 +62,13 @@ class ScanResult:
     def unwrap(self):
         return self.emits[0] if len(self.emits) == 1 else tuple(self.emits)
 
+    def __repr__(self):
+        return f"the result of a scan {self.unwrap()!r}"
+
 
 class _Return(Exception):
-    def __init__(self, value):
-        self.value = value
+    def __init__(self, value, pos=None):
+        self.value, self.pos = value, pos
 
 
 def _builtin_range(*a):
@@ -338,12 +350,16 @@ class Expressions:
         if isinstance(stage, Tree) and stage.data == "call":
             return self.ex_call(stage, env, mod, train, first=v)
         callee = self.eval(stage, env, mod)
-        return self.call(callee, [v], {}, self.pos(stage, mod), mod)
+        return self.call(callee, [v], {}, self.pos(stage, mod), mod, argpos=[self.pos(left, mod)])
 
     def ex_call(self, t, env, mod, train=False, first=None):
         fn, args = t.children
-        callee = self.eval(fn, env, mod)
+        if train and isinstance(fn, Tree) and fn.data == "name" and fn.children[0].value not in env.names():
+            callee = Builtin(fn.children[0].value, None)
+        else:
+            callee = self.eval(fn, env, mod)
         pos_args = [] if first is None else [first]
+        argpos = [] if first is None else [self.pos(t, mod)]
         kwargs, kwpos = {}, {}
         for a in (args.children if args is not None else []):
             if isinstance(a, Tree) and a.data == "kwarg":
@@ -357,20 +373,22 @@ class Expressions:
                     raise NetdslError("a positional argument cannot follow keyword arguments", self.pos(a, mod))
                 v = self.eval(a, env, mod, train)
                 pos_args.append(v.unwrap() if isinstance(v, ScanResult) else v)
+                argpos.append(self.pos(a, mod))
         if train and isinstance(callee, Builtin) and callee.fn is None:
             if pos_args:
                 raise NetdslError(f"{callee.name}() takes keyword arguments only", self.pos(t, mod))
             return training.TrainCall(callee.name, kwargs, self.pos(t, mod), kwpos)
-        return self.call(callee, pos_args, kwargs, self.pos(t, mod), mod, kwpos)
+        return self.call(callee, pos_args, kwargs, self.pos(t, mod), mod, kwpos, argpos)
 
-    def call(self, callee, args, kwargs, pos, mod, kwpos=None):
+    def call(self, callee, args, kwargs, pos, mod, kwpos=None, argpos=None):
         if isinstance(callee, OpDef):
-            return self.apply_op(callee, args, kwargs, pos, kwpos)
+            return self.apply_op(callee, args, kwargs, pos, kwpos, argpos)
         if isinstance(callee, Def):
             if callee.kind == "block_def":
                 return self.call_block(callee, args, kwargs, pos, kwpos)
             if callee.kind == "step_def":
-                raise NetdslError(f"'{callee.name}' is a step; apply it over time with `scan {callee.name}(...)`", pos)
+                raise NetdslError(f"'{callee.name}' is a step: it runs once per time step, over a sequence",
+                                  pos, hint=f"write `scan {callee.name}(...)`")
             raise NetdslError(f"'{callee.name}' is a network and cannot be called; "
                               f"put the shared layers in a block", pos)
         if isinstance(callee, Builtin) and callee.fn is not None:
@@ -385,24 +403,33 @@ class Expressions:
         raise NetdslError(f"{_show(callee)} is not callable", pos)
 
     # ------------------------------------------------------------ operators
-    def apply_op(self, op: OpDef, args, kwargs, pos, kwpos=None):
+    def apply_op(self, op: OpDef, args, kwargs, pos, kwpos=None, argpos=None):
         kwargs = dict(kwargs)
+        kwpos = dict(kwpos or {})
+        argpos = list(argpos or [])
         label = kwargs.pop("name", None)
         if label is not None and not isinstance(label, str):
-            raise NetdslError(f"name= must be a string, got {_show(label)}", pos)
+            raise NetdslError(f"name= must be a string, got {_show(label)}", kwpos.get("name", pos))
         ninputs = len(op.inputs)
         inputs: list = []
         rest = list(args)
         while rest and isinstance(rest[0], Value) and (op.variadic or len(inputs) < ninputs):
             inputs.append(rest.pop(0))
+            argpos = argpos[1:]
         if op.variadic and rest and isinstance(rest[0], (list, tuple)) and not inputs:
             inputs = list(rest.pop(0))
+            argpos = argpos[1:]
         for i, iname in enumerate(op.inputs):
             if iname in kwargs and not iname.startswith("*"):
                 if i != len(inputs):
                     raise NetdslError(f"{op.name}: input '{iname}' given twice or out of order", pos)
                 inputs.append(kwargs.pop(iname))
         required = 1 if op.variadic else ninputs - op.optional_inputs
+        if len(inputs) < required and rest and not (len(op.attrs) >= len(rest) and inputs):
+            # a value stands where the next tensor input belongs
+            iname = op.inputs[min(len(inputs), ninputs - 1)].lstrip("*")
+            raise NetdslError(f"{op.name}: input '{iname}' must be a tensor, got {_show(rest[0])}",
+                              (argpos or [pos])[0])
         if len(inputs) < required:
             missing = op.inputs[len(inputs)].lstrip("*")
             got = f"got {len(inputs)}" if inputs else "got none"
@@ -413,13 +440,16 @@ class Expressions:
             if not isinstance(v, Value):
                 raise NetdslError(f"{op.name}: input {i + 1} must be a tensor, got {_show(v)}", pos)
         attrs = {}
-        for a, v in zip(op.attrs, rest):
+        for i, (a, v) in enumerate(zip(op.attrs, rest)):
             attrs[a.name] = v
+            if i < len(argpos):
+                kwpos[a.name] = argpos[i]
         if len(rest) > len(op.attrs):
             extra = rest[len(op.attrs)]
             what = "tensor" if isinstance(extra, Value) else "value"
+            where = argpos[len(op.attrs)] if len(argpos) > len(op.attrs) else pos
             raise NetdslError(f"{op.name} takes {ninputs} tensor input(s) and {len(op.attrs)} attribute(s); "
-                              f"an extra {what} {_show(extra)} was given", pos)
+                              f"an extra {what} {_show(extra)} was given", where)
         names = [a.name for a in op.attrs]
         for k, v in kwargs.items():
             if k not in names:

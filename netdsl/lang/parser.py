@@ -24,6 +24,15 @@ _TOKEN_NAMES = {
 _KEYWORDS = {"import", "block", "step", "network", "const", "return", "for", "in", "as", "repeat",
              "if", "elif", "else", "input", "output", "loss", "weight", "phase", "train", "carry",
              "emit", "assert", "or", "and", "not", "true", "false", "none", "scan", "over"}
+# The contextual lexer lets a keyword through as a NAME wherever the keyword itself cannot
+# stand (so `schedule = step(...)` works); a keyword may still never be *bound* as a name.
+_RESERVED = _KEYWORDS - {"weight", "phase", "over"}
+# where a rule binds names: rule -> indices of its children that are bound (None: all)
+_BINDERS = {"block_def": (0,), "step_def": (0,), "network_def": (0,), "const_def": (0,), "param": (0,),
+            "input_stmt": (0,), "loss_stmt": (0,), "carry_item": (0,), "import_stmt": (1,),
+            "for_stmt": (2,), "repeat_stmt": (1,), "loopvars": None, "targets": None}
+_TOP_LEVEL = {"import", "block", "step", "network", "const"}
+_CLOSERS = {"(": ")", "[": "]", "{": "}"}
 
 
 def pos_of(node, file: str) -> Pos | None:
@@ -52,9 +61,76 @@ def _expected(names) -> str:
 
 def parse(text: str, file: str) -> Tree:
     try:
-        return _PARSER.parse(text)
+        tree = _PARSER.parse(text)
     except UnexpectedInput as e:
         raise _syntax_error(e, text, file) from None
+    _check_names(tree, file)
+    return tree
+
+
+def _check_names(tree: Tree, file: str):
+    """Reject reserved words used as names, and a parameter listed twice."""
+    for t in tree.iter_subtrees():
+        bound = _BINDERS.get(t.data, ())
+        for tok in (t.children if bound is None else [t.children[i] for i in bound if i < len(t.children)]):
+            if isinstance(tok, Token) and tok.type == "NAME" and tok.value in _RESERVED:
+                raise NetdslError(f"'{tok.value}' is a keyword and cannot be used as a name", pos_of(tok, file),
+                                  hint=f"choose another name, e.g. '{tok.value}_'")
+        if t.data == "params":
+            seen = {}
+            for p in t.children:
+                name = p.children[0]
+                if name.value in seen:
+                    raise NetdslError(f"parameter '{name.value}' appears twice", pos_of(name, file),
+                                      notes=[_note("first listed here", seen[name.value])])
+                seen[name.value] = pos_of(name, file)
+
+
+def _brackets(text: str, end: int):
+    """Brackets still open at offset `end` as [(char, offset)], and the first closer
+    (offset) that had nothing to close; strings and comments are skipped."""
+    stack, stray, i = [], None, 0
+    while i < end:
+        ch = text[i]
+        if ch == "#":
+            nl = text.find("\n", i)
+            i = len(text) if nl < 0 else nl
+            continue
+        if ch == '"':
+            j = i + 1
+            while j < len(text) and text[j] not in '"\n':
+                j += 2 if text[j] == "\\" else 1
+            i = j + 1
+            continue
+        if ch in _CLOSERS:
+            stack.append((ch, i))
+        elif ch in ")]}":
+            if stack and _CLOSERS[stack[-1][0]] == ch:
+                stack.pop()
+            elif stray is None:
+                stray = i
+        i += 1
+    return stack, stray
+
+
+def _offset(text: str, line: int, col: int) -> int:
+    lines = text.split("\n")
+    return sum(len(l) + 1 for l in lines[:line - 1]) + col - 1
+
+
+def _at(text: str, file: str, offset: int) -> Pos:
+    line = text.count("\n", 0, offset) + 1
+    col = offset - (text.rfind("\n", 0, offset) + 1) + 1
+    return Pos(file, line, col, line, col + 1)
+
+
+def _unclosed_note(text: str, file: str, end: int, closer: str | None = None):
+    """A note at the innermost bracket left open before `end` (of the kind `closer` closes)."""
+    stack, _ = _brackets(text, end)
+    for ch, off in reversed(stack):
+        if closer is None or _CLOSERS[ch] == closer:
+            return ch, _note(f"this '{ch}' is not closed", _at(text, file, off))
+    return None, None
 
 
 def _syntax_error(e: UnexpectedInput, text: str, file: str) -> NetdslError:
@@ -62,6 +138,9 @@ def _syntax_error(e: UnexpectedInput, text: str, file: str) -> NetdslError:
     if isinstance(e, UnexpectedCharacters):
         ch = text[e.pos_in_stream] if e.pos_in_stream < len(text) else ""
         hint = None
+        if ch == '"':
+            return NetdslError("unterminated string", Pos(file, line, col, line, col + 1),
+                               hint="add the closing '\"' on the same line")
         if ch == "'":
             hint = 'strings use double quotes: "like this"'
         elif ch == ";":
@@ -69,28 +148,43 @@ def _syntax_error(e: UnexpectedInput, text: str, file: str) -> NetdslError:
         elif ch == "/" and text[e.pos_in_stream:e.pos_in_stream + 2] == "//":
             hint = "comments start with '#'"
         return NetdslError(f"unexpected character '{ch}'", Pos(file, line, col, line, col + 1), hint=hint)
-    if isinstance(e, UnexpectedEOF):
-        lines = text.splitlines() or [""]
-        return NetdslError("unexpected end of file; a '}' or ')' may be missing",
-                           Pos(file, len(lines), len(lines[-1]) + 1),
-                           hint="check that every '{' and '(' is closed")
+    if isinstance(e, UnexpectedEOF) or e.token.type == "$END":
+        lines = text.rstrip().splitlines() or [""]
+        ch, note = _unclosed_note(text, file, len(text))
+        what = f"; a '{_CLOSERS[ch]}' is missing" if ch else ""
+        return NetdslError(f"unexpected end of file{what}", Pos(file, len(lines), len(lines[-1]) + 1),
+                           hint=None if ch else "the file ends in the middle of a statement",
+                           notes=[note] if note else [])
     assert isinstance(e, UnexpectedToken)
     tok = e.token
-    if tok.type == "$END":
-        lines = text.splitlines() or [""]
-        return NetdslError("unexpected end of file; a '}' or ')' may be missing",
-                           Pos(file, len(lines), len(lines[-1]) + 1),
-                           hint="check that every '{' and '(' is closed")
     exp = _expected(e.expected)
     msg = f"unexpected {_describe(tok)}" + (f"; expected {exp}" if exp else "")
-    hint = None
-    if tok.value in _KEYWORDS:
+    hint, notes = None, []
+    start = _offset(text, tok.line, tok.column)
+    first_on_line = not text[text.rfind("\n", 0, start) + 1:start].strip()
+    closer = next((c for c, t in ((")", "RPAR"), ("]", "RSQB"), ("}", "RBRACE")) if t in e.expected), None)
+    if tok.value in ")]}":
+        _, stray = _brackets(text, start + 1)
+        if stray == start:
+            hint = f"there is no '{ {')': '(', ']': '[', '}': '{'}[tok.value]}' for this '{tok.value}' to close"
+    elif closer and (first_on_line or tok.value in _TOP_LEVEL):
+        # the statement before ended but a bracket is still open: the closer was forgotten
+        ch, note = _unclosed_note(text, file, start, closer)
+        if ch:
+            hint, notes = f"a '{closer}' may be missing before this", [note]
+    if hint:
+        pass
+    elif tok.value == "//":
+        hint = "comments start with '#'; '//' divides integers"
+    elif tok.value in _KEYWORDS:
         hint = f"'{tok.value}' is a keyword and cannot be used as a name"
-    elif tok.value == "=" and "RPAR" in e.expected:
+    elif tok.value == "=" and "EQUAL" not in e.expected:
         hint = "'=' assigns; compare with '=='"
     elif tok.value == "{" and "LPAR" in e.expected:
         hint = "a definition needs a parameter list, even an empty one: name() { ... }"
-    return NetdslError(msg, pos_of(tok, file), hint=hint)
+    elif "COMMA" in e.expected and not first_on_line:
+        hint = "a ',' may be missing between the items"
+    return NetdslError(msg, pos_of(tok, file), hint=hint, notes=notes)
 
 
 @dataclass
@@ -109,12 +203,15 @@ class Loader:
         self.modules: dict[str, Module] = {}
         self.sources: dict[str, str] = {}
         self._stack: list[str] = []
+        self._import_pos: list[Pos | None] = []   # where each file on the stack was imported
 
     def load(self, path: str, pos: Pos | None = None) -> Module:
         key = os.path.realpath(path)
         if key in self._stack:
-            chain = [os.path.relpath(p) for p in self._stack[self._stack.index(key):]] + [os.path.relpath(key)]
-            raise NetdslError("import cycle: " + " -> ".join(chain), pos,
+            i = self._stack.index(key)
+            chain = [os.path.relpath(p) for p in self._stack[i:]] + [os.path.relpath(key)]
+            notes = [_note("imported from here", p) for p in self._import_pos[i + 1:] if p]
+            raise NetdslError("import cycle: " + " -> ".join(chain), pos, notes=notes,
                               hint="move the shared blocks into a file both can import")
         if key in self.modules:
             return self.modules[key]
@@ -122,16 +219,25 @@ class Loader:
             with open(path, encoding="utf-8") as f:
                 text = f.read()
         except FileNotFoundError:
-            raise NetdslError(f"cannot find '{path}'", pos) from None
+            raise NetdslError(f"cannot find '{path}'", pos or Pos(path, 1, 1), hint=None if pos is None else
+                              "import paths are relative to the importing file") from None
         except IsADirectoryError:
-            raise NetdslError(f"'{path}' is a directory, not a .net file", pos) from None
-        except (OSError, UnicodeDecodeError) as e:
-            raise NetdslError(f"cannot read '{path}': {getattr(e, 'strerror', None) or e}", pos) from None
+            raise NetdslError(f"'{path}' is a directory, not a .net file", pos or Pos(path, 1, 1)) from None
+        except UnicodeDecodeError:
+            raise NetdslError(f"'{path}' is not a text file (it is not valid UTF-8)", pos or Pos(path, 1, 1)) from None
+        except OSError as e:
+            raise NetdslError(f"cannot read '{path}': {e.strerror or e}", pos or Pos(path, 1, 1)) from None
+        if "\0" in text:
+            raise NetdslError(f"'{path}' is not a text file (it contains NUL bytes)", pos or Pos(path, 1, 1))
+        if not text.strip():
+            raise NetdslError(f"'{path}' is empty", pos or Pos(path, 1, 1),
+                              hint="a spec needs `network NAME(...) { ... }`")
         shown = os.path.relpath(path) if not os.path.isabs(path) or path.startswith(os.getcwd()) else path
         self.sources[shown] = text
         tree = parse(text, shown)
         mod = Module(shown, text, tree)
         self._stack.append(key)
+        self._import_pos.append(pos)
         try:
             for item in tree.children:
                 if item.data == "import_stmt":
@@ -149,6 +255,7 @@ class Loader:
                     mod.defs[name.value] = (item.data, item)
         finally:
             self._stack.pop()
+            self._import_pos.pop()
         self.modules[key] = mod
         return mod
 

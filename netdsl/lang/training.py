@@ -108,7 +108,8 @@ def _check_call(group: str, key: str, value, pos):
         value = TrainCall(value, {}, pos)
     if not isinstance(value, TrainCall) or value.name not in CONSTRUCTORS[group]:
         name = value.name if isinstance(value, TrainCall) else value
-        raise NetdslError(f"'{key}' must be one of {', '.join(CONSTRUCTORS[group])}; got {_show(name)}",
+        what = f"unknown {group} '{name}'" if isinstance(name, str) else f"'{key}' needs a {group}, got {_show(name)}"
+        raise NetdslError(f"{what}; choose {', '.join(CONSTRUCTORS[group])}",
                           getattr(value, "pos", None) or pos,
                           hint=did_you_mean(str(name), CONSTRUCTORS[group]))
     spec = CONSTRUCTORS[group][value.name]
@@ -135,7 +136,8 @@ def _check_type(what: str, kind: str, v, pos):
         "integers": isinstance(v, (list, tuple)) and all(isinstance(x, int) and not isinstance(x, bool) for x in v),
     }[kind]
     if not ok:
-        raise NetdslError(f"'{what}' must be {'a list of integers' if kind == 'integers' else 'a ' + kind}, "
+        article = "an" if kind[0] in "aeiou" else "a"
+        raise NetdslError(f"'{what}' must be {'a list of integers' if kind == 'integers' else article + ' ' + kind}, "
                           f"got {_show(v)}", pos)
     if kind in (_NUM, _INT) and v < 0:
         raise NetdslError(f"'{what}' must not be negative, got {v}", pos)

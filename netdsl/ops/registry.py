@@ -167,6 +167,8 @@ def _show(v) -> str:
         return f'"{v}"'
     if v is None:
         return "none"
+    if isinstance(v, OpDef):
+        return f"the operator '{v.name}'"
     if hasattr(v, "shape") and hasattr(v, "dtype"):
         return f"a tensor {v!r}"
     return str(v)
