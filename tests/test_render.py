@@ -163,6 +163,24 @@ def test_resnet152_folds_each_stage(resnet152, tmp_path):
     assert len(expanded) > 3 * len(boxes)
 
 
+def test_only_chained_repeats_fold(tmp_path):
+    g = compile_text(tmp_path, """
+block unit(x, c) { return x -> conv(c, k=3, p=1) -> relu }
+network t() {
+  input image: f32[N, 8, 16, 16]
+  a = image -> unit(8) -> unit(8) -> unit(8)
+  p = a -> conv(8, k=1)
+  output y = unit(p, 8) + unit(p, 8)
+}
+""")
+    dot = dot_text(g, tmp_path)
+    titles = re.findall(r"<b>(unit[^<]*)</b>", dot)
+    assert sorted(titles) == ["unit", "unit", "unit ×3"]     # the parallel pair is not a repetition
+    folded = next(k for k, a in nodes(dot).items() if "unit ×3" in a)
+    assert len([e for e in EDGE.findall(dot) if folded in e[:2]]) == 2   # in from image, out to p
+    assert "0 … 2" in nodes(dot)[folded]
+
+
 def test_depth_draws_deep_blocks_as_boxes(resnet152, tmp_path):
     dot = dot_text(resnet152, tmp_path, depth=1)
     boxes = nodes(dot)
