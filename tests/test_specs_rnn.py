@@ -48,6 +48,14 @@ def test_compiles_via_cli_symbolic_and_with_dims_set(spec, capsys):
         assert "N" not in o["shape"] and "T" not in o["shape"], o
 
 
+@pytest.mark.parametrize("spec", RNN_SPECS)
+def test_renders(spec, capsys, tmp_path):
+    out = tmp_path / (spec[:-4] + ".dot")
+    rc, _, err = run_cli(capsys, "render", SPECS / "rnn" / spec, "-o", out)
+    assert rc == 0, err
+    assert "digraph" in out.read_text()
+
+
 # ---------------------------------------------------------------- parameter counts vs torch
 
 SMALL = dict(vocab=50, embed=16, hidden=32, layers=3)
