@@ -1,0 +1,68 @@
+"""On-disk home for generated kernel modules, so Numba's own cache applies to them.
+
+Numba cannot cache functions built with `exec` (there is no file to key the cache
+on), so each generated module is written to `<cache_dir>/<prefix>_<hash>.py`, named
+by the hash of its source, and imported from there. Numba then keeps its compiled
+code in `<cache_dir>/__pycache__` keyed on that file, and a later process that
+generates the same source imports the same file and loads the machine code instead
+of recompiling. Files are never rewritten in place (that would change the mtime
+Numba's index checks): a new source gets a new name.
+"""
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import os
+import sys
+import tempfile
+from pathlib import Path
+from types import ModuleType
+
+_loaded: dict[str, ModuleType] = {}
+
+
+def cache_dir() -> Path:
+    """`$NETDSL_CACHE_DIR`, else `~/.cache/netdsl/kernels`; created on first use."""
+    d = Path(os.environ.get("NETDSL_CACHE_DIR") or Path.home() / ".cache" / "netdsl" / "kernels")
+    d.mkdir(parents=True, exist_ok=True)
+    return d
+
+
+def source_hash(source: str) -> str:
+    return hashlib.sha256(source.encode()).hexdigest()[:24]
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    # Write beside the target and rename: concurrent writers of the same content
+    # race harmlessly, and a reader never sees half a file.
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".py")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def load_source(source: str, prefix: str = "netdsl_k") -> ModuleType:
+    """Import `source` as a real module file from the cache directory (memoised)."""
+    name = f"{prefix}_{source_hash(source)}"
+    if name in _loaded:
+        return _loaded[name]
+    path = cache_dir() / f"{name}.py"
+    if not path.exists() or path.read_text() != source:
+        _write_atomic(path, source)
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    # Registered before executing, as a normal import would, so that Numba's
+    # cache and pickling can find the module by name.
+    sys.modules[name] = module
+    try:
+        spec.loader.exec_module(module)
+    except BaseException:
+        del sys.modules[name]
+        raise
+    _loaded[name] = module
+    return module

@@ -1,0 +1,93 @@
+"""CPU renderer: Numba @njit kernels over flat contiguous arrays.
+
+Every kernel is emitted twice from one body, serial and `parallel=True` with
+prange; the launcher picks by size because a parallel launch costs ~3 us, more
+than a small kernel's work.
+"""
+from __future__ import annotations
+
+import numba
+import numpy as np
+
+from .render import header, indent, row_loop_body
+
+PAR_MIN = 1 << 16     # elements; below this the serial variant runs
+
+# Not fastmath=True: that implies 'nnan'/'ninf', which folds isnan() to False.
+DECORATOR = "@numba.njit(cache=True, fastmath={{'reassoc', 'contract', 'arcp', 'nsz'}}{par})"
+
+
+def _variants(name: str, params: str, body) -> list[str]:
+    """Serial and parallel copies of one kernel; `body(loop)` gives its lines."""
+    lines = []
+    for suffix, par, loop in (("serial", "", "range"), ("parallel", ", parallel=True", "numba.prange")):
+        lines += ["", DECORATOR.format(par=par), f"def {name}_{suffix}({params}):", *indent(body(loop)), ""]
+    return lines
+
+
+def render(low, dtype) -> str:
+    names = [p for p, _ in low.arrays] + [s for s, _, _ in low.scalars]
+    full = [o for o in low.outputs if o[2] == "full"]
+    red = [o for o in low.outputs if o[2] != "full"]
+    lines = header(low, dtype, "cpu")
+    if not red:
+        def flat(loop):
+            out = [f"for i in {loop}(n):"]
+            inner = (["c = (i // Q) % C"] if low.uses_channel else []) + low.body
+            inner += [f"{p}[i] = {v}" for p, v, _ in full]
+            return out + indent(inner)
+        params = ", ".join(["n", "C", "Q", *names, *(p for p, _, _ in full)])
+        return "\n".join(lines + _variants("kernel", params, flat))
+
+    def rows(loop):
+        # One row = Q contiguous elements of one channel; each reduced output
+        # gets a per-row partial sum, so rows never write the same location.
+        inner = ["c = r % C", *(f"acc{j} = K_ZERO" for j in range(len(red))),
+                 "for q in range(Q):",
+                 *indent(["i = r * Q + q", *row_loop_body(low, full, red)]),
+                 *(f"{p}[r] = acc{j}" for j, (p, _, _) in enumerate(red))]
+        return [f"for r in {loop}(R):", *indent(inner)]
+    params = ", ".join(["R", "C", "Q", *names, *(p for p, _, _ in full), *(p for p, _, _ in red)])
+    return "\n".join(lines + _variants("kernel", params, rows))
+
+
+def render_reduce(dtype) -> str:
+    """channel_sum(x, P, C, Q, out): out[c] = sum of x viewed as [P, C, Q] over P and Q."""
+    def body(loop):
+        return [f"for c in {loop}(C):", *indent(
+            ["acc = K_ZERO", "for p in range(P):",
+             *indent(["base = (p * C + c) * Q", "for q in range(Q):",
+                      "    acc += x[base + q]"]),
+             "out[c] = acc"])]
+    return "\n".join(header(None, dtype, "cpu") + _variants("channel_sum", "x, P, C, Q, out", body))
+
+
+# ---------------------------------------------------------------- launching
+
+def asarray(x, dtype):
+    return np.ascontiguousarray(x, dtype=dtype)
+
+
+def empty(n, dtype):
+    return np.empty(n, dtype)
+
+
+def flat(a):
+    return a.reshape(-1)
+
+
+def _pick(module, name, size):
+    par = size >= PAR_MIN and numba.get_num_threads() > 1
+    return getattr(module, f"{name}_{'parallel' if par else 'serial'}")
+
+
+def launch(module, rows, size, args):
+    _pick(module, "kernel", size)(*args)
+
+
+def channel_sum(module, x, P, C, Q, out):
+    _pick(module, "channel_sum", x.size)(x, P, C, Q, out)
+
+
+def to_host(a):
+    return a
