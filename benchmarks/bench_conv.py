@@ -3,18 +3,18 @@
 Run: env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE python benchmarks/bench_conv.py [--batch 64] [--reps 5]
 Both sides use the same number of threads (numba's prange threads vs torch.set_num_threads).
 """
-import argparse
-import datetime
-import os
-import platform
-import subprocess
-import time
+import netdsl.kernels.cpu as K  # first: sets OPENBLAS_NUM_THREADS=1 before numpy loads BLAS
 
-import numpy as np
+import argparse  # noqa: E402
+import datetime  # noqa: E402
+import os  # noqa: E402
+import platform  # noqa: E402
+import subprocess  # noqa: E402
+import time  # noqa: E402
 
-import netdsl.kernels.cpu as K  # sets OPENBLAS_NUM_THREADS=1 before numpy loads BLAS
-import numba
-import torch
+import numba  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
 
 F = torch.nn.functional
 
