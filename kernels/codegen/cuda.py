@@ -26,7 +26,7 @@ def _tree(shared, out):
     return ["cuda.syncthreads()",
             "s = TPB_REDUCE // 2",
             "while s > 0:",
-            *indent([f"if t < s:", f"    {shared}[t] += {shared}[t + s]", "cuda.syncthreads()", "s //= 2"]),
+            *indent(["if t < s:", f"    {shared}[t] += {shared}[t + s]", "cuda.syncthreads()", "s //= 2"]),
             "if t == 0:", f"    {out} = {shared}[0]",
             "cuda.syncthreads()"]
 
