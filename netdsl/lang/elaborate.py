@@ -20,6 +20,7 @@ from .parser import Loader, Module, pos_of
 
 DTYPES = ("f16", "f32", "f64", "i32", "i64", "bool")
 MAX_DEPTH = 64
+MAX_ITERATIONS = 100_000   # loop iterations unrolled per network: far above any real one
 
 
 class Elaborator(Expressions):
@@ -33,6 +34,7 @@ class Elaborator(Expressions):
         self.steps: list[StepState] = []
         self.symvals: dict = {}
         self.output_pos: dict[str, Pos | None] = {}
+        self.iterations = 0
         self._globals: dict[int, Env] = {}
         self.file = ""
 
@@ -225,10 +227,16 @@ class Elaborator(Expressions):
         n = self.eval(count, env, mod)
         if not isinstance(n, int) or isinstance(n, bool) or n < 0:
             raise NetdslError(f"repeat needs a count of 0 or more, got {_show(n)}", self.pos(count, mod))
+        if n > MAX_ITERATIONS:
+            raise NetdslError(f"repeat {n} would unroll more than {MAX_ITERATIONS} copies", self.pos(count, mod))
         for i in range(n):
             self._loop_iteration(scope, i, st, body, env, mod)
 
     def _loop_iteration(self, scope, i, st, body, env, mod):
+        self.iterations += 1
+        if self.iterations > MAX_ITERATIONS:
+            raise NetdslError(f"loops unroll more than {MAX_ITERATIONS} times in all", self.pos(st, mod),
+                              hint="a loop count is far larger than intended")
         if scope is not None:
             self.frames.append(Frame(f"{scope.value}{i + 1}", "loop", scope.value, self.pos(st, mod)))
         try:
@@ -546,5 +554,9 @@ def elaborate(path: str, network: str | None = None, overrides: dict | None = No
     loader = Loader()
     mod = loader.load(path)
     el = Elaborator(loader, overrides)
-    g = el.network(mod, network)
+    try:
+        g = el.network(mod, network)
+    except RecursionError:   # a resource limit, not a bug: say so at the network
+        raise NetdslError("the spec nests too deeply to elaborate (expressions, blocks or loops)",
+                          el.graph.pos if el.graph else Pos(mod.path, 1, 1)) from None
     return g, loader

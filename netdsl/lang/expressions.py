@@ -71,10 +71,17 @@ class _Return(Exception):
         self.value, self.pos = value, pos
 
 
+MAX_EXPONENT = 4096       # compile-time integers stay small enough to print
+MAX_LIST = 1_000_000      # longest list a spec may build (range)
+
+
 def _builtin_range(*a):
     if not all(isinstance(x, int) and not isinstance(x, bool) for x in a) or not 1 <= len(a) <= 3:
         raise TypeError("range() takes 1 to 3 integers")
-    return list(range(*a))
+    r = range(*a)
+    if len(r) > MAX_LIST:
+        raise ValueError(f"{len(r)} items is more than the {MAX_LIST} a spec may use")
+    return list(r)
 
 
 BUILTINS = {
@@ -228,7 +235,12 @@ class Expressions:
         a, b = (self.eval(c, env, mod) for c in t.children)
         if not (_is_number(a) and _is_number(b)):
             raise NetdslError(f"'**' needs numbers, got {_show(a)} and {_show(b)}", self.pos(t, mod))
-        return a ** b
+        if isinstance(a, int) and isinstance(b, int) and abs(a) > 1 and b > MAX_EXPONENT:
+            raise NetdslError(f"{a} ** {b} is too large to compute", self.pos(t, mod))
+        try:
+            return a ** b
+        except (OverflowError, ZeroDivisionError) as e:
+            raise NetdslError(f"{_show(a)} ** {_show(b)}: {e}", self.pos(t, mod)) from None
 
     def ex_binop(self, t, env, mod):
         a, op, b = t.children
@@ -343,14 +355,22 @@ class Expressions:
         raise NetdslError(f"{_show(v)} cannot be indexed", pos)
 
     def ex_pipe(self, t, env, mod, train=False):
-        left, stage = t.children
-        v = self.eval(left, env, mod)
-        if isinstance(v, ScanResult):
-            v = v.unwrap()
-        if isinstance(stage, Tree) and stage.data == "call":
-            return self.ex_call(stage, env, mod, train, first=v)
-        callee = self.eval(stage, env, mod)
-        return self.call(callee, [v], {}, self.pos(stage, mod), mod, argpos=[self.pos(left, mod)])
+        # a chain a -> f -> g nests to the left; walk it in a loop, not by recursion,
+        # so that long chains cannot exhaust Python's stack
+        stages = []
+        while isinstance(t, Tree) and t.data == "pipe":
+            t, stage = t.children
+            stages.append((t, stage))
+        v = self.eval(t, env, mod)
+        for left, stage in reversed(stages):
+            if isinstance(v, ScanResult):
+                v = v.unwrap()
+            if isinstance(stage, Tree) and stage.data == "call":
+                v = self.ex_call(stage, env, mod, train, first=v)
+            else:
+                callee = self.eval(stage, env, mod)
+                v = self.call(callee, [v], {}, self.pos(stage, mod), mod, argpos=[self.pos(left, mod)])
+        return v
 
     def ex_call(self, t, env, mod, train=False, first=None):
         fn, args = t.children
