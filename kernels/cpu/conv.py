@@ -172,6 +172,7 @@ class _Geom:
         """(kernel, T, B): images per GEMM so it has ~TARGET_COLS columns,
         but never so many that a thread is left without images."""
         fn, T = k.pick(self.work)
+        T = max(1, min(T, self.N))  # the batch is the only parallel axis
         ohw = self.OH * self.OW
         B = max(1, -(-TARGET_COLS // ohw))
         B = min(B, max(1, -(-self.N // T)))
