@@ -100,13 +100,14 @@ def _bn_stats(x, mean, var):
     return mean
 
 
-def _affine(x, a, b, y):
-    """y[n, c, :] = x[n, c, :] * a[c] + b[c]."""
+def _affine(x, m, a, b, y):
+    """y[n, c, :] = (x[n, c, :] - m[c]) * a[c] + b[c]. Centring first matters in float32:
+    x*a + (b - m*a) cancels badly when |mean| >> std and flips signs near zero."""
     N, C, L = x.shape
     for n in prange(N):
         for c in range(C):
             for i in range(L):
-                y[n, c, i] = x[n, c, i] * a[c] + b[c]
+                y[n, c, i] = (x[n, c, i] - m[c]) * a[c] + b[c]
     return y
 
 
@@ -155,9 +156,8 @@ def batchnorm_train(x, gamma=None, beta=None, running_mean=None, running_var=Non
     _bn_stats(x.size, x3, mean, var)
     invstd = (1.0 / np.sqrt(var + eps)).astype(x.dtype)
     a = _vec(gamma, C, x.dtype, 1) * invstd
-    b = _vec(beta, C, x.dtype, 0) - mean.astype(x.dtype) * a
     y = np.empty_like(x)
-    _affine(x.size, x3, a, b, y.reshape(x3.shape))
+    _affine(x.size, x3, mean.astype(x.dtype), a, _vec(beta, C, x.dtype, 0), y.reshape(x3.shape))
     M = N * L
     if running_mean is not None:
         running_mean *= 1 - momentum
@@ -186,9 +186,9 @@ def batchnorm_infer(x, gamma, beta, running_mean, running_var, eps=1e-5):
     C = x3.shape[1]
     invstd = 1.0 / np.sqrt(np.asarray(running_var, np.float64) + eps)
     a = (_vec(gamma, C, np.float64, 1) * invstd)
-    b = _vec(beta, C, np.float64, 0) - np.asarray(running_mean, np.float64) * a
     y = np.empty_like(x)
-    _affine(x.size, x3, a.astype(x.dtype), b.astype(x.dtype), y.reshape(x3.shape))
+    _affine(x.size, x3, _vec(running_mean, C, x.dtype, 0), a.astype(x.dtype), _vec(beta, C, x.dtype, 0),
+            y.reshape(x3.shape))
     return y
 
 

@@ -355,12 +355,13 @@ def sum_to(n, x, st):
 
 @kernel("zeros")
 def zeros(n, x, st):
-    return [np.zeros(st.shape_of(n.outputs[0]), DTYPES[n.outputs[0].dtype])]
+    dt = n.outputs[0].dtype
+    return [np.zeros(st.shape_of(n.outputs[0]), st.dtype if dt.startswith("f") else DTYPES[dt])]
 
 
 @kernel("fill")
 def fill(n, x, st):
-    return [np.full(st.shape_of(n.outputs[0]), n.attrs["value"], DTYPES[n.attrs["dtype"]])]
+    return [np.full(st.shape_of(n.outputs[0]), n.attrs["value"], st.dtype)]
 
 
 @kernel("detach")
@@ -418,3 +419,43 @@ def embedding_grad(n, x, st):
 @kernel("one_hot")
 def one_hot(n, x, st):
     return [np.eye(n.attrs["classes"], dtype=np.float32)[x[0]]]
+
+
+@kernel("pad")
+def pad(n, x, st):
+    a = n.attrs
+    widths = [(0, 0)] * x[0].ndim
+    widths[a["axis"] % x[0].ndim] = (a["before"], a["after"])
+    return [np.pad(x[0], widths)]
+
+
+def _adaptive_cells(size, out):
+    """torch's adaptive pooling windows: cell i covers [floor(i*size/out), ceil((i+1)*size/out))."""
+    return [(i * size // out, -(-(i + 1) * size // out)) for i in range(out)]
+
+
+@kernel("adaptive_avgpool")
+def adaptive_avgpool(n, x, st):
+    N, C, H, W = x[0].shape
+    h, w = n.attrs["size"]
+    if (H, W) == (h, w):
+        return [x[0]]
+    y = np.empty((N, C, h, w), x[0].dtype)
+    for i, (r0, r1) in enumerate(_adaptive_cells(H, h)):
+        for j, (c0, c1) in enumerate(_adaptive_cells(W, w)):
+            y[:, :, i, j] = x[0][:, :, r0:r1, c0:c1].mean(axis=(2, 3))
+    return [y]
+
+
+@kernel("adaptive_avgpool_grad")
+def adaptive_avgpool_grad(n, x, st):
+    gy, xin = x[0], x[1]
+    N, C, H, W = xin.shape
+    h, w = n.attrs["size"]
+    if (H, W) == (h, w):
+        return [gy]
+    gx = np.zeros_like(xin)
+    for i, (r0, r1) in enumerate(_adaptive_cells(H, h)):
+        for j, (c0, c1) in enumerate(_adaptive_cells(W, w)):
+            gx[:, :, r0:r1, c0:c1] += (gy[:, :, i, j] / gy.dtype.type((r1 - r0) * (c1 - c0)))[:, :, None, None]
+    return [gx]

@@ -21,8 +21,8 @@ from . import cpu
 class RunState:
     """What kernels see besides their inputs: parameters, phase, saved tensors, seeds."""
 
-    def __init__(self, params: dict, dims: dict, train: bool, seed: int = 0):
-        self.params, self.dims, self.train, self.seed = params, dims, train, seed
+    def __init__(self, params: dict, dims: dict, train: bool, seed: int = 0, dtype=np.float32):
+        self.params, self.dims, self.train, self.seed, self.dtype = params, dims, train, seed, dtype
         self.saved: dict = {}
         self.step = 0
 
@@ -115,5 +115,5 @@ def _compile(s: Step, ins):
         ref[id(n.outputs[0])] = len(nodes) - 1
     outputs = [ref[id(v)] for v in s.outputs]
     f = Fused.build({f"x{i}": ("full" if l == "bcast" else l) for i, l in enumerate(layouts)}, nodes, outputs)
-    dtype = np.float64 if s.outputs[0].dtype == "f64" else np.float32
+    dtype = next(a.dtype for a in ins if a.dtype.kind == "f")   # the run's precision, f32 or f64
     return compile_kernel(f, dtype), layouts, axis

@@ -13,9 +13,14 @@ from .init import init_params
 
 
 class Model:
-    def __init__(self, graph: Graph, params: dict | None = None, seed: int = 0, fuse: bool = True):
+    def __init__(self, graph: Graph, params: dict | None = None, seed: int = 0, fuse: bool = True,
+                 dtype=np.float32):
+        """dtype=np.float64 runs every float tensor in double precision (gradient checks)."""
         self.g = graph
+        self.dtype = np.dtype(dtype)
         self.params = params if params is not None else init_params(graph, seed)
+        if self.dtype != np.float32:
+            self.params = {k: v.astype(self.dtype) for k, v in self.params.items()}
         self.seed, self.fuse = seed, fuse
         self._tg = None
         self._programs: dict = {}
@@ -41,7 +46,7 @@ class Model:
                 raise NetdslError(f"the network has no input '{name}'", self.g.pos,
                                   hint="inputs: " + ", ".join(self.g.inputs))
             v = self.g.inputs[name]
-            want = DTYPES[v.dtype]
+            want = self.dtype if v.dtype.startswith("f") else DTYPES[v.dtype]
             arr = np.asarray(arr)
             if arr.ndim != v.rank or not _fits(v, arr.shape, dims):
                 raise NetdslError(f"input '{name}' is declared {v.dtype}{fmt_shape(v.shape)} but the data "
@@ -77,7 +82,7 @@ class Model:
             want = list(self.g.outputs) + [l.name for l in self.g.losses
                                            if l.phase == "all" and _inputs_of(self.g, l.value) <= fed]
         prog = self._program(False, dims, tuple(want))
-        env = prog.run(RunState(self.params, dims, False, self.seed), fv)
+        env = prog.run(RunState(self.params, dims, False, self.seed, self.dtype), fv)
         named = {**self.g.outputs, **{l.name: l.value for l in self.g.losses}}
         return {n: env[id(named[n])] for n in want}
 
@@ -88,7 +93,7 @@ class Model:
         if missing:
             raise NetdslError(f"training needs data for every input; missing: {', '.join(missing)}", self.g.pos)
         prog = self._program(True, dims, ())
-        st = RunState(self.params, dims, True, self.seed)
+        st = RunState(self.params, dims, True, self.seed, self.dtype)
         st.step = self.step
         env = prog.run(st, fv)
         losses = {l.name: float(env[id(l.value)]) for l in self.g.losses}
