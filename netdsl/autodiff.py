@@ -29,6 +29,19 @@ class TrainingGraph:
     def backward(self) -> list[Node]:
         return self.nodes[self.n_forward:]
 
+    def as_graph(self) -> Graph:
+        """The training graph as a Graph (forward and backward nodes, parameter gradients
+        as outputs), so it can be drawn and reported like any network."""
+        g = self.forward
+        outs = {f"grad {n}": v for n, v in self.grads.items()}
+        return Graph(f"{g.name} (training)", inputs=g.inputs, outputs=outs, losses=g.losses,
+                     nodes=self.nodes, params=g.params, train=g.train, symbols=g.symbols, pos=g.pos)
+
+    def keep(self) -> list[Value]:
+        """What a training step must hand back: outputs, losses and parameter gradients."""
+        g = self.forward
+        return list(g.outputs.values()) + [l.value for l in g.losses] + list(self.grads.values())
+
 
 class GradBuilder:
     """Emits backward nodes; VJP functions call `emit` to write gradients as IR."""

@@ -53,15 +53,24 @@ def cmd_compile(args):
     from . import report
     g = load_graph(args)
     if args.json:
-        print(json.dumps(report.to_json(g), indent=1))
-    else:
-        print(report.table(g))
+        out = report.to_json(g)
+        if args.explain:
+            out["plan"] = report.plan_json(g, args.batch)
+        print(json.dumps(out, indent=1))
+        return 0
+    print(report.table(g))
+    if args.explain:
+        print()
+        print(report.explain(g, args.batch))
     return 0
 
 
 def cmd_render(args):
     from .render import render
     g = load_graph(args)
+    if args.backward:
+        from .autodiff import build
+        g = build(g).as_graph()
     scene = render(g, args.output, depth=args.depth, expand=args.expand, rankdir=args.rankdir,
                    stack=not args.each_op, legend=not args.no_legend)
     print(f"wrote {args.output} ({len(scene.boxes)} boxes)")
@@ -147,6 +156,9 @@ def build_parser():
     c = sub.add_parser("compile", help="check a spec; print every node's shape, parameters and mult-adds")
     spec_args(c)
     c.add_argument("--json", action="store_true", help="machine-readable report (see docs/cli.md)")
+    c.add_argument("--explain", action="store_true",
+                   help="plan the training step: fused kernels, in-place steps, peak memory before/after planning")
+    c.add_argument("--batch", type=int, help="batch size for --explain's memory figures (default: the train section's)")
     c.set_defaults(fn=cmd_compile)
 
     r = sub.add_parser("render", help="draw the graph with Graphviz (.svg .png .pdf .dot)")
@@ -155,6 +167,8 @@ def build_parser():
     r.add_argument("--depth", type=int, default=None,
                    help="block nesting depth to draw; deeper blocks are one box (default: whole network, "
                         "with repeated blocks folded)")
+    r.add_argument("--backward", action="store_true",
+                   help="draw the training graph: the forward pass and the backward pass netdsl generated")
     r.add_argument("--expand", action="store_true", help="draw repeated blocks one by one instead of folding")
     r.add_argument("--rankdir", default="TB", choices=("TB", "LR", "BT", "RL"),
                    help="direction of flow: TB top to bottom (default), LR left to right")

@@ -99,3 +99,37 @@ def table(g: Graph) -> str:
     if g.carries:
         out.append("state     " + ", ".join(c.name for c in g.carries))
     return "\n".join(out)
+
+
+def _plan(g: Graph, batch: int | None):
+    from .autodiff import build
+    from .errors import NetdslError
+    from .plan import plan
+    n = batch or g.train.get("batch", 1)
+    if n < 1:
+        raise NetdslError(f"--batch must be positive, got {n}")
+    dims = {s: n if s == "N" else None for s in g.symbols}
+    free = [s for s, v in dims.items() if v is None]
+    if free:
+        raise NetdslError(f"memory figures need every dimension fixed; give {', '.join(free)} with --set",
+                          g.pos, hint=f"e.g. --set {free[0]}=32")
+    tg = build(g)
+    return tg, plan(tg.nodes, tg.keep(), dims), n
+
+
+def explain(g: Graph, batch: int | None) -> str:
+    from .plan import explain as explain_plan
+    tg, p, n = _plan(g, batch)
+    params = sum(int(product(q.shape)) * 4 for q in g.params.values())
+    head = [f"training step at batch {n}: {len(tg.nodes) - tg.n_forward} backward nodes generated "
+            f"for {tg.n_forward} forward nodes",
+            f"parameters   {params / 2**20:.1f} MiB (+ as much again for gradients)"]
+    return "\n".join(head + [explain_plan(p)])
+
+
+def plan_json(g: Graph, batch: int | None) -> dict:
+    tg, p, n = _plan(g, batch)
+    return {"batch": n, "backward_nodes": len(tg.nodes) - tg.n_forward, "steps": len(p.steps),
+            "fused": [{"at": s.nodes[-1].path, "ops": s.name} for s in p.steps if len(s.nodes) > 1],
+            "inplace_steps": sum(1 for s in p.steps if s.inplace),
+            "peak_bytes_unplanned": p.peak_naive, "peak_bytes_planned": p.peak_planned}

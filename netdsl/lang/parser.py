@@ -11,8 +11,27 @@ from lark.exceptions import UnexpectedCharacters, UnexpectedEOF, UnexpectedInput
 from ..errors import NetdslError, Pos
 
 _GRAMMAR = Path(__file__).with_name("grammar.lark")
+
+
+def _cache_file() -> str | bool:
+    """Building the LALR tables costs ~0.2 s a start; Lark caches them in a file named by
+    the grammar's hash. Only under our own cache directory, and only if it is writable."""
+    import hashlib
+    import os
+    base = os.environ.get("NETDSL_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "netdsl")
+    try:
+        os.makedirs(base, exist_ok=True)
+    except OSError:
+        return False
+    if not os.access(base, os.W_OK):
+        return False
+    import lark
+    key = hashlib.sha256((_GRAMMAR.read_text() + lark.__version__).encode()).hexdigest()[:16]
+    return os.path.join(base, f"grammar-{key}.lark-cache")
+
+
 _PARSER = Lark(_GRAMMAR.read_text(), parser="lalr", propagate_positions=True,
-               maybe_placeholders=True, cache=False)
+               maybe_placeholders=True, cache=_cache_file())
 
 # how terminals are named in messages
 _TOKEN_NAMES = {

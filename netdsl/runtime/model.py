@@ -64,9 +64,7 @@ class Model:
         key = (train, tuple(sorted(dims.items())), want)
         if key not in self._programs:
             if train:
-                tg = self.training_graph
-                keep = list(self.g.outputs.values()) + [l.value for l in self.g.losses] + list(tg.grads.values())
-                nodes = tg.nodes
+                keep, nodes = self.training_graph.keep(), self.training_graph.nodes
             else:
                 keep = [self.g.outputs[n] for n in want if n in self.g.outputs] + \
                        [l.value for l in self.g.losses if l.name in want]
