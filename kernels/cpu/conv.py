@@ -1,16 +1,20 @@
 """2-D convolution and transposed convolution via im2col + BLAS GEMM.
 
 Threads split the batch (prange); each runs serial sgemm/dgemm through
-np.dot on an im2col buffer covering `nb` images at once, so small spatial
-sizes still give GEMMs with enough columns to run near peak.
+np.dot on an im2col block of B images x R output rows: several images when
+the spatial size is small (so GEMMs are wide enough), a band of rows when it
+is large (so the block stays in L2).
 """
 import numpy as np
 from numba import prange
 
 from . import as_float, kernel, njit, pair
 
-# Columns per GEMM we aim for when several images are batched into one im2col.
-TARGET_COLS = 1024
+# Each GEMM gets an im2col block of about this many bytes (half the 1 MiB L2)
+# and between MIN_COLS and MAX_COLS columns; whole-image blocks across the
+# 2 threads otherwise round-trip through L3 and made the parallel conv
+# slower than the serial one.
+BLOCK_BYTES, MIN_COLS, MAX_COLS = 512 << 10, 256, 1024
 
 
 def out_size(n, k, s, p, d):
@@ -38,8 +42,9 @@ def _run(dst, d, src, s, n, step, add):
 
 
 @njit
-def _im2col(x, cols, n0, nb, c0, KH, KW, OH, OW, sh, sw, ph, pw, dh, dw, to_cols):
-    """cols[(c*KH+ki)*KW+kj, b*OH*OW + oh*OW + ow] <-> x[n0+b, c0+c, ih, iw].
+def _im2col(x, cols, n0, nb, c0, oh0, noh, KH, KW, OW, sh, sw, ph, pw, dh, dw, to_cols):
+    """cols[(c*KH+ki)*KW+kj, (b*noh + oh-oh0)*OW + ow] <-> x[n0+b, c0+c, ih, iw]
+    for output rows oh0 <= oh < oh0+noh.
 
     to_cols: gather x into cols (zero padding); else scatter-add cols into x
     (col2im, the adjoint), which is the conv backward-data.
@@ -48,7 +53,6 @@ def _im2col(x, cols, n0, nb, c0, KH, KW, OH, OW, sh, sw, ph, pw, dh, dw, to_cols
     xf = x.reshape(-1)
     cf = cols.reshape(-1)
     CKK, ncol = cols.shape
-    OHW = OH * OW
     zero = cols.dtype.type(0)
     u = np.uint64
     for r in range(CKK):
@@ -58,9 +62,9 @@ def _im2col(x, cols, n0, nb, c0, KH, KW, OH, OW, sh, sw, ph, pw, dh, dw, to_cols
         lo, hi = _valid(kj * dw - pw, sw, W, OW)
         for b in range(nb):
             plane = ((n0 + b) * C + c0 + c) * H * W
-            for oh in range(OH):
+            for oh in range(oh0, oh0 + noh):
                 ih = oh * sh - ph + ki * dh
-                d = r * ncol + b * OHW + oh * OW
+                d = r * ncol + (b * noh + oh - oh0) * OW
                 inside = 0 <= ih < H
                 s = plane + ih * W + lo * sw - pw + kj * dw  # >= 0 whenever used
                 if to_cols:
@@ -77,8 +81,9 @@ def _im2col(x, cols, n0, nb, c0, KH, KW, OH, OW, sh, sw, ph, pw, dh, dw, to_cols
                         xf[u(s + i * sw)] += cf[u(d + lo + i)]
 
 
-def _fwd(x, wg, b, y, KH, KW, OH, OW, sh, sw, ph, pw, dh, dw, B, T):
-    """y[N, O, OH*OW] = conv(x) + b, with wg[G, O/G, C/G*KH*KW]."""
+def _fwd(x, wg, b, y, KH, KW, OH, OW, sh, sw, ph, pw, dh, dw, B, R, T):
+    """y[N, O, OH*OW] = conv(x) + b, with wg[G, O/G, C/G*KH*KW].
+    Each GEMM covers B images x R output rows, sized so its im2col block stays in L2."""
     N, C = x.shape[0], x.shape[1]
     G, Og, CKK = wg.shape
     O = G * Og
@@ -86,31 +91,26 @@ def _fwd(x, wg, b, y, KH, KW, OH, OW, sh, sw, ph, pw, dh, dw, B, T):
     OHW = OH * OW
     yf = y.reshape(-1)
     for t in prange(T):
-        colbuf = np.empty(CKK * B * OHW, x.dtype)
-        outbuf = np.empty(Og * B * OHW, x.dtype)
+        colbuf = np.empty(CKK * B * R * OW, x.dtype)
+        outf = np.empty(Og * B * R * OW, x.dtype)
         n_lo, n_hi = t * N // T, (t + 1) * N // T
         for n0 in range(n_lo, n_hi, B):
             nb = min(B, n_hi - n0)
-            cols = colbuf[:CKK * nb * OHW].reshape(CKK, nb * OHW)
-            outf = outbuf[:Og * nb * OHW]
-            out = outf.reshape(Og, nb * OHW)
-            for g in range(G):
-                _im2col(x, cols, n0, nb, g * Cg, KH, KW, OH, OW, sh, sw, ph, pw, dh, dw, True)
-                if nb == 1:  # GEMM straight into y, no staging copy
-                    y0 = (n0 * O + g * Og) * OHW
-                    np.dot(wg[g], cols, yf[y0:y0 + Og * OHW].reshape(Og, OHW))
-                    for o in range(Og):
-                        _run(yf, y0 + o * OHW, yf, y0 + o * OHW, OHW, 1, b[g * Og + o])
-                    continue
-                np.dot(wg[g], cols, out)
-                for bi in range(nb):
-                    for o in range(Og):
-                        _run(yf, ((n0 + bi) * O + g * Og + o) * OHW, outf, (o * nb + bi) * OHW,
-                             OHW, 1, b[g * Og + o])
+            for oh0 in range(0, OH, R):
+                noh = min(R, OH - oh0)
+                L = noh * OW
+                cols = colbuf[:CKK * nb * L].reshape(CKK, nb * L)
+                for g in range(G):
+                    _im2col(x, cols, n0, nb, g * Cg, oh0, noh, KH, KW, OW, sh, sw, ph, pw, dh, dw, True)
+                    np.dot(wg[g], cols, outf[:Og * nb * L].reshape(Og, nb * L))
+                    for bi in range(nb):
+                        for o in range(Og):
+                            _run(yf, ((n0 + bi) * O + g * Og + o) * OHW + oh0 * OW, outf,
+                                 (o * nb + bi) * L, L, 1, b[g * Og + o])
     return y
 
 
-def _bwd(x, wg, gy, gx, gw, KH, KW, OH, OW, sh, sw, ph, pw, dh, dw, B, T, need_gx, need_gw):
+def _bwd(x, wg, gy, gx, gw, KH, KW, OH, OW, sh, sw, ph, pw, dh, dw, B, R, T, need_gx, need_gw):
     """gx[N, C, H, W] (pre-zeroed) and per-thread partial gw[T, G, O/G, CKK]."""
     N, C = gx.shape[0], gx.shape[1]
     G, Og, CKK = wg.shape
@@ -120,31 +120,29 @@ def _bwd(x, wg, gy, gx, gw, KH, KW, OH, OW, sh, sw, ph, pw, dh, dw, B, T, need_g
     gyf = gy.reshape(-1)
     zero = gy.dtype.type(0)
     for t in prange(T):
-        colbuf = np.empty(CKK * B * OHW, gy.dtype)
-        gybuf = np.empty(Og * B * OHW, gy.dtype)
+        colbuf = np.empty(CKK * B * R * OW, gy.dtype)
+        gybf = np.empty(Og * B * R * OW, gy.dtype)
         gwt = np.empty((Og, CKK), gy.dtype)
         n_lo, n_hi = t * N // T, (t + 1) * N // T
         for n0 in range(n_lo, n_hi, B):
             nb = min(B, n_hi - n0)
-            cols = colbuf[:CKK * nb * OHW].reshape(CKK, nb * OHW)
-            gybf = gybuf[:Og * nb * OHW]
-            for g in range(G):
-                if nb == 1:  # gy's [Og, OHW] block is already contiguous
-                    y0 = (n0 * O + g * Og) * OHW
-                    gyb = gyf[y0:y0 + Og * OHW].reshape(Og, OHW)
-                else:
-                    gyb = gybf.reshape(Og, nb * OHW)
+            for oh0 in range(0, OH, R):
+                noh = min(R, OH - oh0)
+                L = noh * OW
+                cols = colbuf[:CKK * nb * L].reshape(CKK, nb * L)
+                gyb = gybf[:Og * nb * L].reshape(Og, nb * L)
+                for g in range(G):
                     for bi in range(nb):
                         for o in range(Og):
-                            _run(gybf, (o * nb + bi) * OHW, gyf, ((n0 + bi) * O + g * Og + o) * OHW,
-                                 OHW, 1, zero)
-                if need_gw:
-                    _im2col(x, cols, n0, nb, g * Cg, KH, KW, OH, OW, sh, sw, ph, pw, dh, dw, True)
-                    np.dot(gyb, cols.T, gwt)
-                    gw[t, g] += gwt
-                if need_gx:
-                    np.dot(wg[g].T, gyb, cols)
-                    _im2col(gx, cols, n0, nb, g * Cg, KH, KW, OH, OW, sh, sw, ph, pw, dh, dw, False)
+                            _run(gybf, (o * nb + bi) * L, gyf, ((n0 + bi) * O + g * Og + o) * OHW + oh0 * OW,
+                                 L, 1, zero)
+                    if need_gw:
+                        _im2col(x, cols, n0, nb, g * Cg, oh0, noh, KH, KW, OW, sh, sw, ph, pw, dh, dw, True)
+                        np.dot(gyb, cols.T, gwt)
+                        gw[t, g] += gwt
+                    if need_gx:
+                        np.dot(wg[g].T, gyb, cols)
+                        _im2col(gx, cols, n0, nb, g * Cg, oh0, noh, KH, KW, OW, sh, sw, ph, pw, dh, dw, False)
     return gx
 
 
@@ -169,14 +167,16 @@ class _Geom:
         self.work = self.N * self.O * self.OH * self.OW * Cg * self.KH * self.KW
 
     def split(self, k):
-        """(kernel, T, B): images per GEMM so it has ~TARGET_COLS columns,
-        but never so many that a thread is left without images."""
+        """(kernel, T, B, R): each GEMM covers B images x R output rows."""
         fn, T = k.pick(self.work)
         T = max(1, min(T, self.N))  # the batch is the only parallel axis
+        ckk = self.C // self.G * self.KH * self.KW
+        cols = min(MAX_COLS, max(MIN_COLS, BLOCK_BYTES // (4 * ckk)))  # float32 bytes
         ohw = self.OH * self.OW
-        B = max(1, -(-TARGET_COLS // ohw))
-        B = min(B, max(1, -(-self.N // T)))
-        return fn, T, B
+        if ohw >= cols:
+            return fn, T, 1, max(1, cols // self.OW)
+        B = min(-(-cols // ohw), max(1, -(-self.N // T)))
+        return fn, T, B, self.OH
 
     def args(self):
         return (self.KH, self.KW, self.OH, self.OW, *self.s, *self.p, *self.d)
@@ -192,17 +192,17 @@ def conv2d(x, w, b=None, stride=1, pad=0, dilation=1, groups=1):
     g = _Geom(x.shape, w.shape, stride, pad, dilation, groups)
     b = np.zeros(g.O, x.dtype) if b is None else np.ascontiguousarray(b, dtype=x.dtype)
     y = np.empty((g.N, g.O, g.OH * g.OW), x.dtype)
-    fn, T, B = g.split(_fwd)
-    fn(x, g.wg(w), b, y, *g.args(), B, T)
+    fn, T, B, R = g.split(_fwd)
+    fn(x, g.wg(w), b, y, *g.args(), B, R, T)
     return y.reshape(g.N, g.O, g.OH, g.OW)
 
 
 def _backward(x, xshape, w, gy, g, need_gx, need_gw):
     gy = np.ascontiguousarray(gy, dtype=w.dtype).reshape(g.N, g.O, g.OH * g.OW)
-    fn, T, B = g.split(_bwd)
+    fn, T, B, R = g.split(_bwd)
     gx = np.zeros(xshape, w.dtype) if need_gx else np.zeros((g.N, g.C, 1, 1), w.dtype)
     gwp = np.zeros((T if need_gw else 1, g.G, g.O // g.G, w[0].size), w.dtype)
-    fn(x, g.wg(w), gy, gx, gwp, *g.args(), B, T, need_gx, need_gw)
+    fn(x, g.wg(w), gy, gx, gwp, *g.args(), B, R, T, need_gx, need_gw)
     gw = gwp.sum(axis=0).reshape(w.shape) if need_gw else None
     return (gx if need_gx else None), gw
 
