@@ -115,11 +115,15 @@ class Trainer:
         self.rng.bit_generator.state = c.make_rng().bit_generator.state
         self.epoch, self.model.step = c.epoch, c.step
 
-    def fit(self, progress: bool = True):
+    def fit(self, progress: bool = True, until: int | None = None):
+        """Train to the configured epoch count (or stop after epoch `until`, as an
+        interrupted run would; --resume then continues it exactly)."""
         os.makedirs(self.out, exist_ok=True)
         metrics_path = os.path.join(self.out, "metrics.jsonl")
+        stop = min(self.cfg["epochs"], until or self.cfg["epochs"])
+        rec = {}
         with MetricsLog(metrics_path) as mlog:
-            while self.epoch < self.cfg["epochs"]:
+            while self.epoch < stop:
                 rec = self.train_epoch(progress)
                 if (self.epoch + 1) % self.cfg["eval_every"] == 0 or self.epoch + 1 == self.cfg["epochs"]:
                     rec.update(self.evaluate())

@@ -1,0 +1,107 @@
+"""`netdsl run` end to end: training to accuracy, checkpoints, resume, bad input."""
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from helpers import ROOT, SPECS, cli, compile_spec
+from netdsl.errors import NetdslError
+from netdsl.runtime import load_checkpoint
+from netdsl.runtime.train import Trainer
+
+
+@pytest.fixture(scope="module")
+def digits_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("digits")
+    r = cli("run", SPECS / "digits_cnn.net", "--out", out, "--no-progress")
+    assert r.returncode == 0, r.stderr
+    return out, r
+
+
+def test_digits_cnn_reaches_098_test_accuracy(digits_run):
+    out, r = digits_run
+    recs = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [x["epoch"] for x in recs] == list(range(1, 16))
+    assert recs[-1]["test_acc"] >= 0.98, recs[-1]
+    assert recs[-1]["train_loss"] < recs[0]["train_loss"] / 10
+    assert (out / "metrics.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    c = load_checkpoint(str(out / "checkpoint.npz"))
+    assert c.epoch == 15 and c.step == 15 * 45
+    assert "epoch 15:" in r.stdout and "Traceback" not in r.stderr
+
+
+def test_eval_and_predict_from_checkpoint(digits_run, tmp_path):
+    out, _ = digits_run
+    r = cli("run", SPECS / "digits_cnn.net", "--out", out, "--eval")
+    assert r.returncode == 0, r.stderr
+    assert float(r.stdout.split("test_acc")[1].split()[0]) >= 0.98
+    from sklearn.datasets import load_digits
+    d = load_digits()
+    np.save(tmp_path / "five.npy", (d.images[-5:] / 16.0).astype(np.float32)[:, None])
+    r = cli("run", SPECS / "digits_cnn.net", "--out", out, "--predict", tmp_path / "five.npy")
+    assert r.returncode == 0, r.stderr
+    preds = json.loads((out / "predictions.json").read_text())["predictions"]
+    assert sum(p == t for p, t in zip(preds, d.target[-5:])) >= 4
+
+
+def _trainer(out, epochs):
+    g = compile_spec("digits_cnn.net")
+    cfg = dict(g.train, epochs=epochs)
+    return Trainer(g, cfg, str(out), (SPECS / "digits_cnn.net").read_text(), log=lambda s: None)
+
+
+def test_resume_is_bit_identical_to_an_uninterrupted_run(tmp_path):
+    whole = _trainer(tmp_path / "whole", 3)
+    whole.fit(progress=False)
+    first = _trainer(tmp_path / "split", 3)
+    first.fit(progress=False, until=1)        # as if the run were killed after epoch 1
+    rest = _trainer(tmp_path / "split", 3)
+    rest.resume()
+    rest.fit(progress=False)
+    assert rest.model.step == whole.model.step
+    for k, v in whole.model.params.items():
+        assert np.array_equal(v, rest.model.params[k]), k
+
+
+NAN_SPEC = """
+network blowup() {
+  input image: f32[N, 1, 8, 8]
+  input label: i64[N]
+  logits = image -> flatten -> linear(64) -> relu -> linear(10)
+  output logits
+  loss ce = cross_entropy(logits, label)
+  train { optimizer = sgd(lr = 1e12) epochs = 3 batch = 64 data = digits() }
+}
+"""
+
+
+def test_non_finite_loss_names_the_operator_and_line(tmp_path):
+    spec = tmp_path / "blowup.net"
+    spec.write_text(NAN_SPEC)
+    r = cli("run", spec, "--out", tmp_path / "run", "--no-progress")
+    assert r.returncode == 2
+    assert "non-finite values" in r.stderr and "blowup.net:" in r.stderr
+    assert "Traceback" not in r.stderr
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--epochs", "0"], "--epochs must be positive"),
+    (["--data", "digitz"], "did you mean 'digits'"),
+    (["--data", "mnist:/nonexistent/mnist"], "/nonexistent/mnist"),
+    (["--data", "fashion_mnist"], "has images of shape [1, 28, 28]"),
+    (["--device", "cuda"], "cuda"),
+    (["--eval"], "no checkpoint"),
+    (["--threads", "0"], "--threads"),
+    (["--set", "clases=3"], "no parameter or dimension 'clases'"),
+])
+def test_bad_run_flags_are_clear_errors(tmp_path, args, message):
+    r = cli("run", SPECS / "digits_cnn.net", "--out", tmp_path / "run", "--no-progress", *args)
+    assert r.returncode == 2, r.stdout + r.stderr
+    assert message in r.stderr, r.stderr
+    assert "Traceback" not in r.stderr
+
+
+def test_networks_run_does_not_train_say_so(tmp_path):
+    r = cli("run", SPECS / "rnn" / "charlm_lstm.net", "--out", tmp_path / "run")
+    assert r.returncode == 2 and "Traceback" not in r.stderr
