@@ -1,0 +1,181 @@
+"""netdsl vs PyTorch 2.13 on the CPU, side by side in one run, same thread count.
+
+    env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE python benchmarks/bench_train_step.py
+
+Prints, for ResNet-18 at 32x32, batch 64, one SGD (momentum) training step:
+  images/s of netdsl, PyTorch NCHW and PyTorch channels_last, and their ratios;
+  peak memory of the training step: peak RSS growth over the batch-64 steps, each
+  framework in its own process, after a warm-up step at batch 1 (code loaded, optimiser
+  state allocated), so it counts activations, gradients and workspace;
+and the start-up of ResNet-50 with a warm kernel cache: process start to the end of
+its first training step (batch 1, 224x224), with a breakdown.
+Each measurement runs in a fresh subprocess so that one framework's allocator and
+threads do not disturb the other's.
+"""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+THREADS = int(os.environ.get("BENCH_THREADS", os.cpu_count() or 2))
+STEPS = int(os.environ.get("BENCH_STEPS", 5))
+
+
+def rss_now() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def peak_rss() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def resnet18_spec(batch_note=""):
+    lib = os.path.join(ROOT, "specs", "lib", "resnet.net")
+    return f'''
+import "{lib}"
+network resnet18_32(classes = 1000) {{
+  input image: f32[N, 3, 32, 32]
+  input label: i64[N]
+  logits = resnet(image, basic, [2, 2, 2, 2], classes, name="")
+  output logits
+  loss ce = cross_entropy(logits, label)
+}}'''
+
+
+def run_netdsl(batch: int) -> dict:
+    import numba
+    import numpy as np
+    numba.set_num_threads(THREADS)
+    import tempfile
+    from netdsl.lang.elaborate import elaborate
+    from netdsl.runtime import make_optimizer
+    from netdsl.runtime.model import Model
+    with tempfile.TemporaryDirectory() as d:
+        p = os.path.join(d, "r18.net")
+        with open(p, "w") as f:
+            f.write(resnet18_spec())
+        g, _ = elaborate(p)
+    m = Model(g, seed=0)
+    opt = make_optimizer("sgd", m.trainable(), lr=0.01, momentum=0.9, weight_decay=1e-4)
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((batch, 3, 32, 32)).astype(np.float32)
+    y = rng.integers(0, 1000, batch)
+    _, _, _, grads = m.train_step({"image": x[:1], "label": y[:1]})   # load kernels at batch 1
+    opt.step(grads)
+    base = rss_now()
+    times = []
+    for _ in range(STEPS):
+        t = time.perf_counter()
+        _, _, _, grads = m.train_step({"image": x, "label": y})
+        opt.step(grads)
+        times.append(time.perf_counter() - t)
+    plan = m._programs[next(iter(m._programs))].plan
+    return {"sec": sorted(times)[len(times) // 2], "peak_growth": peak_rss() - base,
+            "planned_peak": plan.peak_planned, "unplanned_peak": plan.peak_naive}
+
+
+def run_torch(batch: int, channels_last: bool) -> dict:
+    import torch
+    torch.set_num_threads(THREADS)
+    sys.path.insert(0, os.path.join(ROOT, "tests"))
+    from reference.resnet import BasicBlock, ResNet
+    torch.manual_seed(0)
+    net = ResNet(BasicBlock, [2, 2, 2, 2], 1000)
+    x = torch.randn(batch, 3, 32, 32)
+    y = torch.randint(0, 1000, (batch,))
+    if channels_last:
+        net = net.to(memory_format=torch.channels_last)
+        x = x.contiguous(memory_format=torch.channels_last)
+    opt = torch.optim.SGD(net.parameters(), lr=0.01, momentum=0.9, weight_decay=1e-4)
+
+    def step(x=x, y=y):
+        opt.zero_grad(set_to_none=True)
+        torch.nn.functional.cross_entropy(net(x), y).backward()
+        opt.step()
+    step(x[:1], y[:1])                 # warm up at batch 1, as netdsl does
+    base = rss_now()
+    times = []
+    for _ in range(STEPS):
+        t = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - t)
+    return {"sec": sorted(times)[len(times) // 2], "peak_growth": peak_rss() - base}
+
+
+def run_startup() -> dict:
+    """Called in a fresh process: ResNet-50 from spec text to the end of its first step."""
+    t0 = float(os.environ["BENCH_T0"])
+    import numpy as np
+    t_import = time.time()
+    from netdsl.lang.elaborate import elaborate
+    from netdsl.runtime.model import Model
+    g, _ = elaborate(os.path.join(ROOT, "specs", "resnet50.net"))
+    t_elab = time.time()
+    m = Model(g, seed=0)
+    m.training_graph
+    t_build = time.time()
+    x = np.zeros((1, 3, 224, 224), np.float32)
+    m.train_step({"image": x, "label": np.zeros(1, np.int64)})
+    t_step = time.time()
+    return {"import": t_import - t0, "elaborate": t_elab - t_import, "init_autodiff": t_build - t_elab,
+            "plan_load_first_step": t_step - t_build, "total": t_step - t0}
+
+
+def sub(mode: str, *args) -> dict:
+    env = dict(os.environ, BENCH_T0=repr(time.time()))
+    out = subprocess.run([sys.executable, __file__, mode, *map(str, args)], capture_output=True, text=True,
+                         env=env, cwd=ROOT)
+    if out.returncode:
+        raise SystemExit(f"{mode} failed:\n{out.stderr}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def machine() -> str:
+    model = platform.processor()
+    try:
+        with open("/proc/cpuinfo") as f:
+            model = next(l.split(":", 1)[1].strip() for l in f if l.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return f"{model}, {os.cpu_count()} cores, {THREADS} threads"
+
+
+def main():
+    batch = 64
+    print(f"# {time.strftime('%Y-%m-%d')} {machine()}; torch {__import__('torch').__version__}")
+    print(f"# OPENBLAS_CORETYPE={os.environ.get('OPENBLAS_CORETYPE')} OPENBLAS_L2_SIZE={os.environ.get('OPENBLAS_L2_SIZE')}")
+    nd = sub("netdsl", batch)
+    tn = sub("torch", batch, 0)
+    tc = sub("torch", batch, 1)
+    ips = lambda r: batch / r["sec"]
+    print(f"ResNet-18 32x32 batch {batch}, one SGD step (median of {STEPS}):")
+    print(f"  netdsl               {ips(nd):7.1f} images/s")
+    print(f"  torch NCHW           {ips(tn):7.1f} images/s   netdsl/torch = {ips(nd) / ips(tn):.2f}x")
+    print(f"  torch channels_last  {ips(tc):7.1f} images/s   netdsl/torch = {ips(nd) / ips(tc):.2f}x")
+    mib = lambda b: b / 2**20
+    print("peak memory of the training step (RSS growth over the batch-64 steps, after a batch-1 warm-up):")
+    print(f"  netdsl {mib(nd['peak_growth']):7.1f} MiB (planner: {mib(nd['planned_peak']):.1f} MiB of activations and "
+          f"gradients planned, {mib(nd['unplanned_peak']):.1f} MiB if every intermediate were kept)")
+    print(f"  torch  {mib(tn['peak_growth']):7.1f} MiB NCHW, {mib(tc['peak_growth']):.1f} MiB channels_last")
+    sub("startup")                       # warm the kernel cache
+    st = sub("startup")
+    print("ResNet-50 start-up with a warm kernel cache (process start -> first training step done, batch 1):")
+    print("  " + ", ".join(f"{k} {v:.2f} s" for k, v in st.items()))
+
+
+if __name__ == "__main__":
+    if len(sys.argv) > 1:
+        mode = sys.argv[1]
+        res = {"netdsl": lambda: run_netdsl(int(sys.argv[2])),
+               "torch": lambda: run_torch(int(sys.argv[2]), sys.argv[3] == "1"),
+               "startup": run_startup}[mode]()
+        print(json.dumps(res))
+    else:
+        main()
