@@ -6,6 +6,8 @@ released after their last use, as the plan says.
 """
 from __future__ import annotations
 
+import os
+import time
 import zlib
 
 import numpy as np
@@ -38,6 +40,7 @@ class Program:
     def __init__(self, nodes, keep: list[Value], dims: dict, fuse: bool = True):
         self.plan: Plan = plan(nodes, keep, dims, fuse)
         self.kernels: dict[int, object] = {}
+        self.profile: dict | None = {} if os.environ.get("NETDSL_PROFILE") else None   # seconds per op
         for s in self.plan.steps:
             if not s.fused and s.nodes[0].op not in cpu.KERNELS:
                 n = s.nodes[0]
@@ -48,12 +51,17 @@ class Program:
         and return its node under the key 'nonfinite'."""
         env = dict(feeds)
         params = st.params
+        prof = self.profile
         for s, free in zip(self.plan.steps, self.plan.free_after):
             ins = [params[v.param] if v.param is not None else env[id(v)] for v in s.inputs]
+            t0 = time.perf_counter() if prof is not None else 0.0
             if s.fused:
                 outs = self._elementwise(s, ins)
             else:
                 outs = cpu.KERNELS[s.nodes[0].op](s.nodes[0], ins, st)
+            if prof is not None:
+                key = "elementwise" if s.fused else s.nodes[0].op
+                prof[key] = prof.get(key, 0.0) + time.perf_counter() - t0
             for v, a in zip(s.outputs, outs):
                 env[id(v)] = a
                 if check and a.dtype.kind == "f" and not np.isfinite(a).all():
