@@ -37,8 +37,9 @@ def broadcast(ctx: Ctx):
     """numpy broadcasting over symbolic dimensions."""
     a, b = ctx.inputs
     ra, rb = a.shape[::-1], b.shape[::-1]
-    out = []
-    for i in range(max(len(ra), len(rb))):
+    out, bad = [], []
+    rank = max(len(ra), len(rb))
+    for i in range(rank):
         da = ra[i] if i < len(ra) else 1
         db = rb[i] if i < len(rb) else 1
         if da == db or db == 1:
@@ -46,9 +47,11 @@ def broadcast(ctx: Ctx):
         elif da == 1:
             out.append(db)
         else:
-            ctx.fail(f"shapes cannot be combined elementwise: axis {max(len(ra), len(rb)) - 1 - i} "
-                     f"is {da} in one and {db} in the other",
-                     hint="both operands must have the same shape, or 1 where they differ")
+            bad.append((rank - 1 - i, da, db))
+    if bad:   # name the leftmost disagreement: channels before spatial size
+        axis, da, db = bad[-1]
+        ctx.fail(f"shapes cannot be combined elementwise: axis {axis} is {da} in one and {db} in the other",
+                 hint="both operands must have the same shape, or 1 where they differ")
     if a.dtype != b.dtype:
         ctx.fail(f"operands have different dtypes {a.dtype} and {b.dtype}")
     return [(tuple(out[::-1]), a.dtype)]
