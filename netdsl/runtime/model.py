@@ -8,19 +8,24 @@ from ..errors import NetdslError, Note
 from ..ir.dims import Sym, fmt_shape
 from ..ir.graph import Graph, Value
 from .cpu import DTYPES
-from .executor import Program, RunState
+from .executor import Program, RunState, Target
 from .init import init_params
 
 
 class Model:
     def __init__(self, graph: Graph, params: dict | None = None, seed: int = 0, fuse: bool = True,
-                 dtype=np.float32):
-        """dtype=np.float64 runs every float tensor in double precision (gradient checks)."""
+                 dtype=np.float32, device: str = "cpu"):
+        """dtype=np.float64 runs every float tensor in double precision (gradient checks).
+        device="cuda" keeps parameters (and everything computed) in device memory:
+        `params` and gradients are then device arrays; `host_params()` copies them down."""
         self.g = graph
         self.dtype = np.dtype(dtype)
+        self.device = device
+        self.target = Target(device)
         self.params = params if params is not None else init_params(graph, seed)
         if self.dtype != np.float32:
             self.params = {k: v.astype(self.dtype) for k, v in self.params.items()}
+        self.params = {k: self.target.upload(v) for k, v in self.params.items()}
         self.seed, self.fuse = seed, fuse
         self._tg = None
         self._programs: dict = {}
@@ -31,6 +36,9 @@ class Model:
         if self._tg is None:
             self._tg = autodiff.build(self.g)
         return self._tg
+
+    def host_params(self) -> dict[str, np.ndarray]:
+        return {k: self.target.download(v) for k, v in self.params.items()}
 
     def trainable(self) -> dict[str, np.ndarray]:
         return {n: a for n, a in self.params.items() if self.g.params[n].role != "buffer"}
@@ -55,7 +63,7 @@ class Model:
                 if np.issubdtype(want, np.integer) != np.issubdtype(arr.dtype, np.integer):
                     raise NetdslError(f"input '{name}' is declared {v.dtype} but the data is {arr.dtype}", v.pos)
                 arr = arr.astype(want)
-            out[id(v)] = np.ascontiguousarray(arr)
+            out[id(v)] = self.target.upload(np.ascontiguousarray(arr))
         return dims, out
 
     # ---- programs
@@ -69,7 +77,7 @@ class Model:
                 keep = [self.g.outputs[n] for n in want if n in self.g.outputs] + \
                        [l.value for l in self.g.losses if l.name in want]
                 nodes = _needed(self.g, keep)
-            self._programs[key] = Program(nodes, keep, dims, self.fuse)
+            self._programs[key] = Program(nodes, keep, dims, self.fuse, self.device)
         return self._programs[key]
 
     def infer(self, feeds: dict, want=None) -> dict[str, np.ndarray]:
@@ -82,7 +90,7 @@ class Model:
         prog = self._program(False, dims, tuple(want))
         env = prog.run(RunState(self.params, dims, False, self.seed, self.dtype), fv)
         named = {**self.g.outputs, **{l.name: l.value for l in self.g.losses}}
-        return {n: env[id(named[n])] for n in want}
+        return {n: self.target.download(env[id(named[n])]) for n in want}
 
     def train_step(self, feeds: dict):
         """Forward and backward; returns (total loss, {loss name: value}, outputs, grads)."""
@@ -94,13 +102,13 @@ class Model:
         st = RunState(self.params, dims, True, self.seed, self.dtype)
         st.step = self.step
         env = prog.run(st, fv)
-        losses = {l.name: float(env[id(l.value)]) for l in self.g.losses}
+        losses = {l.name: float(self.target.download(env[id(l.value)])) for l in self.g.losses}
         total = sum(l.weight * losses[l.name] for l in self.g.losses)
         grads = {n: env[id(v)] for n, v in self.training_graph.grads.items()}
-        if not np.isfinite(total) or not all(np.isfinite(g).all() for g in grads.values()):
+        if not np.isfinite(total) or not _all_finite(self.device, grads.values()):
             self._blame(prog, st, fv)
         self.step += 1
-        outputs = {n: env[id(v)] for n, v in self.g.outputs.items() if id(v) in env}
+        outputs = {n: self.target.download(env[id(v)]) for n, v in self.g.outputs.items() if id(v) in env}
         return total, losses, outputs, grads
 
     def _blame(self, prog: Program, st: RunState, fv):
@@ -114,6 +122,13 @@ class Model:
                           + (" (in the backward pass)" if n.fwd is not None else ""),
                           n.pos, hint="lower the learning rate, add gradient clipping (clip = 1.0), "
                           "or check the data for NaNs")
+
+
+def _all_finite(device: str, arrays) -> bool:
+    if device == "cuda":    # one flag comes down, not the gradients
+        from .cuda import all_finite
+        return all_finite(arrays)
+    return all(np.isfinite(g).all() for g in arrays)
 
 
 def _fits(v: Value, shape, dims) -> bool:

@@ -1,0 +1,418 @@
+"""The CUDA target: binds each IR operator to its numba.cuda kernel.
+
+The twin of `runtime/cpu.py`: the same operator names, the same signature
+fn(node, inputs, state) -> list of arrays, with device arrays in and out.
+Parameters, activations, gradients and saved tensors all stay on the device;
+a loss is a device scalar. Elementwise steps are generated (codegen, target "cuda").
+
+Besides KERNELS, the executor needs a few array operations that differ between
+targets; `ARRAYS` gathers them (see `executor.Target`).
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from netdsl.kernels import cuda as K
+
+from ..errors import NetdslError
+from ..ir.dims import Sym
+from .cpu import _grads_for, _outs, _param, _wants
+
+KERNELS = {}
+
+
+def kernel(*names):
+    def wrap(fn):
+        for n in names:
+            KERNELS[n] = fn
+        return fn
+    return wrap
+
+
+def _dims(shape, st):
+    return tuple(int(d.subs(st.dims)) if isinstance(d, Sym) else int(d) for d in shape)
+
+
+# ---- convolution and linear
+
+@kernel("conv")
+def conv(n, x, st):
+    a = n.attrs
+    return [K.conv2d(x[0], _param(n, st, "weight"), _param(n, st, "bias"), a["s"], a["p"], a["d"], a["groups"])]
+
+
+@kernel("conv_grad")
+def conv_grad(n, x, st):
+    (gy,), (xin,), _, _ = _grads_for(n, x)
+    a = n.attrs
+    gx, gw, gb = K.conv2d_backward(xin, _param(n.fwd, st, "weight"), gy, a["s"], a["p"], a["d"], a["groups"],
+                                   need_gx=_wants(n, 0), need_gb="bias" in n.fwd.params)
+    return _outs(n, {0: gx}, {"weight": gw, "bias": gb})
+
+
+@kernel("conv_transpose")
+def conv_transpose(n, x, st):
+    a = n.attrs
+    return [K.conv_transpose2d(x[0], _param(n, st, "weight"), _param(n, st, "bias"), a["s"], a["p"],
+                               a["output_padding"], a["d"], a["groups"])]
+
+
+@kernel("conv_transpose_grad")
+def conv_transpose_grad(n, x, st):
+    (gy,), (xin,), _, _ = _grads_for(n, x)
+    a = n.attrs
+    gx, gw, gb = K.conv_transpose2d_backward(xin, _param(n.fwd, st, "weight"), gy, a["s"], a["p"],
+                                             a["output_padding"], a["d"], a["groups"], need_gx=_wants(n, 0),
+                                             need_gb="bias" in n.fwd.params)
+    return _outs(n, {0: gx}, {"weight": gw, "bias": gb})
+
+
+def _rows(x):
+    return x.reshape(x.size // x.shape[-1], x.shape[-1])
+
+
+@kernel("linear")
+def linear(n, x, st):
+    y = K.linear(_rows(x[0]), _param(n, st, "weight"), _param(n, st, "bias"))
+    return [y.reshape(x[0].shape[:-1] + (y.shape[-1],))]
+
+
+@kernel("linear_grad")
+def linear_grad(n, x, st):
+    (gy,), (xin,), _, _ = _grads_for(n, x)
+    gx, gw, gb = K.linear_backward(_rows(xin), _param(n.fwd, st, "weight"), _rows(gy), need_gx=_wants(n, 0))
+    return _outs(n, {0: None if gx is None else gx.reshape(xin.shape)}, {"weight": gw, "bias": gb})
+
+
+# ---- normalisation and dropout
+
+@kernel("bn")
+def bn(n, x, st):
+    a = n.attrs
+    g, b = _param(n, st, "weight"), _param(n, st, "bias")
+    rm, rv = _param(n, st, "running_mean"), _param(n, st, "running_var")
+    if not st.train:
+        return [K.batchnorm_infer(x[0], g, b, rm, rv, a["eps"])]
+    y, mean, invstd = K.batchnorm_train(x[0], g, b, rm, rv, a["momentum"], a["eps"])
+    st.saved[id(n)] = (mean, invstd)
+    return [y]
+
+
+@kernel("bn_grad")
+def bn_grad(n, x, st):
+    (gy,), (xin,), _, _ = _grads_for(n, x)
+    mean, invstd = st.saved[id(n.fwd)]
+    gx, gg, gb = K.batchnorm_backward(xin, gy, _param(n.fwd, st, "weight"), mean, invstd)
+    return _outs(n, {0: gx}, {"weight": gg, "bias": gb})
+
+
+@kernel("lrn")
+def lrn(n, x, st):
+    a = n.attrs
+    y, scale = K.local_response_norm(x[0], a["size"], a["alpha"], a["beta"], a["k"])
+    st.saved[id(n)] = scale
+    return [y]
+
+
+@kernel("lrn_grad")
+def lrn_grad(n, x, st):
+    (gy,), (xin,), _, _ = _grads_for(n, x)
+    a = n.attrs
+    return [K.local_response_norm_backward(xin, st.saved[id(n.fwd)], gy, a["size"], a["alpha"], a["beta"])]
+
+
+@kernel("dropout")
+def dropout(n, x, st):
+    if not st.train or n.attrs["p"] == 0:
+        st.saved[id(n)] = None
+        return [x[0]]
+    y, mask = K.dropout(x[0], n.attrs["p"], seed=st.seed_for(n))
+    st.saved[id(n)] = mask
+    return [y]
+
+
+@kernel("dropout_grad")
+def dropout_grad(n, x, st):
+    mask = st.saved[id(n.fwd)]
+    return [x[0] if mask is None else K.dropout_backward(x[0], mask, n.attrs["p"])]
+
+
+# ---- pooling and upsampling
+
+@kernel("maxpool")
+def maxpool(n, x, st):
+    a = n.attrs
+    y, sw = K.maxpool2d(x[0], a["k"], a["s"], a["p"], a["ceil"])
+    st.saved[id(n)] = sw
+    return [y, sw] if a["switches"] else [y]
+
+
+@kernel("maxpool_grad")
+def maxpool_grad(n, x, st):
+    a = n.attrs
+    return [K.maxpool2d_backward(x[0], st.saved[id(n.fwd)], x[1].shape, a["k"], a["s"], a["p"], a["ceil"])]
+
+
+@kernel("avgpool")
+def avgpool(n, x, st):
+    a = n.attrs
+    return [K.avgpool2d(x[0], a["k"], a["s"], a["p"], a["ceil"])]
+
+
+@kernel("avgpool_grad")
+def avgpool_grad(n, x, st):
+    a = n.attrs
+    return [K.avgpool2d_backward(x[0], x[1].shape, a["k"], a["s"], a["p"], a["ceil"])]
+
+
+@kernel("global_avgpool")
+def global_avgpool(n, x, st):
+    return [K.global_avgpool2d(x[0])]
+
+
+@kernel("global_avgpool_grad")
+def global_avgpool_grad(n, x, st):
+    return [K.global_avgpool2d_backward(x[0], x[1].shape)]
+
+
+@kernel("global_maxpool")
+def global_maxpool(n, x, st):
+    y, sw = K.global_maxpool2d(x[0])
+    st.saved[id(n)] = sw
+    return [y]
+
+
+@kernel("global_maxpool_grad")
+def global_maxpool_grad(n, x, st):
+    shape = x[1].shape
+    return [K.maxpool2d_backward(x[0], st.saved[id(n.fwd)], shape, shape[2:], 1, 0)]
+
+
+@kernel("max_unpool")
+def max_unpool(n, x, st):
+    a = n.attrs
+    return [K.max_unpool2d(x[0], x[1], a["k"], a["s"], a["p"])]
+
+
+@kernel("max_unpool_grad")
+def max_unpool_grad(n, x, st):
+    return [K.max_unpool2d_backward(x[0], x[2])]
+
+
+@kernel("upsample")
+def upsample(n, x, st):
+    s = n.attrs["scale"]
+    if n.attrs["mode"] == "nearest":
+        return [K.upsample_nearest2d(x[0], s)]
+    return [K.upsample_bilinear2d(x[0], float(s))]
+
+
+@kernel("upsample_grad")
+def upsample_grad(n, x, st):
+    s = n.attrs["scale"]
+    if n.attrs["mode"] == "nearest":
+        return [K.upsample_nearest2d_backward(x[0], s)]
+    return [K.upsample_bilinear2d_backward(x[0], x[1].shape, float(s))]
+
+
+@kernel("bed_of_nails")
+def bed_of_nails(n, x, st):
+    return [K.bed_of_nails(x[0], n.attrs["scale"])]
+
+
+@kernel("bed_of_nails_grad")
+def bed_of_nails_grad(n, x, st):
+    return [K.bed_of_nails_backward(x[0], n.attrs["scale"])]
+
+
+@kernel("adaptive_avgpool")
+def adaptive_avgpool(n, x, st):
+    if tuple(x[0].shape[2:]) == tuple(n.attrs["size"]):
+        return [x[0]]
+    return [K.adaptive_avgpool2d(x[0], n.attrs["size"])]
+
+
+@kernel("adaptive_avgpool_grad")
+def adaptive_avgpool_grad(n, x, st):
+    gy, xin = x[0], x[1]
+    if tuple(xin.shape) == tuple(gy.shape):
+        return [gy]
+    return [K.adaptive_avgpool2d_backward(gy, xin.shape)]
+
+
+# ---- losses (a loss node's output is a 0-d device array)
+
+def _ce_2d(logits, labels):
+    """Classes last, rows flat: [N, C], [N, T, C] or [N, C, H, W] -> [R, C]."""
+    if logits.ndim == 4:
+        return _rows(K.transpose(logits, (0, 2, 3, 1))), labels.reshape(labels.size)
+    return _rows(logits), labels.reshape(labels.size)
+
+
+@kernel("cross_entropy")
+def cross_entropy(n, x, st):
+    z, y = _ce_2d(x[0], x[1])
+    loss, probs, count = K.softmax_cross_entropy(z, y, n.attrs["ignore_index"])
+    st.saved[id(n)] = (probs, count)
+    return [loss.reshape(())]
+
+
+@kernel("cross_entropy_grad")
+def cross_entropy_grad(n, x, st):
+    gl, logits, labels = x[0], x[1], x[2]
+    probs, count = st.saved[id(n.fwd)]
+    gz = K.softmax_cross_entropy_backward(probs, labels.reshape(labels.size), count, gl, n.attrs["ignore_index"])
+    if logits.ndim == 4:
+        N, C, H, W = logits.shape
+        return [K.transpose(gz.reshape((N, H, W, C)), (0, 3, 1, 2))]
+    return [gz.reshape(logits.shape)]
+
+
+_POINT = {"l2": (K.mse_loss, K.mse_loss_backward), "smooth_l1": (K.smooth_l1_loss, K.smooth_l1_loss_backward),
+          "bce": (K.bce_with_logits, K.bce_with_logits_backward)}
+
+
+@kernel("l2", "smooth_l1", "bce")
+def point_loss(n, x, st):
+    if len(x) > 2:
+        raise NetdslError(f"{n.op} with a weight input is not supported by the CUDA runtime yet", n.pos)
+    extra = {"beta": n.attrs["beta"]} if n.op == "smooth_l1" else {}
+    return [_POINT[n.op][0](x[0], x[1], **extra).reshape(())]
+
+
+@kernel("l2_grad", "smooth_l1_grad", "bce_grad")
+def point_loss_grad(n, x, st):
+    k = n.attrs["ngrads"]
+    gl, pred, target = x[0], x[k], x[k + 1]
+    op = n.fwd.op
+    extra = {"beta": n.attrs["beta"]} if op == "smooth_l1" else {}
+    return [_POINT[op][1](pred, target, gl, **extra)]
+
+
+# ---- structural operators
+
+@kernel("reshape", "flatten")
+def reshape(n, x, st):
+    return [x[0].reshape(_dims(n.outputs[0].shape, st))]
+
+
+@kernel("transpose")
+def transpose(n, x, st):
+    return [K.transpose(x[0], n.attrs["perm"])]
+
+
+@kernel("concat")
+def concat(n, x, st):
+    return [K.concat(x, n.attrs["axis"])]
+
+
+@kernel("split")
+def split(n, x, st):
+    axis = n.attrs["axis"] % x[0].ndim
+    return K.split(x[0], [_dims((v.shape[axis],), st)[0] for v in n.outputs], axis)
+
+
+def _index(n):
+    return tuple(slice(*i) if isinstance(i, tuple) else i for i in n.attrs["index"])
+
+
+@kernel("slice")
+def slice_(n, x, st):
+    return [K.slice_(x[0], _index(n))]
+
+
+@kernel("slice_grad")
+def slice_grad(n, x, st):
+    return [K.slice_backward(x[0], st.shape_of(n.outputs[0]), _index(n.fwd))]
+
+
+@kernel("sum_to")
+def sum_to(n, x, st):
+    return [K.sum_to(x[0], st.shape_of(n.outputs[0]))]
+
+
+@kernel("zeros")
+def zeros(n, x, st):
+    from .cpu import DTYPES
+    dt = n.outputs[0].dtype
+    return [K.zeros(st.shape_of(n.outputs[0]), st.dtype if dt.startswith("f") else DTYPES[dt])]
+
+
+@kernel("fill")
+def fill(n, x, st):
+    return [K.full(st.shape_of(n.outputs[0]), n.attrs["value"], st.dtype)]
+
+
+@kernel("detach")
+def detach(n, x, st):
+    return [x[0]]
+
+
+@kernel("softmax", "log_softmax")
+def softmax(n, x, st):
+    y = K.softmax(x[0], n.attrs["axis"], log=n.op == "log_softmax")
+    st.saved[id(n)] = y
+    return [y]
+
+
+@kernel("softmax_grad", "log_softmax_grad")
+def softmax_grad(n, x, st):
+    return [K.softmax_backward(x[0], st.saved[id(n.fwd)], n.attrs["axis"], log=n.fwd.op == "log_softmax")]
+
+
+@kernel("sum", "mean")
+def reduce(n, x, st):
+    return [K.reduce_axis(x[0], n.attrs["axis"], mean=n.op == "mean")]
+
+
+@kernel("sum_grad", "mean_grad")
+def reduce_grad(n, x, st):
+    gy, xin = x[0], x[1]
+    ax = n.attrs["axis"] % xin.ndim
+    scale = 1.0 if n.fwd.op == "sum" else 1.0 / xin.shape[ax]
+    return [K.broadcast_axis(gy, xin.shape, ax, scale)]
+
+
+@kernel("embedding")
+def embedding(n, x, st):
+    return [K.embedding(_param(n, st, "weight"), x[0])]
+
+
+@kernel("embedding_grad")
+def embedding_grad(n, x, st):
+    gy, ids = x[0], x[1]
+    return [K.embedding_backward(gy, ids, _param(n.fwd, st, "weight").shape)]
+
+
+@kernel("one_hot")
+def one_hot(n, x, st):
+    return [K.one_hot(x[0], n.attrs["classes"])]
+
+
+@kernel("pad")
+def pad(n, x, st):
+    a = n.attrs
+    return [K.pad(x[0], a["axis"], a["before"], a["after"])]
+
+
+# ---- what the executor needs besides kernels
+
+def upload(a, dtype=None):
+    return K.to_device(a, dtype)
+
+
+def download(a) -> np.ndarray:
+    return a.copy_to_host() if hasattr(a, "copy_to_host") else np.asarray(a)
+
+
+def broadcast(a, shape):
+    return K.broadcast_to(a, shape)
+
+
+def synchronize():
+    from numba import cuda
+    cuda.synchronize()
+
+
+def all_finite(arrays) -> bool:
+    return K.all_finite(list(arrays))
