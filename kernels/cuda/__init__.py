@@ -17,11 +17,15 @@ this package (`__pycache__`), so a second process does not recompile.
 from __future__ import annotations
 
 import math
+import os
 
 import numpy as np
 from numba import cuda
 
-TPB = 256            # threads per block, flat grid-stride kernels
+# Threads per block of flat grid-stride kernels. The simulator runs every thread
+# as a Python thread, so it gets small blocks (the loops are grid-stride: any
+# block size computes the same thing).
+TPB = 64 if os.environ.get("NUMBA_ENABLE_CUDASIM") == "1" else 256
 TPB_RED = 128        # threads per block of a shared-memory tree reduction (a power of two)
 MAX_BLOCKS = 65535   # grid-stride loops cover the rest
 
@@ -96,8 +100,9 @@ def flat(a):
 
 def to_device(x, dtype=None):
     """A device array: device arrays pass through (checked), host arrays are copied up."""
-    if cuda.is_cuda_array(x):
-        x = cuda.as_cuda_array(x)
+    if not cuda.devicearray.is_cuda_ndarray(x) and getattr(cuda, "is_cuda_array", lambda _: False)(x):
+        x = cuda.as_cuda_array(x)     # CuPy, torch...: anything with __cuda_array_interface__
+    if cuda.devicearray.is_cuda_ndarray(x):
         if dtype is not None and x.dtype != np.dtype(dtype):
             raise TypeError(f"device array has dtype {x.dtype}, expected {np.dtype(dtype)}")
         return x

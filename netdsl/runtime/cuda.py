@@ -68,13 +68,14 @@ def conv_transpose_grad(n, x, st):
 
 
 def _rows(x):
-    return x.reshape(x.size // x.shape[-1], x.shape[-1])
+    k = x.shape[x.ndim - 1]     # (the simulator's shapes refuse negative indices)
+    return x.reshape(x.size // k, k)
 
 
 @kernel("linear")
 def linear(n, x, st):
     y = K.linear(_rows(x[0]), _param(n, st, "weight"), _param(n, st, "bias"))
-    return [y.reshape(x[0].shape[:-1] + (y.shape[-1],))]
+    return [y.reshape(tuple(x[0].shape)[:-1] + (y.shape[1],))]
 
 
 @kernel("linear_grad")
