@@ -27,6 +27,11 @@ class Step:
         return len(self.nodes) > 1 or is_elementwise(self.nodes[0])
 
     @property
+    def reads_inputs_late(self) -> bool:
+        """A norm-gradient tail reduces over the whole input before writing: no in-place."""
+        return self.nodes[-1].op in TAILS
+
+    @property
     def name(self) -> str:
         return "+".join(n.op if n.op != "ew_grad" else f"{n.attrs['of']}'{n.attrs['wrt']}" for n in self.nodes)
 
@@ -48,15 +53,25 @@ def nbytes(v: Value, dims: dict) -> int:
     return int(subs(product(v.shape), dims)) * BYTES.get(v.dtype, 4)
 
 
-def _fusable_edge(v: Value, consumer: Node, users: dict, keep: set) -> bool:
+# A batch norm may head an elementwise kernel (its apply is per-channel elementwise once
+# the statistics are known), and its gradient may end one (it reduces the chain's result).
+HEADS, TAILS = {"bn"}, {"bn_grad"}
+
+
+def _fusable_edge(v: Value, consumer: Node, users: dict, keep: set, norms: bool) -> bool:
     """Fold v's producer into consumer's kernel: v is used only there and never kept."""
     p = v.producer
-    return (p is not None and is_elementwise(p) and is_elementwise(consumer)
-            and id(v) not in keep and len(users.get(id(v), ())) == 1
-            and tuple(v.shape) == tuple(consumer.outputs[0].shape))
+    if p is None or id(v) in keep or len(users.get(id(v), ())) != 1:
+        return False
+    if is_elementwise(consumer):
+        head = norms and p.op in HEADS and p.inputs[0].rank in (2, 4)
+        return (is_elementwise(p) or head) and tuple(v.shape) == tuple(consumer.outputs[0].shape)
+    if norms and consumer.op in TAILS and v is consumer.inputs[0]:
+        return is_elementwise(p) and tuple(v.shape) == tuple(consumer.inputs[1].shape)
+    return False
 
 
-def plan(nodes: list[Node], keep: list[Value], dims: dict, fuse: bool = True) -> Plan:
+def plan(nodes: list[Node], keep: list[Value], dims: dict, fuse: bool = True, norms: bool = True) -> Plan:
     keep_ids = {id(v) for v in keep}
     users: dict[int, list[Node]] = {}
     for n in nodes:
@@ -68,10 +83,15 @@ def plan(nodes: list[Node], keep: list[Value], dims: dict, fuse: bool = True) ->
     for n in nodes:
         g = [n]
         for v in (n.inputs if fuse else []):
-            if v is not None and id(v.producer) in group_of and _fusable_edge(v, n, users, keep_ids):
+            if v is not None and id(v.producer) in group_of and _fusable_edge(v, n, users, keep_ids, norms):
                 pg = group_of[id(v.producer)]
-                if pg is not g:
-                    g = pg + [m for m in g if m not in pg]
+                if pg is g or pg[-1].op in TAILS or (n.op in TAILS and pg[0].op in HEADS):
+                    continue
+                if v.producer.op in HEADS and len(pg) > 1:
+                    continue   # a norm heads its own kernel only
+                if any(m.op in HEADS for m in pg) and any(m.op in HEADS for m in g):
+                    continue   # one norm per kernel
+                g = pg + [m for m in g if m not in pg]
         for m in g:
             group_of[id(m)] = g
     steps, seen = [], set()
@@ -113,7 +133,7 @@ def _liveness(steps: list[Step], keep_ids: set, dims: dict) -> Plan:
         dying = {id(v) for v in free[i]}
         for j, v in enumerate(s.outputs):
             # an elementwise step may write into an input that dies here (same shape and dtype)
-            if s.fused:
+            if s.fused and not s.reads_inputs_late:
                 for k, u in enumerate(s.inputs):
                     if (id(u) in dying and tuple(u.shape) == tuple(v.shape) and u.dtype == v.dtype
                             and k not in s.inplace.values()):

@@ -143,9 +143,8 @@ def _vec(v, C, dtype, fill):
     return np.full(C, fill, dtype) if v is None else np.ascontiguousarray(v, dtype).reshape(C)
 
 
-def batchnorm_train(x, gamma=None, beta=None, running_mean=None, running_var=None,
-                    momentum=0.1, eps=1e-5):
-    """Training batch norm over x[N, C, ...]: returns (y, batch_mean, batch_invstd).
+def batchnorm_stats(x, running_mean=None, running_var=None, momentum=0.1, eps=1e-5):
+    """Batch statistics of x[N, C, ...]: (mean, invstd) in x's dtype, accumulated in float64.
 
     running_mean / running_var (if given) are updated in place like torch:
     r = (1 - momentum) * r + momentum * stat, with the unbiased batch variance."""
@@ -154,10 +153,6 @@ def batchnorm_train(x, gamma=None, beta=None, running_mean=None, running_var=Non
     mean = np.empty(C, np.float64)
     var = np.empty(C, np.float64)
     _bn_stats(x.size, x3, mean, var)
-    invstd = (1.0 / np.sqrt(var + eps)).astype(x.dtype)
-    a = _vec(gamma, C, x.dtype, 1) * invstd
-    y = np.empty_like(x)
-    _affine(x.size, x3, mean.astype(x.dtype), a, _vec(beta, C, x.dtype, 0), y.reshape(x3.shape))
     M = N * L
     if running_mean is not None:
         running_mean *= 1 - momentum
@@ -165,7 +160,18 @@ def batchnorm_train(x, gamma=None, beta=None, running_mean=None, running_var=Non
     if running_var is not None:
         running_var *= 1 - momentum
         running_var += momentum * var * (M / max(M - 1, 1))
-    return y, mean.astype(x.dtype), invstd
+    return mean.astype(x.dtype), (1.0 / np.sqrt(var + eps)).astype(x.dtype)
+
+
+def batchnorm_train(x, gamma=None, beta=None, running_mean=None, running_var=None,
+                    momentum=0.1, eps=1e-5):
+    """Training batch norm over x[N, C, ...]: returns (y, batch_mean, batch_invstd)."""
+    x, x3 = _as3(x)
+    C = x3.shape[1]
+    mean, invstd = batchnorm_stats(x, running_mean, running_var, momentum, eps)
+    y = np.empty_like(x)
+    _affine(x.size, x3, mean, _vec(gamma, C, x.dtype, 1) * invstd, _vec(beta, C, x.dtype, 0), y.reshape(x3.shape))
+    return y, mean, invstd
 
 
 def batchnorm_backward(x, gy, gamma, mean, invstd):

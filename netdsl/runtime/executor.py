@@ -16,9 +16,9 @@ import numpy as np
 from ..errors import NetdslError
 from ..ir.dims import subs
 from ..ir.graph import Value
-from ..ops.elementwise import SCALAR
 from ..plan import Plan, Step, plan
 from . import cpu
+from .fused import FusedStep
 
 
 class RunState:
@@ -57,7 +57,8 @@ class Target:
 
 class Program:
     def __init__(self, nodes, keep: list[Value], dims: dict, fuse: bool = True, target: str = "cpu"):
-        self.plan: Plan = plan(nodes, keep, dims, fuse)
+        # norm heads/tails in fused kernels need the target's batch statistics (CPU for now)
+        self.plan: Plan = plan(nodes, keep, dims, fuse, norms=target == "cpu")
         self.kernels: dict[int, object] = {}
         self.profile: dict | None = {} if os.environ.get("NETDSL_PROFILE") else None   # seconds per op
         self.target = Target(target)
@@ -79,7 +80,7 @@ class Program:
                 sync()     # a device runs asynchronously: time each step to its end
             t0 = time.perf_counter() if prof is not None else 0.0
             if s.fused:
-                outs = self._elementwise(s, ins)
+                outs = self._elementwise(s, ins, st)
             else:
                 outs = table[s.nodes[0].op](s.nodes[0], ins, st)
             if prof is not None:
@@ -99,52 +100,8 @@ class Program:
 
     # ---- elementwise steps
 
-    def _elementwise(self, s: Step, ins):
+    def _elementwise(self, s: Step, ins, st):
         k = self.kernels.get(id(s))
         if k is None:
-            k = self.kernels[id(s)] = _compile(s, ins, self.target.name)
-        fn, layouts, axis = k
-        args = [a if l == "full" else a.reshape(a.size) for a, l in zip(ins, layouts)]
-        shape = ins[[i for i, l in enumerate(layouts) if l == "full"][0]].shape
-        args = [self.target.broadcast(a, shape) if l == "bcast" else a for a, l in zip(args, layouts)]
-        return list(fn(*args, axis=axis))
-
-
-def _layout(v: Value, shape) -> tuple[str, int]:
-    """How an input of an elementwise step is read: full, per-channel, scalar, or broadcast."""
-    if tuple(v.shape) == tuple(shape):
-        return "full", 1
-    if all(d == 1 for d in v.shape):
-        return "scalar", 1
-    lead = len(shape) - len(v.shape)
-    dims = (1,) * lead + tuple(v.shape)
-    axes = [i for i, d in enumerate(dims) if d != 1]
-    if len(axes) == 1 and dims[axes[0]] == shape[axes[0]]:
-        return "channel", axes[0]
-    return "bcast", 1
-
-
-def _compile(s: Step, ins, target: str = "cpu"):
-    from netdsl.kernels.codegen import Fused, compile_kernel
-    shape = tuple(s.nodes[-1].outputs[0].shape)
-    lay = [_layout(v, shape) for v in s.inputs]
-    axes = {ax for l, ax in lay if l == "channel"}
-    if len(axes) > 1:   # channels along different axes: materialise them instead
-        lay = [("bcast", 1) if l == "channel" else (l, ax) for l, ax in lay]
-    layouts = [l for l, _ in lay]
-    axis = next(iter(axes)) if len(axes) == 1 else 1
-    ref: dict[int, object] = {id(v): f"x{i}" for i, v in enumerate(s.inputs)}
-    nodes = []
-    for n in s.nodes:
-        if n.op == "ew_grad":
-            # the generator's gradient ops take (g, *uses), exactly as ew_grad nodes do
-            op, args = f"{n.attrs['of']}'{n.attrs['wrt']}", [ref[id(v)] for v in n.inputs]
-        else:
-            op, args = n.op, [ref[id(v)] for v in n.inputs]
-        attrs = {a.name: n.attrs[a.name] for a in SCALAR[op.split("'")[0]][3]}
-        nodes.append((op, *args, attrs))
-        ref[id(n.outputs[0])] = len(nodes) - 1
-    outputs = [ref[id(v)] for v in s.outputs]
-    f = Fused.build({f"x{i}": ("full" if l == "bcast" else l) for i, l in enumerate(layouts)}, nodes, outputs)
-    dtype = next(a.dtype for a in ins if a.dtype.kind == "f")   # the run's precision, f32 or f64
-    return compile_kernel(f, dtype, target), layouts, axis
+            k = self.kernels[id(s)] = FusedStep(s, ins, self.target)
+        return k(ins, st)
