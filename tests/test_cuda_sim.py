@@ -71,6 +71,11 @@ def test_small_cnn_training_step_matches_cpu(results):
     assert r["params_on_device"] and r["grads_on_device"]
 
 
+def test_optimiser_steps_on_device_match_cpu(results):
+    errs = results["train"]["optimizer"]
+    assert len(errs) == 9 and max(errs.values()) <= 1e-5, errs
+
+
 def test_error_check_can_fail(results):
     """The comparison sees a wrong kernel: a perturbed result is reported as an error."""
     assert results["gemm"]["control"] > 1e-2
@@ -313,11 +318,38 @@ def main_train():
     tc, _, oc, gc = cpu_m.train_step(feeds)
     tg, _, og, gg = gpu_m.train_step(feeds)
     host = gpu_m.host_params()
-    return {"loss": abs(tg - tc) / abs(tc), "logits": rel(og["logits"], oc["logits"]),
+    opt = _optimizer_steps(cpu_m, gpu_m, gc, gg)
+    return {"optimizer": opt, "loss": abs(tg - tc) / abs(tc), "logits": rel(og["logits"], oc["logits"]),
             "grads": {k: rel(gg[k], gc[k]) for k in gc}, "expect_grads": sorted(cpu_m.trainable()),
             "running": max(rel(host[k], cpu_m.params[k]) for k in host if "running" in k),
             "params_on_device": all(hasattr(v, "copy_to_host") for v in gpu_m.params.values()),
             "grads_on_device": all(hasattr(v, "copy_to_host") for v in gg.values())}
+
+
+def _optimizer_steps(cpu_m, gpu_m, gc, gg):
+    """Two steps of each optimiser (momentum, Nesterov, weight decay; Adam, AdamW) after
+    clipping, host arrays vs device arrays: the parameters and the state must agree."""
+    from netdsl.runtime import clip_grad_norm, make_optimizer
+    from netdsl.runtime.cuda import DeviceOptimizer, clip_grad_norm as clip_device, upload
+    errs = {}
+    for name, kw in (("sgd", {"lr": 0.1, "momentum": 0.9, "weight_decay": 1e-2, "nesterov": True}),
+                     ("adam", {"lr": 0.01, "weight_decay": 1e-2}), ("adamw", {"lr": 0.01})):
+        hp = {k: v.copy() for k, v in cpu_m.trainable().items()}
+        dp = {k: upload(v) for k, v in hp.items()}
+        host = make_optimizer(name, hp, **kw)
+        dev = DeviceOptimizer(make_optimizer(name, {k: v.copy() for k, v in hp.items()}, **kw), dp)
+        for _ in range(2):
+            hg = {k: v.copy() for k, v in gc.items()}
+            dg = {k: upload(v.copy_to_host()) for k, v in gg.items()}
+            n1, n2 = clip_grad_norm(hg, 0.05), clip_device(dg, 0.05)
+            errs[f"{name}:norm"] = abs(n1 - n2) / n1
+            host.step(hg)
+            dev.step(dg)
+        errs[name] = max(rel(dp[k], hp[k]) for k in hp)
+        hs, ds = host.state_dict(), dev.state_dict()
+        errs[f"{name}:state"] = max(rel(ds[k], hs[k]) for k in hs if k != "step")
+        assert set(hs) == set(ds)
+    return errs
 
 
 def main_signatures():

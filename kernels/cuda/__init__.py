@@ -171,3 +171,4 @@ from .tensor import (  # noqa: E402
     reduce_axis, broadcast_axis, sum_to, transpose, copy_into, concat, split, slice_, slice_backward, pad,
     embedding, embedding_backward, one_hot, broadcast_to, all_finite,
 )
+from .optim import adam_update, global_norm, scale, sgd_update  # noqa: E402

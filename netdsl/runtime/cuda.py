@@ -15,7 +15,7 @@ import numpy as np
 from netdsl.kernels import cuda as K
 
 from ..errors import NetdslError
-from ..ir.dims import Sym
+from ..ir.dims import Sym, subs
 from .cpu import _grads_for, _outs, _param, _wants
 
 KERNELS = {}
@@ -417,3 +417,105 @@ def synchronize():
 
 def all_finite(arrays) -> bool:
     return K.all_finite(list(arrays))
+
+
+# ---- training on the device: optimiser steps and clipping without leaving it
+
+class DeviceOptimizer:
+    """Runs a `runtime.optim` optimiser's update on device parameters and gradients.
+
+    The host optimiser (from `make_optimizer`, which checks the options) keeps the
+    hyper-parameters, schedule and step count; its buffers live here on the device
+    and come down only for `state_dict()` (checkpoints).
+    """
+
+    def __init__(self, host, params: dict):
+        from .optim import SGD, Adam
+        if not isinstance(host, (SGD, Adam)):
+            raise NetdslError(f"optimiser {type(host).__name__} has no CUDA update yet")
+        self.host, self.params = host, params
+        self.buffers: dict[str, dict] = {k: {} for k in host.state_keys}
+
+    @property
+    def steps(self):
+        return self.host.steps
+
+    @property
+    def current_lr(self):
+        return self.host.current_lr
+
+    def step(self, grads: dict) -> None:
+        from .optim import Adam
+        h = self.host
+        h.current_lr = lr = h.schedule(h.steps, h.lr)
+        h.steps += 1
+        for name, g in grads.items():
+            p = self.params[name]
+            if isinstance(h, Adam):
+                m = self.buffers["exp_avg"].setdefault(name, K.zeros(p.shape, p.dtype))
+                v = self.buffers["exp_avg_sq"].setdefault(name, K.zeros(p.shape, p.dtype))
+                step_size = lr / (1 - h.beta1 ** h.steps)
+                wd = lr * h.weight_decay if h.decoupled else h.weight_decay
+                K.adam_update(p, g, m, v, step_size, h.beta1, h.beta2, np.sqrt(1 - h.beta2 ** h.steps), h.eps, wd,
+                              h.decoupled)
+            else:
+                bufs = self.buffers.get("momentum", {})
+                first = h.momentum and name not in bufs
+                if h.momentum and first:
+                    bufs[name] = K.empty(p.shape, p.dtype)
+                buf = bufs.get(name, p)      # unused without momentum
+                K.sgd_update(p, g, buf, lr, h.momentum, h.dampening, h.weight_decay, first, h.nesterov)
+
+    def state_dict(self) -> dict:
+        self.host.state = {k: {n: download(b) for n, b in bufs.items()} for k, bufs in self.buffers.items()}
+        return self.host.state_dict()
+
+    def load_state_dict(self, state: dict, source: str = "optimiser state") -> None:
+        self.host.load_state_dict(state, source)
+        self.buffers = {k: {n: upload(b) for n, b in bufs.items()} for k, bufs in self.host.state.items()}
+
+
+def clip_grad_norm(grads: dict, max_norm: float) -> float:
+    """`runtime.optim.clip_grad_norm` on device gradients: only the norm comes down."""
+    total = K.global_norm(list(grads.values()))
+    coef = min(max_norm / (total + 1e-6), 1.0)
+    if coef < 1.0:
+        for g in grads.values():
+            K.scale(g, coef)
+    return total
+
+
+# ---- device memory of a training step (for `netdsl compile --device cuda`)
+
+def device_memory(graph, dims: dict, optimizer: str = "sgd", momentum: bool = True, itemsize: int = 4) -> dict:
+    """Bytes of device memory one training step needs, by kind:
+    params (parameters and buffers), grads, optimizer (momentum: 1 buffer per trainable
+    parameter, adam/adamw: 2), activations (the plan's peak of live intermediates,
+    after liveness release and in-place reuse), workspace (the largest im2col buffer),
+    and total. `dims` must give every symbolic dimension (e.g. {"N": 64})."""
+    import math as _m
+    from .. import autodiff
+    from ..plan import plan
+    from netdsl.kernels.cuda.gemm import COLS_BYTES
+    tg = autodiff.build(graph)
+    p = plan(tg.nodes, tg.keep(), dims)
+    size = {n: _m.prod(int(d) for d in prm.shape) for n, prm in graph.params.items()}
+    params = sum(size.values()) * itemsize
+    grads = sum(s for n, s in size.items() if graph.params[n].role != "buffer") * itemsize
+    slots = {"sgd": 1 if momentum else 0, "adam": 2, "adamw": 2}.get(optimizer.lower(), 2)
+    workspace = 0
+    for n in tg.nodes:
+        if n.op in ("conv", "conv_grad", "conv_transpose", "conv_transpose_grad"):
+            fwd = n.fwd or n
+            x = fwd.inputs[0] if fwd.op == "conv" else fwd.outputs[0]
+            y = fwd.outputs[0] if fwd.op == "conv" else fwd.inputs[0]
+            w = fwd.params["weight"].shape
+            N, C = (int(subs(d, dims)) for d in x.shape[:2])
+            L = _m.prod(int(subs(d, dims)) for d in y.shape[2:])
+            per = C * int(w[2]) * int(w[3]) * L * itemsize
+            if (int(w[2]), int(w[3])) != (1, 1) or n.attrs.get("s") not in (1, (1, 1)):
+                workspace = max(workspace, per * max(1, min(N, COLS_BYTES // max(per, 1))))
+    out = {"params": params, "grads": grads, "optimizer": slots * grads, "activations": p.peak_planned,
+           "workspace": workspace}
+    out["total"] = sum(out.values())
+    return out
