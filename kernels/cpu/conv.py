@@ -1,20 +1,35 @@
-"""2-D convolution and transposed convolution via im2col + BLAS GEMM.
+"""2-D convolution and transposed convolution via pixel-major im2col + BLAS GEMM.
 
-Threads split the batch (prange); each runs serial sgemm/dgemm through
-np.dot on an im2col block of B images x R output rows: several images when
-the spatial size is small (so GEMMs are wide enough), a band of rows when it
-is large (so the block stays in L2).
+Threads (prange) split the batch; each walks its share in blocks of B images x
+R output rows and, per block:
+  1. copies the B images into a zero-bordered NHWC buffer, so that every
+     im2col run is a contiguous copy of C floats with no bounds checks;
+  2. builds cols[P, KH*KW*C], one row per output pixel (P = B*R*OW);
+  3. runs serial sgemm cols @ Wt[KH*KW*C, O] -> out[P, O]. The pixel count
+     is GEMM's long M dimension: OpenBLAS ran this ~2x faster than the
+     transposed W[O, CKK] @ cols[CKK, P] for O = 64..128. For stride-1 layers
+     cols spans kj only and each ki is a row-shifted view of it (see _fwd);
+  4. transposes out into NCHW y, adding the bias.
+The backward rebuilds cols for gw += cols^T @ gy^T, and scatter-adds the
+gradient columns gy^T @ W into a padded NHWC buffer (col2im) for gx.
 """
+import numba.np.linalg
 import numpy as np
-from numba import prange
+from numba import prange, types
 
 from . import as_float, kernel, njit, pair
 
-# Each GEMM gets an im2col block of about this many bytes (half the 1 MiB L2)
-# and between MIN_COLS and MAX_COLS columns; whole-image blocks across the
-# 2 threads otherwise round-trip through L3 and made the parallel conv
-# slower than the serial one.
-BLOCK_BYTES, MIN_COLS, MAX_COLS = 512 << 10, 256, 1024
+numba.np.linalg.ensure_blas()
+# Numba's BLAS shim (scipy's sgemm/dgemm): (kind, transa, transb, m, n, k,
+# alpha, a, lda, b, ldb, beta, c, ldc), column-major, scalars by pointer.
+_xxgemm = types.ExternalFunction("numba_xxgemm", types.intc(
+    types.char, types.char, types.char, types.intp, types.intp, types.intp, types.voidptr,
+    types.voidptr, types.intp, types.voidptr, types.intp, types.voidptr, types.voidptr, types.intp))
+
+# Pixels (GEMM rows) per block: OpenBLAS sgemm slowed down below ~1024 rows.
+# Per-tap GEMMs (K = KW*C) only pay off on images of >= TAPS_MIN pixels.
+ROWS = 1024
+TAPS_MIN = 256
 
 
 def out_size(n, k, s, p, d):
@@ -22,127 +37,156 @@ def out_size(n, k, s, p, d):
 
 
 @njit
-def _valid(off, s, n, on):
-    """Range [lo, hi) of outputs o with 0 <= o*s + off < n."""
-    lo = 0 if off >= 0 else (-off + s - 1) // s
-    hi = 0 if n - 1 - off < 0 else (n - 1 - off) // s + 1
-    lo = min(lo, on)
-    hi = max(min(hi, on), lo)
-    return lo, hi
-
-
-@njit
-def _run(dst, d, src, s, n, step, add):
-    """dst[d + i] = src[s + i*step] + add for i < n, on flat arrays.
+def _copy(dst, d, dstep, src, s, sstep, n, add):
+    """dst[d + i*dstep] = src[s + i*sstep] + add for i < n, on flat arrays.
     Unsigned indices: Numba then emits no negative-index wraparound, which
     otherwise blocks vectorisation of these copies (measured 6x)."""
     u = np.uint64
     for i in range(n):
-        dst[u(d + i)] = src[u(s + i * step)] + add
+        dst[u(d + i * dstep)] = src[u(s + i * sstep)] + add
 
 
 @njit
-def _im2col(x, cols, n0, nb, c0, oh0, noh, KH, KW, OW, sh, sw, ph, pw, dh, dw, to_cols):
-    """cols[(c*KH+ki)*KW+kj, (b*noh + oh-oh0)*OW + ow] <-> x[n0+b, c0+c, ih, iw]
-    for output rows oh0 <= oh < oh0+noh.
-
-    to_cols: gather x into cols (zero padding); else scatter-add cols into x
-    (col2im, the adjoint), which is the conv backward-data.
-    """
+def _nhwc(x, n0, nb, xp, ph, pw, to_nhwc):
+    """xp[b, ph+i, pw+j, c] <-> x[n0+b, c, i, j]; xp's zero border is never written."""
     C, H, W = x.shape[1], x.shape[2], x.shape[3]
-    xf = x.reshape(-1)
-    cf = cols.reshape(-1)
-    CKK, ncol = cols.shape
-    zero = cols.dtype.type(0)
+    Hp, Wp = xp.shape[1], xp.shape[2]
+    xf, pf = x.reshape(-1), xp.reshape(-1)
+    zero = x.dtype.type(0)
+    for b in range(nb):
+        for c in range(C):
+            for i in range(H):
+                s = ((n0 + b) * C + c) * H * W + i * W
+                d = ((b * Hp + ph + i) * Wp + pw) * C + c
+                if to_nhwc:
+                    _copy(pf, d, C, xf, s, 1, W, zero)
+                else:
+                    _copy(xf, s, 1, pf, d, C, W, zero)
+
+
+@njit
+def _im2col(xp, cols, nb, c0, Cg, oh0, noh, OW, KH, KW, sh, sw, dh, dw, to_cols):
+    """cols[(b*noh + oh)*OW + ow, (ki*KW + kj)*Cg + c] <-> xp[b, (oh0+oh)*sh + ki*dh, ow*sw + kj*dw, c0+c].
+    to_cols: gather xp into cols; else scatter-add cols into xp (col2im, the adjoint)."""
+    Hp, Wp, C = xp.shape[1], xp.shape[2], xp.shape[3]
+    xf, cf = xp.reshape(-1), cols.reshape(-1)
+    CKK = KH * KW * Cg
     u = np.uint64
-    for r in range(CKK):
-        c = r // (KH * KW)
-        ki = (r // KW) % KH
-        kj = r % KW
-        lo, hi = _valid(kj * dw - pw, sw, W, OW)
-        for b in range(nb):
-            plane = ((n0 + b) * C + c0 + c) * H * W
-            for oh in range(oh0, oh0 + noh):
-                ih = oh * sh - ph + ki * dh
-                d = r * ncol + (b * noh + oh - oh0) * OW
-                inside = 0 <= ih < H
-                s = plane + ih * W + lo * sw - pw + kj * dw  # >= 0 whenever used
-                if to_cols:
-                    if not inside:
-                        cf[d:d + OW] = zero
-                        continue
-                    for ow in range(lo):
-                        cf[u(d + ow)] = zero
-                    _run(cf, d + lo, xf, s, hi - lo, sw, zero)
-                    for ow in range(hi, OW):
-                        cf[u(d + ow)] = zero
-                elif inside:
-                    for i in range(hi - lo):
-                        xf[u(s + i * sw)] += cf[u(d + lo + i)]
+    for b in range(nb):
+        for oh in range(noh):
+            for ow in range(OW):
+                d = ((b * noh + oh) * OW + ow) * CKK
+                for ki in range(KH):
+                    s = ((b * Hp + (oh0 + oh) * sh + ki * dh) * Wp + ow * sw) * C + c0
+                    for kj in range(KW):
+                        if to_cols:
+                            for i in range(Cg):
+                                cf[u(d + i)] = xf[u(s + i)]
+                        else:
+                            for i in range(Cg):
+                                xf[u(s + i)] += cf[u(d + i)]
+                        s += dw * C
+                        d += Cg
 
 
-def _fwd(x, wg, b, y, KH, KW, OH, OW, sh, sw, ph, pw, dh, dw, B, R, T):
-    """y[N, O, OH*OW] = conv(x) + b, with wg[G, O/G, C/G*KH*KW].
-    Each GEMM covers B images x R output rows, sized so its im2col block stays in L2."""
-    N, C = x.shape[0], x.shape[1]
-    G, Og, CKK = wg.shape
-    O = G * Og
+@njit
+def _gemm(M, N, K, a, lda, ta, b, ldb, tb, c, beta):
+    """c[M, N] = beta*c + op(a) @ op(b) on row-major flat views with leading dims
+    lda, ldb (ta/tb: 'T' when that operand is stored transposed). Numba's own
+    BLAS entry, unlike np.dot, takes beta and strided sub-matrices."""
+    one, bt = np.ones(1, c.dtype), np.full(1, beta, c.dtype)
+    kind = np.int8(115) if c.itemsize == 4 else np.int8(100)  # 's' / 'd'
+    # Row-major C = A B is column-major C^T = B^T A^T.
+    _xxgemm(kind, tb, ta, N, M, K, one.ctypes, b.ctypes, ldb, a.ctypes, lda, bt.ctypes, c.ctypes, N)
+
+
+def _fwd(x, wt, b, y, KH, KW, OH, OW, sh, sw, ph, pw, dh, dw, B, R, T, nt):
+    """y[N, O, OH*OW] = conv(x) + b, with wt[G, KH*KW*C/G, O/G].
+    nt = 1: full im2col, one GEMM with K = KH*KW*C/G.
+    nt = KH (stride 1, B = 1): im2col over kj only, on the R + (KH-1)*dh input
+    rows of the band; tap ki is then the row-shifted sub-matrix of that buffer,
+    one GEMM each with K = KW*C/G accumulating (beta=1): a third of the copying."""
+    N, C, H, W = x.shape
+    G, CKK, Og = wt.shape
     Cg = C // G
     OHW = OH * OW
-    yf = y.reshape(-1)
+    kh, K = KH // nt, CKK // nt     # im2col taps per row, and their columns
+    ext = (nt - 1) * dh             # extra input rows of a band
+    yf, wf = y.reshape(-1), wt.reshape(-1)
+    N_, T_ = np.int8(78), np.int8(84)
     for t in prange(T):
-        colbuf = np.empty(CKK * B * R * OW, x.dtype)
-        outf = np.empty(Og * B * R * OW, x.dtype)
+        xp = np.zeros((B, H + 2 * ph, W + 2 * pw, C), x.dtype)
+        colbuf = np.empty(B * (R + ext) * OW * K, x.dtype)
+        outf = np.empty(B * R * OW * Og, x.dtype)
         n_lo, n_hi = t * N // T, (t + 1) * N // T
         for n0 in range(n_lo, n_hi, B):
             nb = min(B, n_hi - n0)
+            _nhwc(x, n0, nb, xp, ph, pw, True)
             for oh0 in range(0, OH, R):
                 noh = min(R, OH - oh0)
                 L = noh * OW
-                cols = colbuf[:CKK * nb * L].reshape(CKK, nb * L)
                 for g in range(G):
-                    _im2col(x, cols, n0, nb, g * Cg, oh0, noh, KH, KW, OW, sh, sw, ph, pw, dh, dw, True)
-                    np.dot(wg[g], cols, outf[:Og * nb * L].reshape(Og, nb * L))
+                    _im2col(xp, colbuf, nb, g * Cg, Cg, oh0, noh + ext, OW, kh, KW, sh, sw, dh, dw, True)
+                    for k in range(nt):
+                        _gemm(nb * L, Og, K, colbuf[k * dh * OW * K:], K, N_,
+                              wf[(g * CKK + k * K) * Og:], Og, N_, outf, 0.0 if k == 0 else 1.0)
                     for bi in range(nb):
                         for o in range(Og):
-                            _run(yf, ((n0 + bi) * O + g * Og + o) * OHW + oh0 * OW, outf,
-                                 (o * nb + bi) * L, L, 1, b[g * Og + o])
+                            _copy(yf, ((n0 + bi) * G * Og + g * Og + o) * OHW + oh0 * OW, 1,
+                                  outf, bi * L * Og + o, Og, L, b[g * Og + o])
     return y
 
 
-def _bwd(x, wg, gy, gx, gw, KH, KW, OH, OW, sh, sw, ph, pw, dh, dw, B, R, T, need_gx, need_gw):
-    """gx[N, C, H, W] (pre-zeroed) and per-thread partial gw[T, G, O/G, CKK]."""
-    N, C = gx.shape[0], gx.shape[1]
-    G, Og, CKK = wg.shape
-    O = G * Og
-    Cg = C // G
+def _bwd(x, wk, gy, gx, gw, H, W, KH, KW, OH, OW, sh, sw, ph, pw, dh, dw, B, R, T, nt, need_gx, need_gw):
+    """gx[N, C, H, W] and per-thread partial gw[T, G, KH*KW*C/G, O/G], from
+    wk[G, O/G, KH*KW*C/G]; nt as in _fwd. gw accumulates straight into gw[t]
+    (beta=1); gx's columns are col2im-added into a padded NHWC buffer."""
+    N = gy.shape[0]
+    G, Og, CKK = wk.shape
+    Cg = CKK // (KH * KW)
+    C, O = G * Cg, G * Og
     OHW = OH * OW
-    gyf = gy.reshape(-1)
+    kh, K = KH // nt, CKK // nt
+    ext = (nt - 1) * dh
+    gyf, wf = gy.reshape(-1), wk.reshape(-1)
     zero = gy.dtype.type(0)
+    N_, T_ = np.int8(78), np.int8(84)
     for t in prange(T):
-        colbuf = np.empty(CKK * B * R * OW, gy.dtype)
-        gybf = np.empty(Og * B * R * OW, gy.dtype)
-        gwt = np.empty((Og, CKK), gy.dtype)
+        shape = (B, H + 2 * ph, W + 2 * pw, C)
+        xp = np.zeros(shape if need_gw else (1, 1, 1, 1), gy.dtype)
+        gxp = np.zeros(shape if need_gx else (1, 1, 1, 1), gy.dtype)
+        colbuf = np.empty(B * (R + ext) * OW * K, gy.dtype)
+        gytf = np.empty(B * R * OW * Og, gy.dtype)
+        gwf = gw[t].reshape(-1)
         n_lo, n_hi = t * N // T, (t + 1) * N // T
         for n0 in range(n_lo, n_hi, B):
             nb = min(B, n_hi - n0)
+            if need_gw:
+                _nhwc(x, n0, nb, xp, ph, pw, True)
+            if need_gx:
+                gxp[:nb] = zero
             for oh0 in range(0, OH, R):
                 noh = min(R, OH - oh0)
                 L = noh * OW
-                cols = colbuf[:CKK * nb * L].reshape(CKK, nb * L)
-                gyb = gybf[:Og * nb * L].reshape(Og, nb * L)
                 for g in range(G):
                     for bi in range(nb):
                         for o in range(Og):
-                            _run(gybf, (o * nb + bi) * L, gyf, ((n0 + bi) * O + g * Og + o) * OHW + oh0 * OW,
-                                 L, 1, zero)
+                            _copy(gytf, bi * L * Og + o, Og,
+                                  gyf, ((n0 + bi) * O + g * Og + o) * OHW + oh0 * OW, 1, L, zero)
                     if need_gw:
-                        _im2col(x, cols, n0, nb, g * Cg, oh0, noh, KH, KW, OW, sh, sw, ph, pw, dh, dw, True)
-                        np.dot(gyb, cols.T, gwt)
-                        gw[t, g] += gwt
+                        _im2col(xp, colbuf, nb, g * Cg, Cg, oh0, noh + ext, OW, kh, KW, sh, sw, dh, dw, True)
+                        for k in range(nt):
+                            _gemm(K, Og, nb * L, colbuf[k * dh * OW * K:], K, T_,
+                                  gytf, Og, N_, gwf[(g * CKK + k * K) * Og:], 1.0)
                     if need_gx:
-                        np.dot(wg[g].T, gyb, cols)
-                        _im2col(gx, cols, n0, nb, g * Cg, oh0, noh, KH, KW, OW, sh, sw, ph, pw, dh, dw, False)
+                        if nt > 1:  # the taps' row ranges overlap: accumulate
+                            colbuf[:(noh + ext) * OW * K] = zero
+                        for k in range(nt):
+                            _gemm(nb * L, K, Og, gytf, Og, N_, wf[g * Og * CKK + k * K:], CKK, N_,
+                                  colbuf[k * dh * OW * K:], 0.0 if nt == 1 else 1.0)
+                        _im2col(gxp, colbuf, nb, g * Cg, Cg, oh0, noh + ext, OW, kh, KW, sh, sw, dh, dw, False)
+            if need_gx:
+                _nhwc(gx, n0, nb, gxp, ph, pw, False)
     return gx
 
 
@@ -151,7 +195,7 @@ _bwd = kernel(_bwd)
 
 
 class _Geom:
-    """Shapes and attributes of one conv, plus the batching decision."""
+    """Shapes and attributes of one conv, plus the blocking decision."""
 
     def __init__(self, xshape, wshape, stride, pad, dilation, groups):
         self.N, self.C, self.H, self.W = xshape
@@ -167,22 +211,31 @@ class _Geom:
         self.work = self.N * self.O * self.OH * self.OW * Cg * self.KH * self.KW
 
     def split(self, k):
-        """(kernel, T, B, R): each GEMM covers B images x R output rows."""
+        """(kernel, T, B, R, nt): each GEMM covers B images x R output rows, about
+        ROWS pixels; nt = KH taps (see _fwd) for stride-1 images of >= TAPS_MIN pixels."""
         fn, T = k.pick(self.work)
         T = max(1, min(T, self.N))  # the batch is the only parallel axis
-        ckk = self.C // self.G * self.KH * self.KW
-        cols = min(MAX_COLS, max(MIN_COLS, BLOCK_BYTES // (4 * ckk)))  # float32 bytes
         ohw = self.OH * self.OW
-        if ohw >= cols:
-            return fn, T, 1, max(1, cols // self.OW)
-        B = min(-(-cols // ohw), max(1, -(-self.N // T)))
-        return fn, T, B, self.OH
+        if self.s[0] == 1 and self.KH > 1 and ohw >= TAPS_MIN:
+            return fn, T, 1, max(1, ROWS // self.OW), self.KH
+        if ohw >= ROWS:
+            return fn, T, 1, max(1, ROWS // self.OW), 1
+        return fn, T, min(-(-ROWS // ohw), -(-self.N // T)), self.OH, 1
 
     def args(self):
         return (self.KH, self.KW, self.OH, self.OW, *self.s, *self.p, *self.d)
 
-    def wg(self, w):
-        return np.ascontiguousarray(w).reshape(self.G, self.O // self.G, -1)
+    def w5(self, w):
+        """w as [G, O/G, C/G, KH, KW]."""
+        return w.reshape(self.G, self.O // self.G, self.C // self.G, self.KH, self.KW)
+
+    def wt(self, w):
+        """[G, KH*KW*C/G, O/G]: the forward GEMM's right operand."""
+        return np.ascontiguousarray(self.w5(w).transpose(0, 3, 4, 2, 1)).reshape(self.G, -1, self.O // self.G)
+
+    def wk(self, w):
+        """[G, O/G, KH*KW*C/G]: the backward-data GEMM's right operand."""
+        return np.ascontiguousarray(self.w5(w).transpose(0, 1, 3, 4, 2)).reshape(self.G, self.O // self.G, -1)
 
 
 def conv2d(x, w, b=None, stride=1, pad=0, dilation=1, groups=1):
@@ -192,18 +245,24 @@ def conv2d(x, w, b=None, stride=1, pad=0, dilation=1, groups=1):
     g = _Geom(x.shape, w.shape, stride, pad, dilation, groups)
     b = np.zeros(g.O, x.dtype) if b is None else np.ascontiguousarray(b, dtype=x.dtype)
     y = np.empty((g.N, g.O, g.OH * g.OW), x.dtype)
-    fn, T, B, R = g.split(_fwd)
-    fn(x, g.wg(w), b, y, *g.args(), B, R, T)
+    fn, T, B, R, nt = g.split(_fwd)
+    fn(x, g.wt(w), b, y, *g.args(), B, R, T, nt)
     return y.reshape(g.N, g.O, g.OH, g.OW)
 
 
 def _backward(x, xshape, w, gy, g, need_gx, need_gw):
     gy = np.ascontiguousarray(gy, dtype=w.dtype).reshape(g.N, g.O, g.OH * g.OW)
-    fn, T, B, R = g.split(_bwd)
-    gx = np.zeros(xshape, w.dtype) if need_gx else np.zeros((g.N, g.C, 1, 1), w.dtype)
-    gwp = np.zeros((T if need_gw else 1, g.G, g.O // g.G, w[0].size), w.dtype)
-    fn(x, g.wg(w), gy, gx, gwp, *g.args(), B, R, T, need_gx, need_gw)
-    gw = gwp.sum(axis=0).reshape(w.shape) if need_gw else None
+    fn, T, B, R, nt = g.split(_bwd)
+    gx = np.empty(xshape if need_gx else (1, 1, 1, 1), w.dtype)
+    if not need_gw:
+        x = np.zeros((1, 1, 1, 1), w.dtype)
+    Cg = g.C // g.G
+    gwp = np.zeros((T if need_gw else 1, g.G, g.KH * g.KW * Cg, g.O // g.G), w.dtype)
+    fn(x, g.wk(w), gy, gx, gwp, g.H, g.W, *g.args(), B, R, T, nt, need_gx, need_gw)
+    gw = None
+    if need_gw:  # [G, KH, KW, Cg, Og] -> [G, Og, Cg, KH, KW]
+        gw5 = gwp.sum(axis=0).reshape(g.G, g.KH, g.KW, Cg, g.O // g.G)
+        gw = np.ascontiguousarray(gw5.transpose(0, 4, 3, 1, 2)).reshape(w.shape)
     return (gx if need_gx else None), gw
 
 
