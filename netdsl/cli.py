@@ -100,6 +100,8 @@ def cmd_run(args):
     from .lang.training import TrainCall
     from .runtime.train import Trainer
     if args.device == "cuda":
+        from .runtime.cuda import require_gpu
+        require_gpu()   # no GPU: a clear error before any work
         raise NetdslError("--device cuda: the CUDA target is not available in this version; use --device cpu")
     if args.threads is not None:
         if not 1 <= args.threads <= numba.config.NUMBA_NUM_THREADS:

@@ -81,6 +81,15 @@ def test_error_check_can_fail(results):
     assert results["gemm"]["control"] > 1e-2
 
 
+def test_device_cuda_without_a_gpu_is_a_clear_error():
+    from helpers import SPECS, cli
+    from netdsl.runtime.cuda import gpu_available
+    p = cli("run", SPECS / "digits_cnn.net", "--device", "cuda", "--epochs", "1")
+    assert "Traceback" not in p.stderr
+    if not gpu_available():
+        assert p.returncode == 2 and "no CUDA GPU" in p.stderr, p.stderr
+
+
 # ---------------------------------------------------------------- the subprocess side
 
 def rel(got, want):

@@ -519,3 +519,18 @@ def device_memory(graph, dims: dict, optimizer: str = "sgd", momentum: bool = Tr
            "workspace": workspace}
     out["total"] = sum(out.values())
     return out
+
+
+def gpu_available() -> bool:
+    from numba import cuda
+    try:
+        return bool(cuda.is_available())
+    except Exception:   # a broken driver install counts as no GPU
+        return False
+
+
+def require_gpu() -> None:
+    """A NetdslError (exit 2, no traceback) when no CUDA device can be used."""
+    if not gpu_available():
+        raise NetdslError("--device cuda: no CUDA GPU is available on this machine (numba.cuda found no "
+                          "device or driver)", hint="use --device cpu, or run on a machine with an NVIDIA GPU")
