@@ -21,9 +21,12 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
-import torch.nn as nn
 
 from helpers import SPECS, cli, compile_spec
+from reference.cifar_resnet import CifarResNet
+from reference.classic import VGG, AlexNet, WideResNet
+from reference.googlenet import GoogLeNet
+from reference.resnet import Bottleneck, ResNet
 from netdsl import report
 from netdsl.errors import NetdslError
 from netdsl.lang.elaborate import elaborate
@@ -209,165 +212,10 @@ def test_googlenet_cli_reports_train_only_losses():
 
 # ---------------------------------------------------------------- names, against torch.nn
 
-def _bn(c, eps=1e-5):
-    return nn.BatchNorm2d(c, eps=eps)
-
-
-class Bottleneck(nn.Module):   # torchvision.models.resnet.Bottleneck
-    def __init__(self, cin, planes, stride=1, groups=1, base_width=64):
-        super().__init__()
-        width = int(planes * (base_width / 64.0)) * groups
-        self.conv1, self.bn1 = nn.Conv2d(cin, width, 1, bias=False), _bn(width)
-        self.conv2 = nn.Conv2d(width, width, 3, stride, 1, groups=groups, bias=False)
-        self.bn2 = _bn(width)
-        self.conv3, self.bn3 = nn.Conv2d(width, planes * 4, 1, bias=False), _bn(planes * 4)
-        self.relu = nn.ReLU(inplace=True)
-        if stride != 1 or cin != planes * 4:
-            self.downsample = nn.Sequential(nn.Conv2d(cin, planes * 4, 1, stride, bias=False), _bn(planes * 4))
-
-
-class ResNet(nn.Module):   # torchvision.models.resnet.ResNet with Bottleneck
-    def __init__(self, layers, num_classes=1000, groups=1, width_per_group=64):
-        super().__init__()
-        self.conv1, self.bn1 = nn.Conv2d(3, 64, 7, 2, 3, bias=False), _bn(64)
-        self.relu, self.maxpool = nn.ReLU(inplace=True), nn.MaxPool2d(3, 2, 1)
-        cin = 64
-        for i, (planes, n) in enumerate(zip((64, 128, 256, 512), layers)):
-            blocks = []
-            for j in range(n):
-                blocks.append(Bottleneck(cin, planes, 1 if i == 0 or j else 2, groups, width_per_group))
-                cin = planes * 4
-            setattr(self, f"layer{i + 1}", nn.Sequential(*blocks))
-        self.avgpool, self.fc = nn.AdaptiveAvgPool2d(1), nn.Linear(2048, num_classes)
-
-
-VGG_CFG_D = [64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M"]
-
-
-class VGG(nn.Module):   # torchvision.models.vgg.VGG with make_layers(cfg "D")
-    def __init__(self, cfg=VGG_CFG_D, batch_norm=False, num_classes=1000):
-        super().__init__()
-        layers, cin = [], 3
-        for v in cfg:
-            if v == "M":
-                layers.append(nn.MaxPool2d(2, 2))
-            else:
-                layers += [nn.Conv2d(cin, v, 3, padding=1)] + ([_bn(v)] if batch_norm else []) + [nn.ReLU(True)]
-                cin = v
-        self.features = nn.Sequential(*layers)
-        self.avgpool = nn.AdaptiveAvgPool2d(7)
-        self.classifier = nn.Sequential(nn.Linear(512 * 7 * 7, 4096), nn.ReLU(True), nn.Dropout(),
-                                        nn.Linear(4096, 4096), nn.ReLU(True), nn.Dropout(),
-                                        nn.Linear(4096, num_classes))
-
-
-class BasicConv2d(nn.Module):   # torchvision.models.googlenet
-    def __init__(self, cin, cout, **kw):
-        super().__init__()
-        self.conv, self.bn = nn.Conv2d(cin, cout, bias=False, **kw), _bn(cout, eps=0.001)
-
-
-class Inception(nn.Module):
-    def __init__(self, cin, c1, c3r, c3, c5r, c5, pp):
-        super().__init__()
-        self.branch1 = BasicConv2d(cin, c1, kernel_size=1)
-        self.branch2 = nn.Sequential(BasicConv2d(cin, c3r, kernel_size=1), BasicConv2d(c3r, c3, kernel_size=3, padding=1))
-        self.branch3 = nn.Sequential(BasicConv2d(cin, c5r, kernel_size=1), BasicConv2d(c5r, c5, kernel_size=3, padding=1))
-        self.branch4 = nn.Sequential(nn.MaxPool2d(3, 1, 1, ceil_mode=True), BasicConv2d(cin, pp, kernel_size=1))
-
-
-class InceptionAux(nn.Module):
-    def __init__(self, cin, num_classes):
-        super().__init__()
-        self.conv = BasicConv2d(cin, 128, kernel_size=1)
-        self.fc1, self.fc2, self.dropout = nn.Linear(2048, 1024), nn.Linear(1024, num_classes), nn.Dropout(0.7)
-
-
-class GoogLeNet(nn.Module):
-    def __init__(self, num_classes=1000, aux_logits=True):
-        super().__init__()
-        self.conv1 = BasicConv2d(3, 64, kernel_size=7, stride=2, padding=3)
-        self.maxpool1 = nn.MaxPool2d(3, 2, ceil_mode=True)
-        self.conv2 = BasicConv2d(64, 64, kernel_size=1)
-        self.conv3 = BasicConv2d(64, 192, kernel_size=3, padding=1)
-        self.maxpool2 = nn.MaxPool2d(3, 2, ceil_mode=True)
-        self.inception3a = Inception(192, 64, 96, 128, 16, 32, 32)
-        self.inception3b = Inception(256, 128, 128, 192, 32, 96, 64)
-        self.maxpool3 = nn.MaxPool2d(3, 2, ceil_mode=True)
-        self.inception4a = Inception(480, 192, 96, 208, 16, 48, 64)
-        self.inception4b = Inception(512, 160, 112, 224, 24, 64, 64)
-        self.inception4c = Inception(512, 128, 128, 256, 24, 64, 64)
-        self.inception4d = Inception(512, 112, 144, 288, 32, 64, 64)
-        self.inception4e = Inception(528, 256, 160, 320, 32, 128, 128)
-        self.maxpool4 = nn.MaxPool2d(2, 2, ceil_mode=True)
-        self.inception5a = Inception(832, 256, 160, 320, 32, 128, 128)
-        self.inception5b = Inception(832, 384, 192, 384, 48, 128, 128)
-        if aux_logits:
-            self.aux1, self.aux2 = InceptionAux(512, num_classes), InceptionAux(528, num_classes)
-        self.avgpool, self.dropout = nn.AdaptiveAvgPool2d(1), nn.Dropout(0.2)
-        self.fc = nn.Linear(1024, num_classes)
-
-
-class AlexNet(nn.Module):   # torchvision.models.alexnet
-    def __init__(self, num_classes=1000):
-        super().__init__()
-        self.features = nn.Sequential(
-            nn.Conv2d(3, 64, 11, 4, 2), nn.ReLU(True), nn.MaxPool2d(3, 2),
-            nn.Conv2d(64, 192, 5, padding=2), nn.ReLU(True), nn.MaxPool2d(3, 2),
-            nn.Conv2d(192, 384, 3, padding=1), nn.ReLU(True),
-            nn.Conv2d(384, 256, 3, padding=1), nn.ReLU(True),
-            nn.Conv2d(256, 256, 3, padding=1), nn.ReLU(True), nn.MaxPool2d(3, 2))
-        self.avgpool = nn.AdaptiveAvgPool2d(6)
-        self.classifier = nn.Sequential(nn.Dropout(), nn.Linear(256 * 6 * 6, 4096), nn.ReLU(True),
-                                        nn.Dropout(), nn.Linear(4096, 4096), nn.ReLU(True),
-                                        nn.Linear(4096, num_classes))
-
-
-class CifarBlockA(nn.Module):   # He et al. 4.2; option A shortcut has no parameters
-    def __init__(self, cin, c, stride):
-        super().__init__()
-        self.conv1, self.bn1 = nn.Conv2d(cin, c, 3, stride, 1, bias=False), _bn(c)
-        self.conv2, self.bn2 = nn.Conv2d(c, c, 3, 1, 1, bias=False), _bn(c)
-
-
-class CifarResNet(nn.Module):
-    def __init__(self, n, num_classes=10):
-        super().__init__()
-        self.conv1, self.bn1 = nn.Conv2d(3, 16, 3, 1, 1, bias=False), _bn(16)
-        cin = 16
-        for i, c in enumerate((16, 32, 64)):
-            setattr(self, f"layer{i + 1}", nn.Sequential(*[CifarBlockA(cin if j == 0 else c, c, 2 if i and not j else 1)
-                                                           for j in range(n)]))
-            cin = c
-        self.fc = nn.Linear(64, num_classes)
-
-
-class WideBasic(nn.Module):   # the WRN authors' pre-activation block
-    def __init__(self, cin, c, stride):
-        super().__init__()
-        self.bn1, self.conv1 = _bn(cin), nn.Conv2d(cin, c, 3, stride, 1, bias=False)
-        self.bn2, self.conv2 = _bn(c), nn.Conv2d(c, c, 3, 1, 1, bias=False)
-        if stride != 1 or cin != c:
-            self.shortcut = nn.Conv2d(cin, c, 1, stride, bias=False)
-
-
-class WideResNet(nn.Module):
-    def __init__(self, depth, k, num_classes=10):
-        super().__init__()
-        n = (depth - 4) // 6
-        self.conv1 = nn.Conv2d(3, 16, 3, 1, 1, bias=False)
-        cin = 16
-        for i, c in enumerate((16 * k, 32 * k, 64 * k)):
-            setattr(self, f"layer{i + 1}", nn.Sequential(*[WideBasic(cin if j == 0 else c, c, 2 if i and not j else 1)
-                                                           for j in range(n)]))
-            cin = c
-        self.bn1, self.fc = _bn(cin), nn.Linear(cin, num_classes)
-
-
 TORCH_REFS = {
-    "resnet50": (lambda: ResNet([3, 4, 6, 3]), 25_557_032),
-    "resnext50_32x4d": (lambda: ResNet([3, 4, 6, 3], groups=32, width_per_group=4), 25_028_904),
-    "wide_resnet50_2": (lambda: ResNet([3, 4, 6, 3], width_per_group=128), 68_883_240),
+    "resnet50": (lambda: ResNet(Bottleneck, [3, 4, 6, 3]), 25_557_032),
+    "resnext50_32x4d": (lambda: ResNet(Bottleneck, [3, 4, 6, 3], groups=32, width_per_group=4), 25_028_904),
+    "wide_resnet50_2": (lambda: ResNet(Bottleneck, [3, 4, 6, 3], width_per_group=128), 68_883_240),
     "vgg16": (lambda: VGG(), 138_357_544),
     "vgg16_bn": (lambda: VGG(batch_norm=True), 138_365_992),
     "googlenet": (lambda: GoogLeNet(), 13_004_888),
