@@ -62,6 +62,9 @@ def cmd_compile(args):
     if args.explain:
         print()
         print(report.explain(g, args.batch))
+    if args.device == "cuda":
+        print()
+        print(report.device_memory(g, args.batch))
     return 0
 
 
@@ -102,7 +105,6 @@ def cmd_run(args):
     if args.device == "cuda":
         from .runtime.cuda import require_gpu
         require_gpu()   # no GPU: a clear error before any work
-        raise NetdslError("--device cuda: the CUDA target is not available in this version; use --device cpu")
     if args.threads is not None:
         if not 1 <= args.threads <= numba.config.NUMBA_NUM_THREADS:
             raise NetdslError(f"--threads must be between 1 and {numba.config.NUMBA_NUM_THREADS}")
@@ -124,7 +126,7 @@ def cmd_run(args):
         cfg["data"] = TrainCall(name, {"path": path} if path else {})
     out = args.out or os.path.join("runs", os.path.splitext(os.path.basename(args.spec))[0])
     spec_text = "".join(args._sources.values())
-    t = Trainer(g, cfg, out, spec_text, log=lambda s: print(s, flush=True))
+    t = Trainer(g, cfg, out, spec_text, log=lambda s: print(s, flush=True), device=args.device)
     if args.resume or args.eval or args.predict:
         ckpt = args.weights or t.ckpt_path
         if not os.path.exists(ckpt):
@@ -161,6 +163,8 @@ def build_parser():
     c.add_argument("--explain", action="store_true",
                    help="plan the training step: fused kernels, in-place steps, peak memory before/after planning")
     c.add_argument("--batch", type=int, help="batch size for --explain's memory figures (default: the train section's)")
+    c.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                   help="cuda: also report the device memory a training step needs (no GPU needed)")
     c.set_defaults(fn=cmd_compile)
 
     r = sub.add_parser("render", help="draw the graph with Graphviz (.svg .png .pdf .dot)")

@@ -101,18 +101,31 @@ def table(g: Graph) -> str:
     return "\n".join(out)
 
 
-def _plan(g: Graph, batch: int | None):
-    from .autodiff import build
+def _dims(g: Graph, batch: int | None):
     from .errors import NetdslError
-    from .plan import plan
     n = batch or g.train.get("batch", 1)
     if n < 1:
         raise NetdslError(f"--batch must be positive, got {n}")
-    dims = {s: n if s == "N" else None for s in g.symbols}
-    free = [s for s, v in dims.items() if v is None]
+    free = [s for s in g.symbols if s != "N"]
     if free:
         raise NetdslError(f"memory figures need every dimension fixed; give {', '.join(free)} with --set",
                           g.pos, hint=f"e.g. --set {free[0]}=32")
+    return {"N": n} if "N" in g.symbols else {}, n
+
+
+def device_memory(g: Graph, batch: int | None) -> str:
+    from .runtime.cuda import device_memory as dm
+    dims, n = _dims(g, batch)
+    opt = g.train["optimizer"]
+    mem = dm(g, dims, opt.name, momentum=bool(opt.kwargs.get("momentum", 0)))
+    return (f"device memory for a training step at batch {n} ({opt.name}): "
+            + ", ".join(f"{k} {v / 2**20:.1f} MiB" for k, v in mem.items()))
+
+
+def _plan(g: Graph, batch: int | None):
+    from .autodiff import build
+    from .plan import plan
+    dims, n = _dims(g, batch)
     tg = build(g)
     return tg, plan(tg.nodes, tg.keep(), dims), n
 

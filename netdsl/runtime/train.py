@@ -79,10 +79,11 @@ def _optimizer(cfg: dict, params: dict, schedule):
 
 
 class Trainer:
-    def __init__(self, g: Graph, cfg: dict, out_dir: str, spec_text: str, log=print):
+    def __init__(self, g: Graph, cfg: dict, out_dir: str, spec_text: str, log=print, device: str = "cpu"):
         self.g, self.cfg, self.out, self.spec_text, self.log = g, cfg, out_dir, spec_text, log
+        self.device = device
         self.r = roles(g)
-        self.model = Model(g, seed=cfg["seed"])
+        self.model = Model(g, seed=cfg["seed"], device=device)
         self.data = load_data(g, self.r, cfg, cfg["seed"])
         self._check_data()
         self.rng = np.random.default_rng(cfg["seed"])
@@ -93,6 +94,10 @@ class Trainer:
                                    mean=mean, std=std, crop_padding=crop, flip=flip)
         self.test_loader = Loader(self.data.x_test, self.data.y_test, cfg["batch"], mean=mean, std=std)
         self.opt = _optimizer(cfg, self.model.trainable(), _schedule(cfg, len(self.train_loader)))
+        self.clip = clip_grad_norm
+        if device == "cuda":   # parameters, gradients and optimiser state stay on the device
+            from . import cuda
+            self.opt, self.clip = cuda.DeviceOptimizer(self.opt, self.model.trainable()), cuda.clip_grad_norm
         self.epoch = 0
 
     def _check_data(self):
@@ -110,7 +115,9 @@ class Trainer:
 
     def resume(self, path: str | None = None):
         c = load_checkpoint(path or self.ckpt_path, spec_text=self.spec_text)
-        load_weights(self.model.params, c)
+        host = self.model.host_params()
+        load_weights(host, c)
+        self.model.params.update({k: self.model.target.upload(v) for k, v in host.items()})
         self.opt.load_state_dict(c.opt_state)
         self.rng.bit_generator.state = c.make_rng().bit_generator.state
         self.epoch, self.model.step = c.epoch, c.step
@@ -132,7 +139,7 @@ class Trainer:
                 mlog.log(**rec)
                 self.log("epoch {epoch}: ".format(**rec) + "  ".join(
                     f"{k} {v:.4f}" for k, v in rec.items() if k not in ("epoch", "step", "lr")))
-                save_checkpoint(self.ckpt_path, self.model.params, self.opt.state_dict(), step=self.model.step,
+                save_checkpoint(self.ckpt_path, self.model.host_params(), self.opt.state_dict(), step=self.model.step,
                                 epoch=self.epoch, rng=self.rng, spec_text=self.spec_text)
         plot_metrics(metrics_path, os.path.join(self.out, "metrics.png"))
         return rec
@@ -144,7 +151,7 @@ class Trainer:
             feeds = {self.r.image: xb, **({self.r.label: yb} if self.r.label else {})}
             total, _, outs, grads = self.model.train_step(feeds)
             if self.cfg["clip"]:
-                clip_grad_norm(grads, self.cfg["clip"])
+                self.clip(grads, self.cfg["clip"])
             self.opt.step(grads)
             tot += total * len(xb)
             seen += len(xb)
