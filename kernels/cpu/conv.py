@@ -32,8 +32,10 @@ _xxgemm = types.ExternalFunction("numba_xxgemm", types.intc(
     types.voidptr, types.intp, types.voidptr, types.intp, types.voidptr, types.voidptr, types.intp))
 
 # Pixels (GEMM rows) per block: OpenBLAS sgemm slowed down below ~1024 rows.
+# The backward keeps more buffers per block (x and gx columns, gy^T) and ran
+# 2-5% faster on 512-pixel blocks (interleaved A/B, 1 thread CPU time; conv1 20%).
 # Per-tap GEMMs (K = KW*C) only pay off on images of >= TAPS_MIN pixels.
-ROWS = 1024
+ROWS, ROWS_BWD = 1024, 512
 TAPS_MIN = 256
 # 1x1 layers (NCHW GEMMs, no im2col): pixels per GEMM.
 ROWS1 = 256
@@ -345,11 +347,12 @@ class _Geom:
         ohw = self.OH * self.OW
         if self.pointwise:
             return fn, T, min(-(-ROWS1 // ohw), -(-self.N // T)), self.OH, 1
+        rows = ROWS_BWD if k is _bwd else ROWS
         if self.s[0] == 1 and self.KH > 1 and ohw >= TAPS_MIN and self.KW * self.C // self.G >= 64:
-            return fn, T, 1, max(1, ROWS // self.OW), self.KH
-        if ohw >= ROWS:
-            return fn, T, 1, max(1, ROWS // self.OW), 1
-        return fn, T, min(-(-ROWS // ohw), -(-self.N // T)), self.OH, 1
+            return fn, T, 1, max(1, rows // self.OW), self.KH
+        if ohw >= rows:
+            return fn, T, 1, max(1, rows // self.OW), 1
+        return fn, T, min(-(-rows // ohw), -(-self.N // T)), self.OH, 1
 
     def args(self):
         return (self.KH, self.KW, self.OH, self.OW, *self.s, *self.p, *self.d)
