@@ -1,7 +1,10 @@
 """The CUDA target: binds each IR operator to its numba.cuda kernel.
 
 The twin of `runtime/cpu.py`: the same operator names, the same signature
-fn(node, inputs, state) -> list of arrays, with device arrays in and out.
+fn(node, inputs, state) -> list of arrays, with device arrays in and out. The
+bindings both targets share are written once in `runtime/bindings.py` and
+registered here with the CUDA kernel module; what follows is what CUDA does its
+own way (device-array structural operators, losses with device scalars).
 Parameters, activations, gradients and saved tensors all stay on the device;
 a loss is a device scalar. Elementwise steps are generated (codegen, target "cuda").
 
@@ -15,206 +18,15 @@ import numpy as np
 from netdsl.kernels import cuda as K
 
 from ..errors import NetdslError
-from ..ir.dims import Sym, subs
-from .cpu import _grads_for, _outs, _param, _wants
+from ..ir.dims import subs
+from .bindings import _dims, _index, _param, _rows, register, registrar
 
 KERNELS = {}
+kernel = registrar(KERNELS)
+register(KERNELS, K)
 
 
-def kernel(*names):
-    def wrap(fn):
-        for n in names:
-            KERNELS[n] = fn
-        return fn
-    return wrap
-
-
-def _dims(shape, st):
-    return tuple(int(d.subs(st.dims)) if isinstance(d, Sym) else int(d) for d in shape)
-
-
-# ---- convolution and linear
-
-@kernel("conv")
-def conv(n, x, st):
-    a = n.attrs
-    return [K.conv2d(x[0], _param(n, st, "weight"), _param(n, st, "bias"), a["s"], a["p"], a["d"], a["groups"])]
-
-
-@kernel("conv_grad")
-def conv_grad(n, x, st):
-    (gy,), (xin,), _, _ = _grads_for(n, x)
-    a = n.attrs
-    gx, gw, gb = K.conv2d_backward(xin, _param(n.fwd, st, "weight"), gy, a["s"], a["p"], a["d"], a["groups"],
-                                   need_gx=_wants(n, 0), need_gb="bias" in n.fwd.params)
-    return _outs(n, {0: gx}, {"weight": gw, "bias": gb})
-
-
-@kernel("conv_transpose")
-def conv_transpose(n, x, st):
-    a = n.attrs
-    return [K.conv_transpose2d(x[0], _param(n, st, "weight"), _param(n, st, "bias"), a["s"], a["p"],
-                               a["output_padding"], a["d"], a["groups"])]
-
-
-@kernel("conv_transpose_grad")
-def conv_transpose_grad(n, x, st):
-    (gy,), (xin,), _, _ = _grads_for(n, x)
-    a = n.attrs
-    gx, gw, gb = K.conv_transpose2d_backward(xin, _param(n.fwd, st, "weight"), gy, a["s"], a["p"],
-                                             a["output_padding"], a["d"], a["groups"], need_gx=_wants(n, 0),
-                                             need_gb="bias" in n.fwd.params)
-    return _outs(n, {0: gx}, {"weight": gw, "bias": gb})
-
-
-def _rows(x):
-    k = x.shape[x.ndim - 1]     # (the simulator's shapes refuse negative indices)
-    return x.reshape(x.size // k, k)
-
-
-@kernel("linear")
-def linear(n, x, st):
-    y = K.linear(_rows(x[0]), _param(n, st, "weight"), _param(n, st, "bias"))
-    return [y.reshape(tuple(x[0].shape)[:-1] + (y.shape[1],))]
-
-
-@kernel("linear_grad")
-def linear_grad(n, x, st):
-    (gy,), (xin,), _, _ = _grads_for(n, x)
-    gx, gw, gb = K.linear_backward(_rows(xin), _param(n.fwd, st, "weight"), _rows(gy), need_gx=_wants(n, 0))
-    return _outs(n, {0: None if gx is None else gx.reshape(xin.shape)}, {"weight": gw, "bias": gb})
-
-
-# ---- normalisation and dropout
-
-@kernel("bn")
-def bn(n, x, st):
-    a = n.attrs
-    g, b = _param(n, st, "weight"), _param(n, st, "bias")
-    rm, rv = _param(n, st, "running_mean"), _param(n, st, "running_var")
-    if not st.train:
-        return [K.batchnorm_infer(x[0], g, b, rm, rv, a["eps"])]
-    y, mean, invstd = K.batchnorm_train(x[0], g, b, rm, rv, a["momentum"], a["eps"])
-    st.saved[id(n)] = (mean, invstd)
-    return [y]
-
-
-@kernel("bn_grad")
-def bn_grad(n, x, st):
-    (gy,), (xin,), _, _ = _grads_for(n, x)
-    mean, invstd = st.saved[id(n.fwd)]
-    gx, gg, gb = K.batchnorm_backward(xin, gy, _param(n.fwd, st, "weight"), mean, invstd)
-    return _outs(n, {0: gx}, {"weight": gg, "bias": gb})
-
-
-@kernel("lrn")
-def lrn(n, x, st):
-    a = n.attrs
-    y, scale = K.local_response_norm(x[0], a["size"], a["alpha"], a["beta"], a["k"])
-    st.saved[id(n)] = scale
-    return [y]
-
-
-@kernel("lrn_grad")
-def lrn_grad(n, x, st):
-    (gy,), (xin,), _, _ = _grads_for(n, x)
-    a = n.attrs
-    return [K.local_response_norm_backward(xin, st.saved[id(n.fwd)], gy, a["size"], a["alpha"], a["beta"])]
-
-
-@kernel("dropout")
-def dropout(n, x, st):
-    if not st.train or n.attrs["p"] == 0:
-        st.saved[id(n)] = None
-        return [x[0]]
-    y, mask = K.dropout(x[0], n.attrs["p"], seed=st.seed_for(n))
-    st.saved[id(n)] = mask
-    return [y]
-
-
-@kernel("dropout_grad")
-def dropout_grad(n, x, st):
-    mask = st.saved[id(n.fwd)]
-    return [x[0] if mask is None else K.dropout_backward(x[0], mask, n.attrs["p"])]
-
-
-# ---- pooling and upsampling
-
-@kernel("maxpool")
-def maxpool(n, x, st):
-    a = n.attrs
-    y, sw = K.maxpool2d(x[0], a["k"], a["s"], a["p"], a["ceil"])
-    st.saved[id(n)] = sw
-    return [y, sw] if a["switches"] else [y]
-
-
-@kernel("maxpool_grad")
-def maxpool_grad(n, x, st):
-    a = n.attrs
-    return [K.maxpool2d_backward(x[0], st.saved[id(n.fwd)], x[1].shape, a["k"], a["s"], a["p"], a["ceil"])]
-
-
-@kernel("avgpool")
-def avgpool(n, x, st):
-    a = n.attrs
-    return [K.avgpool2d(x[0], a["k"], a["s"], a["p"], a["ceil"])]
-
-
-@kernel("avgpool_grad")
-def avgpool_grad(n, x, st):
-    a = n.attrs
-    return [K.avgpool2d_backward(x[0], x[1].shape, a["k"], a["s"], a["p"], a["ceil"])]
-
-
-@kernel("global_avgpool")
-def global_avgpool(n, x, st):
-    return [K.global_avgpool2d(x[0])]
-
-
-@kernel("global_avgpool_grad")
-def global_avgpool_grad(n, x, st):
-    return [K.global_avgpool2d_backward(x[0], x[1].shape)]
-
-
-@kernel("global_maxpool")
-def global_maxpool(n, x, st):
-    y, sw = K.global_maxpool2d(x[0])
-    st.saved[id(n)] = sw
-    return [y]
-
-
-@kernel("global_maxpool_grad")
-def global_maxpool_grad(n, x, st):
-    shape = x[1].shape
-    return [K.maxpool2d_backward(x[0], st.saved[id(n.fwd)], shape, shape[2:], 1, 0)]
-
-
-@kernel("max_unpool")
-def max_unpool(n, x, st):
-    a = n.attrs
-    return [K.max_unpool2d(x[0], x[1], a["k"], a["s"], a["p"])]
-
-
-@kernel("max_unpool_grad")
-def max_unpool_grad(n, x, st):
-    return [K.max_unpool2d_backward(x[0], x[2])]
-
-
-@kernel("upsample")
-def upsample(n, x, st):
-    s = n.attrs["scale"]
-    if n.attrs["mode"] == "nearest":
-        return [K.upsample_nearest2d(x[0], s)]
-    return [K.upsample_bilinear2d(x[0], float(s))]
-
-
-@kernel("upsample_grad")
-def upsample_grad(n, x, st):
-    s = n.attrs["scale"]
-    if n.attrs["mode"] == "nearest":
-        return [K.upsample_nearest2d_backward(x[0], s)]
-    return [K.upsample_bilinear2d_backward(x[0], x[1].shape, float(s))]
-
+# ---- upsampling and adaptive pooling
 
 @kernel("bed_of_nails")
 def bed_of_nails(n, x, st):
@@ -292,11 +104,6 @@ def point_loss_grad(n, x, st):
 
 # ---- structural operators
 
-@kernel("reshape", "flatten")
-def reshape(n, x, st):
-    return [x[0].reshape(_dims(n.outputs[0].shape, st))]
-
-
 @kernel("transpose")
 def transpose(n, x, st):
     return [K.transpose(x[0], n.attrs["perm"])]
@@ -313,10 +120,6 @@ def split(n, x, st):
     return K.split(x[0], [_dims((v.shape[axis],), st)[0] for v in n.outputs], axis)
 
 
-def _index(n):
-    return tuple(slice(*i) if isinstance(i, tuple) else i for i in n.attrs["index"])
-
-
 @kernel("slice")
 def slice_(n, x, st):
     return [K.slice_(x[0], _index(n))]
@@ -330,23 +133,6 @@ def slice_grad(n, x, st):
 @kernel("sum_to")
 def sum_to(n, x, st):
     return [K.sum_to(x[0], st.shape_of(n.outputs[0]))]
-
-
-@kernel("zeros")
-def zeros(n, x, st):
-    from .cpu import DTYPES
-    dt = n.outputs[0].dtype
-    return [K.zeros(st.shape_of(n.outputs[0]), st.dtype if dt.startswith("f") else DTYPES[dt])]
-
-
-@kernel("fill")
-def fill(n, x, st):
-    return [K.full(st.shape_of(n.outputs[0]), n.attrs["value"], st.dtype)]
-
-
-@kernel("detach")
-def detach(n, x, st):
-    return [x[0]]
 
 
 @kernel("softmax", "log_softmax")
