@@ -370,3 +370,29 @@ def test_float32_is_preserved():
             K.upsample_bilinear2d(x, scale_factor=2), K.local_response_norm(x, 3)[0],
             K.batchnorm2d_train(x)[0], K.linear(x.reshape(2, -1), rnd(3, 144))]
     assert all(o.dtype == np.float32 for o in outs)
+
+
+@pytest.mark.parametrize("N,C,O,H,k,s,p,d", [
+    (8, 64, 128, 2, 3, 1, 1, 1),     # ResNet layer3/4 at 32x32 input: the small-image path
+    (4, 32, 64, 4, 3, 2, 1, 1),      # strided
+    (3, 16, 64, 3, 3, 1, 2, 2),      # dilated
+    (6, 8, 96, 1, 3, 1, 1, 1),       # 1x1 image, 3x3 kernel: only the centre tap sees data
+])
+def test_conv_small_image_path_matches_torch(N, C, O, H, k, s, p, d):
+    from netdsl.kernels.cpu import conv_small
+    from netdsl.kernels.cpu.conv import _Geom
+    rng = np.random.default_rng(7)
+    x = rng.standard_normal((N, C, H, H)).astype(np.float32)
+    w = rng.standard_normal((O, C, k, k)).astype(np.float32)
+    b = rng.standard_normal(O).astype(np.float32)
+    assert conv_small.usable(_Geom(x.shape, w.shape, s, p, d, 1))
+    xt, wt, bt = (torch.tensor(a, requires_grad=True) for a in (x, w, b))
+    yt = torch.nn.functional.conv2d(xt, wt, bt, s, p, d)
+    gy = rng.standard_normal(yt.shape).astype(np.float32)
+    yt.backward(torch.tensor(gy))
+    y = K.conv2d(x, w, b, s, p, d)
+    gx, gw, gb = K.conv2d_backward(x, w, gy, s, p, d)
+    for ours, ref in ((y, yt.detach()), (gx, xt.grad), (gw, wt.grad), (gb, bt.grad)):
+        assert np.abs(ours - ref.numpy()).max() <= 1e-4 * np.abs(ref.numpy()).max()
+    _, gw_only, _ = K.conv2d_backward(x, w, gy, s, p, d, need_gx=False)
+    assert np.array_equal(gw_only, gw)

@@ -376,6 +376,8 @@ def conv2d(x, w, b=None, stride=1, pad=0, dilation=1, groups=1):
     w = np.ascontiguousarray(w, dtype=x.dtype)
     g = _Geom(x.shape, w.shape, stride, pad, dilation, groups)
     b = np.zeros(g.O, x.dtype) if b is None else np.ascontiguousarray(b, dtype=x.dtype)
+    if conv_small.usable(g):
+        return conv_small.forward(x, w, b, g)
     y = np.empty((g.N, g.O, g.OH * g.OW), x.dtype)
     if g.pointwise:
         fn, T, B, R, nt = g.split(_fwd1)
@@ -387,6 +389,8 @@ def conv2d(x, w, b=None, stride=1, pad=0, dilation=1, groups=1):
 
 
 def _backward(x, xshape, w, gy, g, need_gx, need_gw):
+    if conv_small.usable(g):
+        return conv_small.backward(x, xshape, w, gy, g, need_gx, need_gw)
     gy = np.ascontiguousarray(gy, dtype=w.dtype).reshape(g.N, g.O, g.OH * g.OW)
     Cg = g.C // g.G
     if g.pointwise:
@@ -455,3 +459,6 @@ def conv_transpose2d_backward(x, w, gy, stride=1, pad=0, output_padding=0, dilat
     gx = conv2d(gy, w, None, g.s, g.p, g.d, g.G) if need_gx else None
     gw = _backward(gy, gy.shape, w, x, g, False, True)[1] if need_gw else None
     return gx, gw, gy.sum(axis=(0, 2, 3))
+
+
+from . import conv_small  # noqa: E402  (it uses _gemm above)
