@@ -32,10 +32,12 @@ def render(low, dtype) -> str:
     lines = header(low, dtype, "cpu")
     if not red:
         def flat(loop):
-            out = [f"for i in {loop}(n):"]
-            inner = (["c = (i // Q) % C"] if low.uses_channel else []) + low.body
-            inner += [f"{p}[i] = {v}" for p, v, _ in full]
-            return out + indent(inner)
+            store = [f"{p}[i] = {v}" for p, v, _ in full]
+            if not low.uses_channel:
+                return [f"for i in {loop}(n):", *indent(low.body + store)]
+            # rows of Q elements share a channel: one integer division per row, not per element
+            return [f"for r in {loop}(n // Q):", *indent(
+                ["c = r % C", "for q in range(Q):", *indent(["i = r * Q + q", *low.body, *store])])]
         params = ", ".join(["n", "C", "Q", *names, *(p for p, _, _ in full)])
         return "\n".join(lines + _variants("kernel", params, flat))
 
