@@ -59,12 +59,7 @@ def kernel(fn):
     return Kernel(fn)
 
 
-def pair(v):
-    """Normalise an int-or-pair attribute to a tuple of two ints."""
-    if isinstance(v, (tuple, list)):
-        a, b = v
-        return int(a), int(b)
-    return int(v), int(v)
+from ..geometry import pair  # noqa: E402,F401  (shared by both targets)
 
 
 def as_float(x):

@@ -41,8 +41,7 @@ TAPS_MIN = 256
 ROWS1 = 256
 
 
-def out_size(n, k, s, p, d):
-    return (n + 2 * p - d * (k - 1) - 1) // s + 1
+from ..geometry import ConvShape, out_size  # noqa: E402,F401 (out_size re-exported)
 
 
 @njit
@@ -321,20 +320,12 @@ _fwd1 = kernel(_fwd1)
 _bwd1 = kernel(_bwd1)
 
 
-class _Geom:
+class _Geom(ConvShape):
     """Shapes and attributes of one conv, plus the blocking decision."""
 
     def __init__(self, xshape, wshape, stride, pad, dilation, groups):
-        self.N, self.C, self.H, self.W = xshape
-        self.O, Cg, self.KH, self.KW = wshape
-        self.G = int(groups)
-        if self.C != Cg * self.G or self.O % self.G:
-            raise ValueError(f"conv2d: x channels {self.C}, weight {wshape}, groups {groups}")
-        self.s, self.p, self.d = pair(stride), pair(pad), pair(dilation)
-        self.OH = out_size(self.H, self.KH, self.s[0], self.p[0], self.d[0])
-        self.OW = out_size(self.W, self.KW, self.s[1], self.p[1], self.d[1])
-        if self.OH <= 0 or self.OW <= 0:
-            raise ValueError("conv2d: output would be empty")
+        super().__init__(xshape, wshape, stride, pad, dilation, groups)
+        Cg = self.C // self.G
         self.work = self.N * self.O * self.OH * self.OW * Cg * self.KH * self.KW
         self.pointwise = self.KH == self.KW == 1 and self.p == (0, 0)
 

@@ -109,11 +109,7 @@ def to_device(x, dtype=None):
     return cuda.to_device(np.ascontiguousarray(x, dtype=dtype))
 
 
-def pair(v):
-    if isinstance(v, (tuple, list)):
-        a, b = v
-        return int(a), int(b)
-    return int(v), int(v)
+from ..geometry import pair  # noqa: E402,F401  (shared by both targets)
 
 
 @cuda.jit(cache=True)

@@ -214,24 +214,15 @@ def _col2im(cols, gx, n0, nb, C, H, W, KH, KW, OH, OW, sh, sw, ph, pw, dh, dw):
 
 # ---------------------------------------------------------------- convolution
 
-def out_size(n, k, s, p, d):
-    return (n + 2 * p - d * (k - 1) - 1) // s + 1
+from ..geometry import ConvShape, out_size  # noqa: E402,F401 (out_size re-exported)
 
 
-class Geom:
+class Geom(ConvShape):
     """One convolution: shapes, attributes, and how many images share an im2col buffer."""
 
     def __init__(self, xshape, wshape, stride, pad, dilation, groups, itemsize):
-        self.N, self.C, self.H, self.W = xshape
-        self.O, Cg, self.KH, self.KW = wshape
-        self.G = int(groups)
-        if self.C != Cg * self.G or self.O % self.G:
-            raise ValueError(f"conv2d: x channels {self.C}, weight {wshape}, groups {groups}")
-        self.s, self.p, self.d = pair(stride), pair(pad), pair(dilation)
-        self.OH = out_size(self.H, self.KH, self.s[0], self.p[0], self.d[0])
-        self.OW = out_size(self.W, self.KW, self.s[1], self.p[1], self.d[1])
-        if self.OH <= 0 or self.OW <= 0:
-            raise ValueError("conv2d: output would be empty")
+        super().__init__(xshape, wshape, stride, pad, dilation, groups)
+        Cg = self.C // self.G
         self.L = self.OH * self.OW
         self.Og, self.Cg = self.O // self.G, Cg
         self.CKK = Cg * self.KH * self.KW      # K of the forward product, per group

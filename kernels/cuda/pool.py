@@ -9,26 +9,11 @@ from __future__ import annotations
 import numpy as np
 from numba import cuda
 
+from ..geometry import pool_geom as _geom, pool_out_size  # noqa: F401 (re-exported)
 from . import device, empty, flat, kernel, launch, pair, zeros
 from .tensor import broadcast_axis, reduce_axis
 
 
-def pool_out_size(n, k, s, p, ceil_mode):
-    """torch's pooling_output_shape (dilation 1)."""
-    out = (n + 2 * p - k + ((s - 1) if ceil_mode else 0)) // s + 1
-    if ceil_mode and (out - 1) * s >= n + p:
-        out -= 1
-    return out
-
-
-def _geom(xshape, kernel_size, stride, pad, ceil_mode):
-    k = pair(kernel_size)
-    s = pair(stride if stride is not None else kernel_size)
-    p = pair(pad)
-    if p[0] * 2 > k[0] or p[1] * 2 > k[1]:
-        raise ValueError("pool: pad must be at most half the kernel size")
-    return k, s, p, pool_out_size(xshape[2], k[0], s[0], p[0], ceil_mode), \
-        pool_out_size(xshape[3], k[1], s[1], p[1], ceil_mode)
 
 
 @device
