@@ -72,14 +72,18 @@ class Kernel:
                 raise ValueError(f"scalar input {name!r} has {a.size} elements")
         return shape, n, C, Q
 
-    def __call__(self, *arrays, axis: int = 1):
+    def __call__(self, *arrays, axis: int = 1, out: dict | None = None):
+        """`out` maps full-output index -> a flat-able array to write into (in place:
+        it may be one of the inputs, since every element is read before it is written)."""
         be, dt = self.backend, self.dtype
         if len(arrays) != len(self.fused.inputs):
             raise TypeError(f"kernel takes {len(self.fused.inputs)} arrays, got {len(arrays)}")
         arrays = [be.asarray(a, dt) for a in arrays]
         shape, n, C, Q = self._geometry(arrays, axis)
         ins = [be.flat(a) for a in arrays]
-        full = {j: be.empty(n, dt) for j, (_, l) in enumerate(self.fused.outputs) if l == "full"}
+        out = out or {}
+        full = {j: be.flat(out[j]) if j in out else be.empty(n, dt)
+                for j, (_, l) in enumerate(self.fused.outputs) if l == "full"}
         if not self.fused.reduces:
             be.launch(self.module, False, n, [n, C, Q, *ins, *self.scalars, *full.values()])
             return tuple(full[j].reshape(shape) for j in range(len(full)))

@@ -80,7 +80,7 @@ class Program:
                 sync()     # a device runs asynchronously: time each step to its end
             t0 = time.perf_counter() if prof is not None else 0.0
             if s.fused:
-                outs = self._elementwise(s, ins, st)
+                outs = self._elementwise(s, ins, st, env)
             else:
                 outs = table[s.nodes[0].op](s.nodes[0], ins, st)
             if prof is not None:
@@ -100,8 +100,24 @@ class Program:
 
     # ---- elementwise steps
 
-    def _elementwise(self, s: Step, ins, st):
+    def _elementwise(self, s: Step, ins, st, env):
         k = self.kernels.get(id(s))
         if k is None:
             k = self.kernels[id(s)] = FusedStep(s, ins, self.target)
-        return k(ins, st)
+        return k(ins, st, out=self._inplace(s, ins, env, st) if s.inplace and self.target.name == "cpu" else None)
+
+    @staticmethod
+    def _inplace(s: Step, ins, env, st) -> dict:
+        """Outputs that may overwrite a dying input: the planner proposes them; here we
+        also make sure no live value, and nothing a forward kernel saved for its backward,
+        is a view of that buffer (reshape and identity kernels return views)."""
+        saved = [b for x in st.saved.values() for b in (x if isinstance(x, tuple) else (x,))
+                 if isinstance(b, np.ndarray)]
+        out = {}
+        for j, k in s.inplace.items():
+            a, v = ins[k], s.inputs[k]
+            others = [b for key, b in env.items() if key != id(v)] + saved
+            if (v.param is None and isinstance(a, np.ndarray) and a.flags.c_contiguous and a.flags.writeable
+                    and a.dtype.kind == "f" and not any(np.may_share_memory(a, b) for b in others)):
+                out[j] = a
+        return out

@@ -97,12 +97,12 @@ class FusedStep:
         shape = ins[[i for i, l in enumerate(self.layouts) if l == "full"][0]].shape
         return [self.target.broadcast(a, shape) if l == "bcast" else a for a, l in zip(args, self.layouts)]
 
-    def __call__(self, ins, st):
+    def __call__(self, ins, st, out=None):
         args = self._args(ins)
         if self.head:
             args += self._norm_apply(ins, st)
         if not self.tail:
-            return list(self.kernel(*args, axis=self.axis))
+            return list(self.kernel(*args, axis=self.axis, out=out))
         return self._norm_grad(args, ins, st)
 
     def _norm_apply(self, ins, st):
