@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..errors import NetdslError
+from ..ir.dims import fmt_shape
 from ..ir.graph import Graph
 from . import (Loader, MetricsLog, ProgressBar, channel_stats, clip_grad_norm, load_checkpoint, load_weights,
                make_optimizer, make_schedule, make_source, plot_metrics, save_checkpoint)
@@ -105,8 +106,8 @@ class Trainer:
         want = tuple(v.shape[1:])
         got = tuple(self.data.x_train.shape[1:])
         if want != got:
-            raise NetdslError(f"the data set '{self.data.name}' has images of shape {list(got)} but input "
-                              f"'{self.r.image}' is declared {[str(d) for d in v.shape]}", v.pos,
+            raise NetdslError(f"the data set '{self.data.name}' has images of shape {fmt_shape(got)} but input "
+                              f"'{self.r.image}' is declared {fmt_shape(v.shape)}", v.pos,
                               hint="change the input's shape or the train section's data")
 
     @property
