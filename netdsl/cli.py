@@ -100,7 +100,7 @@ def cmd_ops(args):
 
 def cmd_run(args):
     import numba
-    from .lang.training import TrainCall
+    from .lang.training import TrainCall, check_setting
     from .runtime.train import Trainer
     if args.device == "cuda":
         from .runtime.cuda import require_gpu
@@ -121,9 +121,9 @@ def cmd_run(args):
         if not args.lr > 0:
             raise NetdslError(f"--lr must be positive, got {args.lr}")
         cfg["optimizer"] = TrainCall(cfg["optimizer"].name, dict(cfg["optimizer"].kwargs, lr=args.lr))
-    if args.data:
+    if args.data:   # checked like the train section's own `data = ...`, defaults filled in
         name, _, path = args.data.partition(":")
-        cfg["data"] = TrainCall(name, {"path": path} if path else {})
+        cfg["data"] = check_setting("data", TrainCall(name, {"path": path} if path else {}), None, None)
     out = args.out or os.path.join("runs", os.path.splitext(os.path.basename(args.spec))[0])
     spec_text = "".join(args._sources.values())
     t = Trainer(g, cfg, out, spec_text, log=lambda s: print(s, flush=True), device=args.device)

@@ -94,12 +94,20 @@ def test_non_finite_loss_names_the_operator_and_line(tmp_path):
     (["--eval"], "no checkpoint"),
     (["--threads", "0"], "--threads"),
     (["--set", "clases=3"], "no parameter or dimension 'clases'"),
+    (["--data", "digits:/tmp"], "digits() has no argument 'path'"),
 ])
 def test_bad_run_flags_are_clear_errors(tmp_path, args, message):
     r = cli("run", SPECS / "digits_cnn.net", "--out", tmp_path / "run", "--no-progress", *args)
     assert r.returncode == 2, r.stdout + r.stderr
     assert message in r.stderr, r.stderr
     assert "Traceback" not in r.stderr
+
+
+def test_synthetic_data_from_the_command_line(tmp_path):
+    r = cli("run", SPECS / "resnet20_cifar.net", "--data", "synthetic", "--epochs", "1", "--batch", "32",
+            "--out", tmp_path / "run", "--no-progress")
+    assert r.returncode == 0, r.stderr
+    assert "training resnet20_cifar on synthetic: 256 train / 64 test" in r.stdout
 
 
 def test_networks_run_does_not_train_say_so(tmp_path):
