@@ -115,7 +115,7 @@ def cmd_run(args):
         v = getattr(args, flag)
         if v is not None:
             if v < (0 if key == "seed" else 1):
-                raise NetdslError(f"--{flag} must be positive, got {v}")
+                raise NetdslError(f"--{flag} must be {'0 or more' if key == 'seed' else 'positive'}, got {v}")
             cfg[key] = v
     if args.lr is not None:
         if not args.lr > 0:
