@@ -47,3 +47,16 @@ class ConvShape:
         self.OW = out_size(self.W, self.KW, self.s[1], self.p[1], self.d[1])
         if self.OH <= 0 or self.OW <= 0:
             raise ValueError("conv2d: output would be empty")
+
+
+def transpose_conv_shape(xshape, wshape, stride, pad, output_padding, dilation, groups):
+    """Output shape of a transposed convolution x[N, Cin, H, W] with w[Cin, Cout/G, KH, KW]:
+    the input shape of the convolution whose backward-data it is."""
+    N, _, H, W = xshape
+    G = int(groups)
+    s, p, d, op = pair(stride), pair(pad), pair(dilation), pair(output_padding)
+    if op[0] >= max(s[0], d[0]) or op[1] >= max(s[1], d[1]):
+        raise ValueError("conv_transpose2d: inconsistent output_padding/stride")
+    OH = (H - 1) * s[0] - 2 * p[0] + d[0] * (wshape[2] - 1) + op[0] + 1
+    OW = (W - 1) * s[1] - 2 * p[1] + d[1] * (wshape[3] - 1) + op[1] + 1
+    return (N, wshape[1] * G, OH, OW)

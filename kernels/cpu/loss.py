@@ -6,9 +6,9 @@ accumulated in float64 on purpose.
 import numpy as np
 from numba import prange
 
+from ..pointwise import BCE_LOGITS, MSE, SMOOTH_L1, point_loss
 from . import as_float, kernel, njit
 
-MSE, SMOOTH_L1, BCE_LOGITS = 0, 1, 2
 
 
 # ---------------------------------------------------------------- softmax CE
@@ -84,21 +84,7 @@ def softmax_cross_entropy_backward(probs, labels, ignore_index=-1, gloss=1.0):
 
 # ---------------------------------------------------------------- pointwise losses
 
-@njit
-def _point(a, b, kind, beta, one):
-    """(loss, d loss / d a) of one element; `one` carries the dtype."""
-    two, half, zero = one + one, one / (one + one), one - one
-    d = a - b
-    if kind == MSE:
-        return d * d, two * d
-    if kind == SMOOTH_L1:
-        if abs(d) < beta:
-            return half * d * d / beta, d / beta
-        return abs(d) - half * beta, (one if d > zero else -one)
-    # BCE with logits a and targets b, stable for any |a|
-    e = np.exp(-abs(a))
-    sig = one / (one + e) if a >= zero else e / (one + e)
-    return max(a, zero) - a * b + np.log1p(e), sig - b
+_point = njit(point_loss)
 
 
 def _reduce(a, b, kind, beta):

@@ -214,7 +214,7 @@ def _col2im(cols, gx, n0, nb, C, H, W, KH, KW, OH, OW, sh, sw, ph, pw, dh, dw):
 
 # ---------------------------------------------------------------- convolution
 
-from ..geometry import ConvShape, out_size  # noqa: E402,F401 (out_size re-exported)
+from ..geometry import ConvShape, out_size, transpose_conv_shape  # noqa: E402,F401 (out_size re-exported)
 
 
 class Geom(ConvShape):
@@ -316,13 +316,9 @@ def conv2d_backward(x, w, gy, stride=1, pad=0, dilation=1, groups=1, need_gx=Tru
 
 def _transpose_geom(x, w, stride, pad, output_padding, dilation, groups):
     """The conv whose backward-data is this transposed conv: its input is our output."""
-    N, Cin, H, W = x.shape
-    G = int(groups)
-    s, p, d, op = pair(stride), pair(pad), pair(dilation), pair(output_padding)
-    OH = (H - 1) * s[0] - 2 * p[0] + d[0] * (w.shape[2] - 1) + op[0] + 1
-    OW = (W - 1) * s[1] - 2 * p[1] + d[1] * (w.shape[3] - 1) + op[1] + 1
-    g = Geom((N, w.shape[1] * G, OH, OW), w.shape, s, p, d, G, _dtype_of(x).itemsize)
-    if (g.OH, g.OW) != (H, W) or op[0] >= max(s[0], d[0]) or op[1] >= max(s[1], d[1]):
+    yshape = transpose_conv_shape(x.shape, w.shape, stride, pad, output_padding, dilation, groups)
+    g = Geom(yshape, w.shape, stride, pad, dilation, groups, _dtype_of(x).itemsize)
+    if (g.OH, g.OW) != tuple(x.shape[2:]):
         raise ValueError("conv_transpose2d: inconsistent output_padding/stride")
     return g
 

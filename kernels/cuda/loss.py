@@ -12,9 +12,9 @@ import math
 import numpy as np
 from numba import cuda
 
+from ..pointwise import BCE_LOGITS, MSE, SMOOTH_L1, point_loss
 from . import TPB_RED, device, empty, flat, full, kernel, launch, launch_rows, tree_max, tree_sum
 
-MSE, SMOOTH_L1, BCE_LOGITS = 0, 1, 2
 PART_BLOCKS = 256   # blocks (partial sums) of a whole-array reduction
 
 
@@ -124,22 +124,7 @@ def softmax_cross_entropy_backward(probs, labels, count, gloss, ignore_index=-1)
 
 # ---------------------------------------------------------------- pointwise losses
 
-@device
-def _point(a, b, kind, beta, one):
-    """(loss, d loss / d a) of one element; `one` carries the dtype."""
-    two = one + one
-    half = one / two
-    zero = one - one
-    d = a - b
-    if kind == MSE:
-        return d * d, two * d
-    if kind == SMOOTH_L1:
-        if abs(d) < beta:
-            return half * d * d / beta, d / beta
-        return abs(d) - half * beta, (one if d > zero else -one)
-    e = math.exp(-abs(a))           # BCE with logits, stable for any |a|
-    sig = one / (one + e) if a >= zero else e / (one + e)
-    return max(a, zero) - a * b + math.log1p(e), sig - b
+_point = device(point_loss)
 
 
 @kernel("aaiffa")
