@@ -25,9 +25,10 @@ PAR_MIN = 1 << 16
 FAST = {"reassoc", "contract", "arcp", "nsz"}
 
 
-def njit(fn):
-    """Serial, cached njit for helpers called from kernels."""
-    return numba.njit(cache=True, fastmath=FAST)(fn)
+def njit(fn, exact=False):
+    """Serial, cached njit for helpers called from kernels; exact: IEEE order, no
+    contraction or reciprocals (to follow a reference's rounding step by step)."""
+    return numba.njit(cache=True, fastmath=set() if exact else FAST)(fn)
 
 
 class Kernel:
@@ -37,13 +38,14 @@ class Kernel:
     on-disk cache entry.
     """
 
-    def __init__(self, fn):
-        self.serial = numba.njit(cache=True, fastmath=FAST)(fn)
+    def __init__(self, fn, exact=False):
+        flags = set() if exact else FAST
+        self.serial = numba.njit(cache=True, fastmath=flags)(fn)
         par = types.FunctionType(fn.__code__, fn.__globals__, fn.__name__ + "_par",
                                  fn.__defaults__, fn.__closure__)
         par.__qualname__ = fn.__qualname__ + "_par"
         par.__module__ = fn.__module__
-        self.parallel = numba.njit(cache=True, parallel=True, fastmath=FAST)(par)
+        self.parallel = numba.njit(cache=True, parallel=True, fastmath=flags)(par)
 
     def pick(self, size):
         """(compiled function, thread count) for a problem of `size` elements."""
@@ -55,8 +57,8 @@ class Kernel:
         return self.pick(size)[0](*args)
 
 
-def kernel(fn):
-    return Kernel(fn)
+def kernel(fn, exact=False):
+    return Kernel(fn, exact)
 
 
 from ..geometry import pair  # noqa: E402,F401  (shared by both targets)

@@ -1,7 +1,6 @@
 """Optimiser updates on the device, one kernel per parameter tensor.
 
-The arithmetic is `netdsl.runtime.optim`'s (torch.optim's single-tensor path),
-operation for operation, with hyper-parameters cast to the parameter dtype.
+The per-element rules are kernels/update.py's, shared with the CPU kernels.
 """
 from __future__ import annotations
 
@@ -10,41 +9,27 @@ import math
 import numpy as np
 from numba import cuda
 
-from . import TPB_RED, flat, kernel, launch, tree_sum
+from ..update import adam_rule, sgd_rule
+from . import TPB_RED, device, flat, kernel, launch, tree_sum
+
+
+_sgd_rule = device(sgd_rule)
+_adam_rule = device(adam_rule)
 
 
 @kernel("aaaffffii")
-def _sgd(p, g, buf, lr, momentum, dampening, weight_decay, first, nesterov):
+def _sgd(p, g, buf, lr, momentum, undamped, weight_decay, first, nesterov):
     for i in range(cuda.grid(1), p.size, cuda.gridsize(1)):
-        d = g[i]
-        if weight_decay != 0:
-            d = d + weight_decay * p[i]
-        if momentum != 0:
-            if first:
-                b = d
-            else:
-                b = buf[i] * momentum + (p.dtype.type(1) - dampening) * d
+        p[i], b = _sgd_rule(p[i], g[i], buf[i], lr, momentum, undamped, weight_decay, first, nesterov)
+        if momentum != 0:     # without momentum buf is a stand-in (p itself)
             buf[i] = b
-            d = d + momentum * b if nesterov else b
-        p[i] = p[i] - lr * d
 
 
-@kernel("aaaaffffffi")
-def _adam(p, g, m, v, step_size, beta1, beta2, bc2_sqrt, eps, weight_decay, decoupled):
-    """weight_decay here is wd for L2 (added to g), or lr*wd for decoupled (AdamW)."""
-    T = p.dtype.type
+@kernel("aaaaffffffff")
+def _adam(p, g, m, v, step_size, c1, beta2, c2, bc2_sqrt, eps, weight_decay, decay):
     for i in range(cuda.grid(1), p.size, cuda.gridsize(1)):
-        d = g[i]
-        if weight_decay != 0:
-            if decoupled:
-                p[i] = p[i] * (T(1) - weight_decay)
-            else:
-                d = d + weight_decay * p[i]
-        mi = m[i] + (T(1) - beta1) * (d - m[i])
-        vi = v[i] * beta2 + (T(1) - beta2) * (d * d)
-        m[i] = mi
-        v[i] = vi
-        p[i] = p[i] - step_size * (mi / (math.sqrt(vi) / bc2_sqrt + eps))
+        p[i], m[i], v[i] = _adam_rule(p[i], g[i], m[i], v[i], step_size, c1, beta2, c2, bc2_sqrt, eps,
+                                      weight_decay, decay)
 
 
 @kernel("aa")
@@ -70,14 +55,14 @@ def _scale(x, c):
 
 def sgd_update(p, g, buf, lr, momentum, dampening, weight_decay, first, nesterov):
     t = np.dtype(p.dtype).type
-    launch(_sgd, p.size, flat(p), flat(g), flat(buf), t(lr), t(momentum), t(dampening), t(weight_decay),
+    launch(_sgd, p.size, flat(p), flat(g), flat(buf), t(lr), t(momentum), t(1 - dampening), t(weight_decay),
            int(first), int(nesterov))
 
 
-def adam_update(p, g, m, v, step_size, beta1, beta2, bc2_sqrt, eps, weight_decay, decoupled):
+def adam_update(p, g, m, v, step_size, beta1, beta2, bc2_sqrt, eps, weight_decay, decay):
     t = np.dtype(p.dtype).type
-    launch(_adam, p.size, flat(p), flat(g), flat(m), flat(v), t(step_size), t(beta1), t(beta2), t(bc2_sqrt),
-           t(eps), t(weight_decay), int(decoupled))
+    launch(_adam, p.size, flat(p), flat(g), flat(m), flat(v), t(step_size), t(1 - beta1), t(beta2), t(1 - beta2),
+           t(bc2_sqrt), t(eps), t(weight_decay), t(decay))
 
 
 def global_norm(arrays) -> float:

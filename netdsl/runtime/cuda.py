@@ -241,9 +241,8 @@ class DeviceOptimizer:
                 m = self.buffers["exp_avg"].setdefault(name, K.zeros(p.shape, p.dtype))
                 v = self.buffers["exp_avg_sq"].setdefault(name, K.zeros(p.shape, p.dtype))
                 step_size = lr / (1 - h.beta1 ** h.steps)
-                wd = lr * h.weight_decay if h.decoupled else h.weight_decay
-                K.adam_update(p, g, m, v, step_size, h.beta1, h.beta2, np.sqrt(1 - h.beta2 ** h.steps), h.eps, wd,
-                              h.decoupled)
+                K.adam_update(p, g, m, v, step_size, h.beta1, h.beta2, np.sqrt(1 - h.beta2 ** h.steps), h.eps,
+                              0.0 if h.decoupled else h.weight_decay, 1 - lr * h.weight_decay if h.decoupled else 1.0)
             else:
                 bufs = self.buffers.get("momentum", {})
                 first = h.momentum and name not in bufs

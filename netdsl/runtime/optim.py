@@ -14,6 +14,7 @@ import numpy as np
 
 from ..errors import NetdslError
 from . import construct, lookup
+from netdsl.kernels.cpu import optim as K
 
 F32 = np.float32
 
@@ -191,19 +192,12 @@ class SGD(Optimizer):
         self.weight_decay, self.nesterov = weight_decay, nesterov
 
     def _update(self, name, p, g, lr):
-        t = p.dtype.type
-        if self.weight_decay:
-            g = g + t(self.weight_decay) * p
-        if self.momentum:
-            bufs = self.state["momentum"]
-            buf = bufs.get(name)
-            if buf is None:
-                buf = bufs[name] = g.copy()
-            else:
-                buf *= t(self.momentum)
-                buf += t(1 - self.dampening) * g
-            g = g + t(self.momentum) * buf if self.nesterov else buf
-        p -= t(lr) * g
+        bufs = self.state["momentum"]
+        first = bool(self.momentum) and name not in bufs
+        if first:
+            bufs[name] = np.empty_like(p)
+        K.sgd_update(p, g, bufs.get(name, p), lr, self.momentum, self.dampening, self.weight_decay, first,
+                     self.nesterov)
 
 
 class Adam(Optimizer):
@@ -222,23 +216,13 @@ class Adam(Optimizer):
         self.beta1, self.beta2, self.eps, self.weight_decay = b1, b2, eps, weight_decay
 
     def _update(self, name, p, g, lr):
-        t = p.dtype.type
-        if self.weight_decay:
-            if self.decoupled:
-                p *= t(1 - lr * self.weight_decay)
-            else:
-                g = g + t(self.weight_decay) * p
         m = self.state["exp_avg"].setdefault(name, np.zeros_like(p))
         v = self.state["exp_avg_sq"].setdefault(name, np.zeros_like(p))
-        # torch: exp_avg.lerp_(grad, 1 - beta1), i.e. m + w * (g - m) for w < 0.5
-        m += t(1 - self.beta1) * (g - m)
-        v *= t(self.beta2)
-        v += t(1 - self.beta2) * (g * g)
         step = self.steps  # already counts this step, as torch's state['step'] does
-        step_size = lr / (1 - self.beta1 ** step)
-        bc2_sqrt = math.sqrt(1 - self.beta2 ** step)
-        denom = np.sqrt(v) / t(bc2_sqrt) + t(self.eps)
-        p -= t(step_size) * (m / denom)
+        K.adam_update(p, g, m, v, lr / (1 - self.beta1 ** step), self.beta1, self.beta2,
+                      math.sqrt(1 - self.beta2 ** step), self.eps,
+                      0.0 if self.decoupled else self.weight_decay,
+                      1 - lr * self.weight_decay if self.decoupled else 1.0)
 
 
 class AdamW(Adam):
