@@ -375,8 +375,10 @@ def test_float32_is_preserved():
 @pytest.mark.parametrize("N,C,O,H,k,s,p,d", [
     (8, 64, 128, 2, 3, 1, 1, 1),     # ResNet layer3/4 at 32x32 input: the small-image path
     (4, 32, 64, 4, 3, 2, 1, 1),      # strided
-    (3, 16, 64, 3, 3, 1, 2, 2),      # dilated
+    (3, 16, 64, 2, 3, 1, 2, 2),      # dilated
     (6, 8, 96, 1, 3, 1, 1, 1),       # 1x1 image, 3x3 kernel: only the centre tap sees data
+    (16, 48, 130, 2, 3, 1, 1, 1),    # big enough for the parallel kernels; 130 = 2 uneven column shares
+    (32, 130, 64, 2, 3, 2, 1, 1),    # strided 2x2 -> 1x1 (ResNet's layer4.0.conv1), parallel
 ])
 def test_conv_small_image_path_matches_torch(N, C, O, H, k, s, p, d):
     from netdsl.kernels.cpu import conv_small

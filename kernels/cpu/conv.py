@@ -120,14 +120,14 @@ def _im2col(xp, cols, nb, c0, Cg, oh0, noh, OW, KH, KW, sh, sw, dh, dw, to_cols)
 
 
 @njit
-def _gemm(M, N, K, a, lda, ta, b, ldb, tb, c, beta):
+def _gemm(M, N, K, a, lda, ta, b, ldb, tb, c, beta, ldc=0):
     """c[M, N] = beta*c + op(a) @ op(b) on row-major flat views with leading dims
-    lda, ldb (ta/tb: 'T' when that operand is stored transposed). Numba's own
-    BLAS entry, unlike np.dot, takes beta and strided sub-matrices."""
+    lda, ldb, ldc (ta/tb: 'T' when that operand is stored transposed; ldc 0: N).
+    Numba's own BLAS entry, unlike np.dot, takes beta and strided sub-matrices."""
     one, bt = np.ones(1, c.dtype), np.full(1, beta, c.dtype)
     kind = np.int8(115) if c.itemsize == 4 else np.int8(100)  # 's' / 'd'
     # Row-major C = A B is column-major C^T = B^T A^T.
-    _xxgemm(kind, tb, ta, N, M, K, one.ctypes, b.ctypes, ldb, a.ctypes, lda, bt.ctypes, c.ctypes, N)
+    _xxgemm(kind, tb, ta, N, M, K, one.ctypes, b.ctypes, ldb, a.ctypes, lda, bt.ctypes, c.ctypes, ldc or N)
 
 
 def _fwd(x, wt, b, y, KH, KW, OH, OW, sh, sw, ph, pw, dh, dw, B, R, T, nt):

@@ -1,12 +1,17 @@
-"""Convolution for small images with many channels (ResNet's last stages at 32x32 input:
-2x2 and 1x1 feature maps with 256-512 channels).
+"""Convolution for small images (ResNet's last stages at 32x32 input: 4x4 down to 1x1
+feature maps with 128-512 channels): one GEMM per kernel tap, over only the pixels
+where that tap lands inside the image.
 
-There the weights outweigh the activations, so the general path's weight transposes,
-per-thread weight-gradient partials and their sums cost more than the arithmetic. Here
-the columns are laid out [pixel, (c, kh, kw)], matching the weight's own [O, C*KH*KW]
-layout: every GEMM reads the weight (and writes its gradient) in place, with BLAS's
-transpose flags instead of copies, and the two threads split the GEMMs' rows.
+With a 3x3 kernel and padding 1, a 1x1 image sees only the centre tap and a 2x2 image
+16 of its 36 pixel-tap pairs: im2col's columns there are 8/9 and 5/9 zeros, and a GEMM
+multiplies them all. Here tap t gathers its (image, pixel) rows straight from NCHW,
+multiplies them by that tap's weight slice w[:, :, kh, kw] (repacked [tap, O, C]) and
+adds the products back. The threads split GEMM columns (output channels forward and
+for the weight gradient, input channels for the data gradient), so no two threads write
+the same element and nothing needs a per-thread partial.
 """
+import functools
+
 import numpy as np
 from numba import prange
 
@@ -17,97 +22,162 @@ N_, T_ = np.int8(78), np.int8(84)
 
 
 def usable(g) -> bool:
-    """Small-image layers whose weights dominate: one group, fewer pixel rows than channels x 4."""
-    return g.G == 1 and g.N * g.OH * g.OW <= 4 * g.O and g.OH * g.OW <= 64
+    """One group, at most 4 output pixels (on 4x4 images im2col + one GEMM was faster)."""
+    return g.G == 1 and g.OH * g.OW <= 4
+
+
+@functools.lru_cache(maxsize=256)
+def taps(H, W, KH, KW, OH, OW, sh, sw, ph, pw, dh, dw):
+    """(ids, starts, outs, ins): the taps kh*KW + kw that land inside the image for some
+    output pixel; tap i's (output pixel, input pixel) pairs are outs/ins[starts[i]:starts[i+1]]."""
+    ids, starts, outs, ins = [], [0], [], []
+    for kh in range(KH):
+        for kw in range(KW):
+            for oh in range(OH):
+                ih = oh * sh - ph + kh * dh
+                for ow in range(OW):
+                    iw = ow * sw - pw + kw * dw
+                    if 0 <= ih < H and 0 <= iw < W:
+                        outs.append(oh * OW + ow)
+                        ins.append(ih * W + iw)
+            if len(outs) > starts[-1]:
+                ids.append(kh * KW + kw)
+                starts.append(len(outs))
+    return tuple(np.array(a, np.int64) for a in (ids, starts, outs, ins))
 
 
 @njit
-def _cols(x, cols, n, KH, KW, OH, OW, sh, sw, ph, pw, dh, dw, to_cols):
-    """cols[(oh, ow), (c, kh, kw)] <-> x[n, c, ...] for one image (zero padding); with
-    to_cols False, add the columns back into x (col2im)."""
-    C, H, W = x.shape[1], x.shape[2], x.shape[3]
-    K = C * KH * KW
-    zero = x.dtype.type(0)
-    for oh in range(OH):
-        for ow in range(OW):
-            row = (n * OH + oh) * OW + ow
-            for c in range(C):
-                for kh in range(KH):
-                    ih = oh * sh - ph + kh * dh
-                    for kw in range(KW):
-                        iw = ow * sw - pw + kw * dw
-                        j = row * K + (c * KH + kh) * KW + kw
-                        inside = 0 <= ih < H and 0 <= iw < W
-                        if to_cols:
-                            cols[j] = x[n, c, ih, iw] if inside else zero
-                        elif inside:
-                            x[n, c, ih, iw] += cols[j]
+def _gather(src, n, pix, starts, dst):
+    """dst[N*s + n*(e-s) + j-s, :] = src[n, :, pix[j]] for each tap's pairs s <= j < e:
+    rows tap by tap, then image by image (src is [N, channels, pixels])."""
+    N, K = src.shape[0], src.shape[1]
+    for t in range(starts.size - 1):
+        s, e = starts[t], starts[t + 1]
+        for j in range(s, e):
+            r = N * s + n * (e - s) + j - s
+            for k in range(K):
+                dst[r, k] = src[n, k, pix[j]]
 
 
-def _fwd(x, w, b, y, KH, KW, OH, OW, sh, sw, ph, pw, dh, dw, T):
-    N, O = x.shape[0], w.shape[0]
-    K, L = w.shape[1], OH * OW
-    cols = np.empty(N * L * K, x.dtype)
-    yt = np.empty(N * L * O, x.dtype)
+def _repack(w, ids, wr):
+    """wr[t, o, c] = w[o, c, ids[t]] (w as [O, C, KH*KW])."""
+    for o in prange(w.shape[0]):
+        for t in range(ids.size):
+            for c in range(w.shape[1]):
+                wr[t, o, c] = w[o, c, ids[t]]
+
+
+def _fwd(x, wr, b, y, starts, outs, ins, T):
+    """y[N, O, Q] = conv(x[N, C, P]) + b, tap by tap; thread k owns output channels o0:o1."""
+    N, C = x.shape[0], x.shape[1]
+    O, Q = y.shape[1], y.shape[2]
+    rows = N * starts[-1]
+    a = np.empty((rows, C), x.dtype)
     for n in prange(N):
-        _cols(x, cols, n, KH, KW, OH, OW, sh, sw, ph, pw, dh, dw, True)
-    wf = w.reshape(-1)
-    for t in prange(T):          # y^T[rows, O] = cols[rows, K] @ w[O, K]^T, rows split
-        r0, r1 = t * N * L // T, (t + 1) * N * L // T
-        if r1 > r0:
-            _gemm(r1 - r0, O, K, cols[r0 * K:], K, N_, wf, K, T_, yt[r0 * O:], 0.0)
-    for n in prange(N):
-        for o in range(O):
-            for l in range(L):
-                y[n, o, l] = yt[(n * L + l) * O + o] + b[o]
+        _gather(x, n, ins, starts, a)
+    prod = np.empty(rows * O, x.dtype)
+    af, wf = a.reshape(-1), wr.reshape(-1)
+    for k in prange(T):
+        o0, o1 = k * O // T, (k + 1) * O // T
+        for n in range(N):
+            for o in range(o0, o1):
+                for q in range(Q):
+                    y[n, o, q] = b[o]
+        for t in range(starts.size - 1):
+            s, e = starts[t], starts[t + 1]
+            # prod[rows of t, o0:o1] = a[rows of t] @ wr[t, o0:o1]^T
+            _gemm(N * (e - s), o1 - o0, C, af[N * s * C:], C, N_, wf[(t * O + o0) * C:], C, T_,
+                  prod[N * s * O + o0:], 0.0, O)
+            for n in range(N):
+                for j in range(s, e):
+                    r = (N * s + n * (e - s) + j - s) * O
+                    for o in range(o0, o1):
+                        y[n, o, outs[j]] += prod[r + o]
     return y
 
 
-def _bwd(x, w, gy, gx, gw, KH, KW, OH, OW, sh, sw, ph, pw, dh, dw, T, need_gx, need_gw):
-    N, O = gy.shape[0], w.shape[0]
-    K, L = w.shape[1], OH * OW
-    gyt = np.empty(N * L * O, gy.dtype)
+def _bwd(x, wr, gy, gx, gwr, starts, outs, ins, T, need_gx, need_gw):
+    """gx[N, C, P] (zeroed by the caller) and gwr[tap, O, C]: thread k owns input channels
+    c0:c1 of gx and output channels o0:o1 of gwr."""
+    N, O = gy.shape[0], gy.shape[1]
+    C = wr.shape[2]
+    rows = N * starts[-1]
+    g = np.empty((rows, O), gy.dtype)
     for n in prange(N):
-        for o in range(O):
-            for l in range(L):
-                gyt[(n * L + l) * O + o] = gy[n, o, l]
-    cols = np.empty(N * L * K, gy.dtype)
-    wf, gwf = w.reshape(-1), gw.reshape(-1)
+        _gather(gy, n, outs, starts, g)
+    a = np.empty((rows if need_gw else 0, C), gy.dtype)
     if need_gw:
         for n in prange(N):
-            _cols(x, cols, n, KH, KW, OH, OW, sh, sw, ph, pw, dh, dw, True)
-        for t in prange(T):      # gw[O, K] = gy^T[rows, O]^T @ cols[rows, K], O split
-            o0, o1 = t * O // T, (t + 1) * O // T
-            if o1 > o0:
-                _gemm(o1 - o0, K, N * L, gyt[o0:], O, T_, cols, K, N_, gwf[o0 * K:], 0.0)
-    if need_gx:
-        for t in prange(T):      # gcols[rows, K] = gy^T[rows, O] @ w[O, K], rows split
-            r0, r1 = t * N * L // T, (t + 1) * N * L // T
-            if r1 > r0:
-                _gemm(r1 - r0, K, O, gyt[r0 * O:], O, N_, wf, K, N_, cols[r0 * K:], 0.0)
-        gx[:] = gx.dtype.type(0)
-        for n in prange(N):
-            _cols(gx, cols, n, KH, KW, OH, OW, sh, sw, ph, pw, dh, dw, False)
+            _gather(x, n, ins, starts, a)
+    prod = np.empty(rows * C if need_gx else 0, gy.dtype)
+    gf, af, wf, gwf = g.reshape(-1), a.reshape(-1), wr.reshape(-1), gwr.reshape(-1)
+    for k in prange(T):
+        o0, o1 = k * O // T, (k + 1) * O // T
+        c0, c1 = k * C // T, (k + 1) * C // T
+        for t in range(starts.size - 1):
+            s, e = starts[t], starts[t + 1]
+            m = N * (e - s)
+            if need_gw:     # gwr[t, o0:o1] = g[rows of t, o0:o1]^T @ a[rows of t]
+                _gemm(o1 - o0, C, m, gf[N * s * O + o0:], O, T_, af[N * s * C:], C, N_,
+                      gwf[(t * O + o0) * C:], 0.0, C)
+            if need_gx:     # prod[rows of t, c0:c1] = g[rows of t] @ wr[t][:, c0:c1]
+                _gemm(m, c1 - c0, O, gf[N * s * O:], O, N_, wf[t * O * C + c0:], C, N_,
+                      prod[N * s * C + c0:], 0.0, C)
+                for n in range(N):
+                    for j in range(s, e):
+                        r = (N * s + n * (e - s) + j - s) * C
+                        for c in range(c0, c1):
+                            gx[n, c, ins[j]] += prod[r + c]
     return gx
 
 
+def _unpack(gwr, ids, gw):
+    """gw[o, c, ids[t]] = gwr[t, o, c]; taps that never land inside the image get 0."""
+    zero = gw.dtype.type(0)
+    for o in prange(gw.shape[0]):
+        for c in range(gw.shape[1]):
+            for i in range(gw.shape[2]):
+                gw[o, c, i] = zero
+            for t in range(ids.size):
+                gw[o, c, ids[t]] = gwr[t, o, c]
+
+
+_repack = kernel(_repack)
+_unpack = kernel(_unpack)
 _fwd = kernel(_fwd)
 _bwd = kernel(_bwd)
 
 
+def _prepare(w, g):
+    ids, starts, outs, ins = taps(g.H, g.W, g.KH, g.KW, g.OH, g.OW, *g.s, *g.p, *g.d)
+    wr = np.empty((ids.size, g.O, g.C), w.dtype)
+    _repack(wr.size, w.reshape(g.O, g.C, -1), ids, wr)
+    return ids, starts, outs, ins, wr
+
+
+def _threads(k, g):
+    fn, T = k.pick(g.work)
+    return fn, max(1, min(T, g.O, g.C))
+
+
 def forward(x, w, b, g):
+    ids, starts, outs, ins, wr = _prepare(w, g)
     y = np.empty((g.N, g.O, g.OH * g.OW), x.dtype)
-    fn, T = _fwd.pick(g.work)
-    fn(x, w.reshape(g.O, -1), b, y, *g.args(), max(1, min(T, g.N * g.OH * g.OW)))
+    fn, T = _threads(_fwd, g)
+    fn(x.reshape(g.N, g.C, -1), wr, b, y, starts, outs, ins, T)
     return y.reshape(g.N, g.O, g.OH, g.OW)
 
 
 def backward(x, xshape, w, gy, g, need_gx, need_gw):
+    ids, starts, outs, ins, wr = _prepare(w, g)
     gy = np.ascontiguousarray(gy, dtype=w.dtype).reshape(g.N, g.O, g.OH * g.OW)
-    gx = np.empty(xshape if need_gx else (1, 1, 1, 1), w.dtype)
-    gw = np.empty(w.shape if need_gw else (1,), w.dtype)
-    if not need_gw:
-        x = np.zeros((1, 1, 1, 1), w.dtype)
-    fn, T = _bwd.pick(g.work)
-    fn(x, w.reshape(g.O, -1), gy, gx, gw, *g.args(), max(1, T), need_gx, need_gw)
-    return (gx if need_gx else None), (gw if need_gw else None)
+    gx = np.zeros((g.N, g.C, g.H * g.W) if need_gx else (1, 1, 1), w.dtype)
+    gwr = np.empty((ids.size, g.O, g.C) if need_gw else (1, 1, 1), w.dtype)
+    xr = x.reshape(g.N, g.C, -1) if need_gw else np.zeros((1, 1, 1), w.dtype)
+    fn, T = _threads(_bwd, g)
+    fn(xr, wr, gy, gx, gwr, starts, outs, ins, T, need_gx, need_gw)
+    gw = None
+    if need_gw:
+        gw = np.empty(w.shape, w.dtype)
+        _unpack(gw.size, gwr, ids, gw.reshape(g.O, g.C, -1))
+    return (gx.reshape(xshape) if need_gx else None), gw
