@@ -51,14 +51,25 @@ def construct(what: str, fn, kwargs: dict, *args):
     return fn(*args, **kwargs)
 
 
-from .checkpoint import Checkpoint, load_checkpoint, load_weights, save_checkpoint, spec_hash  # noqa: E402
-from .data import Dataset, Loader, channel_stats, make_source  # noqa: E402
-from .optim import SGD, Adam, AdamW, Optimizer, clip_grad_norm, make_optimizer, make_schedule  # noqa: E402
-from .progress import MetricsLog, ProgressBar, plot_metrics, read_metrics  # noqa: E402
+# The names below load their submodule on first use (PEP 562): `optim` pulls in Numba
+# and the compiled kernels (~0.5 s), which a process that only builds a Model and
+# runs it must not pay before it needs them (see Model: parameter initialisation
+# overlaps that import).
+_LAZY = {
+    "checkpoint": ["Checkpoint", "load_checkpoint", "load_weights", "save_checkpoint", "spec_hash"],
+    "data": ["Dataset", "Loader", "channel_stats", "make_source"],
+    "optim": ["SGD", "Adam", "AdamW", "Optimizer", "clip_grad_norm", "make_optimizer", "make_schedule"],
+    "progress": ["MetricsLog", "ProgressBar", "plot_metrics", "read_metrics"],
+}
+_HOME = {name: mod for mod, names in _LAZY.items() for name in names}
 
-__all__ = [
-    "Checkpoint", "load_checkpoint", "load_weights", "save_checkpoint", "spec_hash",
-    "Dataset", "Loader", "channel_stats", "make_source",
-    "SGD", "Adam", "AdamW", "Optimizer", "clip_grad_norm", "make_optimizer", "make_schedule",
-    "MetricsLog", "ProgressBar", "plot_metrics", "read_metrics",
-]
+__all__ = list(_HOME)
+
+
+def __getattr__(name: str):
+    if name not in _HOME:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    import importlib
+    value = getattr(importlib.import_module(f".{_HOME[name]}", __name__), name)
+    globals()[name] = value
+    return value

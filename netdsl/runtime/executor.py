@@ -17,7 +17,6 @@ from ..errors import NetdslError
 from ..ir.dims import subs
 from ..ir.graph import Value
 from ..plan import Plan, Step, plan
-from . import cpu
 from .fused import FusedStep
 
 
@@ -43,16 +42,25 @@ class Target:
 
     def __init__(self, name: str = "cpu"):
         self.name = name
+        self._table = None
         if name == "cuda":
             from . import cuda
-            self.table, self.upload, self.download, self.broadcast, self.sync = \
+            self._table, self.upload, self.download, self.broadcast, self.sync = \
                 cuda.KERNELS, cuda.upload, cuda.download, cuda.broadcast, cuda.synchronize
         else:
-            self.table = cpu.KERNELS
             self.upload = lambda a, dtype=None: a
             self.download = np.asarray
             self.broadcast = lambda a, shape: np.ascontiguousarray(np.broadcast_to(a, shape))
             self.sync = lambda: None
+
+    @property
+    def table(self) -> dict:
+        """Operator -> kernel binding. The CPU table is imported on first use: it loads
+        Numba and every kernel module, which a Model does not need until it runs."""
+        if self._table is None:
+            from . import cpu
+            self._table = cpu.KERNELS
+        return self._table
 
 
 class Program:

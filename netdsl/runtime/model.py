@@ -1,13 +1,15 @@
 """A compiled network with its parameters: inference and training steps on the CPU."""
 from __future__ import annotations
 
+import threading
+
 import numpy as np
 
 from .. import autodiff
 from ..errors import NetdslError, Note
 from ..ir.dims import Sym, fmt_shape
 from ..ir.graph import Graph, Value
-from .cpu import DTYPES
+from .bindings import DTYPES
 from .executor import Program, RunState, Target
 from .init import init_params
 
@@ -22,14 +24,41 @@ class Model:
         self.dtype = np.dtype(dtype)
         self.device = device
         self.target = Target(device)
-        self.params = params if params is not None else init_params(graph, seed)
-        if self.dtype != np.float32:
-            self.params = {k: v.astype(self.dtype) for k, v in self.params.items()}
-        self.params = {k: self.target.upload(v) for k, v in self.params.items()}
+        self._params: dict | None = None
+        self._pending: _Background | None = None
+        if params is None:
+            # Drawing the initial weights is ~0.4 s of numpy for ResNet-50, and numpy lets
+            # go of the GIL while it fills arrays: on a helper thread it overlaps what the
+            # first step does before it reads a weight (import Numba and the kernels, plan).
+            # Same generator, same order: the weights are those of init_params(graph, seed).
+            self._pending = _Background(init_params, graph, seed)
+        else:
+            self._adopt(params)
         self.seed, self.fuse = seed, fuse
         self._tg = None
         self._programs: dict = {}
         self.step = 0
+
+    def _adopt(self, params: dict):
+        if self.dtype != np.float32:
+            params = {k: v.astype(self.dtype) for k, v in params.items()}
+        self._params = {k: self.target.upload(v) for k, v in params.items()}
+
+    @property
+    def params(self) -> dict:
+        """Parameter path -> array (on the model's device), waiting for initialisation."""
+        if self._pending is not None:
+            host = self._pending.result()
+            self._pending = None
+            self._adopt(host)   # here, not on the helper: a CUDA upload belongs to this thread
+        return self._params
+
+    @params.setter
+    def params(self, value: dict):
+        if self._pending is not None:
+            self._pending.result()      # let the helper finish before its result is dropped
+            self._pending = None
+        self._params = value
 
     @property
     def training_graph(self) -> autodiff.TrainingGraph:
@@ -122,6 +151,27 @@ class Model:
                           + (" (in the backward pass)" if n.fwd is not None else ""),
                           n.pos, hint="lower the learning rate, add gradient clipping (clip = 1.0), "
                           "or check the data for NaNs")
+
+
+class _Background:
+    """fn(*args) on a daemon thread; result() waits for it and re-raises what it raised."""
+
+    def __init__(self, fn, *args):
+        self._value, self._error = None, None
+        self._thread = threading.Thread(target=self._run, args=(fn, args), name="netdsl-init", daemon=True)
+        self._thread.start()
+
+    def _run(self, fn, args):
+        try:
+            self._value = fn(*args)
+        except BaseException as e:      # handed to the thread that asks for the result
+            self._error = e
+
+    def result(self):
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+        return self._value
 
 
 def _all_finite(device: str, arrays) -> bool:
