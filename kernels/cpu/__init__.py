@@ -72,6 +72,43 @@ def as_float(x):
     return np.ascontiguousarray(x)
 
 
+def _load_cython_blas():
+    """Load scipy.linalg.cython_blas without running scipy/linalg/__init__.py.
+
+    Numba's BLAS shim (numba_xxgemm, which conv.py calls) reaches scipy's Fortran
+    BLAS through that extension module's C-API table, and imports it by name on
+    first use. The ordinary import first runs all of scipy.linalg's Python API and
+    SciPy's array-API layer (which imports numpy.f2py): 0.15-0.25 s of start-up, of
+    which the extension module itself is 0.03 s. A later `import scipy.linalg` still
+    works and finds this module in sys.modules. On any surprise (an unusual scipy
+    layout) nothing is done and the ordinary import runs.
+    """
+    import importlib.machinery
+    import importlib.util
+    import sys
+    name = "scipy.linalg.cython_blas"
+    if name in sys.modules or "scipy.linalg" in sys.modules:
+        return
+    scipy = importlib.util.find_spec("scipy")
+    if scipy is None or not scipy.origin:
+        return
+    for suffix in importlib.machinery.EXTENSION_SUFFIXES:
+        path = os.path.join(os.path.dirname(scipy.origin), "linalg", "cython_blas" + suffix)
+        if os.path.isfile(path):
+            break
+    else:
+        return
+    loader = importlib.machinery.ExtensionFileLoader(name, path)
+    module = importlib.util.module_from_spec(importlib.util.spec_from_file_location(name, path, loader=loader))
+    sys.modules[name] = module      # as the import system does, before executing it
+    try:
+        loader.exec_module(module)
+    except ImportError:
+        del sys.modules[name]
+
+
+_load_cython_blas()
+
 from .conv import conv2d, conv2d_backward, conv_transpose2d, conv_transpose2d_backward  # noqa: E402
 from .dense import linear, linear_backward  # noqa: E402
 from .pool import (  # noqa: E402
