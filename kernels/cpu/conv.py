@@ -31,11 +31,12 @@ _xxgemm = types.ExternalFunction("numba_xxgemm", types.intc(
     types.char, types.char, types.char, types.intp, types.intp, types.intp, types.voidptr,
     types.voidptr, types.intp, types.voidptr, types.intp, types.voidptr, types.voidptr, types.intp))
 
-# Pixels (GEMM rows) per block: OpenBLAS sgemm slowed down below ~1024 rows.
-# The backward keeps more buffers per block (x and gx columns, gy^T) and ran
-# 2-5% faster on 512-pixel blocks (interleaved A/B, 1 thread CPU time; conv1 20%).
+# Pixels (GEMM rows) per block. 512/256 (forward/backward) ran as fast as 1024/512
+# on ResNet's 8x8 and 4x4 layers and keeps the columns inside a core's 2 MiB L2; the
+# backward's per-thread buffers (x and gx columns, gy^T) were 8 MiB of the training
+# step's peak memory at 512.
 # Per-tap GEMMs (K = KW*C) only pay off on images of >= TAPS_MIN pixels.
-ROWS, ROWS_BWD = 1024, 512
+ROWS, ROWS_BWD = 512, 256
 TAPS_MIN = 256
 # 1x1 layers (NCHW GEMMs, no im2col): pixels per GEMM.
 ROWS1 = 256

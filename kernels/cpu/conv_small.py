@@ -63,8 +63,9 @@ def _repack(w, ids, wr):
     """wr[t, o, c] = w[o, c, ids[t]] (w as [O, C, KH*KW])."""
     for o in prange(w.shape[0]):
         for t in range(ids.size):
+            k = ids[t]
             for c in range(w.shape[1]):
-                wr[t, o, c] = w[o, c, ids[t]]
+                wr[t, o, c] = w[o, c, k]
 
 
 def _fwd(x, wr, b, y, starts, outs, ins, T):
@@ -132,14 +133,18 @@ def _bwd(x, wr, gy, gx, gwr, starts, outs, ins, T, need_gx, need_gw):
 
 
 def _unpack(gwr, ids, gw):
-    """gw[o, c, ids[t]] = gwr[t, o, c]; taps that never land inside the image get 0."""
+    """gw[o, c, ids[t]] = gwr[t, o, c]; taps that never land inside the image get 0.
+    Reads run along c, so each gwr row streams once."""
     zero = gw.dtype.type(0)
     for o in prange(gw.shape[0]):
-        for c in range(gw.shape[1]):
-            for i in range(gw.shape[2]):
-                gw[o, c, i] = zero
-            for t in range(ids.size):
-                gw[o, c, ids[t]] = gwr[t, o, c]
+        if ids.size < gw.shape[2]:
+            for c in range(gw.shape[1]):
+                for i in range(gw.shape[2]):
+                    gw[o, c, i] = zero
+        for t in range(ids.size):
+            k = ids[t]
+            for c in range(gw.shape[1]):
+                gw[o, c, k] = gwr[t, o, c]
 
 
 _repack = kernel(_repack)

@@ -3,6 +3,9 @@ import numpy as np
 from numba import prange
 
 from . import as_float, kernel
+from .conv import _gemm
+
+N_, T_ = np.int8(78), np.int8(84)   # BLAS transpose flags 'N', 'T'
 
 
 def _fwd(x, w, b, y, T):
@@ -18,14 +21,18 @@ def _fwd(x, w, b, y, T):
 
 
 def _bwd(x, w, gy, gx, gw, T, need_gx):
-    """gx = gy @ w; per-thread partial gw[t] = gy_t.T @ x_t (summed by the caller)."""
-    N = x.shape[0]
+    """gw[m0:m1] = gy[:, m0:m1].T @ x and gx[n0:n1] = gy[n0:n1] @ w for thread t's share
+    of gw's rows and of the batch: no two threads write the same element."""
+    N, K = x.shape
+    M = w.shape[0]
+    gyf, xf, gwf = gy.reshape(-1), x.reshape(-1), gw.reshape(-1)
     for t in prange(T):
+        m0, m1 = t * M // T, (t + 1) * M // T
+        if m1 > m0:
+            _gemm(m1 - m0, K, N, gyf[m0:], M, T_, xf, K, N_, gwf[m0 * K:], 0.0)
         n0, n1 = t * N // T, (t + 1) * N // T
-        if n1 > n0:
-            np.dot(gy[n0:n1].T, x[n0:n1], gw[t])
-            if need_gx:
-                np.dot(gy[n0:n1], w, gx[n0:n1])
+        if need_gx and n1 > n0:
+            np.dot(gy[n0:n1], w, gx[n0:n1])
     return gx
 
 
@@ -49,8 +56,7 @@ def linear_backward(x, w, gy, need_gx=True):
     w = np.ascontiguousarray(w, dtype=x.dtype)
     gy = np.ascontiguousarray(gy, dtype=x.dtype)
     fn, T = _bwd.pick(x.shape[0] * w.size)
-    T = min(T, max(1, x.shape[0]))
     gx = np.empty(x.shape if need_gx else (0, 0), x.dtype)
-    gw = np.zeros((T,) + w.shape, x.dtype)
+    gw = np.empty(w.shape, x.dtype)
     fn(x, w, gy, gx, gw, T, need_gx)
-    return (gx if need_gx else None), gw.sum(axis=0), gy.sum(axis=0)
+    return (gx if need_gx else None), gw, gy.sum(axis=0)

@@ -154,6 +154,7 @@ class Trainer:
             if self.cfg["clip"]:
                 self.clip(grads, self.cfg["clip"])
             self.opt.step(grads)
+            del grads   # not alive while the next step makes its own (torch: zero_grad(set_to_none))
             tot += total * len(xb)
             seen += len(xb)
             if self.r.logits in outs and self.r.label:
