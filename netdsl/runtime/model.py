@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import threading
+from collections.abc import Mapping
 
 import numpy as np
 
@@ -11,7 +12,7 @@ from ..ir.dims import Sym, fmt_shape
 from ..ir.graph import Graph, Value
 from .bindings import DTYPES
 from .executor import Program, RunState, Target
-from .init import init_params
+from .init import init_param
 
 
 class Model:
@@ -25,13 +26,9 @@ class Model:
         self.device = device
         self.target = Target(device)
         self._params: dict | None = None
-        self._pending: _Background | None = None
+        self._drawing: _InitialWeights | None = None
         if params is None:
-            # Drawing the initial weights is ~0.4 s of numpy for ResNet-50, and numpy lets
-            # go of the GIL while it fills arrays: on a helper thread it overlaps what the
-            # first step does before it reads a weight (import Numba and the kernels, plan).
-            # Same generator, same order: the weights are those of init_params(graph, seed).
-            self._pending = _Background(init_params, graph, seed)
+            self._drawing = _InitialWeights(graph, seed)
         else:
             self._adopt(params)
         self.seed, self.fuse = seed, fuse
@@ -47,18 +44,25 @@ class Model:
     @property
     def params(self) -> dict:
         """Parameter path -> array (on the model's device), waiting for initialisation."""
-        if self._pending is not None:
-            host = self._pending.result()
-            self._pending = None
+        if self._drawing is not None:
+            host = self._drawing.all()
+            self._drawing = None
             self._adopt(host)   # here, not on the helper: a CUDA upload belongs to this thread
         return self._params
 
     @params.setter
     def params(self, value: dict):
-        if self._pending is not None:
-            self._pending.result()      # let the helper finish before its result is dropped
-            self._pending = None
+        if self._drawing is not None:
+            self._drawing.all()     # let the helper finish before its result is dropped
+            self._drawing = None
         self._params = value
+
+    def _run_params(self):
+        """Where a run reads the weights: while float32 CPU weights (nothing to convert or
+        upload) are still being drawn, from the drawing, so the run need not wait for all."""
+        if self._drawing is not None and self.dtype == np.float32 and self.device == "cpu":
+            return self._drawing
+        return self.params
 
     @property
     def training_graph(self) -> autodiff.TrainingGraph:
@@ -117,7 +121,7 @@ class Model:
             want = list(self.g.outputs) + [l.name for l in self.g.losses
                                            if l.phase == "all" and _inputs_of(self.g, l.value) <= fed]
         prog = self._program(False, dims, tuple(want))
-        env = prog.run(RunState(self.params, dims, False, self.seed, self.dtype), fv)
+        env = prog.run(RunState(self._run_params(), dims, False, self.seed, self.dtype), fv)
         named = {**self.g.outputs, **{l.name: l.value for l in self.g.losses}}
         return {n: self.target.download(env[id(named[n])]) for n in want}
 
@@ -128,7 +132,7 @@ class Model:
         if missing:
             raise NetdslError(f"training needs data for every input; missing: {', '.join(missing)}", self.g.pos)
         prog = self._program(True, dims, ())
-        st = RunState(self.params, dims, True, self.seed, self.dtype)
+        st = RunState(self._run_params(), dims, True, self.seed, self.dtype)
         st.step = self.step
         env = prog.run(st, fv)
         losses = {l.name: float(self.target.download(env[id(l.value)])) for l in self.g.losses}
@@ -153,25 +157,64 @@ class Model:
                           "or check the data for NaNs")
 
 
-class _Background:
-    """fn(*args) on a daemon thread; result() waits for it and re-raises what it raised."""
+class _InitialWeights(Mapping):
+    """init_params(graph, seed), drawn on a helper thread, as a mapping whose [name]
+    waits for that parameter.
 
-    def __init__(self, fn, *args):
-        self._value, self._error = None, None
-        self._thread = threading.Thread(target=self._run, args=(fn, args), name="netdsl-init", daemon=True)
+    Drawing ResNet-50's weights is ~0.4 s of numpy, which lets go of the GIL while it
+    fills an array, so on a helper thread it overlaps what the first step does before
+    and between its reads of them: importing Numba and the kernels, planning, loading
+    each kernel from the cache. They are drawn in graph order, which is the forward's:
+    the first layer's are there at once. Same generator, same order as init_params
+    (tests/test_startup.py holds them equal).
+    """
+
+    def __init__(self, graph: Graph, seed: int):
+        self._todo = list(graph.params.items())     # a snapshot: the helper never reads the graph's dict
+        self._done: dict[str, np.ndarray] = {}
+        self._error: BaseException | None = None
+        self._finished = False
+        self._cv = threading.Condition()
+        self._thread = threading.Thread(target=self._draw, args=(seed,), name="netdsl-init", daemon=True)
         self._thread.start()
 
-    def _run(self, fn, args):
+    def _draw(self, seed: int):
         try:
-            self._value = fn(*args)
-        except BaseException as e:      # handed to the thread that asks for the result
+            rng = np.random.default_rng(seed)
+            for name, p in self._todo:
+                a = init_param(p, rng)
+                with self._cv:
+                    self._done[name] = a
+                    self._cv.notify_all()
+        except BaseException as e:      # handed to whichever thread asks next
             self._error = e
+        finally:
+            with self._cv:
+                self._finished = True
+                self._cv.notify_all()
 
-    def result(self):
+    def __getitem__(self, name: str) -> np.ndarray:
+        with self._cv:
+            while name not in self._done:
+                if self._error is not None:
+                    raise self._error
+                if self._finished:
+                    raise KeyError(name)
+                self._cv.wait()
+            return self._done[name]
+
+    def __iter__(self):
+        return (name for name, _ in self._todo)
+
+    def __len__(self) -> int:
+        return len(self._todo)
+
+    def all(self) -> dict[str, np.ndarray]:
+        """Every parameter, in graph order, once all are drawn."""
         self._thread.join()
         if self._error is not None:
             raise self._error
-        return self._value
+        return self._done
 
 
 def _all_finite(device: str, arrays) -> bool:
