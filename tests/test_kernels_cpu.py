@@ -398,3 +398,23 @@ def test_conv_small_image_path_matches_torch(N, C, O, H, k, s, p, d):
         assert np.abs(ours - ref.numpy()).max() <= 1e-4 * np.abs(ref.numpy()).max()
     _, gw_only, _ = K.conv2d_backward(x, w, gy, s, p, d, need_gx=False)
     assert np.array_equal(gw_only, gw)
+
+
+@pytest.mark.parametrize("xshape,wshape,s,p", [
+    ((4, 8, 2, 2), (16, 8, 3, 3), 1, 1),      # small-image path
+    ((4, 8, 9, 9), (16, 8, 3, 3), 2, 1),      # im2col path
+    ((4, 8, 6, 6), (16, 8, 1, 1), 1, 0),      # 1x1 path
+])
+def test_weight_gradient_goes_into_a_given_buffer(xshape, wshape, s, p):
+    rng = np.random.default_rng(3)
+    x, w = rng.standard_normal(xshape).astype(np.float32), rng.standard_normal(wshape).astype(np.float32)
+    gy = rng.standard_normal(K.conv2d(x, w, None, s, p).shape).astype(np.float32)
+    _, fresh, _ = K.conv2d_backward(x, w, gy, s, p)
+    buf = np.full(w.shape, np.nan, np.float32)
+    _, gw, _ = K.conv2d_backward(x, w, gy, s, p, gw_out=buf)
+    assert gw is buf and np.array_equal(buf, fresh)
+    xl, wl, gl = x.reshape(4, -1), rng.standard_normal((5, x[0].size)).astype(np.float32), \
+        rng.standard_normal((4, 5)).astype(np.float32)
+    buf = np.full(wl.shape, np.nan, np.float32)
+    assert K.linear_backward(xl, wl, gl, gw_out=buf)[1] is buf
+    assert np.array_equal(buf, K.linear_backward(xl, wl, gl)[1])

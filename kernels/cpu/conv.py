@@ -380,9 +380,10 @@ def conv2d(x, w, b=None, stride=1, pad=0, dilation=1, groups=1):
     return y.reshape(g.N, g.O, g.OH, g.OW)
 
 
-def _backward(x, xshape, w, gy, g, need_gx, need_gw):
+def _backward(x, xshape, w, gy, g, need_gx, need_gw, gw_out=None):
+    """(gx, gw); gw is written into gw_out when given (a gradient buffer kept across steps)."""
     if conv_small.usable(g):
-        return conv_small.backward(x, xshape, w, gy, g, need_gx, need_gw)
+        return conv_small.backward(x, xshape, w, gy, g, need_gx, need_gw, gw_out)
     gy = np.ascontiguousarray(gy, dtype=w.dtype).reshape(g.N, g.O, g.OH * g.OW)
     Cg = g.C // g.G
     if g.pointwise:
@@ -393,7 +394,11 @@ def _backward(x, xshape, w, gy, g, need_gx, need_gw):
             x = np.zeros((1, 1, 1, 1), w.dtype)
         gwp = np.zeros((T if need_gw else 1, g.G, g.O // g.G, Cg), w.dtype)
         fn(x, w.reshape(g.G, g.O // g.G, Cg), gy, gx, gwp, g.H, g.W, *g.s, g.OH, g.OW, B, T, need_gx, need_gw)
-        return (gx if need_gx else None), (gwp.sum(axis=0).reshape(w.shape) if need_gw else None)
+        gw = None
+        if need_gw:
+            gw = np.empty(w.shape, w.dtype) if gw_out is None else gw_out
+            np.sum(gwp, axis=0, out=gw.reshape(gwp.shape[1:]))
+        return (gx if need_gx else None), gw
     fn, T, B, R, nt = g.split(_bwd)
     gx = np.empty(xshape if need_gx else (1, 1, 1, 1), w.dtype)
     if not need_gw:
@@ -403,16 +408,18 @@ def _backward(x, xshape, w, gy, g, need_gx, need_gw):
     gw = None
     if need_gw:  # [G, KH, KW, Cg, Og] -> [G, Og, Cg, KH, KW]
         gw5 = gwp.sum(axis=0).reshape(g.G, g.KH, g.KW, Cg, g.O // g.G)
-        gw = np.ascontiguousarray(gw5.transpose(0, 4, 3, 1, 2)).reshape(w.shape)
+        gw = np.empty(w.shape, w.dtype) if gw_out is None else gw_out
+        np.copyto(gw.reshape(g.G, g.O // g.G, Cg, g.KH, g.KW), gw5.transpose(0, 4, 3, 1, 2))
     return (gx if need_gx else None), gw
 
 
-def conv2d_backward(x, w, gy, stride=1, pad=0, dilation=1, groups=1, need_gx=True, need_gw=True):
-    """(gx, gw, gb) for conv2d; gx / gw are None when not requested."""
+def conv2d_backward(x, w, gy, stride=1, pad=0, dilation=1, groups=1, need_gx=True, need_gw=True, gw_out=None):
+    """(gx, gw, gb) for conv2d; gx / gw are None when not requested. gw_out: an array
+    of w's shape to write gw into (the caller's gradient buffer) instead of a new one."""
     x = as_float(x)
     w = np.ascontiguousarray(w, dtype=x.dtype)
     g = _Geom(x.shape, w.shape, stride, pad, dilation, groups)
-    gx, gw = _backward(x, x.shape, w, gy, g, need_gx, need_gw)
+    gx, gw = _backward(x, x.shape, w, gy, g, need_gx, need_gw, gw_out)
     return gx, gw, np.asarray(gy, dtype=x.dtype).sum(axis=(0, 2, 3))
 
 

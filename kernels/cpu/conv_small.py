@@ -1,14 +1,15 @@
-"""Convolution for small images (ResNet's last stages at 32x32 input: 4x4 down to 1x1
-feature maps with 128-512 channels): one GEMM per kernel tap, over only the pixels
+"""Convolution for small images (ResNet's last stages at 32x32 input: 2x2 and 1x1
+feature maps with 256-512 channels): one GEMM per kernel tap, over only the pixels
 where that tap lands inside the image.
 
 With a 3x3 kernel and padding 1, a 1x1 image sees only the centre tap and a 2x2 image
 16 of its 36 pixel-tap pairs: im2col's columns there are 8/9 and 5/9 zeros, and a GEMM
 multiplies them all. Here tap t gathers its (image, pixel) rows straight from NCHW,
-multiplies them by that tap's weight slice w[:, :, kh, kw] (repacked [tap, O, C]) and
-adds the products back. The threads split GEMM columns (output channels forward and
+multiplies them by that tap's weight slice w[:, :, kh, kw] and adds the products back. The threads split GEMM columns (output channels forward and
 for the weight gradient, input channels for the data gradient), so no two threads write
-the same element and nothing needs a per-thread partial.
+the same element and nothing needs a per-thread partial; each thread repacks the
+weights of its share one tap at a time, so no full repacked copy of the weight (or of
+its gradient) ever exists.
 """
 import functools
 
@@ -59,17 +60,17 @@ def _gather(src, n, pix, starts, dst):
                 dst[r, k] = src[n, k, pix[j]]
 
 
-def _repack(w, ids, wr):
-    """wr[t, o, c] = w[o, c, ids[t]] (w as [O, C, KH*KW])."""
-    for o in prange(w.shape[0]):
-        for t in range(ids.size):
-            k = ids[t]
-            for c in range(w.shape[1]):
-                wr[t, o, c] = w[o, c, k]
+@njit
+def _slice(w, k, o0, o1, c0, c1, dst):
+    """dst[o - o0, c - c0] = w[o, c, k]: one tap's weights for a thread's share."""
+    for o in range(o0, o1):
+        for c in range(c0, c1):
+            dst[(o - o0) * (c1 - c0) + c - c0] = w[o, c, k]
 
 
-def _fwd(x, wr, b, y, starts, outs, ins, T):
-    """y[N, O, Q] = conv(x[N, C, P]) + b, tap by tap; thread k owns output channels o0:o1."""
+def _fwd(x, w, b, y, ids, starts, outs, ins, T):
+    """y[N, O, Q] = conv(x[N, C, P]) + b (w as [O, C, KH*KW]), tap by tap; thread k owns
+    output channels o0:o1 and repacks only their weights, a tap at a time."""
     N, C = x.shape[0], x.shape[1]
     O, Q = y.shape[1], y.shape[2]
     rows = N * starts[-1]
@@ -77,18 +78,19 @@ def _fwd(x, wr, b, y, starts, outs, ins, T):
     for n in prange(N):
         _gather(x, n, ins, starts, a)
     prod = np.empty(rows * O, x.dtype)
-    af, wf = a.reshape(-1), wr.reshape(-1)
+    af = a.reshape(-1)
     for k in prange(T):
         o0, o1 = k * O // T, (k + 1) * O // T
+        wt = np.empty((o1 - o0) * C, x.dtype)
         for n in range(N):
             for o in range(o0, o1):
                 for q in range(Q):
                     y[n, o, q] = b[o]
-        for t in range(starts.size - 1):
+        for t in range(ids.size):
             s, e = starts[t], starts[t + 1]
-            # prod[rows of t, o0:o1] = a[rows of t] @ wr[t, o0:o1]^T
-            _gemm(N * (e - s), o1 - o0, C, af[N * s * C:], C, N_, wf[(t * O + o0) * C:], C, T_,
-                  prod[N * s * O + o0:], 0.0, O)
+            _slice(w, ids[t], o0, o1, 0, C, wt)
+            # prod[rows of t, o0:o1] = a[rows of t] @ w[o0:o1, :, tap]^T
+            _gemm(N * (e - s), o1 - o0, C, af[N * s * C:], C, N_, wt, C, T_, prod[N * s * O + o0:], 0.0, O)
             for n in range(N):
                 for j in range(s, e):
                     r = (N * s + n * (e - s) + j - s) * O
@@ -97,11 +99,11 @@ def _fwd(x, wr, b, y, starts, outs, ins, T):
     return y
 
 
-def _bwd(x, wr, gy, gx, gwr, starts, outs, ins, T, need_gx, need_gw):
-    """gx[N, C, P] (zeroed by the caller) and gwr[tap, O, C]: thread k owns input channels
-    c0:c1 of gx and output channels o0:o1 of gwr."""
+def _bwd(x, w, gy, gx, gw, ids, starts, outs, ins, T, need_gx, need_gw):
+    """gx[N, C, P] (zeroed by the caller) and gw[O, C, KH*KW]: thread k owns input
+    channels c0:c1 of gx and output channels o0:o1 of gw."""
     N, O = gy.shape[0], gy.shape[1]
-    C = wr.shape[2]
+    C = w.shape[1]
     rows = N * starts[-1]
     g = np.empty((rows, O), gy.dtype)
     for n in prange(N):
@@ -111,19 +113,25 @@ def _bwd(x, wr, gy, gx, gwr, starts, outs, ins, T, need_gx, need_gw):
         for n in prange(N):
             _gather(x, n, ins, starts, a)
     prod = np.empty(rows * C if need_gx else 0, gy.dtype)
-    gf, af, wf, gwf = g.reshape(-1), a.reshape(-1), wr.reshape(-1), gwr.reshape(-1)
+    gf, af = g.reshape(-1), a.reshape(-1)
+    zero = gy.dtype.type(0)
     for k in prange(T):
         o0, o1 = k * O // T, (k + 1) * O // T
         c0, c1 = k * C // T, (k + 1) * C // T
-        for t in range(starts.size - 1):
+        tmp = np.empty(max((o1 - o0) * C if need_gw else 0, O * (c1 - c0) if need_gx else 0), gy.dtype)
+        if need_gw and ids.size < gw.shape[2]:     # taps that never land inside the image
+            gw[o0:o1, :, :] = zero
+        for t in range(ids.size):
             s, e = starts[t], starts[t + 1]
             m = N * (e - s)
-            if need_gw:     # gwr[t, o0:o1] = g[rows of t, o0:o1]^T @ a[rows of t]
-                _gemm(o1 - o0, C, m, gf[N * s * O + o0:], O, T_, af[N * s * C:], C, N_,
-                      gwf[(t * O + o0) * C:], 0.0, C)
-            if need_gx:     # prod[rows of t, c0:c1] = g[rows of t] @ wr[t][:, c0:c1]
-                _gemm(m, c1 - c0, O, gf[N * s * O:], O, N_, wf[t * O * C + c0:], C, N_,
-                      prod[N * s * C + c0:], 0.0, C)
+            if need_gw:     # gw[o0:o1, :, tap] = g[rows of t, o0:o1]^T @ a[rows of t]
+                _gemm(o1 - o0, C, m, gf[N * s * O + o0:], O, T_, af[N * s * C:], C, N_, tmp, 0.0, C)
+                for o in range(o0, o1):
+                    for c in range(C):
+                        gw[o, c, ids[t]] = tmp[(o - o0) * C + c]
+            if need_gx:     # prod[rows of t, c0:c1] = g[rows of t] @ w[:, c0:c1, tap]
+                _slice(w, ids[t], 0, O, c0, c1, tmp)
+                _gemm(m, c1 - c0, O, gf[N * s * O:], O, N_, tmp, c1 - c0, N_, prod[N * s * C + c0:], 0.0, C)
                 for n in range(N):
                     for j in range(s, e):
                         r = (N * s + n * (e - s) + j - s) * C
@@ -132,32 +140,12 @@ def _bwd(x, wr, gy, gx, gwr, starts, outs, ins, T, need_gx, need_gw):
     return gx
 
 
-def _unpack(gwr, ids, gw):
-    """gw[o, c, ids[t]] = gwr[t, o, c]; taps that never land inside the image get 0.
-    Reads run along c, so each gwr row streams once."""
-    zero = gw.dtype.type(0)
-    for o in prange(gw.shape[0]):
-        if ids.size < gw.shape[2]:
-            for c in range(gw.shape[1]):
-                for i in range(gw.shape[2]):
-                    gw[o, c, i] = zero
-        for t in range(ids.size):
-            k = ids[t]
-            for c in range(gw.shape[1]):
-                gw[o, c, k] = gwr[t, o, c]
-
-
-_repack = kernel(_repack)
-_unpack = kernel(_unpack)
 _fwd = kernel(_fwd)
 _bwd = kernel(_bwd)
 
 
-def _prepare(w, g):
-    ids, starts, outs, ins = taps(g.H, g.W, g.KH, g.KW, g.OH, g.OW, *g.s, *g.p, *g.d)
-    wr = np.empty((ids.size, g.O, g.C), w.dtype)
-    _repack(wr.size, w.reshape(g.O, g.C, -1), ids, wr)
-    return ids, starts, outs, ins, wr
+def _taps(g):
+    return taps(g.H, g.W, g.KH, g.KW, g.OH, g.OW, *g.s, *g.p, *g.d)
 
 
 def _threads(k, g):
@@ -166,23 +154,19 @@ def _threads(k, g):
 
 
 def forward(x, w, b, g):
-    ids, starts, outs, ins, wr = _prepare(w, g)
+    ids, starts, outs, ins = _taps(g)
     y = np.empty((g.N, g.O, g.OH * g.OW), x.dtype)
     fn, T = _threads(_fwd, g)
-    fn(x.reshape(g.N, g.C, -1), wr, b, y, starts, outs, ins, T)
+    fn(x.reshape(g.N, g.C, -1), w.reshape(g.O, g.C, -1), b, y, ids, starts, outs, ins, T)
     return y.reshape(g.N, g.O, g.OH, g.OW)
 
 
-def backward(x, xshape, w, gy, g, need_gx, need_gw):
-    ids, starts, outs, ins, wr = _prepare(w, g)
+def backward(x, xshape, w, gy, g, need_gx, need_gw, gw_out=None):
+    ids, starts, outs, ins = _taps(g)
     gy = np.ascontiguousarray(gy, dtype=w.dtype).reshape(g.N, g.O, g.OH * g.OW)
     gx = np.zeros((g.N, g.C, g.H * g.W) if need_gx else (1, 1, 1), w.dtype)
-    gwr = np.empty((ids.size, g.O, g.C) if need_gw else (1, 1, 1), w.dtype)
+    gw = np.empty(w.shape if need_gw else (1, 1, 1, 1), w.dtype) if gw_out is None else gw_out
     xr = x.reshape(g.N, g.C, -1) if need_gw else np.zeros((1, 1, 1), w.dtype)
     fn, T = _threads(_bwd, g)
-    fn(xr, wr, gy, gx, gwr, starts, outs, ins, T, need_gx, need_gw)
-    gw = None
-    if need_gw:
-        gw = np.empty(w.shape, w.dtype)
-        _unpack(gw.size, gwr, ids, gw.reshape(g.O, g.C, -1))
-    return (gx.reshape(xshape) if need_gx else None), gw
+    fn(xr, w.reshape(g.O, g.C, -1), gy, gx, gw.reshape(g.O, g.C, -1), ids, starts, outs, ins, T, need_gx, need_gw)
+    return (gx.reshape(xshape) if need_gx else None), (gw if need_gw else None)

@@ -50,13 +50,14 @@ def linear(x, w, b=None):
     return fn(x, w, b, y, min(T, max(1, x.shape[0])))
 
 
-def linear_backward(x, w, gy, need_gx=True):
-    """(gx[N, K], gw[M, K], gb[M]); gx is None when not requested."""
+def linear_backward(x, w, gy, need_gx=True, gw_out=None):
+    """(gx[N, K], gw[M, K], gb[M]); gx is None when not requested; gw goes into gw_out
+    when given (the caller's gradient buffer)."""
     x = as_float(x)
     w = np.ascontiguousarray(w, dtype=x.dtype)
     gy = np.ascontiguousarray(gy, dtype=x.dtype)
     fn, T = _bwd.pick(x.shape[0] * w.size)
     gx = np.empty(x.shape if need_gx else (0, 0), x.dtype)
-    gw = np.empty(w.shape, x.dtype)
+    gw = np.empty(w.shape, x.dtype) if gw_out is None else gw_out
     fn(x, w, gy, gx, gw, T, need_gx)
     return (gx if need_gx else None), gw, gy.sum(axis=0)
