@@ -32,13 +32,13 @@ def source_hash(source: str) -> str:
     return hashlib.sha256(source.encode()).hexdigest()[:24]
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    # Write beside the target and rename: concurrent writers of the same content
-    # race harmlessly, and a reader never sees half a file.
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".py")
+def write_atomic(path: Path, data: str | bytes) -> None:
+    """Write beside the target and rename: concurrent writers of the same content
+    race harmlessly, and a reader never sees half a file."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=path.suffix)
     try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
+        with os.fdopen(fd, "wb" if isinstance(data, bytes) else "w") as f:
+            f.write(data)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -53,7 +53,7 @@ def load_source(source: str, prefix: str = "netdsl_k") -> ModuleType:
         return _loaded[name]
     path = cache_dir() / f"{name}.py"
     if not path.exists() or path.read_text() != source:
-        _write_atomic(path, source)
+        write_atomic(path, source)
     spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
     # Registered before executing, as a normal import would, so that Numba's

@@ -1,4 +1,5 @@
-"""Start-up: what a Model defers or overlaps must not change what it computes."""
+"""Start-up: what is deferred, overlapped or cached must not change what is computed."""
+import os
 import subprocess
 import sys
 
@@ -6,6 +7,9 @@ import numpy as np
 import pytest
 
 from helpers import ROOT, compile_spec
+from netdsl.errors import NetdslError
+from netdsl.lang import graph_cache
+from netdsl.lang.elaborate import elaborate
 from netdsl.runtime.init import init_params
 from netdsl.runtime.model import Model
 
@@ -58,3 +62,88 @@ def test_front_end_and_model_import_without_numba_and_blas_without_scipy_linalg(
             "assert float(scipy.linalg.det([[2.0, 0.0], [0.0, 3.0]])) == 6.0\n")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
     assert r.returncode == 0, r.stderr
+
+
+# ---- the graph cache (netdsl/lang/graph_cache.py)
+
+ALL_SPECS = sorted(p for p in (ROOT / "specs").rglob("*.net") if p.parent.name != "lib")
+
+
+def _fingerprint(g):
+    """Everything elaboration records, with values named by first appearance."""
+    ids = {}
+    vid = lambda v: None if v is None else ids.setdefault(id(v), len(ids))
+    val = lambda v: (vid(v), repr(v.shape), v.dtype, v.name, v.pos, v.param, v.index)
+    nodes = []
+    for n in graph_cache._in_order(g):
+        nodes.append((n.op, n.path, n.pos, repr(n.attrs), [vid(v) for v in n.inputs], [val(v) for v in n.outputs],
+                      {r: (p.name, p.shape, p.dtype, p.init, p.role, p.node.path) for r, p in n.params.items()},
+                      repr(n.macs), [(f.scope, f.kind, f.callee, f.pos, repr(f.repeat_key)) for f in n.frames],
+                      None if n.body is None else _fingerprint(n.body)))
+    return (g.name, nodes, {k: val(v) for k, v in g.inputs.items()}, {k: vid(v) for k, v in g.outputs.items()},
+            [(l.name, vid(l.value), l.weight, l.phase, l.pos) for l in g.losses], list(g.params),
+            [(c.name, vid(c.init), vid(c.step_in), vid(c.step_out), vid(c.final)) for c in g.carries],
+            repr(g.train), g.train_pos, g.symbols, repr(g.args), g.pos)
+
+
+@pytest.fixture
+def cache_dir(tmp_path, monkeypatch):
+    monkeypatch.setenv("NETDSL_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.chdir(ROOT)
+    return tmp_path / "cache" / "graphs"
+
+
+@pytest.mark.parametrize("spec", ALL_SPECS, ids=lambda p: str(p.relative_to(ROOT / "specs")))
+def test_a_cached_graph_is_the_elaborated_one(spec, cache_dir):
+    path = str(spec.relative_to(ROOT))
+    fresh, src = elaborate(path)                     # a miss: elaborated and stored
+    assert len(list(cache_dir.glob("*.pickle"))) == 1
+    cached, src2 = elaborate(path)                   # a hit
+    assert cached is not fresh
+    assert _fingerprint(cached) == _fingerprint(fresh)
+    assert list(src2.sources.items()) == list(src.sources.items())   # order too: the checkpoint hashes it
+
+
+def _spec(tmp_path, body="conv(x, c=4, k=3, p=1)"):
+    (tmp_path / "lib.net").write_text(f"block b(x) {{ return {body} }}\n")
+    (tmp_path / "m.net").write_text('import "lib.net"\n'
+                                    "network m(c = 3) {\n  input x: f32[N, c, 8, 8]\n  y = b(x)\n  output y\n}\n")
+    return str(tmp_path / "m.net")
+
+
+def test_an_edited_import_overrides_and_front_end_change_the_result(tmp_path, cache_dir, monkeypatch):
+    path = _spec(tmp_path)
+    g, _ = elaborate(path)
+    assert elaborate(path)[0].outputs["y"].shape[1] == 4
+    _spec(tmp_path, "conv(x, c=5, k=3, p=1)")         # the imported file changes, not the spec
+    assert elaborate(path)[0].outputs["y"].shape[1] == 5
+    assert elaborate(path, overrides={"c": 7})[0].inputs["x"].shape[1] == 7
+    assert elaborate(path)[0].inputs["x"].shape[1] == 3
+    n = len(list(cache_dir.glob("*.pickle")))
+    monkeypatch.setattr(graph_cache, "_front_end_digest", "another netdsl")
+    elaborate(path)
+    assert len(list(cache_dir.glob("*.pickle"))) == n + 1     # a new key, not the old entry
+
+
+def test_errors_are_never_cached_and_a_broken_entry_is_a_miss(tmp_path, cache_dir):
+    path = _spec(tmp_path, "conv(x, c=4, k=3, p=1) + x")
+    for _ in range(2):
+        with pytest.raises(NetdslError, match="shapes cannot be combined"):
+            elaborate(path)
+    assert not cache_dir.exists() or not list(cache_dir.glob("*.pickle"))
+    path = _spec(tmp_path)
+    elaborate(path)
+    entry, = cache_dir.glob("*.pickle")
+    entry.write_bytes(entry.read_bytes()[:100])
+    assert elaborate(path)[0].outputs["y"].shape[1] == 4
+
+
+def test_a_warm_elaboration_does_not_import_the_parser(tmp_path):
+    code = ("import sys\nfrom netdsl.lang.elaborate import elaborate\n"
+            "g, _ = elaborate('specs/resnet18.net')\nprint('lark' in sys.modules, len(g.nodes))\n")
+    env = dict(os.environ, NETDSL_CACHE_DIR=str(tmp_path))
+    runs = [subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, env=env)
+            for _ in range(2)]
+    assert [r.returncode for r in runs] == [0, 0], runs[0].stderr + runs[1].stderr
+    (cold, n1), (warm, n2) = [r.stdout.split() for r in runs]
+    assert (cold, warm) == ("True", "False") and n1 == n2
