@@ -212,6 +212,7 @@ def _other_cases():
                  rc.adaptive_avgpool_grad(N(size=(3, 2)), [gy, x], None)[0])]
     # unpooling with switches
     cy, cs = C.maxpool2d(x[:, :, :6, :6].copy(), 2, 2)
+    cs = cs.astype(np.int64)      # switches are i64 in the IR (the CPU kernel keeps int32)
     gy = r(2, 3, 6, 6)
     out += [both("max_unpool", G.max_unpool2d(d(cy), d(cs), 2, 2), C.max_unpool2d(cy, cs, 2, 2)),
             both("max_unpool_g", G.max_unpool2d_backward(d(gy), d(cs)), C.max_unpool2d_backward(gy, cs))]

@@ -1,5 +1,6 @@
 """The planner's fusion, liveness and in-place decisions, checked against an unfused run."""
 import numpy as np
+import pytest
 
 from helpers import compile_spec, compile_text
 from netdsl.autodiff import build
@@ -50,3 +51,36 @@ def test_fused_and_in_place_execution_equals_unfused(tmp_path):
         assert np.allclose(o1["logits"], o0["logits"], rtol=1e-5, atol=1e-6)
         for k in g0:
             assert np.allclose(g1[k], g0[k], rtol=1e-4, atol=1e-6 * np.abs(g0[k]).max()), k
+
+
+UNPOOL_SPEC = """
+network unpool() {
+  input image: f32[N, 2, 4, 4]
+  input label: i64[N]
+  p, sw = maxpool(image, k=2, s=2, switches=true)
+  u = max_unpool(p, sw, k=2, s=2)
+  logits = flatten(u) -> linear(3)
+  output logits
+  output sw
+  loss ce = cross_entropy(logits, label)
+}
+"""
+
+
+def test_exposed_maxpool_switches_are_int64_and_route_the_gradient(tmp_path):
+    torch = pytest.importorskip("torch")
+    g = compile_text(tmp_path, UNPOOL_SPEC)
+    m = Model(g, seed=0)
+    x = np.random.default_rng(1).standard_normal((2, 2, 4, 4)).astype(np.float32)
+    y = np.array([0, 2])
+    _, _, outs, grads = m.train_step({"image": x, "label": y})
+    assert outs["sw"].dtype == np.int64
+    tx = torch.tensor(x)
+    p, sw = torch.nn.functional.max_pool2d(tx, 2, 2, return_indices=True)
+    np.testing.assert_array_equal(outs["sw"], sw.numpy())
+    u = torch.nn.functional.max_unpool2d(p, sw, 2, 2)
+    w = torch.tensor(m.params["linear1.weight"], requires_grad=True)
+    b = torch.tensor(m.params["linear1.bias"])
+    loss = torch.nn.functional.cross_entropy(u.flatten(1) @ w.T + b, torch.tensor(y))
+    loss.backward()
+    np.testing.assert_allclose(grads["linear1.weight"], w.grad.numpy(), rtol=1e-5, atol=1e-6)

@@ -145,10 +145,13 @@ def _fwd(x, wt, b, y, KH, KW, OH, OW, sh, sw, ph, pw, dh, dw, B, R, T, nt):
     ext = (nt - 1) * dh             # extra input rows of a band
     yf, wf = y.reshape(-1), wt.reshape(-1)
     N_, T_ = np.int8(78), np.int8(84)
+    # per-thread buffers, allocated here: freed by a worker thread they would stay in
+    # that thread's malloc arena, out of reach of the next allocations (RSS slack)
+    xps = np.zeros((T, B, H + 2 * ph, W + 2 * pw, C), x.dtype)
+    colbufs = np.empty((T, B * (R + ext) * OW * K), x.dtype)
+    outfs = np.empty((T, B * R * OW * Og), x.dtype)
     for t in prange(T):
-        xp = np.zeros((B, H + 2 * ph, W + 2 * pw, C), x.dtype)
-        colbuf = np.empty(B * (R + ext) * OW * K, x.dtype)
-        outf = np.empty(B * R * OW * Og, x.dtype)
+        xp, colbuf, outf = xps[t], colbufs[t], outfs[t]
         n_lo, n_hi = t * N // T, (t + 1) * N // T
         for n0 in range(n_lo, n_hi, B):
             nb = min(B, n_hi - n0)
@@ -182,12 +185,14 @@ def _bwd(x, wk, gy, gx, gw, H, W, KH, KW, OH, OW, sh, sw, ph, pw, dh, dw, B, R, 
     zero = gy.dtype.type(0)
     zeros = np.zeros(R * OW, gy.dtype)
     N_, T_ = np.int8(78), np.int8(84)
+    shape = (T, B, H + 2 * ph, W + 2 * pw, C)
+    one = (T, 1, 1, 1, 1)
+    xps = np.zeros(shape if need_gw else one, gy.dtype)     # per-thread buffers (see _fwd)
+    gxps = np.zeros(shape if need_gx else one, gy.dtype)
+    colbufs = np.empty((T, B * (R + ext) * OW * K), gy.dtype)
+    gytfs = np.empty((T, B * R * OW * Og), gy.dtype)
     for t in prange(T):
-        shape = (B, H + 2 * ph, W + 2 * pw, C)
-        xp = np.zeros(shape if need_gw else (1, 1, 1, 1), gy.dtype)
-        gxp = np.zeros(shape if need_gx else (1, 1, 1, 1), gy.dtype)
-        colbuf = np.empty(B * (R + ext) * OW * K, gy.dtype)
-        gytf = np.empty(B * R * OW * Og, gy.dtype)
+        xp, gxp, colbuf, gytf = xps[t], gxps[t], colbufs[t], gytfs[t]
         gwf = gw[t].reshape(-1)
         n_lo, n_hi = t * N // T, (t + 1) * N // T
         for n0 in range(n_lo, n_hi, B):
@@ -250,9 +255,10 @@ def _fwd1(x, w, b, y, sh, sw, OH, OW, B, T):
     direct = sh == 1 and sw == 1 and B == 1
     yf, wf, xf = y.reshape(-1), w.reshape(-1), x.reshape(-1)
     N_ = np.int8(78)
+    colss = np.empty((T, 0 if direct else Cg * B * L), x.dtype)    # per-thread buffers (see _fwd)
+    outfs = np.empty((T, 0 if B == 1 else Og * B * L), x.dtype)
     for t in prange(T):
-        cols = np.empty(0 if direct else Cg * B * L, x.dtype)
-        outf = np.empty(0 if B == 1 else Og * B * L, x.dtype)
+        cols, outf = colss[t], outfs[t]
         n_lo, n_hi = t * N // T, (t + 1) * N // T
         for n0 in range(n_lo, n_hi, B):
             nb = min(B, n_hi - n0)
@@ -284,9 +290,10 @@ def _bwd1(x, w, gy, gx, gw, H, W, sh, sw, OH, OW, B, T, need_gx, need_gw):
     gyf, wf, gxf = gy.reshape(-1), w.reshape(-1), gx.reshape(-1)
     zero = gy.dtype.type(0)
     N_, T_ = np.int8(78), np.int8(84)
+    colss = np.empty((T, 0 if direct else Cg * B * L), gy.dtype)   # per-thread buffers (see _fwd)
+    gybs = np.empty((T, 0 if B == 1 else Og * B * L), gy.dtype)
     for t in prange(T):
-        cols = np.empty(0 if direct else Cg * B * L, gy.dtype)
-        gyb = np.empty(0 if B == 1 else Og * B * L, gy.dtype)
+        cols, gyb = colss[t], gybs[t]
         gwf = gw[t].reshape(-1)
         n_lo, n_hi = t * N // T, (t + 1) * N // T
         for n0 in range(n_lo, n_hi, B):

@@ -79,9 +79,10 @@ def _fwd(x, w, b, y, ids, starts, outs, ins, T):
         _gather(x, n, ins, starts, a)
     prod = np.empty(rows * O, x.dtype)
     af = a.reshape(-1)
+    wts = np.empty((T, (O // T + 1) * C), x.dtype)     # per-thread buffers, allocated here (conv._fwd)
     for k in prange(T):
         o0, o1 = k * O // T, (k + 1) * O // T
-        wt = np.empty((o1 - o0) * C, x.dtype)
+        wt = wts[k]
         for n in range(N):
             for o in range(o0, o1):
                 for q in range(Q):
@@ -115,10 +116,11 @@ def _bwd(x, w, gy, gx, gw, ids, starts, outs, ins, T, need_gx, need_gw):
     prod = np.empty(rows * C if need_gx else 0, gy.dtype)
     gf, af = g.reshape(-1), a.reshape(-1)
     zero = gy.dtype.type(0)
+    tmps = np.empty((T, max((O // T + 1) * C if need_gw else 0, O * (C // T + 1) if need_gx else 0)), gy.dtype)
     for k in prange(T):
         o0, o1 = k * O // T, (k + 1) * O // T
         c0, c1 = k * C // T, (k + 1) * C // T
-        tmp = np.empty(max((o1 - o0) * C if need_gw else 0, O * (c1 - c0) if need_gx else 0), gy.dtype)
+        tmp = tmps[k]
         if need_gw and ids.size < gw.shape[2]:     # taps that never land inside the image
             gw[o0:o1, :, :] = zero
         for t in range(ids.size):

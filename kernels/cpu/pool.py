@@ -142,11 +142,12 @@ def _planes(a):
 
 
 def maxpool2d(x, kernel_size, stride=None, pad=0, ceil_mode=False):
-    """(y, switches): switches are int64 flat indices ih*W+iw within each input plane."""
+    """(y, switches): switches are int32 flat indices ih*W+iw within each input plane
+    (half of int64's memory: the stem's switches are saved through the whole step)."""
     x, x3 = _planes(x)
     k, s, p, OH, OW = _geom(x.shape, kernel_size, stride, pad, ceil_mode)
     y = np.empty(x.shape[:2] + (OH, OW), x.dtype)
-    idx = np.empty(y.shape, np.int64)
+    idx = np.empty(y.shape, np.int32)
     _max_fwd(x.size, x3, y.reshape(-1, OH, OW), idx.reshape(-1, OH, OW), *k, *s, *p)
     return y, idx
 

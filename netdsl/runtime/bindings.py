@@ -63,6 +63,42 @@ def _outs(n, gins: dict, gparams: dict):
     return out
 
 
+class GradBuffers:
+    """Parameter gradients kept from step to step, as torch keeps .grad: a gradient
+    kernel whose output is a parameter's final gradient (not one of several summed)
+    writes into this buffer instead of a new array. A step then allocates no gradient
+    memory, and the previous step's gradients are not alive beside the new ones; the
+    arrays a step returns are overwritten by the next step."""
+
+    def __init__(self, grads: dict):
+        self.final = {id(v): name for name, v in grads.items()}    # gradient value -> parameter
+        self.arrays: dict[str, np.ndarray] = {}
+
+    def get(self, v, like):
+        name = self.final.get(id(v))
+        if name is None:
+            return None
+        a = self.arrays.get(name)
+        if a is None or a.shape != like.shape or a.dtype != like.dtype:
+            a = self.arrays[name] = np.empty(like.shape, like.dtype)
+        return a
+
+
+def _grad_out(n, st, role) -> dict:
+    """{'gw_out': buffer} when grad node n's gradient of parameter `role` is that
+    parameter's final gradient and the run keeps gradient buffers; else {}."""
+    bufs = getattr(st, "grad_buffers", None)
+    if bufs is None or role not in n.fwd.params:
+        return {}
+    k, nin = n.attrs["ngrads"], len(n.fwd.inputs)
+    roles = [r for r, p in n.fwd.params.items() if p.role != "buffer"]
+    j = k + nin + roles.index(role)
+    if j not in n.attrs["like"]:
+        return {}
+    out = bufs.get(n.outputs[n.attrs["like"].index(j)], st.params[n.fwd.params[role].name])
+    return {} if out is None else {"gw_out": out}
+
+
 def _dims(shape, st):
     return tuple(int(d.subs(st.dims)) if isinstance(d, Sym) else int(d) for d in shape)
 
@@ -93,7 +129,8 @@ def register(table: dict, K) -> None:
         (gy,), (xin,), _, _ = _grads_for(n, x)
         a = n.attrs
         gx, gw, gb = K.conv2d_backward(xin, _param(n.fwd, st, "weight"), gy, a["s"], a["p"], a["d"], a["groups"],
-                                       need_gx=_wants(n, 0), need_gb="bias" in n.fwd.params)
+                                       need_gx=_wants(n, 0), need_gb="bias" in n.fwd.params,
+                                       **_grad_out(n, st, "weight"))
         return _outs(n, {0: gx}, {"weight": gw, "bias": gb})
 
     @kernel("conv_transpose")
@@ -119,7 +156,8 @@ def register(table: dict, K) -> None:
     @kernel("linear_grad")
     def linear_grad(n, x, st):
         (gy,), (xin,), _, _ = _grads_for(n, x)
-        gx, gw, gb = K.linear_backward(_rows(xin), _param(n.fwd, st, "weight"), _rows(gy), need_gx=_wants(n, 0))
+        gx, gw, gb = K.linear_backward(_rows(xin), _param(n.fwd, st, "weight"), _rows(gy), need_gx=_wants(n, 0),
+                                       **_grad_out(n, st, "weight"))
         return _outs(n, {0: None if gx is None else gx.reshape(xin.shape)}, {"weight": gw, "bias": gb})
 
     # ---- normalisation and dropout
@@ -176,7 +214,9 @@ def register(table: dict, K) -> None:
         a = n.attrs
         y, sw = K.maxpool2d(x[0], a["k"], a["s"], a["p"], a["ceil"])
         st.saved[id(n)] = sw
-        return [y, sw] if a["switches"] else [y]
+        if not a["switches"]:
+            return [y]
+        return [y, sw if sw.dtype == np.int64 else sw.astype(np.int64)]    # declared i64
 
     @kernel("maxpool_grad")
     def maxpool_grad(n, x, st):
