@@ -10,7 +10,7 @@ from .. import autodiff
 from ..errors import NetdslError, Note
 from ..ir.dims import Sym, fmt_shape
 from ..ir.graph import Graph, Value
-from .bindings import DTYPES
+from .bindings import DTYPES, GradBuffers
 from .executor import Program, RunState, Target
 from .init import init_param
 
@@ -134,6 +134,10 @@ class Model:
         prog = self._program(True, dims, ())
         st = RunState(self._run_params(), dims, True, self.seed, self.dtype)
         st.step = self.step
+        if self.device == "cpu":    # weight gradients go into buffers kept from step to step
+            if "_grad_buffers" not in self.__dict__:
+                self._grad_buffers = GradBuffers(self.training_graph.grads)
+            st.grad_buffers = self._grad_buffers
         env = prog.run(st, fv)
         losses = {l.name: float(self.target.download(env[id(l.value)])) for l in self.g.losses}
         total = sum(l.weight * losses[l.name] for l in self.g.losses)
