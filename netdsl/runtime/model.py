@@ -126,7 +126,9 @@ class Model:
         return {n: self.target.download(env[id(named[n])]) for n in want}
 
     def train_step(self, feeds: dict):
-        """Forward and backward; returns (total loss, {loss name: value}, outputs, grads)."""
+        """Forward and backward; returns (total loss, {loss name: value}, outputs, grads).
+        On the CPU the gradient arrays are buffers that the next step overwrites (as torch
+        reuses .grad): copy them to keep them."""
         dims, fv = self.bind(feeds)
         missing = [n for n, v in self.g.inputs.items() if id(v) not in fv]
         if missing:
