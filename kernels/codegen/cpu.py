@@ -2,7 +2,9 @@
 
 Every kernel is emitted twice from one body, serial and `parallel=True` with
 prange; the launcher picks by size because a parallel launch costs ~3 us, more
-than a small kernel's work.
+than a small kernel's work. Indices are uint64 (U): with signed ones the prange
+copies kept negative-index wraparound checks that blocked vectorisation, and ran
+5-8x slower than the serial copies (a 1M-element map: 2.4 ms vs 0.4 ms).
 """
 from __future__ import annotations
 
@@ -34,21 +36,24 @@ def render(low, dtype) -> str:
         def flat(loop):
             store = [f"{p}[i] = {v}" for p, v, _ in full]
             if not low.uses_channel:
-                return [f"for i in {loop}(n):", *indent(low.body + store)]
-            # rows of Q elements share a channel: one integer division per row, not per element
-            return [f"for r in {loop}(n // Q):", *indent(
-                ["c = r % C", "for q in range(Q):", *indent(["i = r * Q + q", *low.body, *store])])]
+                return [f"for j in {loop}(n):", *indent(["i = U(j)", *low.body, *store])]
+            # rows of Q elements share a channel; images x channels as two loops: no
+            # integer division at all (a 1x1 image has rows of one element)
+            return [f"for p in {loop}(n // (C * Q)):", *indent(
+                ["for c in range(C):", *indent(
+                    ["base = (p * C + c) * Q", "for q in range(Q):",
+                     *indent(["i = U(base + q)", *low.body, *store])])])]
         params = ", ".join(["n", "C", "Q", *names, *(p for p, _, _ in full)])
         return "\n".join(lines + _variants("kernel", params, flat))
 
     def rows(loop):
         # One row = Q contiguous elements of one channel; each reduced output
         # gets a per-row partial sum, so rows never write the same location.
-        inner = ["c = r % C", *(f"acc{j} = K_ZERO" for j in range(len(red))),
+        inner = ["r = U(p * C + c)", *(f"acc{j} = K_ZERO" for j in range(len(red))),
                  "for q in range(Q):",
-                 *indent(["i = r * Q + q", *row_loop_body(low, full, red)]),
-                 *(f"{p}[r] = acc{j}" for j, (p, _, _) in enumerate(red))]
-        return [f"for r in {loop}(R):", *indent(inner)]
+                 *indent(["i = U(r * Q + q)", *row_loop_body(low, full, red)]),
+                 *(f"{o}[r] = acc{j}" for j, (o, _, _) in enumerate(red))]
+        return [f"for p in {loop}(R // C):", *indent(["for c in range(C):", *indent(inner)])]
     params = ", ".join(["R", "C", "Q", *names, *(p for p, _, _ in full), *(p for p, _, _ in red)])
     return "\n".join(lines + _variants("kernel", params, rows))
 
@@ -59,7 +64,7 @@ def render_reduce(dtype) -> str:
         return [f"for c in {loop}(C):", *indent(
             ["acc = K_ZERO", "for p in range(P):",
              *indent(["base = (p * C + c) * Q", "for q in range(Q):",
-                      "    acc += x[base + q]"]),
+                      "    acc += x[U(base + q)]"]),
              "out[c] = acc"])]
     return "\n".join(header(None, dtype, "cpu") + _variants("channel_sum", "x, P, C, Q, out", body))
 

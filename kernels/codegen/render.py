@@ -18,6 +18,8 @@ def header(low, dtype, target) -> list[str]:
     # Constants are module-level numpy scalars: Numba freezes them with their
     # dtype, so no float64 literal ever enters a float32 kernel.
     lines += ["", f"T = numba.{dt}", f"K_ZERO = np.{dt}(0.0)"]
+    if target == "cpu":
+        lines.append("U = numba.uint64   # unsigned indices: see codegen/cpu.py")
     if low is not None:
         lines += [f"{name} = np.{dt}({value!r})" for value, name in low.consts.items()]
     return lines

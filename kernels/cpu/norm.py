@@ -81,19 +81,27 @@ def local_response_norm_backward(x, scale, gy, size, alpha=1e-4, beta=0.75):
 # Works on [N, C, L] views (L = H*W for 2-D, 1 for [N, C]); per-channel sums
 # are accumulated in float64 on purpose (M can be large), results stored in x.dtype.
 
+# Flat arrays and unsigned (U) indices throughout: with signed ones a prange kernel keeps
+# negative-index wraparound checks that stop vectorisation (5-8x slower, codegen/cpu.py).
+U = np.uint64
+
+
 def _bn_stats(x, mean, var):
     N, C, L = x.shape
     M = N * L
+    xf = x.reshape(-1)
     for c in prange(C):
         s = 0.0
         for n in range(N):
+            base = (n * C + c) * L
             for i in range(L):
-                s += x[n, c, i]
+                s += xf[U(base + i)]
         mu = s / M
         v = 0.0
         for n in range(N):
+            base = (n * C + c) * L
             for i in range(L):
-                d = x[n, c, i] - mu
+                d = xf[U(base + i)] - mu
                 v += d * d
         mean[c] = mu
         var[c] = v / M
@@ -104,23 +112,29 @@ def _affine(x, m, a, b, y):
     """y[n, c, :] = (x[n, c, :] - m[c]) * a[c] + b[c]. Centring first matters in float32:
     x*a + (b - m*a) cancels badly when |mean| >> std and flips signs near zero."""
     N, C, L = x.shape
+    xf, yf = x.reshape(-1), y.reshape(-1)
     for n in prange(N):
         for c in range(C):
+            base, mc, ac, bc = (n * C + c) * L, m[c], a[c], b[c]
             for i in range(L):
-                y[n, c, i] = (x[n, c, i] - m[c]) * a[c] + b[c]
+                yf[U(base + i)] = (xf[U(base + i)] - mc) * ac + bc
     return y
 
 
 def _bn_bwd(x, gy, mean, invstd, gamma, gx, ggamma, gbeta):
     N, C, L = x.shape
     M = N * L
+    xf, gyf, gxf = x.reshape(-1), gy.reshape(-1), gx.reshape(-1)
     for c in prange(C):
         sg = 0.0
         sgx = 0.0
+        mc = mean[c]
         for n in range(N):
+            base = (n * C + c) * L
             for i in range(L):
-                sg += gy[n, c, i]
-                sgx += gy[n, c, i] * (x[n, c, i] - mean[c])
+                g = gyf[U(base + i)]
+                sg += g
+                sgx += g * (xf[U(base + i)] - mc)
         sgx *= invstd[c]  # = sum(gy * xhat)
         ggamma[c] = sgx
         gbeta[c] = sg
@@ -128,9 +142,10 @@ def _bn_bwd(x, gy, mean, invstd, gamma, gx, ggamma, gbeta):
         mg = x.dtype.type(sg / M)
         mx = x.dtype.type(sgx / M) * invstd[c]
         for n in range(N):
+            base = (n * C + c) * L
             for i in range(L):
-                xh = x[n, c, i] - mean[c]
-                gx[n, c, i] = k * (gy[n, c, i] - mg - xh * mx)
+                xh = xf[U(base + i)] - mc
+                gxf[U(base + i)] = k * (gyf[U(base + i)] - mg - xh * mx)
     return gx
 
 

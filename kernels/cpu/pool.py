@@ -24,7 +24,10 @@ def _window(o, s, p, k, n):
 def _max_fwd(x, y, idx, kh, kw, sh, sw, ph, pw):
     P, H, W = x.shape
     OH, OW = y.shape[1], y.shape[2]
+    xf, yf, idf = x.reshape(-1), y.reshape(-1), idx.reshape(-1)
+    u = np.uint64   # unsigned flat indices: no wraparound checks in the prange copy
     for q in prange(P):
+        xq, yq = q * H * W, q * OH * OW
         for oh in range(OH):
             h0, h1, _ = _window(oh, sh, ph, kh, H)
             for ow in range(OW):
@@ -33,12 +36,12 @@ def _max_fwd(x, y, idx, kh, kw, sh, sw, ph, pw):
                 arg = h0 * W + w0
                 for ih in range(h0, h1):
                     for iw in range(w0, w1):
-                        v = x[q, ih, iw]
-                        if v > best or np.isnan(v):  # NaN wins, as in torch
+                        v = xf[u(xq + ih * W + iw)]
+                        if v > best or v != v:  # NaN wins, as in torch
                             best = v
                             arg = ih * W + iw
-                y[q, oh, ow] = best
-                idx[q, oh, ow] = arg
+                yf[u(yq + oh * OW + ow)] = best
+                idf[u(yq + oh * OW + ow)] = arg
     return y
 
 
