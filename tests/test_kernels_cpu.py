@@ -418,3 +418,23 @@ def test_weight_gradient_goes_into_a_given_buffer(xshape, wshape, s, p):
     buf = np.full(wl.shape, np.nan, np.float32)
     assert K.linear_backward(xl, wl, gl, gw_out=buf)[1] is buf
     assert np.array_equal(buf, K.linear_backward(xl, wl, gl)[1])
+
+
+@pytest.mark.parametrize("xshape,wshape,p,d,G", [
+    ((3, 8, 4, 4), (12, 4, 3, 3), 1, 1, 2),          # grouped
+    ((2, 6, 4, 4), (5, 6, 3, 3), 2, 2, 1),           # dilated, padding = reach
+    ((2, 4, 3, 4), (6, 4, 3, 1), (1, 0), 1, 1),      # non-square kernel and padding
+    ((2, 4, 4, 4), (6, 4, 3, 3), 0, 1, 1),           # no padding
+])
+def test_data_gradient_as_a_forward_conv_matches_torch(xshape, wshape, p, d, G):
+    from netdsl.kernels.cpu.conv import _Geom
+    assert _Geom(xshape, wshape, 1, p, d, G).gx_as_conv()
+    rng = np.random.default_rng(11)
+    x, w = rng.standard_normal(xshape).astype(np.float32), rng.standard_normal(wshape).astype(np.float32)
+    xt, wt = torch.tensor(x, requires_grad=True), torch.tensor(w, requires_grad=True)
+    yt = F.conv2d(xt, wt, None, 1, p, d, G)
+    gy = rng.standard_normal(yt.shape).astype(np.float32)
+    yt.backward(torch.tensor(gy))
+    gx, gw, _ = K.conv2d_backward(x, w, gy, 1, p, d, G)
+    close(gx, xt.grad)
+    close(gw, wt.grad)
