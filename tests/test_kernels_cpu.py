@@ -438,3 +438,16 @@ def test_data_gradient_as_a_forward_conv_matches_torch(xshape, wshape, p, d, G):
     gx, gw, _ = K.conv2d_backward(x, w, gy, 1, p, d, G)
     close(gx, xt.grad)
     close(gw, wt.grad)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_all_finite_finds_one_bad_element_anywhere(dtype):
+    from netdsl.kernels.cpu.optim import all_finite
+    x = rnd(3, 70001).astype(dtype)         # several blocks, a partial last one
+    assert all_finite([x, x[:0]])
+    for v in (np.inf, -np.inf, np.nan):
+        for at in (0, 65535, 65536, x.size - 1):
+            y = x.copy()
+            y.reshape(-1)[at] = v
+            assert not all_finite([x, y]), (v, at)
+    assert all_finite([np.full(5, np.finfo(dtype).max, dtype)])

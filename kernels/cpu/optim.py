@@ -47,3 +47,37 @@ def adam_update(p, g, m, v, step_size, beta1, beta2, bc2_sqrt, eps, weight_decay
     g = np.ascontiguousarray(g, dtype=p.dtype)
     _adam(p.size, _flat(p), _flat(g), _flat(m), _flat(v), t(step_size), t(1 - beta1), t(beta2), t(1 - beta2),
           t(bc2_sqrt), t(eps), t(weight_decay), t(decay))
+
+
+# ---- the non-finite check of a step's gradients
+
+_BLOCK = 1 << 16
+
+
+def _exp_max(b, mask, out):
+    """out[k] = max over block k of (b & mask): equals mask iff the block holds a NaN or
+    an infinity (all exponent bits set). Integer max vectorises; np.isfinite made a
+    boolean temporary of every gradient (45 MiB for ResNet-18: 8 ms a step)."""
+    u = np.uint64
+    for k in prange(out.size):
+        acc = b.dtype.type(0)
+        for i in range(k * _BLOCK, min((k + 1) * _BLOCK, b.size)):
+            acc = max(acc, b[u(i)] & mask)
+        out[k] = acc
+
+
+_exp_max = kernel(_exp_max, exact=True)
+
+_EXPONENT = {np.dtype(np.float32): (np.uint32, 0x7F800000), np.dtype(np.float64): (np.uint64, 0x7FF0000000000000)}
+
+
+def all_finite(arrays) -> bool:
+    """Whether every element of every float array is finite."""
+    for a in arrays:
+        ut, m = _EXPONENT[a.dtype]
+        b = np.ascontiguousarray(a).reshape(-1).view(ut)
+        out = np.empty(-(-b.size // _BLOCK), ut)
+        _exp_max(b.size, b, ut(m), out)
+        if (out == ut(m)).any():
+            return False
+    return True
