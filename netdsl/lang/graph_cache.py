@@ -2,8 +2,8 @@
 
 An entry is keyed by everything elaboration depends on: the spec path as given and
 the working directory (positions name files relative to it), the network and the
-argument overrides, the Python version, and netdsl's front end (a hash of the sources
-of netdsl/lang, netdsl/ir, netdsl/ops and errors.py). It lists each file elaboration
+argument overrides, the Python version, and the front end (a hash of the sources of
+netdsl/lang, netdsl/ir, netdsl/ops and errors.py, and Lark's install stamp). It lists each file elaboration
 read, with its real path and a hash of its text; a hit re-reads every one and must
 find it unchanged, so editing an imported file invalidates the entry. Only successful
 elaborations are stored: a spec with an error is elaborated, and reported, each time.
@@ -12,6 +12,7 @@ Entries live in `$NETDSL_CACHE_DIR/graphs` (default `~/.cache/netdsl/graphs`).
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import os
 import pickle
 import sys
@@ -39,10 +40,15 @@ def _digest(text: str) -> str:
 
 
 def _front_end() -> str:
-    """Hash of the code that turns spec text into a graph (once per process, ~1 ms)."""
+    """Hash of the code that turns spec text into a graph (once per process, ~1 ms):
+    netdsl's, and which Lark is installed (its path and stamp; importing it to ask
+    its version would cost what a hit saves)."""
     global _front_end_digest
     if _front_end_digest is None:
         h = hashlib.sha256()
+        lark = importlib.util.find_spec("lark")
+        if lark is not None and lark.origin:
+            h.update(f"{lark.origin}:{os.stat(lark.origin).st_mtime_ns}\0".encode())
         for part in _FRONT_END:
             p = _NETDSL / part
             for f in sorted(p.iterdir()) if p.is_dir() else [p]:
