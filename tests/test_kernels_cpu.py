@@ -451,3 +451,16 @@ def test_all_finite_finds_one_bad_element_anywhere(dtype):
             y.reshape(-1)[at] = v
             assert not all_finite([x, y]), (v, at)
     assert all_finite([np.full(5, np.finfo(dtype).max, dtype)])
+
+
+def test_transposed_conv_of_a_small_image_matches_torch():
+    # its forward is the backward-data of a conv on 2x2 images: the small-image path
+    x, w = rnd(3, 8, 2, 2), rnd(8, 6, 3, 3, seed=1)
+    xt, wt = torch.tensor(x, requires_grad=True), torch.tensor(w, requires_grad=True)
+    yt = F.conv_transpose2d(xt, wt, None, 1, 1)
+    close(K.conv_transpose2d(x, w, None, 1, 1), yt)
+    gy = rnd(*yt.shape, seed=2)
+    yt.backward(torch.tensor(gy))
+    gx, gw, _ = K.conv_transpose2d_backward(x, w, gy, 1, 1)
+    close(gx, xt.grad)
+    close(gw, wt.grad)

@@ -20,6 +20,7 @@ from . import kernel, njit
 from .conv import _gemm
 
 N_, T_ = np.int8(78), np.int8(84)
+U = np.uint64    # flat unsigned indices: no wraparound checks in the prange copies
 
 
 def usable(g) -> bool:
@@ -51,13 +52,14 @@ def taps(H, W, KH, KW, OH, OW, sh, sw, ph, pw, dh, dw):
 def _gather(src, n, pix, starts, dst):
     """dst[N*s + n*(e-s) + j-s, :] = src[n, :, pix[j]] for each tap's pairs s <= j < e:
     rows tap by tap, then image by image (src is [N, channels, pixels])."""
-    N, K = src.shape[0], src.shape[1]
+    N, K, P = src.shape
+    sf, df = src.reshape(-1), dst.reshape(-1)
     for t in range(starts.size - 1):
         s, e = starts[t], starts[t + 1]
         for j in range(s, e):
             r = N * s + n * (e - s) + j - s
             for k in range(K):
-                dst[r, k] = src[n, k, pix[j]]
+                df[U(r * K + k)] = sf[U((n * K + k) * P + pix[j])]
 
 
 @njit
@@ -65,7 +67,7 @@ def _slice(w, k, o0, o1, c0, c1, dst):
     """dst[o - o0, c - c0] = w[o, c, k]: one tap's weights for a thread's share."""
     for o in range(o0, o1):
         for c in range(c0, c1):
-            dst[(o - o0) * (c1 - c0) + c - c0] = w[o, c, k]
+            dst[U((o - o0) * (c1 - c0) + c - c0)] = w[o, c, k]
 
 
 def _fwd(x, w, b, y, ids, starts, outs, ins, T):
@@ -78,7 +80,7 @@ def _fwd(x, w, b, y, ids, starts, outs, ins, T):
     for n in prange(N):
         _gather(x, n, ins, starts, a)
     prod = np.empty(rows * O, x.dtype)
-    af = a.reshape(-1)
+    af, yf = a.reshape(-1), y.reshape(-1)
     wts = np.empty((T, (O // T + 1) * C), x.dtype)     # per-thread buffers, allocated here (conv._fwd)
     for k in prange(T):
         o0, o1 = k * O // T, (k + 1) * O // T
@@ -86,7 +88,7 @@ def _fwd(x, w, b, y, ids, starts, outs, ins, T):
         for n in range(N):
             for o in range(o0, o1):
                 for q in range(Q):
-                    y[n, o, q] = b[o]
+                    yf[U((n * O + o) * Q + q)] = b[o]
         for t in range(ids.size):
             s, e = starts[t], starts[t + 1]
             _slice(w, ids[t], o0, o1, 0, C, wt)
@@ -96,7 +98,7 @@ def _fwd(x, w, b, y, ids, starts, outs, ins, T):
                 for j in range(s, e):
                     r = (N * s + n * (e - s) + j - s) * O
                     for o in range(o0, o1):
-                        y[n, o, outs[j]] += prod[r + o]
+                        yf[U((n * O + o) * Q + outs[j])] += prod[U(r + o)]
     return y
 
 
@@ -114,7 +116,8 @@ def _bwd(x, w, gy, gx, gw, ids, starts, outs, ins, T, need_gx, need_gw):
         for n in prange(N):
             _gather(x, n, ins, starts, a)
     prod = np.empty(rows * C if need_gx else 0, gy.dtype)
-    gf, af = g.reshape(-1), a.reshape(-1)
+    gf, af, gwf, gxf = g.reshape(-1), a.reshape(-1), gw.reshape(-1), gx.reshape(-1)
+    KK, P = gw.shape[2], gx.shape[2]
     zero = gy.dtype.type(0)
     tmps = np.empty((T, max((O // T + 1) * C if need_gw else 0, O * (C // T + 1) if need_gx else 0)), gy.dtype)
     for k in prange(T):
@@ -130,7 +133,7 @@ def _bwd(x, w, gy, gx, gw, ids, starts, outs, ins, T, need_gx, need_gw):
                 _gemm(o1 - o0, C, m, gf[N * s * O + o0:], O, T_, af[N * s * C:], C, N_, tmp, 0.0, C)
                 for o in range(o0, o1):
                     for c in range(C):
-                        gw[o, c, ids[t]] = tmp[(o - o0) * C + c]
+                        gwf[U((o * C + c) * KK + ids[t])] = tmp[U((o - o0) * C + c)]
             if need_gx:     # prod[rows of t, c0:c1] = g[rows of t] @ w[:, c0:c1, tap]
                 _slice(w, ids[t], 0, O, c0, c1, tmp)
                 _gemm(m, c1 - c0, O, gf[N * s * O:], O, N_, tmp, c1 - c0, N_, prod[N * s * C + c0:], 0.0, C)
@@ -138,7 +141,7 @@ def _bwd(x, w, gy, gx, gw, ids, starts, outs, ins, T, need_gx, need_gw):
                     for j in range(s, e):
                         r = (N * s + n * (e - s) + j - s) * C
                         for c in range(c0, c1):
-                            gx[n, c, ins[j]] += prod[r + c]
+                            gxf[U((n * C + c) * P + ins[j])] += prod[U(r + c)]
     return gx
 
 
@@ -170,5 +173,6 @@ def backward(x, xshape, w, gy, g, need_gx, need_gw, gw_out=None):
     gw = np.empty(w.shape if need_gw else (1, 1, 1, 1), w.dtype) if gw_out is None else gw_out
     xr = x.reshape(g.N, g.C, -1) if need_gw else np.zeros((1, 1, 1), w.dtype)
     fn, T = _threads(_bwd, g)
-    fn(xr, w.reshape(g.O, g.C, -1), gy, gx, gw.reshape(g.O, g.C, -1), ids, starts, outs, ins, T, need_gx, need_gw)
+    gw3 = gw.reshape(g.O, g.C, -1) if need_gw else gw.reshape(1, 1, 1)
+    fn(xr, w.reshape(g.O, g.C, -1), gy, gx, gw3, ids, starts, outs, ins, T, need_gx, need_gw)
     return (gx.reshape(xshape) if need_gx else None), (gw if need_gw else None)
