@@ -437,14 +437,15 @@ def _backward(x, xshape, w, gy, g, need_gx, need_gw, gw_out=None):
     return (gx if need_gx else None), gw
 
 
-def conv2d_backward(x, w, gy, stride=1, pad=0, dilation=1, groups=1, need_gx=True, need_gw=True, gw_out=None):
-    """(gx, gw, gb) for conv2d; gx / gw are None when not requested. gw_out: an array
+def conv2d_backward(x, w, gy, stride=1, pad=0, dilation=1, groups=1, need_gx=True, need_gw=True, gw_out=None,
+                    need_gb=True):
+    """(gx, gw, gb) for conv2d; gx / gw / gb are None when not requested. gw_out: an array
     of w's shape to write gw into (the caller's gradient buffer) instead of a new one."""
     x = as_float(x)
     w = np.ascontiguousarray(w, dtype=x.dtype)
     g = _Geom(x.shape, w.shape, stride, pad, dilation, groups)
     gx, gw = _backward(x, x.shape, w, gy, g, need_gx, need_gw, gw_out)
-    return gx, gw, np.asarray(gy, dtype=x.dtype).sum(axis=(0, 2, 3))
+    return gx, gw, (np.asarray(gy, dtype=x.dtype).sum(axis=(0, 2, 3)) if need_gb else None)
 
 
 def _transpose_geom(x, w, stride, pad, output_padding, dilation, groups):

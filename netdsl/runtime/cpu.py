@@ -29,9 +29,6 @@ class _Kernels:
     zeros = staticmethod(np.zeros)
     full = staticmethod(np.full)
 
-    @staticmethod
-    def conv2d_backward(*args, need_gb=True, **kw):
-        return K.conv2d_backward(*args, **kw)       # (gb is always computed on the CPU)
 
     @staticmethod
     def conv_transpose2d_backward(*args, need_gb=True, **kw):
