@@ -31,12 +31,12 @@ _xxgemm = types.ExternalFunction("numba_xxgemm", types.intc(
     types.char, types.char, types.char, types.intp, types.intp, types.intp, types.voidptr,
     types.voidptr, types.intp, types.voidptr, types.intp, types.voidptr, types.voidptr, types.intp))
 
-# Pixels (GEMM rows) per block. 512/256 (forward/backward) ran as fast as 1024/512
-# on ResNet's 8x8 and 4x4 layers and keeps the columns inside a core's 2 MiB L2; the
-# backward's per-thread buffers (x and gx columns, gy^T) were 8 MiB of the training
-# step's peak memory at 512.
+# Pixels (GEMM rows) per block. 256/128 (forward/backward) ran a ResNet-18 step as fast
+# as 1024/512 (0.172-0.179 s for all of 512/256, 256/256, 256/128, 128/128) and keeps
+# the columns well inside a core's 2 MiB L2; the per-thread buffers are workspace at the
+# step's peak memory (1024/512 -> 256/128: ~10 MiB less).
 # Per-tap GEMMs (K = KW*C) only pay off on images of >= TAPS_MIN pixels.
-ROWS, ROWS_BWD = 512, 256
+ROWS, ROWS_BWD = 256, 128
 TAPS_MIN = 256
 # 1x1 layers (NCHW GEMMs, no im2col): pixels per GEMM.
 ROWS1 = 256
