@@ -464,3 +464,24 @@ def test_transposed_conv_of_a_small_image_matches_torch():
     gx, gw, _ = K.conv_transpose2d_backward(x, w, gy, 1, 1)
     close(gx, xt.grad)
     close(gw, wt.grad)
+
+
+@pytest.mark.parametrize("xshape,wshape,s,p", [
+    ((1, 16, 20, 20), (24, 16, 3, 3), 1, 1),      # im2col bands split across threads
+    ((1, 32, 18, 18), (16, 32, 3, 3), 1, 1),      # per-tap bands (K = KW*C >= 64)
+    ((1, 16, 21, 21), (24, 16, 3, 3), 2, 1),      # strided: with gx, one thread per image
+    ((3, 16, 20, 20), (24, 16, 3, 3), 1, 1),      # more images than threads
+])
+def test_conv_with_fewer_images_than_threads_matches_torch(xshape, wshape, s, p):
+    rng = np.random.default_rng(5)
+    x, w = rng.standard_normal(xshape).astype(np.float32), rng.standard_normal(wshape).astype(np.float32)
+    b = rng.standard_normal(wshape[0]).astype(np.float32)
+    xt, wt = torch.tensor(x, requires_grad=True), torch.tensor(w, requires_grad=True)
+    yt = F.conv2d(xt, wt, torch.tensor(b), s, p)
+    close(K.conv2d(x, w, b, s, p), yt)
+    gy = rng.standard_normal(yt.shape).astype(np.float32)
+    yt.backward(torch.tensor(gy))
+    gx, gw, _ = K.conv2d_backward(x, w, gy, s, p)
+    close(gx, xt.grad)
+    close(gw, wt.grad)
+    close(K.conv2d_backward(x, w, gy, s, p, need_gx=False)[1], wt.grad)   # band items: another sum order

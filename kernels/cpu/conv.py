@@ -150,23 +150,30 @@ def _fwd(x, wt, b, y, KH, KW, OH, OW, sh, sw, ph, pw, dh, dw, B, R, T, nt):
     xps = np.zeros((T, B, H + 2 * ph, W + 2 * pw, C), x.dtype)
     colbufs = np.empty((T, B * (R + ext) * OW * K), x.dtype)
     outfs = np.empty((T, B * R * OW * Og), x.dtype)
+    # work items are (group of B images, band of R rows): threads split the bands too,
+    # so a batch smaller than the thread count still uses every thread
+    nband = -(-OH // R)
+    items = -(-N // B) * nband
     for t in prange(T):
         xp, colbuf, outf = xps[t], colbufs[t], outfs[t]
-        n_lo, n_hi = t * N // T, (t + 1) * N // T
-        for n0 in range(n_lo, n_hi, B):
-            nb = min(B, n_hi - n0)
-            _nhwc(x, n0, nb, xp, ph, pw, True)
-            for oh0 in range(0, OH, R):
-                noh = min(R, OH - oh0)
-                L = noh * OW
-                for g in range(G):
-                    _im2col(xp, colbuf, nb, g * Cg, Cg, oh0, noh + ext, OW, kh, KW, sh, sw, dh, dw, True)
-                    for k in range(nt):
-                        _gemm(nb * L, Og, K, colbuf[k * dh * OW * K:], K, N_,
-                              wf[(g * CKK + k * K) * Og:], Og, N_, outf, 0.0 if k == 0 else 1.0)
-                    for bi in range(nb):
-                        _transpose(yf, ((n0 + bi) * G + g) * Og * OHW + oh0 * OW, OHW,
-                                   outf, bi * L * Og, Og, L, Og, b[g * Og:])
+        have = -1                   # the image group now in xp
+        for it in range(t * items // T, (t + 1) * items // T):
+            grp, oh0 = it // nband, it % nband * R
+            n0 = grp * B
+            nb = min(B, N - n0)
+            if grp != have:
+                _nhwc(x, n0, nb, xp, ph, pw, True)
+                have = grp
+            noh = min(R, OH - oh0)
+            L = noh * OW
+            for g in range(G):
+                _im2col(xp, colbuf, nb, g * Cg, Cg, oh0, noh + ext, OW, kh, KW, sh, sw, dh, dw, True)
+                for k in range(nt):
+                    _gemm(nb * L, Og, K, colbuf[k * dh * OW * K:], K, N_,
+                          wf[(g * CKK + k * K) * Og:], Og, N_, outf, 0.0 if k == 0 else 1.0)
+                for bi in range(nb):
+                    _transpose(yf, ((n0 + bi) * G + g) * Og * OHW + oh0 * OW, OHW,
+                               outf, bi * L * Og, Og, L, Og, b[g * Og:])
     return y
 
 
@@ -191,17 +198,26 @@ def _bwd(x, wk, gy, gx, gw, H, W, KH, KW, OH, OW, sh, sw, ph, pw, dh, dw, B, R, 
     gxps = np.zeros(shape if need_gx else one, gy.dtype)
     colbufs = np.empty((T, B * (R + ext) * OW * K), gy.dtype)
     gytfs = np.empty((T, B * R * OW * Og), gy.dtype)
+    # work items as in _fwd, but with gx a thread takes whole image groups: col2im's
+    # halo rows cross bands, and gxp holds the whole group
+    nband = -(-OH // R)
+    per = 1 if need_gx else nband          # items per image group
+    items = -(-N // B) * per
     for t in prange(T):
         xp, gxp, colbuf, gytf = xps[t], gxps[t], colbufs[t], gytfs[t]
         gwf = gw[t].reshape(-1)
-        n_lo, n_hi = t * N // T, (t + 1) * N // T
-        for n0 in range(n_lo, n_hi, B):
-            nb = min(B, n_hi - n0)
-            if need_gw:
+        have = -1                           # the image group now in xp
+        for it in range(t * items // T, (t + 1) * items // T):
+            grp = it // per
+            n0 = grp * B
+            nb = min(B, N - n0)
+            if need_gw and grp != have:
                 _nhwc(x, n0, nb, xp, ph, pw, True)
+                have = grp
             if need_gx:
                 gxp[:nb] = zero
-            for oh0 in range(0, OH, R):
+            band0 = it % per * (nband // per)
+            for oh0 in range(band0 * R, min(OH, (band0 + nband // per) * R), R):
                 noh = min(R, OH - oh0)
                 L = noh * OW
                 for g in range(G):
@@ -337,21 +353,25 @@ class _Geom(ConvShape):
         self.work = self.N * self.O * self.OH * self.OW * Cg * self.KH * self.KW
         self.pointwise = self.KH == self.KW == 1 and self.p == (0, 0)
 
-    def split(self, k):
+    def split(self, k, need_gx=True):
         """(kernel, T, B, R, nt): each GEMM covers B images x R output rows, about
         ROWS pixels; nt = KH taps (see _fwd) for stride-1 images of >= TAPS_MIN pixels
         whose taps are wide enough (K = KW*C/G >= 64) for an efficient GEMM."""
-        fn, T = k.pick(self.work)
-        T = max(1, min(T, self.N))  # the batch is the only parallel axis
+        fn, threads = k.pick(self.work)
+        T = max(1, min(threads, self.N))
         ohw = self.OH * self.OW
         if self.pointwise:
             return fn, T, min(-(-ROWS1 // ohw), -(-self.N // T)), self.OH, 1
         rows = ROWS_BWD if k is _bwd else ROWS
         if self.s[0] == 1 and self.KH > 1 and ohw >= TAPS_MIN and self.KW * self.C // self.G >= 64:
-            return fn, T, 1, max(1, rows // self.OW), self.KH
-        if ohw >= rows:
-            return fn, T, 1, max(1, rows // self.OW), 1
-        return fn, T, min(-(-rows // ohw), -(-self.N // T)), self.OH, 1
+            B, R, nt = 1, max(1, rows // self.OW), self.KH
+        elif ohw >= rows:
+            B, R, nt = 1, max(1, rows // self.OW), 1
+        else:
+            B, R, nt = min(-(-rows // ohw), -(-self.N // T)), self.OH, 1
+        if k is _fwd or not need_gx:   # (image group, row band) items
+            T = max(1, min(threads, -(-self.N // B) * -(-self.OH // R)))
+        return fn, T, B, R, nt
 
     def args(self):
         return (self.KH, self.KW, self.OH, self.OW, *self.s, *self.p, *self.d)
@@ -423,7 +443,7 @@ def _backward(x, xshape, w, gy, g, need_gx, need_gw, gw_out=None):
         if not need_gw:
             return gx, None
         return gx, _backward(x, xshape, w, gy, g, False, True, gw_out)[1]
-    fn, T, B, R, nt = g.split(_bwd)
+    fn, T, B, R, nt = g.split(_bwd, need_gx)
     gx = np.empty(xshape if need_gx else (1, 1, 1, 1), w.dtype)
     if not need_gw:
         x = np.zeros((1, 1, 1, 1), w.dtype)
