@@ -24,7 +24,7 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 THREADS = int(os.environ.get("BENCH_THREADS", os.cpu_count() or 2))
-STEPS = int(os.environ.get("BENCH_STEPS", 5))
+STEPS = int(os.environ.get("BENCH_STEPS", 9))
 
 
 def rss_now() -> int:
