@@ -21,9 +21,15 @@ from types import ModuleType
 _loaded: dict[str, ModuleType] = {}
 
 
+def cache_root() -> Path:
+    """Where netdsl caches anything: `$NETDSL_CACHE_DIR`, else `~/.cache/netdsl`. Kernels
+    go in `kernels/`, elaborated graphs in `graphs/`, parser tables at the top."""
+    return Path(os.environ.get("NETDSL_CACHE_DIR") or Path.home() / ".cache" / "netdsl")
+
+
 def cache_dir() -> Path:
-    """`$NETDSL_CACHE_DIR`, else `~/.cache/netdsl/kernels`; created on first use."""
-    d = Path(os.environ.get("NETDSL_CACHE_DIR") or Path.home() / ".cache" / "netdsl" / "kernels")
+    """The generated kernels' folder, `<cache root>/kernels`; created on first use."""
+    d = cache_root() / "kernels"
     d.mkdir(parents=True, exist_ok=True)
     return d
 

@@ -59,8 +59,8 @@ def _front_end() -> str:
 
 
 def _directory() -> Path:
-    base = os.environ.get("NETDSL_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "netdsl")
-    return Path(base) / "graphs"
+    from netdsl.kernels.cache import cache_root
+    return cache_root() / "graphs"
 
 
 def _in_order(g: Graph) -> list[Node]:

@@ -18,7 +18,8 @@ def _cache_file() -> str | bool:
     the grammar's hash. Only under our own cache directory, and only if it is writable."""
     import hashlib
     import os
-    base = os.environ.get("NETDSL_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "netdsl")
+    from netdsl.kernels.cache import cache_root
+    base = str(cache_root())
     try:
         os.makedirs(base, exist_ok=True)
     except OSError:
