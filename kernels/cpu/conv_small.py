@@ -1,6 +1,6 @@
-"""Convolution for small images (ResNet's last stages at 32x32 input: 2x2 and 1x1
-feature maps with 256-512 channels): one GEMM per kernel tap, over only the pixels
-where that tap lands inside the image.
+"""Convolution for small images with many channels (ResNet's last stages: 2x2 and 1x1
+feature maps at 32x32 input, 14x14 and 7x7 at 224x224 and small batches): one GEMM per
+kernel tap, over only the pixels where that tap lands inside the image.
 
 With a 3x3 kernel and padding 1, a 1x1 image sees only the centre tap and a 2x2 image
 16 of its 36 pixel-tap pairs: im2col's columns there are 8/9 and 5/9 zeros, and a GEMM
@@ -24,8 +24,12 @@ U = np.uint64    # flat unsigned indices: no wraparound checks in the prange cop
 
 
 def usable(g) -> bool:
-    """One group, at most 4 output pixels (on 4x4 images im2col + one GEMM was faster)."""
-    return g.G == 1 and g.OH * g.OW <= 4
+    """One group, and at most 4 output pixels, or a spatial kernel whose weights outweigh
+    the output pixels 256:1 (ResNet-50's 14x14 and 7x7 layers at small batches: 2-3x
+    faster than im2col there, whose weight transposes dominate). ResNet-18's 4x4 layers
+    at batch 64 and 28x28 ones at batch 1 ran faster with im2col."""
+    return g.G == 1 and (g.OH * g.OW <= 4 or
+                         (g.KH * g.KW > 1 and g.N * g.OH * g.OW * 256 <= g.O * g.C * g.KH * g.KW))
 
 
 @functools.lru_cache(maxsize=256)
