@@ -10,7 +10,8 @@ Prints, for ResNet-18 at 32x32, batch 64, one SGD (momentum) training step:
 and the start-up of ResNet-50 with a warm kernel cache: process start to the end of
 its first training step (batch 1, 224x224), with a breakdown.
 Each measurement runs in a fresh subprocess so that one framework's allocator and
-threads do not disturb the other's.
+threads do not disturb the other's; BENCH_ROUNDS (3) interleaved rounds of the three,
+each the median of BENCH_STEPS (9) steps, give a median and a best per framework.
 """
 from __future__ import annotations
 
@@ -25,6 +26,7 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 THREADS = int(os.environ.get("BENCH_THREADS", os.cpu_count() or 2))
 STEPS = int(os.environ.get("BENCH_STEPS", 9))
+ROUNDS = int(os.environ.get("BENCH_ROUNDS", 3))
 
 
 def rss_now() -> int:
@@ -162,22 +164,35 @@ def main():
     batch = 64
     print(f"# {time.strftime('%Y-%m-%d')} {machine()}; torch {__import__('torch').__version__}")
     print(f"# OPENBLAS_CORETYPE={os.environ.get('OPENBLAS_CORETYPE')} OPENBLAS_L2_SIZE={os.environ.get('OPENBLAS_L2_SIZE')}")
-    nd = sub("netdsl", batch)
-    tn = sub("torch", batch, 0)
-    tc = sub("torch", batch, 1)
-    ips = lambda r: batch / r["sec"]
-    print(f"ResNet-18 32x32 batch {batch}, one SGD step (median of {STEPS}):")
-    print(f"  netdsl               {ips(nd):7.1f} images/s")
-    print(f"  torch NCHW           {ips(tn):7.1f} images/s   netdsl/torch = {ips(nd) / ips(tn):.2f}x")
-    print(f"  torch channels_last  {ips(tc):7.1f} images/s   netdsl/torch = {ips(nd) / ips(tc):.2f}x")
+    # Rounds interleave the three so that a slow spell of the machine (two shared cores:
+    # single runs of either framework moved by +-20%) hits each alike; each round is a
+    # fresh process per framework, its figure the median of STEPS steps.
+    runs = {"netdsl": [], "torch NCHW": [], "torch channels_last": []}
+    for _ in range(ROUNDS):
+        runs["netdsl"].append(sub("netdsl", batch))
+        runs["torch NCHW"].append(sub("torch", batch, 0))
+        runs["torch channels_last"].append(sub("torch", batch, 1))
+    ips = {k: sorted(batch / r["sec"] for r in v) for k, v in runs.items()}
+    med = lambda xs: xs[len(xs) // 2]
+    print(f"ResNet-18 32x32 batch {batch}, one SGD step ({ROUNDS} interleaved rounds, median of {STEPS} steps each):")
+    print(f"  {'':20s} {'median':>8s} {'best':>8s} images/s   rounds")
+    for k, v in ips.items():
+        ratio = "" if k == "netdsl" else \
+            f"   netdsl/torch = {med(ips['netdsl']) / med(v):.2f}x median, {ips['netdsl'][-1] / v[-1]:.2f}x best"
+        print(f"  {k:20s} {med(v):8.1f} {v[-1]:8.1f}   " + " ".join(f"{x:.0f}" for x in v) + ratio)
     mib = lambda b: b / 2**20
-    print("peak memory of the training step (RSS growth over the batch-64 steps, after a batch-2 warm-up):")
-    print(f"  netdsl {mib(nd['peak_growth']):7.1f} MiB (planner: {mib(nd['planned_peak']):.1f} MiB of activations and "
-          f"gradients planned, {mib(nd['unplanned_peak']):.1f} MiB if every intermediate were kept)")
-    print(f"  torch  {mib(tn['peak_growth']):7.1f} MiB NCHW, {mib(tc['peak_growth']):.1f} MiB channels_last")
+    peak = {k: sorted(mib(r["peak_growth"]) for r in v) for k, v in runs.items()}
+    nd = runs["netdsl"][0]
+    print("peak memory of the training step (RSS growth over the batch-64 steps, after a batch-2 warm-up), "
+          "median and range of the rounds:")
+    for k, v in peak.items():
+        print(f"  {k:20s} {med(v):7.1f} MiB ({v[0]:.1f}-{v[-1]:.1f})")
+    print(f"  netdsl's planner: {mib(nd['planned_peak']):.1f} MiB of activations and gradients planned, "
+          f"{mib(nd['unplanned_peak']):.1f} MiB if every intermediate were kept")
     sub("startup")                       # warm the kernel cache
-    st = sub("startup")
-    print("ResNet-50 start-up with a warm kernel cache (process start -> first training step done, batch 1):")
+    st = sorted((sub("startup") for _ in range(ROUNDS)), key=lambda r: r["total"])[ROUNDS // 2]
+    print(f"ResNet-50 start-up with a warm kernel cache (process start -> first training step done, batch 1; "
+          f"the median of {ROUNDS} runs):")
     print("  " + ", ".join(f"{k} {v:.2f} s" for k, v in st.items()))
 
 
