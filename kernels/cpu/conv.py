@@ -1,7 +1,8 @@
 """2-D convolution and transposed convolution via pixel-major im2col + BLAS GEMM.
 
-Threads (prange) split the batch; each walks its share in blocks of B images x
-R output rows and, per block:
+Threads (prange) split the work into blocks of B images x R output rows (the
+forward, and a backward without gx, split the row bands of an image too; with gx a
+thread takes whole images) and, per block:
   1. copies the B images into a zero-bordered NHWC buffer, so that every
      im2col run is a contiguous copy of C floats with no bounds checks;
   2. builds cols[P, KH*KW*C], one row per output pixel (P = B*R*OW);
