@@ -21,6 +21,10 @@ import numpy as np  # noqa: E402,F401
 # Below this many elements a parallel launch (~3 us) costs more than it saves.
 PAR_MIN = 1 << 16
 
+# Flat unsigned indices for prange kernels: with signed ones Numba's parallel copies keep
+# negative-index wraparound checks that stop vectorisation (5-8x slower, codegen/cpu.py).
+U = np.uint64
+
 # Not fastmath=True: that implies 'nnan'/'ninf', which folds isnan() to False.
 FAST = {"reassoc", "contract", "arcp", "nsz"}
 

@@ -41,6 +41,8 @@ ROWS, ROWS_BWD = 256, 128
 TAPS_MIN = 256
 # 1x1 layers (NCHW GEMMs, no im2col): pixels per GEMM.
 ROWS1 = 256
+# BLAS transpose flags of _gemm: 'N' (as stored), 'T' (transposed)
+N_, T_ = np.int8(78), np.int8(84)
 
 
 from ..geometry import ConvShape, out_size, transpose_conv_shape  # noqa: E402,F401 (out_size re-exported)
@@ -145,7 +147,6 @@ def _fwd(x, wt, b, y, KH, KW, OH, OW, sh, sw, ph, pw, dh, dw, B, R, T, nt):
     kh, K = KH // nt, CKK // nt     # im2col taps per row, and their columns
     ext = (nt - 1) * dh             # extra input rows of a band
     yf, wf = y.reshape(-1), wt.reshape(-1)
-    N_, T_ = np.int8(78), np.int8(84)
     # per-thread buffers, allocated here: freed by a worker thread they would stay in
     # that thread's malloc arena, out of reach of the next allocations (RSS slack)
     xps = np.zeros((T, B, H + 2 * ph, W + 2 * pw, C), x.dtype)
@@ -192,7 +193,6 @@ def _bwd(x, wk, gy, gx, gw, H, W, KH, KW, OH, OW, sh, sw, ph, pw, dh, dw, B, R, 
     gyf, wf = gy.reshape(-1), wk.reshape(-1)
     zero = gy.dtype.type(0)
     zeros = np.zeros(R * OW, gy.dtype)
-    N_, T_ = np.int8(78), np.int8(84)
     shape = (T, B, H + 2 * ph, W + 2 * pw, C)
     one = (T, 1, 1, 1, 1)
     xps = np.zeros(shape if need_gw else one, gy.dtype)     # per-thread buffers (see _fwd)
@@ -271,7 +271,6 @@ def _fwd1(x, w, b, y, sh, sw, OH, OW, B, T):
     L = OH * OW
     direct = sh == 1 and sw == 1 and B == 1
     yf, wf, xf = y.reshape(-1), w.reshape(-1), x.reshape(-1)
-    N_ = np.int8(78)
     colss = np.empty((T, 0 if direct else Cg * B * L), x.dtype)    # per-thread buffers (see _fwd)
     outfs = np.empty((T, 0 if B == 1 else Og * B * L), x.dtype)
     for t in prange(T):
@@ -306,7 +305,6 @@ def _bwd1(x, w, gy, gx, gw, H, W, sh, sw, OH, OW, B, T, need_gx, need_gw):
     direct = sh == 1 and sw == 1 and B == 1
     gyf, wf, gxf = gy.reshape(-1), w.reshape(-1), gx.reshape(-1)
     zero = gy.dtype.type(0)
-    N_, T_ = np.int8(78), np.int8(84)
     colss = np.empty((T, 0 if direct else Cg * B * L), gy.dtype)   # per-thread buffers (see _fwd)
     gybs = np.empty((T, 0 if B == 1 else Og * B * L), gy.dtype)
     for t in prange(T):

@@ -16,11 +16,8 @@ import functools
 import numpy as np
 from numba import prange
 
-from . import kernel, njit
-from .conv import _gemm
-
-N_, T_ = np.int8(78), np.int8(84)
-U = np.uint64    # flat unsigned indices: no wraparound checks in the prange copies
+from . import U, kernel, njit
+from .conv import N_, T_, _gemm
 
 
 def usable(g) -> bool:
@@ -67,6 +64,20 @@ def _gather(src, n, pix, starts, dst):
 
 
 @njit
+def _scatter(prod, N, s, e, pix, k0, k1, dst):
+    """The adjoint of _gather for one tap's pairs s <= j < e and channels k0:k1:
+    dst[n, k, pix[j]] += prod[N*s + n*(e-s) + j-s, k] (prod flat, rows of K = dst's
+    channels; dst is [N, K, pixels])."""
+    K, P = dst.shape[1], dst.shape[2]
+    df = dst.reshape(-1)
+    for n in range(N):
+        for j in range(s, e):
+            r = (N * s + n * (e - s) + j - s) * K
+            for k in range(k0, k1):
+                df[U((n * K + k) * P + pix[j])] += prod[U(r + k)]
+
+
+@njit
 def _slice(w, k, o0, o1, c0, c1, dst):
     """dst[o - o0, c - c0] = w[o, c, k]: one tap's weights for a thread's share."""
     for o in range(o0, o1):
@@ -98,11 +109,7 @@ def _fwd(x, w, b, y, ids, starts, outs, ins, T):
             _slice(w, ids[t], o0, o1, 0, C, wt)
             # prod[rows of t, o0:o1] = a[rows of t] @ w[o0:o1, :, tap]^T
             _gemm(N * (e - s), o1 - o0, C, af[N * s * C:], C, N_, wt, C, T_, prod[N * s * O + o0:], 0.0, O)
-            for n in range(N):
-                for j in range(s, e):
-                    r = (N * s + n * (e - s) + j - s) * O
-                    for o in range(o0, o1):
-                        yf[U((n * O + o) * Q + outs[j])] += prod[U(r + o)]
+            _scatter(prod, N, s, e, outs, o0, o1, y)
     return y
 
 
@@ -120,8 +127,8 @@ def _bwd(x, w, gy, gx, gw, ids, starts, outs, ins, T, need_gx, need_gw):
         for n in prange(N):
             _gather(x, n, ins, starts, a)
     prod = np.empty(rows * C if need_gx else 0, gy.dtype)
-    gf, af, gwf, gxf = g.reshape(-1), a.reshape(-1), gw.reshape(-1), gx.reshape(-1)
-    KK, P = gw.shape[2], gx.shape[2]
+    gf, af, gwf = g.reshape(-1), a.reshape(-1), gw.reshape(-1)
+    KK = gw.shape[2]
     zero = gy.dtype.type(0)
     tmps = np.empty((T, max((O // T + 1) * C if need_gw else 0, O * (C // T + 1) if need_gx else 0)), gy.dtype)
     for k in prange(T):
@@ -141,11 +148,7 @@ def _bwd(x, w, gy, gx, gw, ids, starts, outs, ins, T, need_gx, need_gw):
             if need_gx:     # prod[rows of t, c0:c1] = g[rows of t] @ w[:, c0:c1, tap]
                 _slice(w, ids[t], 0, O, c0, c1, tmp)
                 _gemm(m, c1 - c0, O, gf[N * s * O:], O, N_, tmp, c1 - c0, N_, prod[N * s * C + c0:], 0.0, C)
-                for n in range(N):
-                    for j in range(s, e):
-                        r = (N * s + n * (e - s) + j - s) * C
-                        for c in range(c0, c1):
-                            gxf[U((n * C + c) * P + ins[j])] += prod[U(r + c)]
+                _scatter(prod, N, s, e, ins, c0, c1, gx)
     return gx
 
 

@@ -3,9 +3,7 @@ import numpy as np
 from numba import prange
 
 from . import as_float, kernel
-from .conv import _gemm
-
-N_, T_ = np.int8(78), np.int8(84)   # BLAS transpose flags 'N', 'T'
+from .conv import N_, T_, _gemm
 
 
 def _fwd(x, w, b, y, T):

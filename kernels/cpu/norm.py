@@ -2,7 +2,7 @@
 import numpy as np
 from numba import prange
 
-from . import as_float, kernel, njit
+from . import U, as_float, kernel, njit
 
 
 # ---------------------------------------------------------------- LRN
@@ -80,11 +80,6 @@ def local_response_norm_backward(x, scale, gy, size, alpha=1e-4, beta=0.75):
 # ---------------------------------------------------------------- batch norm
 # Works on [N, C, L] views (L = H*W for 2-D, 1 for [N, C]); per-channel sums
 # are accumulated in float64 on purpose (M can be large), results stored in x.dtype.
-
-# Flat arrays and unsigned (U) indices throughout: with signed ones a prange kernel keeps
-# negative-index wraparound checks that stop vectorisation (5-8x slower, codegen/cpu.py).
-U = np.uint64
-
 
 def _bn_stats(x, mean, var):
     N, C, L = x.shape

@@ -7,7 +7,7 @@ import numpy as np
 from numba import prange
 
 from ..geometry import pool_geom as _geom, pool_out_size  # noqa: F401 (re-exported)
-from . import as_float, kernel, njit, pair
+from . import U, as_float, kernel, njit, pair
 
 
 
@@ -25,7 +25,6 @@ def _max_fwd(x, y, idx, kh, kw, sh, sw, ph, pw):
     P, H, W = x.shape
     OH, OW = y.shape[1], y.shape[2]
     xf, yf, idf = x.reshape(-1), y.reshape(-1), idx.reshape(-1)
-    u = np.uint64   # unsigned flat indices: no wraparound checks in the prange copy
     for q in prange(P):
         xq, yq = q * H * W, q * OH * OW
         for oh in range(OH):
@@ -36,12 +35,12 @@ def _max_fwd(x, y, idx, kh, kw, sh, sw, ph, pw):
                 arg = h0 * W + w0
                 for ih in range(h0, h1):
                     for iw in range(w0, w1):
-                        v = xf[u(xq + ih * W + iw)]
+                        v = xf[U(xq + ih * W + iw)]
                         if v > best or v != v:  # NaN wins, as in torch
                             best = v
                             arg = ih * W + iw
-                yf[u(yq + oh * OW + ow)] = best
-                idf[u(yq + oh * OW + ow)] = arg
+                yf[U(yq + oh * OW + ow)] = best
+                idf[U(yq + oh * OW + ow)] = arg
     return y
 
 

@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from ..autodiff import trainable
+from ..errors import NetdslError
 from ..ir.dims import Sym
 
 DTYPES = {"f16": np.float16, "f32": np.float32, "f64": np.float64, "i32": np.int32, "i64": np.int64,
@@ -57,7 +59,7 @@ def _outs(n, gins: dict, gparams: dict):
     """Order gradients as the grad node declared them: inputs first, then params."""
     k, nin = n.attrs["ngrads"], len(n.fwd.inputs)
     out = []
-    roles = [r for r, p in n.fwd.params.items() if p.role != "buffer"]
+    roles = [r for r, _ in trainable(n.fwd)]
     for j in n.attrs["like"]:
         out.append(gins[j - k] if j < k + nin else gparams[roles[j - k - nin]])
     return out
@@ -91,7 +93,7 @@ def _grad_out(n, st, role) -> dict:
     if bufs is None or role not in n.fwd.params:
         return {}
     k, nin = n.attrs["ngrads"], len(n.fwd.inputs)
-    roles = [r for r, p in n.fwd.params.items() if p.role != "buffer"]
+    roles = [r for r, _ in trainable(n.fwd)]
     j = k + nin + roles.index(role)
     if j not in n.attrs["like"]:
         return {}
@@ -112,8 +114,9 @@ def _index(n):
     return tuple(slice(*i) if isinstance(i, tuple) else i for i in n.attrs["index"])
 
 
-def register(table: dict, K) -> None:
-    """Bind the operators shared by both targets into `table`, calling kernels from `K`."""
+def register(table: dict, K, target: str) -> None:
+    """Bind the operators shared by both targets into `table`, calling kernels from `K`
+    (`target` names the runtime in messages)."""
     kernel = registrar(table)
 
     # ---- convolution and linear
@@ -274,6 +277,26 @@ def register(table: dict, K) -> None:
         if n.attrs["mode"] == "nearest":
             return [K.upsample_nearest2d_backward(x[0], s)]
         return [K.upsample_bilinear2d_backward(x[0], x[1].shape, scale_factor=float(s))]
+
+    # ---- pointwise losses (the forward's loss is a 0-d array on either target)
+
+    point = {"l2": (K.mse_loss, K.mse_loss_backward), "smooth_l1": (K.smooth_l1_loss, K.smooth_l1_loss_backward),
+             "bce": (K.bce_with_logits, K.bce_with_logits_backward)}
+
+    @kernel("l2", "smooth_l1", "bce")
+    def point_loss(n, x, st):
+        if len(x) > 2:
+            raise NetdslError(f"{n.op} with a weight input is not supported by the {target} runtime yet", n.pos)
+        extra = {"beta": n.attrs["beta"]} if n.op == "smooth_l1" else {}
+        return [point[n.op][0](x[0], x[1], **extra).reshape(())]
+
+    @kernel("l2_grad", "smooth_l1_grad", "bce_grad")
+    def point_loss_grad(n, x, st):
+        k = n.attrs["ngrads"]
+        gl, pred, target_ = x[0], x[k], x[k + 1]
+        op = n.fwd.op
+        extra = {"beta": n.attrs["beta"]} if op == "smooth_l1" else {}
+        return [point[op][1](pred, target_, gl, **extra)]
 
     # ---- structural operators whose kernels both targets name alike
 

@@ -12,7 +12,6 @@ import numpy as np
 
 from netdsl.kernels import cpu as K
 
-from ..errors import NetdslError
 from .bindings import DTYPES, _dims, _index, _param, register, registrar  # noqa: F401 (DTYPES: runtime/model.py)
 
 KERNELS = {}
@@ -43,7 +42,7 @@ class _Kernels:
         return K.maxpool2d_backward(gy, switches, xshape)   # (the switches alone locate the maxima)
 
 
-register(KERNELS, _Kernels())
+register(KERNELS, _Kernels(), "CPU")
 
 
 # ---- upsampling
@@ -91,27 +90,6 @@ def cross_entropy_grad(n, x, st):
     if nhwc is not None:
         gz = np.ascontiguousarray(gz.reshape(nhwc).transpose(0, 3, 1, 2))
     return [gz.reshape(logits.shape)]
-
-
-_POINT = {"l2": (K.mse_loss, K.mse_loss_backward), "smooth_l1": (K.smooth_l1_loss, K.smooth_l1_loss_backward),
-          "bce": (K.bce_with_logits, K.bce_with_logits_backward)}
-
-
-@kernel("l2", "smooth_l1", "bce")
-def point_loss(n, x, st):
-    if len(x) > 2:
-        raise NetdslError(f"{n.op} with a weight input is not supported by the CPU runtime yet", n.pos)
-    extra = {"beta": n.attrs["beta"]} if n.op == "smooth_l1" else {}
-    return [np.asarray(_POINT[n.op][0](x[0], x[1], **extra))]
-
-
-@kernel("l2_grad", "smooth_l1_grad", "bce_grad")
-def point_loss_grad(n, x, st):
-    k = n.attrs["ngrads"]
-    gl, pred, target = x[0], x[k], x[k + 1]
-    op = n.fwd.op
-    extra = {"beta": n.attrs["beta"]} if op == "smooth_l1" else {}
-    return [_POINT[op][1](pred, target, float(gl), **extra)]
 
 
 # ---- structural operators

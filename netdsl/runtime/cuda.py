@@ -23,7 +23,7 @@ from .bindings import _dims, _index, _param, _rows, register, registrar
 
 KERNELS = {}
 kernel = registrar(KERNELS)
-register(KERNELS, K)
+register(KERNELS, K, "CUDA")
 
 
 # ---- upsampling and adaptive pooling
@@ -79,27 +79,6 @@ def cross_entropy_grad(n, x, st):
         N, C, H, W = logits.shape
         return [K.transpose(gz.reshape((N, H, W, C)), (0, 3, 1, 2))]
     return [gz.reshape(logits.shape)]
-
-
-_POINT = {"l2": (K.mse_loss, K.mse_loss_backward), "smooth_l1": (K.smooth_l1_loss, K.smooth_l1_loss_backward),
-          "bce": (K.bce_with_logits, K.bce_with_logits_backward)}
-
-
-@kernel("l2", "smooth_l1", "bce")
-def point_loss(n, x, st):
-    if len(x) > 2:
-        raise NetdslError(f"{n.op} with a weight input is not supported by the CUDA runtime yet", n.pos)
-    extra = {"beta": n.attrs["beta"]} if n.op == "smooth_l1" else {}
-    return [_POINT[n.op][0](x[0], x[1], **extra).reshape(())]
-
-
-@kernel("l2_grad", "smooth_l1_grad", "bce_grad")
-def point_loss_grad(n, x, st):
-    k = n.attrs["ngrads"]
-    gl, pred, target = x[0], x[k], x[k + 1]
-    op = n.fwd.op
-    extra = {"beta": n.attrs["beta"]} if op == "smooth_l1" else {}
-    return [_POINT[op][1](pred, target, gl, **extra)]
 
 
 # ---- structural operators

@@ -14,6 +14,7 @@ import numpy as np
 from ..ir.graph import Value
 from ..ops.elementwise import SCALAR
 from ..plan import Step
+from .bindings import _outs
 
 
 def _layout(v: Value, shape) -> tuple[str, int]:
@@ -136,6 +137,4 @@ class FusedStep:
         if n.attrs["ngrads"] in n.attrs["like"]:   # the input's gradient is wanted
             dt = x.dtype.type
             gins[0], = self.gx(*args, mean, gamma * invstd, sg / dt(M), sgx / dt(M) * invstd, axis=1)
-        k, nin = n.attrs["ngrads"], len(fwd.inputs)
-        roles = [r for r, q in fwd.params.items() if q.role != "buffer"]
-        return [gins[j - k] if j < k + nin else grads[roles[j - k - nin]] for j in n.attrs["like"]]
+        return _outs(n, gins, grads)

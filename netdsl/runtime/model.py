@@ -7,7 +7,7 @@ from collections.abc import Mapping
 import numpy as np
 
 from .. import autodiff
-from ..errors import NetdslError, Note
+from ..errors import NetdslError
 from ..ir.dims import Sym, fmt_shape
 from ..ir.graph import Graph, Value
 from .bindings import DTYPES, GradBuffers
