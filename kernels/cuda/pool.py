@@ -40,15 +40,21 @@ def _first_out(i, s, p, k):
     return 0 if t <= 0 else (t + s - 1) // s
 
 
+@device
+def _window(e, H, W, OH, OW, kh, kw, sh, sw, ph, pw):
+    """Output element e of [P, OH, OW] as (plane, oh, ow) and its clipped input window
+    rows [h0, h1) and columns [w0, w1)."""
+    ow = e % OW
+    oh = (e // OW) % OH
+    return (e // (OW * OH), oh, ow, _lo(oh, sh, ph, kh, H), _hi(oh, sh, ph, kh, H),
+            _lo(ow, sw, pw, kw, W), _hi(ow, sw, pw, kw, W))
+
+
 @kernel("alaiiiiiiiiiii")
 def _max_fwd(x, idx, y, P, H, W, OH, OW, kh, kw, sh, sw, ph, pw):
     T = x.dtype.type
     for e in range(cuda.grid(1), P * OH * OW, cuda.gridsize(1)):
-        ow = e % OW
-        oh = (e // OW) % OH
-        q = e // (OW * OH)
-        h0, h1 = _lo(oh, sh, ph, kh, H), _hi(oh, sh, ph, kh, H)
-        w0, w1 = _lo(ow, sw, pw, kw, W), _hi(ow, sw, pw, kw, W)
+        q, oh, ow, h0, h1, w0, w1 = _window(e, H, W, OH, OW, kh, kw, sh, sw, ph, pw)
         best = T(-np.inf)
         arg = h0 * W + w0
         for ih in range(h0, h1):
@@ -96,11 +102,7 @@ def _unpool_bwd(gy, idx, gx, P, L, OL):
 def _avg_fwd(x, y, P, H, W, OH, OW, kh, kw, sh, sw, ph, pw, include_pad):
     T = x.dtype.type
     for e in range(cuda.grid(1), P * OH * OW, cuda.gridsize(1)):
-        ow = e % OW
-        oh = (e // OW) % OH
-        q = e // (OW * OH)
-        h0, h1 = _lo(oh, sh, ph, kh, H), _hi(oh, sh, ph, kh, H)
-        w0, w1 = _lo(ow, sw, pw, kw, W), _hi(ow, sw, pw, kw, W)
+        q, oh, ow, h0, h1, w0, w1 = _window(e, H, W, OH, OW, kh, kw, sh, sw, ph, pw)
         n = _count(oh, sh, ph, kh, H) * _count(ow, sw, pw, kw, W) if include_pad else (h1 - h0) * (w1 - w0)
         acc = T(0)
         for ih in range(h0, h1):
