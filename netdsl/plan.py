@@ -27,11 +27,6 @@ class Step:
         return len(self.nodes) > 1 or is_elementwise(self.nodes[0])
 
     @property
-    def reads_inputs_late(self) -> bool:
-        """A norm-gradient tail reduces over the whole input before writing: no in-place."""
-        return self.nodes[-1].op in TAILS
-
-    @property
     def name(self) -> str:
         return "+".join(n.op if n.op != "ew_grad" else f"{n.attrs['of']}'{n.attrs['wrt']}" for n in self.nodes)
 
@@ -132,8 +127,9 @@ def _liveness(steps: list[Step], keep_ids: set, dims: dict) -> Plan:
     for i, s in enumerate(steps):
         dying = {id(v) for v in free[i]}
         for j, v in enumerate(s.outputs):
-            # an elementwise step may write into an input that dies here (same shape and dtype)
-            if s.fused and not s.reads_inputs_late:
+            # an elementwise step may write into an input that dies here (same shape and dtype);
+            # so may a norm-gradient tail: its first pass only reduces, its second is elementwise
+            if s.fused:
                 for k, u in enumerate(s.inputs):
                     if (id(u) in dying and tuple(u.shape) == tuple(v.shape) and u.dtype == v.dtype
                             and k not in s.inplace.values()):

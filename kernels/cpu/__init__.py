@@ -123,7 +123,7 @@ from .pool import (  # noqa: E402
 )
 from .norm import (  # noqa: E402
     local_response_norm, local_response_norm_backward,
-    batchnorm_stats, batchnorm_train, batchnorm_backward, batchnorm_infer,
+    batchnorm_stats, batchnorm_train, batchnorm_apply, batchnorm_backward, batchnorm_infer,
     batchnorm2d_train, batchnorm2d_backward, batchnorm2d_infer,
     batchnorm1d_train, batchnorm1d_backward, batchnorm1d_infer,
     dropout, dropout_backward, dropout_mask,

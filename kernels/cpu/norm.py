@@ -176,12 +176,17 @@ def batchnorm_stats(x, running_mean=None, running_var=None, momentum=0.1, eps=1e
 def batchnorm_train(x, gamma=None, beta=None, running_mean=None, running_var=None,
                     momentum=0.1, eps=1e-5):
     """Training batch norm over x[N, C, ...]: returns (y, batch_mean, batch_invstd)."""
+    mean, invstd = batchnorm_stats(x, running_mean, running_var, momentum, eps)
+    return batchnorm_apply(x, gamma, beta, mean, invstd), mean, invstd
+
+
+def batchnorm_apply(x, gamma, beta, mean, invstd):
+    """The normalisation of batchnorm_train with given statistics (its replay: same bits)."""
     x, x3 = _as3(x)
     C = x3.shape[1]
-    mean, invstd = batchnorm_stats(x, running_mean, running_var, momentum, eps)
     y = np.empty_like(x)
     _affine(x.size, x3, mean, _vec(gamma, C, x.dtype, 1) * invstd, _vec(beta, C, x.dtype, 0), y.reshape(x3.shape))
-    return y, mean, invstd
+    return y
 
 
 def batchnorm_backward(x, gy, gamma, mean, invstd):

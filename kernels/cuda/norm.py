@@ -120,10 +120,16 @@ def batchnorm_train(x, gamma=None, beta=None, running_mean=None, running_var=Non
     rm = flat(running_mean) if has else mean
     rv = flat(running_var) if has else invstd
     launch_rows(_bn_stats, C, flat(x), N, C, L, mean, invstd, rm, rv, int(has), t(momentum), t(eps))
+    return batchnorm_apply(x, gamma, beta, mean, invstd), mean, invstd
+
+
+def batchnorm_apply(x, gamma, beta, mean, invstd):
+    """The normalisation of batchnorm_train with given statistics (its replay: same bits)."""
+    N, C, L = _ncl(x)
     y = empty(x.shape, x.dtype)
     launch(_bn_apply, x.size, flat(x), C, L, mean, invstd, _vec(gamma, C, x.dtype, 1),
            _vec(beta, C, x.dtype, 0), flat(y))
-    return y, mean, invstd
+    return y
 
 
 def batchnorm_infer(x, gamma, beta, running_mean, running_var, eps=1e-5):

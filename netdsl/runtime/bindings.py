@@ -172,6 +172,8 @@ def register(table: dict, K, target: str) -> None:
         rm, rv = _param(n, st, "running_mean"), _param(n, st, "running_var")
         if not st.train:
             return [K.batchnorm_infer(x[0], g, b, rm, rv, a["eps"])]
+        if n.fwd is not None:   # a replay in the backward (autodiff.recompute)
+            return [K.batchnorm_apply(x[0], g, b, *st.saved[id(n.fwd)])]
         y, mean, invstd = K.batchnorm_train(x[0], g, b, rm, rv, a["momentum"], a["eps"])
         st.saved[id(n)] = (mean, invstd)
         return [y]

@@ -104,7 +104,7 @@ class FusedStep:
             args += self._norm_apply(ins, st)
         if not self.tail:
             return list(self.kernel(*args, axis=self.axis, out=out))
-        return self._norm_grad(args, ins, st)
+        return self._norm_grad(args, ins, st, out or {})
 
     def _norm_apply(self, ins, st):
         from netdsl.kernels import cpu as K
@@ -112,7 +112,9 @@ class FusedStep:
         x = ins[self.s.inputs.index(n.inputs[0])]
         p = {r: st.params[q.name] for r, q in n.params.items()}
         C = x.shape[1]
-        if st.train:
+        if st.train and n.fwd is not None:   # a replay in the backward (autodiff.recompute)
+            mean, invstd = st.saved[id(n.fwd)]
+        elif st.train:
             mean, invstd = K.batchnorm_stats(x, p["running_mean"], p["running_var"], n.attrs["momentum"],
                                              n.attrs["eps"])
             st.saved[id(n)] = (mean, invstd)
@@ -123,7 +125,7 @@ class FusedStep:
         beta = p.get("bias", np.zeros(C, x.dtype))
         return [mean, (gamma * invstd).astype(x.dtype), beta.astype(x.dtype, copy=False)]
 
-    def _norm_grad(self, args, ins, st):
+    def _norm_grad(self, args, ins, st, out):
         n, fwd = self.tail, self.tail.fwd
         x = ins[self.s.inputs.index(n.inputs[1])]
         mean, invstd = st.saved[id(fwd)]
@@ -136,5 +138,7 @@ class FusedStep:
         gins = {}
         if n.attrs["ngrads"] in n.attrs["like"]:   # the input's gradient is wanted
             dt = x.dtype.type
-            gins[0], = self.gx(*args, mean, gamma * invstd, sg / dt(M), sgx / dt(M) * invstd, axis=1)
+            j = next(j for j, v in enumerate(self.s.outputs) if v is n.outputs[0])   # gx may go in place
+            gins[0], = self.gx(*args, mean, gamma * invstd, sg / dt(M), sgx / dt(M) * invstd, axis=1,
+                               out={0: out[j]} if j in out else None)
         return _outs(n, gins, grads)

@@ -20,7 +20,9 @@ class Model:
                  dtype=np.float32, device: str = "cpu"):
         """dtype=np.float64 runs every float tensor in double precision (gradient checks).
         device="cuda" keeps parameters (and everything computed) in device memory:
-        `params` and gradients are then device arrays; `host_params()` copies them down."""
+        `params` and gradients are then device arrays; `host_params()` copies them down.
+        fuse=False runs every node as its own kernel and recomputes nothing in the backward
+        (the planner's optimisations off: the reference they are tested against)."""
         self.g = graph
         self.dtype = np.dtype(dtype)
         self.device = device
@@ -67,7 +69,7 @@ class Model:
     @property
     def training_graph(self) -> autodiff.TrainingGraph:
         if self._tg is None:
-            self._tg = autodiff.build(self.g)
+            self._tg = autodiff.build(self.g, recompute=self.fuse)
         return self._tg
 
     def host_params(self) -> dict[str, np.ndarray]:
