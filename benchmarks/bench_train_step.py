@@ -4,9 +4,12 @@
 
 Prints, for ResNet-18 at 32x32, batch 64, one SGD (momentum) training step:
   images/s of netdsl, PyTorch NCHW and PyTorch channels_last, and their ratios;
-  peak memory of the training step: peak RSS growth over the batch-64 steps, each
-  framework in its own process, after a warm-up step at batch 2 (code loaded, optimiser
-  state allocated), so it counts activations, gradients and workspace;
+  peak memory of the training step: the peak RSS over the batch-64 steps (Linux's VmHWM,
+  reset just before them) minus the RSS before them, each framework in its own process,
+  after a warm-up step at batch 2 (code loaded, optimiser state allocated) and with that
+  step's gradients alive in both; so it counts activations, workspace and gradients, and
+  for netdsl the parallel variants of its kernels, which Numba loads on the first input
+  big enough for them (~2 MiB of code);
 and the start-up of ResNet-50 with a warm kernel cache: process start to the end of
 its first training step (batch 1, 224x224), with a breakdown.
 Each measurement runs in a fresh subprocess so that one framework's allocator and
@@ -18,7 +21,6 @@ from __future__ import annotations
 import json
 import os
 import platform
-import resource
 import subprocess
 import sys
 import time
@@ -35,7 +37,14 @@ def rss_now() -> int:
 
 
 def peak_rss() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    """The peak RSS since the last reset_peak() (Linux's VmHWM)."""
+    with open("/proc/self/status") as f:
+        return next(int(l.split()[1]) for l in f if l.startswith("VmHWM")) * 1024
+
+
+def reset_peak():
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
 
 
 def resnet18_spec(batch_note=""):
@@ -71,6 +80,7 @@ def run_netdsl(batch: int) -> dict:
     y = rng.integers(0, 1000, batch)
     _, _, _, grads = m.train_step({"image": x[:2], "label": y[:2]})   # load kernels at batch 2
     opt.step(grads)
+    reset_peak()
     base = rss_now()     # with that step's gradients alive, as torch's .grad are at this point
     times = []
     for _ in range(STEPS):
@@ -103,6 +113,7 @@ def run_torch(batch: int, channels_last: bool) -> dict:
         torch.nn.functional.cross_entropy(net(x), y).backward()
         opt.step()
     step(x[:2], y[:2])                 # warm up at batch 2, as netdsl does
+    reset_peak()
     base = rss_now()
     times = []
     for _ in range(STEPS):
@@ -183,8 +194,8 @@ def main():
     mib = lambda b: b / 2**20
     peak = {k: sorted(mib(r["peak_growth"]) for r in v) for k, v in runs.items()}
     nd = runs["netdsl"][0]
-    print("peak memory of the training step (RSS growth over the batch-64 steps, after a batch-2 warm-up), "
-          "median and range of the rounds:")
+    print("peak memory of the training step (peak RSS over the batch-64 steps minus the RSS before them, after a "
+          "batch-2 warm-up), median and range of the rounds:")
     for k, v in peak.items():
         print(f"  {k:20s} {med(v):7.1f} MiB ({v[0]:.1f}-{v[-1]:.1f})")
     print(f"  netdsl's planner: {mib(nd['planned_peak']):.1f} MiB of activations and gradients planned, "

@@ -7,7 +7,7 @@ So the backward pass is nodes like any other: shape-checked, fused, scheduled, d
 
 Losses are seeded with their weights; train-only heads take part while training;
 non-differentiable operators (and integer tensors) stop the flow. Cheap values the
-backward reads (a norm's apply + ReLU) are recomputed there rather than kept (`_recompute`).
+backward reads (a norm's apply + ReLU) are recomputed there rather than kept (`remat.py`).
 """
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ from .errors import NetdslError
 from .ir.graph import Graph, Node, Value
 from .ops import OPS, Ctx
 from .ops.registry import is_float
-from .plan import is_elementwise
+from . import remat
 
 
 @dataclass
@@ -156,59 +156,5 @@ def build(g: Graph, recompute: bool = True) -> TrainingGraph:
         for role, gv in gparams.items():
             param_grads[n.params[role].name] = gv
     keep = {id(v) for v in list(g.outputs.values()) + [l.value for l in g.losses]}
-    backward = _recompute(g.nodes, b.nodes, keep) if recompute else b.nodes
+    backward = remat.recompute(g.nodes, b.nodes, keep) if recompute else b.nodes
     return TrainingGraph(g, list(g.nodes) + backward, param_grads, len(g.nodes))
-
-
-def _recompute(forward: list[Node], backward: list[Node], keep: set[int]) -> list[Node]:
-    """Rematerialise elementwise values the backward reads, when their inputs are kept
-    for the backward anyway: the forward then frees them after their last forward use.
-
-    An elementwise node P qualifies when each input is a parameter, a feed, a value the
-    backward reads, or the output of a batch norm used only by P whose input the backward
-    reads (the norm is replayed with its saved statistics: no new reduction, no running-
-    statistics update). ResNet's norm + ReLU outputs are the case: the ReLU's gradient
-    and the next conv's weight gradient read them, the norm's gradient reads its input.
-    Replays run the same kernels on the same inputs, so they are bit-identical; each is
-    placed just before its first backward reader. A recomputed value never qualifies as
-    kept, so chains are not recomputed from recomputed values."""
-    readers: dict[int, list[Node]] = {}
-    for n in backward:
-        for v in n.inputs:
-            if v is not None:
-                readers.setdefault(id(v), []).append(n)
-    fwd_users: dict[int, int] = {}
-    for n in forward:
-        for v in n.inputs:
-            if v is not None:
-                fwd_users[id(v)] = fwd_users.get(id(v), 0) + 1
-    kept = lambda u: u.param is not None or u.producer is None or id(u) in readers
-    out = list(backward)
-    for p in forward:
-        if not is_elementwise(p) or len(p.outputs) != 1:
-            continue
-        v = p.outputs[0]
-        if id(v) in keep or id(v) not in readers:
-            continue
-        norms = [u.producer for u in p.inputs if u is not None and not kept(u)]
-        if not all(m.op == "bn" and fwd_users[id(m.outputs[0])] == 1 and id(m.outputs[0]) not in keep
-                   and kept(m.inputs[0]) for m in norms):
-            continue
-        made: dict[int, Value] = {}
-        clones = []
-        for m in norms + [p]:
-            c = Node(m.op, [made.get(id(u), u) if u is not None else None for u in m.inputs], m.attrs,
-                     f"{m.path}.recompute", m.pos, m.frames, params=m.params, macs=m.macs, fwd=m)
-            c.outputs = [Value(o.shape, o.dtype, c, o.index, pos=o.pos) for o in m.outputs]
-            made.update((id(o), co) for o, co in zip(m.outputs, c.outputs))
-            clones.append(c)
-        users = readers.pop(id(v))
-        for n in users:
-            n.inputs = [made[id(v)] if u is v else u for u in n.inputs]
-        for c in clones:
-            for u in c.inputs:
-                if u is not None:
-                    readers.setdefault(id(u), []).append(c)
-        at = min(out.index(n) for n in users)
-        out[at:at] = clones
-    return out

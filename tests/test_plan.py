@@ -24,14 +24,17 @@ def test_norm_and_relu_outputs_are_recomputed_in_the_backward_not_kept():
     kept, again = build(g, recompute=False), build(g)
     assert again.nodes[:again.n_forward] == kept.nodes[:kept.n_forward]     # the forward is untouched
     replays = {n.path: n for n in again.backward if n.path.endswith(".recompute")}
-    # each basic block's first norm + ReLU, and the stem's, replayed from the norm's saved statistics
-    assert {"bn1.recompute", "relu1.recompute", "layer1.0.bn1.recompute", "layer4.1.relu1.recompute"} <= set(replays)
+    # each basic block's first norm + ReLU, and the stem's, replayed from the norm's saved
+    # statistics; and the stem conv, which reads only the image and its weights
+    assert {"bn1.recompute", "relu1.recompute", "layer1.0.bn1.recompute", "layer4.1.relu1.recompute",
+            "conv1.recompute"} <= set(replays)
+    assert not any(p.startswith("layer1.0.conv") for p in replays)     # a conv of a kept activation is kept
     assert all(n.fwd is not None and n.fwd.path + ".recompute" == n.path for n in replays.values())
     # placed just before its first reader: layer1.0's relu1 is first read by conv2's gradient
     order = [n.path for n in again.backward]
     assert order.index("layer1.0.relu1.recompute") == order.index("layer1.0.conv2.conv_grad") - 1
     p0, p1 = (plan(t.nodes, t.keep(), {"N": 8}) for t in (kept, again))
-    assert p1.peak_planned < 0.8 * p0.peak_planned        # 183 -> 139 MiB at 224x224
+    assert p1.peak_planned < 0.75 * p0.peak_planned       # 183 -> 127 MiB at 224x224
 
 
 VIEW_SPEC = """

@@ -13,6 +13,7 @@ os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 # passive policy the launch costs tens of microseconds. Must precede numba's OpenMP load.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
+import math  # noqa: E402
 import types  # noqa: E402
 
 import numba  # noqa: E402
@@ -74,6 +75,19 @@ def as_float(x):
     if x.dtype not in (np.float32, np.float64):
         x = x.astype(np.float32)
     return np.ascontiguousarray(x)
+
+
+def out_array(out, shape, dtype, zero=False):
+    """The array a kernel writes its result into: `out` (a caller's buffer of that size,
+    e.g. the planned workspace) viewed as `shape`, or a new one; zero: cleared first."""
+    if out is None:
+        return (np.zeros if zero else np.empty)(shape, dtype)
+    if out.dtype != dtype or out.size != math.prod(shape) or not out.flags.c_contiguous:
+        raise ValueError(f"out: expected {math.prod(shape)} contiguous {np.dtype(dtype)}, got {out.size} {out.dtype}")
+    out = out.reshape(shape)
+    if zero:
+        out.fill(0)
+    return out
 
 
 def _load_cython_blas():

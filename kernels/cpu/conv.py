@@ -23,7 +23,8 @@ import numba.np.linalg
 import numpy as np
 from numba import prange, types
 
-from . import as_float, kernel, njit, pair
+from . import as_float, kernel, njit, out_array, pair
+from .scratch import SCRATCH
 
 numba.np.linalg.ensure_blas()
 # Numba's BLAS shim (scipy's sgemm/dgemm): (kind, transa, transb, m, n, k,
@@ -37,7 +38,7 @@ _xxgemm = types.ExternalFunction("numba_xxgemm", types.intc(
 # the columns well inside a core's 2 MiB L2; the per-thread buffers are workspace at the
 # step's peak memory (1024/512 -> 256/128: ~10 MiB less).
 # Per-tap GEMMs (K = KW*C) only pay off on images of >= TAPS_MIN pixels.
-ROWS, ROWS_BWD = 256, 128
+ROWS, ROWS_BWD = 128, 128
 TAPS_MIN = 256
 # 1x1 layers (NCHW GEMMs, no im2col): pixels per GEMM.
 ROWS1 = 256
@@ -134,7 +135,7 @@ def _gemm(M, N, K, a, lda, ta, b, ldb, tb, c, beta, ldc=0):
     _xxgemm(kind, tb, ta, N, M, K, one.ctypes, b.ctypes, ldb, a.ctypes, lda, bt.ctypes, c.ctypes, ldc or N)
 
 
-def _fwd(x, wt, b, y, KH, KW, OH, OW, sh, sw, ph, pw, dh, dw, B, R, T, nt):
+def _fwd(x, wt, b, y, KH, KW, OH, OW, sh, sw, ph, pw, dh, dw, B, R, T, nt, xps, colbufs, outfs):
     """y[N, O, OH*OW] = conv(x) + b, with wt[G, KH*KW*C/G, O/G].
     nt = 1: full im2col, one GEMM with K = KH*KW*C/G.
     nt = KH (stride 1, B = 1): im2col over kj only, on the R + (KH-1)*dh input
@@ -147,11 +148,8 @@ def _fwd(x, wt, b, y, KH, KW, OH, OW, sh, sw, ph, pw, dh, dw, B, R, T, nt):
     kh, K = KH // nt, CKK // nt     # im2col taps per row, and their columns
     ext = (nt - 1) * dh             # extra input rows of a band
     yf, wf = y.reshape(-1), wt.reshape(-1)
-    # per-thread buffers, allocated here: freed by a worker thread they would stay in
-    # that thread's malloc arena, out of reach of the next allocations (RSS slack)
-    xps = np.zeros((T, B, H + 2 * ph, W + 2 * pw, C), x.dtype)
-    colbufs = np.empty((T, B * (R + ext) * OW * K), x.dtype)
-    outfs = np.empty((T, B * R * OW * Og), x.dtype)
+    # per-thread buffers (_buffers): xps[T, B, H+2ph, W+2pw, C] zeroed,
+    # colbufs[T, B*(R+ext)*OW*K], outfs[T, B*R*OW*Og]
     # work items are (group of B images, band of R rows): threads split the bands too,
     # so a batch smaller than the thread count still uses every thread
     nband = -(-OH // R)
@@ -179,7 +177,8 @@ def _fwd(x, wt, b, y, KH, KW, OH, OW, sh, sw, ph, pw, dh, dw, B, R, T, nt):
     return y
 
 
-def _bwd(x, wk, gy, gx, gw, H, W, KH, KW, OH, OW, sh, sw, ph, pw, dh, dw, B, R, T, nt, need_gx, need_gw):
+def _bwd(x, wk, gy, gx, gw, H, W, KH, KW, OH, OW, sh, sw, ph, pw, dh, dw, B, R, T, nt, need_gx, need_gw,
+         xps, gxps, colbufs, gytfs):
     """gx[N, C, H, W] and per-thread partial gw[T, G, KH*KW*C/G, O/G], from
     wk[G, O/G, KH*KW*C/G]; nt as in _fwd. gw accumulates straight into gw[t]
     (beta=1); gx's columns are col2im-added into a padded NHWC buffer."""
@@ -193,12 +192,7 @@ def _bwd(x, wk, gy, gx, gw, H, W, KH, KW, OH, OW, sh, sw, ph, pw, dh, dw, B, R, 
     gyf, wf = gy.reshape(-1), wk.reshape(-1)
     zero = gy.dtype.type(0)
     zeros = np.zeros(R * OW, gy.dtype)
-    shape = (T, B, H + 2 * ph, W + 2 * pw, C)
-    one = (T, 1, 1, 1, 1)
-    xps = np.zeros(shape if need_gw else one, gy.dtype)     # per-thread buffers (see _fwd)
-    gxps = np.zeros(shape if need_gx else one, gy.dtype)
-    colbufs = np.empty((T, B * (R + ext) * OW * K), gy.dtype)
-    gytfs = np.empty((T, B * R * OW * Og), gy.dtype)
+    # per-thread buffers as in _fwd; gxps like xps, each only where needed
     # work items as in _fwd, but with gx a thread takes whole image groups: col2im's
     # halo rows cross bands, and gxp holds the whole group
     nband = -(-OH // R)
@@ -263,7 +257,7 @@ def _pick(x, n0, nb, c0, Cg, sh, sw, OH, OW, cols, to_cols):
                         xf[u(s + ow * sw)] = cf[u(d + ow)]
 
 
-def _fwd1(x, w, b, y, sh, sw, OH, OW, B, T):
+def _fwd1(x, w, b, y, sh, sw, OH, OW, B, T, colss, outfs):
     """1x1 conv, pad 0, in NCHW: y[n, g] = w[g] @ x[n, g, ::sh, ::sw] (w[G, O/G, C/G]).
     Stride 1 with B = 1 needs no copy at all: the GEMM reads x and writes y in place."""
     N, C, H, W = x.shape
@@ -271,8 +265,7 @@ def _fwd1(x, w, b, y, sh, sw, OH, OW, B, T):
     L = OH * OW
     direct = sh == 1 and sw == 1 and B == 1
     yf, wf, xf = y.reshape(-1), w.reshape(-1), x.reshape(-1)
-    colss = np.empty((T, 0 if direct else Cg * B * L), x.dtype)    # per-thread buffers (see _fwd)
-    outfs = np.empty((T, 0 if B == 1 else Og * B * L), x.dtype)
+    # per-thread buffers: colss[T, Cg*B*L] (none if direct), outfs[T, Og*B*L] (none if B == 1)
     for t in prange(T):
         cols, outf = colss[t], outfs[t]
         n_lo, n_hi = t * N // T, (t + 1) * N // T
@@ -295,7 +288,7 @@ def _fwd1(x, w, b, y, sh, sw, OH, OW, B, T):
     return y
 
 
-def _bwd1(x, w, gy, gx, gw, H, W, sh, sw, OH, OW, B, T, need_gx, need_gw):
+def _bwd1(x, w, gy, gx, gw, H, W, sh, sw, OH, OW, B, T, need_gx, need_gw, colss, gybs):
     """Backward of _fwd1: gw[t, g] += gy[n, g] @ cols^T, gx[n, g, ::sh, ::sw] = w[g]^T @ gy[n, g]
     (gx pre-zeroed when strided). One image: gy is read in place, no copy."""
     N = gy.shape[0]
@@ -305,8 +298,7 @@ def _bwd1(x, w, gy, gx, gw, H, W, sh, sw, OH, OW, B, T, need_gx, need_gw):
     direct = sh == 1 and sw == 1 and B == 1
     gyf, wf, gxf = gy.reshape(-1), w.reshape(-1), gx.reshape(-1)
     zero = gy.dtype.type(0)
-    colss = np.empty((T, 0 if direct else Cg * B * L), gy.dtype)   # per-thread buffers (see _fwd)
-    gybs = np.empty((T, 0 if B == 1 else Og * B * L), gy.dtype)
+    # per-thread buffers as in _fwd1 (gybs like outfs)
     for t in prange(T):
         cols, gyb = colss[t], gybs[t]
         gwf = gw[t].reshape(-1)
@@ -385,47 +377,82 @@ class _Geom(ConvShape):
         """w as [G, O/G, C/G, KH, KW]."""
         return w.reshape(self.G, self.O // self.G, self.C // self.G, self.KH, self.KW)
 
-    def wt(self, w):
-        """[G, KH*KW*C/G, O/G]: the forward GEMM's right operand."""
-        return np.ascontiguousarray(self.w5(w).transpose(0, 3, 4, 2, 1)).reshape(self.G, -1, self.O // self.G)
+    def wt(self, w, s):
+        """[G, KH*KW*C/G, O/G]: the forward GEMM's right operand (in scratch s)."""
+        G, Og, Cg = self.G, self.O // self.G, self.C // self.G
+        a = s.take((G, self.KH, self.KW, Cg, Og), w.dtype)
+        np.copyto(a, self.w5(w).transpose(0, 3, 4, 2, 1))
+        return a.reshape(G, -1, Og)
 
-    def wk(self, w):
-        """[G, O/G, KH*KW*C/G]: the backward-data GEMM's right operand."""
-        return np.ascontiguousarray(self.w5(w).transpose(0, 1, 3, 4, 2)).reshape(self.G, self.O // self.G, -1)
+    def wk(self, w, s):
+        """[G, O/G, KH*KW*C/G]: the backward-data GEMM's right operand (in scratch s)."""
+        G, Og, Cg = self.G, self.O // self.G, self.C // self.G
+        a = s.take((G, Og, self.KH, self.KW, Cg), w.dtype)
+        np.copyto(a, self.w5(w).transpose(0, 1, 3, 4, 2))
+        return a.reshape(G, Og, -1)
+
+    def buffers(self, s, B, R, T, nt, dtype, image, gimage):
+        """_fwd's / _bwd's per-thread buffers in scratch s: (xps, gxps, colbufs, outfs);
+        the padded image buffers only where needed (image / gimage)."""
+        pad = (T, B, self.H + 2 * self.p[0], self.W + 2 * self.p[1], self.C)
+        one = (T, 1, 1, 1, 1)
+        K = self.C // self.G * self.KH * self.KW // nt
+        ext = (nt - 1) * self.d[0]
+        xps = s.take(pad if image else one, dtype, zero=True)
+        gxps = s.take(pad if gimage else one, dtype, zero=True)
+        cols = s.take((T, B * (R + ext) * self.OW * K), dtype)
+        outs = s.take((T, B * R * self.OW * (self.O // self.G)), dtype)
+        return xps, gxps, cols, outs
+
+    def buffers1(self, s, B, T, dtype):
+        """_fwd1's / _bwd1's per-thread buffers in scratch s: (colss, outfs)."""
+        L = self.OH * self.OW
+        direct = self.s == (1, 1) and B == 1
+        return (s.take((T, 0 if direct else self.C // self.G * B * L), dtype),
+                s.take((T, 0 if B == 1 else self.O // self.G * B * L), dtype))
 
 
-def conv2d(x, w, b=None, stride=1, pad=0, dilation=1, groups=1):
-    """y[N, O, OH, OW] = cross-correlation of x[N, C, H, W] with w[O, C/groups, KH, KW] (+ b[O])."""
+def conv2d(x, w, b=None, stride=1, pad=0, dilation=1, groups=1, out=None):
+    """y[N, O, OH, OW] = cross-correlation of x[N, C, H, W] with w[O, C/groups, KH, KW] (+ b[O]);
+    out: an array of y's size to write y into."""
     x = as_float(x)
     w = np.ascontiguousarray(w, dtype=x.dtype)
     g = _Geom(x.shape, w.shape, stride, pad, dilation, groups)
     b = np.zeros(g.O, x.dtype) if b is None else np.ascontiguousarray(b, dtype=x.dtype)
-    if conv_small.usable(g):
-        return conv_small.forward(x, w, b, g)
-    y = np.empty((g.N, g.O, g.OH * g.OW), x.dtype)
-    if g.pointwise:
-        fn, T, B, R, nt = g.split(_fwd1)
-        fn(x, w.reshape(g.G, g.O // g.G, -1), b, y, *g.s, g.OH, g.OW, B, T)
-        return y.reshape(g.N, g.O, g.OH, g.OW)
-    fn, T, B, R, nt = g.split(_fwd)
-    fn(x, g.wt(w), b, y, *g.args(), B, R, T, nt)
+    y = out_array(out, (g.N, g.O, g.OH * g.OW), x.dtype)
+    with SCRATCH.frame() as s:
+        if conv_small.usable(g):
+            conv_small.forward(x, w, b, g, y, s)
+        elif g.pointwise:
+            fn, T, B, R, nt = g.split(_fwd1)
+            fn(x, w.reshape(g.G, g.O // g.G, -1), b, y, *g.s, g.OH, g.OW, B, T, *g.buffers1(s, B, T, x.dtype))
+        else:
+            fn, T, B, R, nt = g.split(_fwd)
+            xps, _, cols, outs = g.buffers(s, B, R, T, nt, x.dtype, True, False)
+            fn(x, g.wt(w, s), b, y, *g.args(), B, R, T, nt, xps, cols, outs)
     return y.reshape(g.N, g.O, g.OH, g.OW)
 
 
-def _backward(x, xshape, w, gy, g, need_gx, need_gw, gw_out=None):
-    """(gx, gw); gw is written into gw_out when given (a gradient buffer kept across steps)."""
+def _backward(x, xshape, w, gy, g, need_gx, need_gw, gw_out=None, gx_out=None):
+    """(gx, gw); gw is written into gw_out when given (a gradient buffer kept across steps),
+    gx into gx_out."""
+    with SCRATCH.frame() as s:
+        return _backward_in(x, xshape, w, gy, g, need_gx, need_gw, gw_out, gx_out, s)
+
+
+def _backward_in(x, xshape, w, gy, g, need_gx, need_gw, gw_out, gx_out, s):
     if conv_small.usable(g):
-        return conv_small.backward(x, xshape, w, gy, g, need_gx, need_gw, gw_out)
+        return conv_small.backward(x, xshape, w, gy, g, need_gx, need_gw, gw_out, gx_out, s)
     gy = np.ascontiguousarray(gy, dtype=w.dtype).reshape(g.N, g.O, g.OH * g.OW)
     Cg = g.C // g.G
     if g.pointwise:
         fn, T, B, R, nt = g.split(_bwd1)
-        strided = g.s != (1, 1)
-        gx = (np.zeros if strided else np.empty)(xshape if need_gx else (1, 1, 1, 1), w.dtype)
+        gx = out_array(gx_out, xshape, w.dtype, zero=g.s != (1, 1)) if need_gx else np.empty((1, 1, 1, 1), w.dtype)
         if not need_gw:
             x = np.zeros((1, 1, 1, 1), w.dtype)
-        gwp = np.zeros((T if need_gw else 1, g.G, g.O // g.G, Cg), w.dtype)
-        fn(x, w.reshape(g.G, g.O // g.G, Cg), gy, gx, gwp, g.H, g.W, *g.s, g.OH, g.OW, B, T, need_gx, need_gw)
+        gwp = s.take((T if need_gw else 1, g.G, g.O // g.G, Cg), w.dtype, zero=True)
+        fn(x, w.reshape(g.G, g.O // g.G, Cg), gy, gx, gwp, g.H, g.W, *g.s, g.OH, g.OW, B, T, need_gx, need_gw,
+           *g.buffers1(s, B, T, w.dtype))
         gw = None
         if need_gw:
             gw = np.empty(w.shape, w.dtype) if gw_out is None else gw_out
@@ -436,34 +463,39 @@ def _backward(x, xshape, w, gy, g, need_gx, need_gw, gw_out=None):
         # whose GEMM has K = KH*KW*O, where the backward's has K = O (64-128 on ResNet's
         # small images) and scatters its columns back (col2im): ~20% faster on 4x4 images
         G, Og, Cg = g.G, g.O // g.G, g.C // g.G
-        wf = np.ascontiguousarray(g.w5(w)[..., ::-1, ::-1].transpose(0, 2, 1, 3, 4)).reshape(g.C, Og, g.KH, g.KW)
-        pad = (g.d[0] * (g.KH - 1) - g.p[0], g.d[1] * (g.KW - 1) - g.p[1])
-        gx = conv2d(gy.reshape(g.N, g.O, g.OH, g.OW), wf, None, 1, pad, g.d, G).reshape(xshape)
+        with s.frame():     # the flipped kernel's scratch is free again for the gw pass
+            wf = s.take((g.C, Og, g.KH, g.KW), w.dtype)
+            np.copyto(wf.reshape(G, Cg, Og, g.KH, g.KW), g.w5(w)[..., ::-1, ::-1].transpose(0, 2, 1, 3, 4))
+            pad = (g.d[0] * (g.KH - 1) - g.p[0], g.d[1] * (g.KW - 1) - g.p[1])
+            gx = conv2d(gy.reshape(g.N, g.O, g.OH, g.OW), wf, None, 1, pad, g.d, G, gx_out).reshape(xshape)
         if not need_gw:
             return gx, None
-        return gx, _backward(x, xshape, w, gy, g, False, True, gw_out)[1]
+        return gx, _backward_in(x, xshape, w, gy, g, False, True, gw_out, None, s)[1]
     fn, T, B, R, nt = g.split(_bwd, need_gx)
-    gx = np.empty(xshape if need_gx else (1, 1, 1, 1), w.dtype)
+    gx = out_array(gx_out, xshape, w.dtype) if need_gx else np.empty((1, 1, 1, 1), w.dtype)
     if not need_gw:
         x = np.zeros((1, 1, 1, 1), w.dtype)
-    gwp = np.zeros((T if need_gw else 1, g.G, g.KH * g.KW * Cg, g.O // g.G), w.dtype)
-    fn(x, g.wk(w), gy, gx, gwp, g.H, g.W, *g.args(), B, R, T, nt, need_gx, need_gw)
+    gwp = s.take((T if need_gw else 1, g.G, g.KH * g.KW * Cg, g.O // g.G), w.dtype, zero=True)
+    fn(x, g.wk(w, s), gy, gx, gwp, g.H, g.W, *g.args(), B, R, T, nt, need_gx, need_gw,
+       *g.buffers(s, B, R, T, nt, w.dtype, need_gw, need_gx))
     gw = None
     if need_gw:  # [G, KH, KW, Cg, Og] -> [G, Og, Cg, KH, KW]
-        gw5 = gwp.sum(axis=0).reshape(g.G, g.KH, g.KW, Cg, g.O // g.G)
+        for t in range(1, gwp.shape[0]):     # the threads' partials, summed into the first
+            gwp[0] += gwp[t]
+        gw5 = gwp[0].reshape(g.G, g.KH, g.KW, Cg, g.O // g.G)
         gw = np.empty(w.shape, w.dtype) if gw_out is None else gw_out
         np.copyto(gw.reshape(g.G, g.O // g.G, Cg, g.KH, g.KW), gw5.transpose(0, 4, 3, 1, 2))
     return (gx if need_gx else None), gw
 
 
 def conv2d_backward(x, w, gy, stride=1, pad=0, dilation=1, groups=1, need_gx=True, need_gw=True, gw_out=None,
-                    need_gb=True):
-    """(gx, gw, gb) for conv2d; gx / gw / gb are None when not requested. gw_out: an array
-    of w's shape to write gw into (the caller's gradient buffer) instead of a new one."""
+                    need_gb=True, gx_out=None):
+    """(gx, gw, gb) for conv2d; gx / gw / gb are None when not requested. gw_out / gx_out:
+    arrays of w's / x's size to write gw / gx into (the caller's buffers) instead of new ones."""
     x = as_float(x)
     w = np.ascontiguousarray(w, dtype=x.dtype)
     g = _Geom(x.shape, w.shape, stride, pad, dilation, groups)
-    gx, gw = _backward(x, x.shape, w, gy, g, need_gx, need_gw, gw_out)
+    gx, gw = _backward(x, x.shape, w, gy, g, need_gx, need_gw, gw_out, gx_out)
     return gx, gw, (np.asarray(gy, dtype=x.dtype).sum(axis=(0, 2, 3)) if need_gb else None)
 
 

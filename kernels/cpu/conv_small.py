@@ -16,7 +16,7 @@ import functools
 import numpy as np
 from numba import prange
 
-from . import U, kernel, njit
+from . import U, kernel, njit, out_array
 from .conv import N_, T_, _gemm
 
 
@@ -85,18 +85,15 @@ def _slice(w, k, o0, o1, c0, c1, dst):
             dst[U((o - o0) * (c1 - c0) + c - c0)] = w[o, c, k]
 
 
-def _fwd(x, w, b, y, ids, starts, outs, ins, T):
+def _fwd(x, w, b, y, ids, starts, outs, ins, T, a, prod, wts):
     """y[N, O, Q] = conv(x[N, C, P]) + b (w as [O, C, KH*KW]), tap by tap; thread k owns
-    output channels o0:o1 and repacks only their weights, a tap at a time."""
+    output channels o0:o1 and repacks only their weights, a tap at a time.
+    Workspace (see forward): a[rows, C] gathered inputs, prod[rows * O], wts[T, ...]."""
     N, C = x.shape[0], x.shape[1]
     O, Q = y.shape[1], y.shape[2]
-    rows = N * starts[-1]
-    a = np.empty((rows, C), x.dtype)
     for n in prange(N):
         _gather(x, n, ins, starts, a)
-    prod = np.empty(rows * O, x.dtype)
     af, yf = a.reshape(-1), y.reshape(-1)
-    wts = np.empty((T, (O // T + 1) * C), x.dtype)     # per-thread buffers, allocated here (conv._fwd)
     for k in prange(T):
         o0, o1 = k * O // T, (k + 1) * O // T
         wt = wts[k]
@@ -113,24 +110,20 @@ def _fwd(x, w, b, y, ids, starts, outs, ins, T):
     return y
 
 
-def _bwd(x, w, gy, gx, gw, ids, starts, outs, ins, T, need_gx, need_gw):
+def _bwd(x, w, gy, gx, gw, ids, starts, outs, ins, T, need_gx, need_gw, g, a, prod, tmps):
     """gx[N, C, P] (zeroed by the caller) and gw[O, C, KH*KW]: thread k owns input
-    channels c0:c1 of gx and output channels o0:o1 of gw."""
+    channels c0:c1 of gx and output channels o0:o1 of gw. Workspace (see backward):
+    g[rows, O] gathered gradients, a[rows, C] inputs, prod[rows * C], tmps[T, ...]."""
     N, O = gy.shape[0], gy.shape[1]
     C = w.shape[1]
-    rows = N * starts[-1]
-    g = np.empty((rows, O), gy.dtype)
     for n in prange(N):
         _gather(gy, n, outs, starts, g)
-    a = np.empty((rows if need_gw else 0, C), gy.dtype)
     if need_gw:
         for n in prange(N):
             _gather(x, n, ins, starts, a)
-    prod = np.empty(rows * C if need_gx else 0, gy.dtype)
     gf, af, gwf = g.reshape(-1), a.reshape(-1), gw.reshape(-1)
     KK = gw.shape[2]
     zero = gy.dtype.type(0)
-    tmps = np.empty((T, max((O // T + 1) * C if need_gw else 0, O * (C // T + 1) if need_gx else 0)), gy.dtype)
     for k in prange(T):
         o0, o1 = k * O // T, (k + 1) * O // T
         c0, c1 = k * C // T, (k + 1) * C // T
@@ -165,21 +158,27 @@ def _threads(k, g):
     return fn, max(1, min(T, g.O, g.C))
 
 
-def forward(x, w, b, g):
+def forward(x, w, b, g, y, s):
+    """Into y[N, O, OH*OW], with workspace from scratch s."""
     ids, starts, outs, ins = _taps(g)
-    y = np.empty((g.N, g.O, g.OH * g.OW), x.dtype)
     fn, T = _threads(_fwd, g)
-    fn(x.reshape(g.N, g.C, -1), w.reshape(g.O, g.C, -1), b, y, ids, starts, outs, ins, T)
-    return y.reshape(g.N, g.O, g.OH, g.OW)
+    rows, dt = g.N * int(starts[-1]), x.dtype
+    fn(x.reshape(g.N, g.C, -1), w.reshape(g.O, g.C, -1), b, y, ids, starts, outs, ins, T,
+       s.take((rows, g.C), dt), s.take(rows * g.O, dt), s.take((T, (g.O // T + 1) * g.C), dt))
 
 
-def backward(x, xshape, w, gy, g, need_gx, need_gw, gw_out=None):
+def backward(x, xshape, w, gy, g, need_gx, need_gw, gw_out, gx_out, s):
+    """(gx, gw) into gx_out / gw_out where given, with workspace from scratch s."""
     ids, starts, outs, ins = _taps(g)
     gy = np.ascontiguousarray(gy, dtype=w.dtype).reshape(g.N, g.O, g.OH * g.OW)
-    gx = np.zeros((g.N, g.C, g.H * g.W) if need_gx else (1, 1, 1), w.dtype)
+    gx = out_array(gx_out, (g.N, g.C, g.H * g.W), w.dtype, zero=True) if need_gx else np.zeros((1, 1, 1), w.dtype)
     gw = np.empty(w.shape if need_gw else (1, 1, 1, 1), w.dtype) if gw_out is None else gw_out
     xr = x.reshape(g.N, g.C, -1) if need_gw else np.zeros((1, 1, 1), w.dtype)
     fn, T = _threads(_bwd, g)
     gw3 = gw.reshape(g.O, g.C, -1) if need_gw else gw.reshape(1, 1, 1)
-    fn(xr, w.reshape(g.O, g.C, -1), gy, gx, gw3, ids, starts, outs, ins, T, need_gx, need_gw)
+    rows, dt, O, C = g.N * int(starts[-1]), w.dtype, g.O, g.C
+    tmp = max((O // T + 1) * C if need_gw else 0, O * (C // T + 1) if need_gx else 0)
+    fn(xr, w.reshape(O, C, -1), gy, gx, gw3, ids, starts, outs, ins, T, need_gx, need_gw,
+       s.take((rows, O), dt), s.take((rows if need_gw else 0, C), dt), s.take(rows * C if need_gx else 0, dt),
+       s.take((T, tmp), dt))
     return (gx.reshape(xshape) if need_gx else None), (gw if need_gw else None)

@@ -2,7 +2,7 @@
 import numpy as np
 from numba import prange
 
-from . import U, as_float, kernel, njit
+from . import U, as_float, kernel, njit, out_array
 
 
 # ---------------------------------------------------------------- LRN
@@ -174,26 +174,27 @@ def batchnorm_stats(x, running_mean=None, running_var=None, momentum=0.1, eps=1e
 
 
 def batchnorm_train(x, gamma=None, beta=None, running_mean=None, running_var=None,
-                    momentum=0.1, eps=1e-5):
-    """Training batch norm over x[N, C, ...]: returns (y, batch_mean, batch_invstd)."""
+                    momentum=0.1, eps=1e-5, out=None):
+    """Training batch norm over x[N, C, ...]: returns (y, batch_mean, batch_invstd);
+    out (here and below): an array of x's size to write y into."""
     mean, invstd = batchnorm_stats(x, running_mean, running_var, momentum, eps)
-    return batchnorm_apply(x, gamma, beta, mean, invstd), mean, invstd
+    return batchnorm_apply(x, gamma, beta, mean, invstd, out), mean, invstd
 
 
-def batchnorm_apply(x, gamma, beta, mean, invstd):
+def batchnorm_apply(x, gamma, beta, mean, invstd, out=None):
     """The normalisation of batchnorm_train with given statistics (its replay: same bits)."""
     x, x3 = _as3(x)
     C = x3.shape[1]
-    y = np.empty_like(x)
+    y = out_array(out, x.shape, x.dtype)
     _affine(x.size, x3, mean, _vec(gamma, C, x.dtype, 1) * invstd, _vec(beta, C, x.dtype, 0), y.reshape(x3.shape))
     return y
 
 
-def batchnorm_backward(x, gy, gamma, mean, invstd):
+def batchnorm_backward(x, gy, gamma, mean, invstd, gx_out=None):
     """(gx, ggamma, gbeta) for batchnorm_train, from its saved mean / invstd."""
     x, x3 = _as3(x)
     C = x3.shape[1]
-    gx = np.empty_like(x)
+    gx = out_array(gx_out, x.shape, x.dtype)
     ggamma = np.empty(C, x.dtype)
     gbeta = np.empty(C, x.dtype)
     _bn_bwd(x.size, x3, np.ascontiguousarray(gy, x.dtype).reshape(x3.shape),
@@ -202,12 +203,12 @@ def batchnorm_backward(x, gy, gamma, mean, invstd):
     return gx, ggamma, gbeta
 
 
-def batchnorm_infer(x, gamma, beta, running_mean, running_var, eps=1e-5):
+def batchnorm_infer(x, gamma, beta, running_mean, running_var, eps=1e-5, out=None):
     x, x3 = _as3(x)
     C = x3.shape[1]
     invstd = 1.0 / np.sqrt(np.asarray(running_var, np.float64) + eps)
     a = (_vec(gamma, C, np.float64, 1) * invstd)
-    y = np.empty_like(x)
+    y = out_array(out, x.shape, x.dtype)
     _affine(x.size, x3, _vec(running_mean, C, x.dtype, 0), a.astype(x.dtype), _vec(beta, C, x.dtype, 0),
             y.reshape(x3.shape))
     return y

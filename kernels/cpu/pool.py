@@ -7,7 +7,7 @@ import numpy as np
 from numba import prange
 
 from ..geometry import pool_geom as _geom, pool_out_size  # noqa: F401 (re-exported)
-from . import U, as_float, kernel, njit, pair
+from . import U, as_float, kernel, njit, out_array, pair
 
 
 
@@ -143,20 +143,21 @@ def _planes(a):
     return a, a.reshape(-1, a.shape[-2], a.shape[-1])
 
 
-def maxpool2d(x, kernel_size, stride=None, pad=0, ceil_mode=False):
+def maxpool2d(x, kernel_size, stride=None, pad=0, ceil_mode=False, out=None):
     """(y, switches): switches are int32 flat indices ih*W+iw within each input plane
-    (half of int64's memory: the stem's switches are saved through the whole step)."""
+    (half of int64's memory: the stem's switches are saved through the whole step).
+    out: an array of y's shape to write y into."""
     x, x3 = _planes(x)
     k, s, p, OH, OW = _geom(x.shape, kernel_size, stride, pad, ceil_mode)
-    y = np.empty(x.shape[:2] + (OH, OW), x.dtype)
+    y = out_array(out, x.shape[:2] + (OH, OW), x.dtype)
     idx = np.empty(y.shape, np.int32)
     _max_fwd(x.size, x3, y.reshape(-1, OH, OW), idx.reshape(-1, OH, OW), *k, *s, *p)
     return y, idx
 
 
-def maxpool2d_backward(gy, switches, xshape):
+def maxpool2d_backward(gy, switches, xshape, out=None):
     gy = as_float(gy)
-    gx = np.zeros(xshape, gy.dtype)
+    gx = out_array(out, xshape, gy.dtype, zero=True)
     P = xshape[0] * xshape[1]
     _switch(gy.size, gy.reshape(P, -1), switches.reshape(P, -1), gx.reshape(P, -1), 0)
     return gx

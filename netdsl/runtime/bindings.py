@@ -25,9 +25,17 @@ DTYPES = {"f16": np.float16, "f32": np.float32, "f64": np.float64, "i32": np.int
 
 
 def registrar(table: dict):
-    """A decorator `@kernel(op, ...)` that binds a function to operator names in `table`."""
-    def kernel(*names):
+    """A decorator `@kernel(op, ...)` that binds a function to operator names in `table`.
+    What it returns, for the workspace planner (arena.py):
+      writes="into": it takes `out` ({output index: array}) and writes those outputs there,
+        allocating only the ones not given;
+      writes="new": new arrays, never an input or a view of one;
+      writes="views" (the default, the safe assumption): maybe an input or a view of one."""
+    def kernel(*names, writes="views"):
+        assert writes in ("into", "new", "views")
+
         def wrap(fn):
+            fn.writes = writes
             for n in names:
                 table[n] = fn
             return fn
@@ -36,6 +44,11 @@ def registrar(table: dict):
 
 
 # ---- helpers
+
+def _into(out, j, name) -> dict:
+    """{name: out[j]} when the executor gave output j a buffer (CPU workspace), else {}."""
+    return {name: out[j]} if out and j in out else {}
+
 
 def _param(n, st, role):
     p = n.params.get(role)
@@ -121,28 +134,28 @@ def register(table: dict, K, target: str) -> None:
 
     # ---- convolution and linear
 
-    @kernel("conv")
-    def conv(n, x, st):
+    @kernel("conv", writes="into")
+    def conv(n, x, st, out=None):
         a = n.attrs
         return [K.conv2d(x[0], _param(n, st, "weight"), _param(n, st, "bias"), a["s"], a["p"], a["d"],
-                         a["groups"])]
+                         a["groups"], **_into(out, 0, "out"))]
 
-    @kernel("conv_grad")
-    def conv_grad(n, x, st):
+    @kernel("conv_grad", writes="into")
+    def conv_grad(n, x, st, out=None):
         (gy,), (xin,), _, _ = _grads_for(n, x)
         a = n.attrs
         gx, gw, gb = K.conv2d_backward(xin, _param(n.fwd, st, "weight"), gy, a["s"], a["p"], a["d"], a["groups"],
                                        need_gx=_wants(n, 0), need_gb="bias" in n.fwd.params,
-                                       **_grad_out(n, st, "weight"))
+                                       **_grad_out(n, st, "weight"), **_into(out, 0, "gx_out"))
         return _outs(n, {0: gx}, {"weight": gw, "bias": gb})
 
-    @kernel("conv_transpose")
+    @kernel("conv_transpose", writes="new")
     def conv_transpose(n, x, st):
         a = n.attrs
         return [K.conv_transpose2d(x[0], _param(n, st, "weight"), _param(n, st, "bias"), a["s"], a["p"],
                                    a["output_padding"], a["d"], a["groups"])]
 
-    @kernel("conv_transpose_grad")
+    @kernel("conv_transpose_grad", writes="new")
     def conv_transpose_grad(n, x, st):
         (gy,), (xin,), _, _ = _grads_for(n, x)
         a = n.attrs
@@ -151,12 +164,12 @@ def register(table: dict, K, target: str) -> None:
                                                  need_gb="bias" in n.fwd.params)
         return _outs(n, {0: gx}, {"weight": gw, "bias": gb})
 
-    @kernel("linear")
+    @kernel("linear", writes="new")
     def linear(n, x, st):
         y = K.linear(_rows(x[0]), _param(n, st, "weight"), _param(n, st, "bias"))
         return [y.reshape(tuple(x[0].shape)[:-1] + (y.shape[1],))]
 
-    @kernel("linear_grad")
+    @kernel("linear_grad", writes="new")
     def linear_grad(n, x, st):
         (gy,), (xin,), _, _ = _grads_for(n, x)
         gx, gw, gb = K.linear_backward(_rows(xin), _param(n.fwd, st, "weight"), _rows(gy), need_gx=_wants(n, 0),
@@ -165,34 +178,36 @@ def register(table: dict, K, target: str) -> None:
 
     # ---- normalisation and dropout
 
-    @kernel("bn")
-    def bn(n, x, st):
+    @kernel("bn", writes="into")
+    def bn(n, x, st, out=None):
         a = n.attrs
         g, b = _param(n, st, "weight"), _param(n, st, "bias")
         rm, rv = _param(n, st, "running_mean"), _param(n, st, "running_var")
+        y = _into(out, 0, "out")
         if not st.train:
-            return [K.batchnorm_infer(x[0], g, b, rm, rv, a["eps"])]
-        if n.fwd is not None:   # a replay in the backward (autodiff.recompute)
-            return [K.batchnorm_apply(x[0], g, b, *st.saved[id(n.fwd)])]
-        y, mean, invstd = K.batchnorm_train(x[0], g, b, rm, rv, a["momentum"], a["eps"])
+            return [K.batchnorm_infer(x[0], g, b, rm, rv, a["eps"], **y)]
+        if n.fwd is not None:   # a replay in the backward (autodiff._recompute)
+            return [K.batchnorm_apply(x[0], g, b, *st.saved[id(n.fwd)], **y)]
+        y, mean, invstd = K.batchnorm_train(x[0], g, b, rm, rv, a["momentum"], a["eps"], **y)
         st.saved[id(n)] = (mean, invstd)
         return [y]
 
-    @kernel("bn_grad")
-    def bn_grad(n, x, st):
+    @kernel("bn_grad", writes="into")
+    def bn_grad(n, x, st, out=None):
         (gy,), (xin,), _, _ = _grads_for(n, x)
         mean, invstd = st.saved[id(n.fwd)]
-        gx, gg, gb = K.batchnorm_backward(xin, gy, _param(n.fwd, st, "weight"), mean, invstd)
+        gx, gg, gb = K.batchnorm_backward(xin, gy, _param(n.fwd, st, "weight"), mean, invstd,
+                                          **(_into(out, 0, "gx_out") if _wants(n, 0) else {}))
         return _outs(n, {0: gx}, {"weight": gg, "bias": gb})
 
-    @kernel("lrn")
+    @kernel("lrn", writes="new")
     def lrn(n, x, st):
         a = n.attrs
         y, scale = K.local_response_norm(x[0], a["size"], a["alpha"], a["beta"], a["k"])
         st.saved[id(n)] = scale
         return [y]
 
-    @kernel("lrn_grad")
+    @kernel("lrn_grad", writes="new")
     def lrn_grad(n, x, st):
         (gy,), (xin,), _, _ = _grads_for(n, x)
         a = n.attrs
@@ -214,66 +229,67 @@ def register(table: dict, K, target: str) -> None:
 
     # ---- pooling and upsampling
 
-    @kernel("maxpool")
-    def maxpool(n, x, st):
+    @kernel("maxpool", writes="into")
+    def maxpool(n, x, st, out=None):
         a = n.attrs
-        y, sw = K.maxpool2d(x[0], a["k"], a["s"], a["p"], a["ceil"])
+        y, sw = K.maxpool2d(x[0], a["k"], a["s"], a["p"], a["ceil"], **_into(out, 0, "out"))
         st.saved[id(n)] = sw
         if not a["switches"]:
             return [y]
         return [y, sw if sw.dtype == np.int64 else sw.astype(np.int64)]    # declared i64
 
-    @kernel("maxpool_grad")
-    def maxpool_grad(n, x, st):
+    @kernel("maxpool_grad", writes="into")
+    def maxpool_grad(n, x, st, out=None):
         a = n.attrs
-        return [K.maxpool2d_backward(x[0], st.saved[id(n.fwd)], x[1].shape, a["k"], a["s"], a["p"], a["ceil"])]
+        return [K.maxpool2d_backward(x[0], st.saved[id(n.fwd)], x[1].shape, a["k"], a["s"], a["p"], a["ceil"],
+                                     **_into(out, 0, "out"))]
 
-    @kernel("avgpool")
+    @kernel("avgpool", writes="new")
     def avgpool(n, x, st):
         a = n.attrs
         return [K.avgpool2d(x[0], a["k"], a["s"], a["p"], a["ceil"])]
 
-    @kernel("avgpool_grad")
+    @kernel("avgpool_grad", writes="new")
     def avgpool_grad(n, x, st):
         a = n.attrs
         return [K.avgpool2d_backward(x[0], x[1].shape, a["k"], a["s"], a["p"], a["ceil"])]
 
-    @kernel("global_avgpool")
+    @kernel("global_avgpool", writes="new")
     def global_avgpool(n, x, st):
         return [K.global_avgpool2d(x[0])]
 
-    @kernel("global_avgpool_grad")
+    @kernel("global_avgpool_grad", writes="new")
     def global_avgpool_grad(n, x, st):
         return [K.global_avgpool2d_backward(x[0], x[1].shape)]
 
-    @kernel("global_maxpool")
+    @kernel("global_maxpool", writes="new")
     def global_maxpool(n, x, st):
         y, sw = K.global_maxpool2d(x[0])
         st.saved[id(n)] = sw
         return [y]
 
-    @kernel("global_maxpool_grad")
+    @kernel("global_maxpool_grad", writes="new")
     def global_maxpool_grad(n, x, st):
         shape = x[1].shape
         return [K.maxpool2d_backward(x[0], st.saved[id(n.fwd)], shape, shape[2:], 1, 0)]
 
-    @kernel("max_unpool")
+    @kernel("max_unpool", writes="new")
     def max_unpool(n, x, st):
         a = n.attrs
         return [K.max_unpool2d(x[0], x[1], a["k"], a["s"], a["p"])]
 
-    @kernel("max_unpool_grad")
+    @kernel("max_unpool_grad", writes="new")
     def max_unpool_grad(n, x, st):
         return [K.max_unpool2d_backward(x[0], x[2])]
 
-    @kernel("upsample")
+    @kernel("upsample", writes="new")
     def upsample(n, x, st):
         s = n.attrs["scale"]
         if n.attrs["mode"] == "nearest":
             return [K.upsample_nearest2d(x[0], s)]
         return [K.upsample_bilinear2d(x[0], scale_factor=float(s))]
 
-    @kernel("upsample_grad")
+    @kernel("upsample_grad", writes="new")
     def upsample_grad(n, x, st):
         s = n.attrs["scale"]
         if n.attrs["mode"] == "nearest":
@@ -285,14 +301,14 @@ def register(table: dict, K, target: str) -> None:
     point = {"l2": (K.mse_loss, K.mse_loss_backward), "smooth_l1": (K.smooth_l1_loss, K.smooth_l1_loss_backward),
              "bce": (K.bce_with_logits, K.bce_with_logits_backward)}
 
-    @kernel("l2", "smooth_l1", "bce")
+    @kernel("l2", "smooth_l1", "bce", writes="new")
     def point_loss(n, x, st):
         if len(x) > 2:
             raise NetdslError(f"{n.op} with a weight input is not supported by the {target} runtime yet", n.pos)
         extra = {"beta": n.attrs["beta"]} if n.op == "smooth_l1" else {}
         return [point[n.op][0](x[0], x[1], **extra).reshape(())]
 
-    @kernel("l2_grad", "smooth_l1_grad", "bce_grad")
+    @kernel("l2_grad", "smooth_l1_grad", "bce_grad", writes="new")
     def point_loss_grad(n, x, st):
         k = n.attrs["ngrads"]
         gl, pred, target_ = x[0], x[k], x[k + 1]
@@ -306,12 +322,12 @@ def register(table: dict, K, target: str) -> None:
     def reshape(n, x, st):
         return [x[0].reshape(_dims(n.outputs[0].shape, st))]
 
-    @kernel("zeros")
+    @kernel("zeros", writes="new")
     def zeros(n, x, st):
         dt = n.outputs[0].dtype
         return [K.zeros(st.shape_of(n.outputs[0]), st.dtype if dt.startswith("f") else DTYPES[dt])]
 
-    @kernel("fill")
+    @kernel("fill", writes="new")
     def fill(n, x, st):
         return [K.full(st.shape_of(n.outputs[0]), n.attrs["value"], st.dtype)]
 

@@ -38,8 +38,8 @@ class _Kernels:
         return K.maxpool2d(x, x.shape[2:], 1, 0)
 
     @staticmethod
-    def maxpool2d_backward(gy, switches, xshape, kernel_size=None, stride=None, pad=0, ceil_mode=False):
-        return K.maxpool2d_backward(gy, switches, xshape)   # (the switches alone locate the maxima)
+    def maxpool2d_backward(gy, switches, xshape, kernel_size=None, stride=None, pad=0, ceil_mode=False, out=None):
+        return K.maxpool2d_backward(gy, switches, xshape, out)   # (the switches alone locate the maxima)
 
 
 register(KERNELS, _Kernels(), "CPU")
@@ -47,7 +47,7 @@ register(KERNELS, _Kernels(), "CPU")
 
 # ---- upsampling
 
-@kernel("bed_of_nails")
+@kernel("bed_of_nails", writes="new")
 def bed_of_nails(n, x, st):
     s = n.attrs["scale"]
     N, C, H, W = x[0].shape
@@ -74,7 +74,7 @@ def _ce_2d(logits, labels):
     return logits, labels, None
 
 
-@kernel("cross_entropy")
+@kernel("cross_entropy", writes="new")
 def cross_entropy(n, x, st):
     z, y, _ = _ce_2d(x[0], x[1])
     loss, probs = K.softmax_cross_entropy(z, y, n.attrs["ignore_index"])
@@ -82,7 +82,7 @@ def cross_entropy(n, x, st):
     return [np.asarray(loss)]
 
 
-@kernel("cross_entropy_grad")
+@kernel("cross_entropy_grad", writes="new")
 def cross_entropy_grad(n, x, st):
     gl, logits, labels = x[0], x[1], x[2]
     _, y, nhwc = _ce_2d(logits, labels)
@@ -99,7 +99,7 @@ def transpose(n, x, st):
     return [np.ascontiguousarray(x[0].transpose(n.attrs["perm"]))]
 
 
-@kernel("concat")
+@kernel("concat", writes="new")
 def concat(n, x, st):
     return [np.concatenate(x, axis=n.attrs["axis"])]
 
@@ -116,7 +116,7 @@ def slice_(n, x, st):
     return [np.ascontiguousarray(x[0][_index(n)])]
 
 
-@kernel("slice_grad")
+@kernel("slice_grad", writes="new")
 def slice_grad(n, x, st):
     g = np.zeros(st.shape_of(n.outputs[0]), x[0].dtype)
     g[_index(n.fwd)] = x[0]
@@ -135,7 +135,7 @@ def sum_to(n, x, st):
 
 # softmax-family and reductions are small in the CNN classics; numpy is enough here
 
-@kernel("softmax", "log_softmax")
+@kernel("softmax", "log_softmax", writes="new")
 def softmax(n, x, st):
     ax = n.attrs["axis"]
     z = x[0] - x[0].max(axis=ax, keepdims=True)
@@ -145,7 +145,7 @@ def softmax(n, x, st):
     return [y]
 
 
-@kernel("softmax_grad", "log_softmax_grad")
+@kernel("softmax_grad", "log_softmax_grad", writes="new")
 def softmax_grad(n, x, st):
     gy, y, ax = x[0], st.saved[id(n.fwd)], n.attrs["axis"]
     if n.fwd.op == "softmax":
@@ -153,25 +153,25 @@ def softmax_grad(n, x, st):
     return [gy - np.exp(y) * gy.sum(axis=ax, keepdims=True)]
 
 
-@kernel("sum", "mean")
+@kernel("sum", "mean", writes="new")
 def reduce(n, x, st):
     f = np.sum if n.op == "sum" else np.mean
     return [np.ascontiguousarray(f(x[0], axis=n.attrs["axis"]))]
 
 
-@kernel("sum_grad", "mean_grad")
+@kernel("sum_grad", "mean_grad", writes="new")
 def reduce_grad(n, x, st):
     gy, xin, ax = x[0], x[1], n.attrs["axis"] % x[1].ndim
     scale = 1.0 if n.fwd.op == "sum" else 1.0 / xin.shape[ax]
     return [np.ascontiguousarray(np.broadcast_to(np.expand_dims(gy * gy.dtype.type(scale), ax), xin.shape))]
 
 
-@kernel("embedding")
+@kernel("embedding", writes="new")
 def embedding(n, x, st):
     return [_param(n, st, "weight")[x[0]]]
 
 
-@kernel("embedding_grad")
+@kernel("embedding_grad", writes="new")
 def embedding_grad(n, x, st):
     gy, ids = x[0], x[1]
     w = _param(n.fwd, st, "weight")
@@ -180,12 +180,12 @@ def embedding_grad(n, x, st):
     return [gw]
 
 
-@kernel("one_hot")
+@kernel("one_hot", writes="new")
 def one_hot(n, x, st):
     return [np.eye(n.attrs["classes"], dtype=np.float32)[x[0]]]
 
 
-@kernel("pad")
+@kernel("pad", writes="new")
 def pad(n, x, st):
     a = n.attrs
     widths = [(0, 0)] * x[0].ndim

@@ -3,20 +3,25 @@
 Hand-written kernels come from `runtime/cpu.py` or `runtime/cuda.py` (same operator
 names, same signature); elementwise steps (single nodes or fused groups) become one
 generated kernel each (`netdsl.kernels.codegen`, rendered for the target). Values are
-released after their last use, as the plan says. On CUDA every value is a device array.
+released after their last use, as the plan says; on the CPU, kernels that can write
+into given buffers get them from the model's workspace at the offsets of `arena.layout`.
+On CUDA every value is a device array.
 """
 from __future__ import annotations
 
+import math
 import os
 import time
 import zlib
 
 import numpy as np
 
+from ..arena import Layout, Workspace, layout
 from ..errors import NetdslError
 from ..ir.dims import subs
 from ..ir.graph import Value
 from ..plan import Plan, Step, plan
+from .bindings import DTYPES
 from .fused import FusedStep
 
 
@@ -64,9 +69,12 @@ class Target:
 
 
 class Program:
-    def __init__(self, nodes, keep: list[Value], dims: dict, fuse: bool = True, target: str = "cpu"):
+    def __init__(self, nodes, keep: list[Value], dims: dict, fuse: bool = True, target: str = "cpu",
+                 workspace: Workspace | None = None):
         # norm heads/tails in fused kernels need the target's batch statistics (CPU for now)
         self.plan: Plan = plan(nodes, keep, dims, fuse, norms=target == "cpu")
+        self.workspace = workspace if target == "cpu" else None
+        self.layout: Layout | None = None
         self.kernels: dict[int, object] = {}
         self.profile: dict | None = {} if os.environ.get("NETDSL_PROFILE") else None   # seconds per op
         self.target = Target(target)
@@ -82,13 +90,23 @@ class Program:
         params = st.params
         prof = self.profile
         table, download, sync = self.target.table, self.target.download, self.target.sync
+        into, buf = {}, None
+        if self.workspace is not None:
+            if self.layout is None:
+                self.layout = layout(self.plan, lambda s: "into" if s.fused else table[s.nodes[0].op].writes,
+                                     lambda v: self._size(v, st))
+            buf = self.workspace.get(self.layout.size)
         for s, free in zip(self.plan.steps, self.plan.free_after):
             ins = [params[v.param] if v.param is not None else env[id(v)] for v in s.inputs]
+            if buf is not None:
+                into = self.layout.views(buf, s, lambda v: (st.shape_of(v), self._dtype(v, st)))
             if prof is not None:
                 sync()     # a device runs asynchronously: time each step to its end
             t0 = time.perf_counter() if prof is not None else 0.0
             if s.fused:
-                outs = self._elementwise(s, ins, st, env)
+                outs = self._elementwise(s, ins, st, env, into)
+            elif into:
+                outs = table[s.nodes[0].op](s.nodes[0], ins, st, out=into)
             else:
                 outs = table[s.nodes[0].op](s.nodes[0], ins, st)
             if prof is not None:
@@ -106,13 +124,23 @@ class Program:
     def first_nonfinite(self, st: RunState, feeds):
         return self.run(st, feeds, check=True).get("nonfinite")
 
+    @staticmethod
+    def _dtype(v: Value, st):
+        return st.dtype if v.dtype.startswith("f") else DTYPES[v.dtype]
+
+    def _size(self, v: Value, st) -> int:
+        """Bytes of v in this run (0: a dtype with no workspace slot)."""
+        return math.prod(st.shape_of(v)) * np.dtype(self._dtype(v, st)).itemsize if v.dtype in DTYPES else 0
+
     # ---- elementwise steps
 
-    def _elementwise(self, s: Step, ins, st, env):
+    def _elementwise(self, s: Step, ins, st, env, into: dict):
         k = self.kernels.get(id(s))
         if k is None:
             k = self.kernels[id(s)] = FusedStep(s, ins, self.target)
-        return k(ins, st, out=self._inplace(s, ins, env, st) if s.inplace and self.target.name == "cpu" else None)
+        if s.inplace and self.target.name == "cpu":
+            into = {**into, **self._inplace(s, ins, env, st)}
+        return k(ins, st, out=into or None)
 
     @staticmethod
     def _inplace(s: Step, ins, env, st) -> dict:

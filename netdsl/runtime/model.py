@@ -7,6 +7,7 @@ from collections.abc import Mapping
 import numpy as np
 
 from .. import autodiff
+from ..arena import Workspace
 from ..errors import NetdslError
 from ..ir.dims import Sym, fmt_shape
 from ..ir.graph import Graph, Value
@@ -21,8 +22,9 @@ class Model:
         """dtype=np.float64 runs every float tensor in double precision (gradient checks).
         device="cuda" keeps parameters (and everything computed) in device memory:
         `params` and gradients are then device arrays; `host_params()` copies them down.
-        fuse=False runs every node as its own kernel and recomputes nothing in the backward
-        (the planner's optimisations off: the reference they are tested against)."""
+        fuse=False runs every node as its own kernel, recomputes nothing in the backward and
+        allocates every intermediate (the planner's optimisations off: the reference they are
+        tested against)."""
         self.g = graph
         self.dtype = np.dtype(dtype)
         self.device = device
@@ -36,6 +38,8 @@ class Model:
         self.seed, self.fuse = seed, fuse
         self._tg = None
         self._programs: dict = {}
+        # the programs' intermediates at planned offsets (arena.py; CPU, with the planner's optimisations)
+        self._workspace = Workspace() if fuse else None
         self.step = 0
 
     def _adopt(self, params: dict):
@@ -112,7 +116,7 @@ class Model:
                 keep = [self.g.outputs[n] for n in want if n in self.g.outputs] + \
                        [l.value for l in self.g.losses if l.name in want]
                 nodes = _needed(self.g, keep)
-            self._programs[key] = Program(nodes, keep, dims, self.fuse, self.device)
+            self._programs[key] = Program(nodes, keep, dims, self.fuse, self.device, self._workspace)
         return self._programs[key]
 
     def infer(self, feeds: dict, want=None) -> dict[str, np.ndarray]:
