@@ -11,6 +11,7 @@ the lowest offset clear of every placed value alive at any of the same steps.
 """
 from __future__ import annotations
 
+import mmap
 from dataclasses import dataclass
 
 import numpy as np
@@ -36,6 +37,13 @@ class Layout:
         return out
 
 
+def pages(nbytes: int) -> np.ndarray:
+    """nbytes of fresh anonymous memory, mapped apart from malloc's heap (where a large
+    block's hole, once freed, is left for whatever comes next) and unmapped when the
+    last view of it dies; only the pages written count as resident."""
+    return np.frombuffer(mmap.mmap(-1, max(nbytes, 1)), np.uint8)
+
+
 class Workspace:
     """The buffer a model's programs lay their values out in, one program at a time:
     kept from step to step (as a caching allocator keeps its blocks), grown to the
@@ -47,7 +55,7 @@ class Workspace:
     def get(self, size: int) -> np.ndarray:
         if self.buf.size < size:
             self.buf = np.empty(0, np.uint8)      # release the old one first
-            self.buf = np.empty(size, np.uint8)
+            self.buf = pages(size)
         return self.buf
 
 

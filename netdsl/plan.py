@@ -153,6 +153,8 @@ def explain(p: Plan) -> str:
         lines.append(f"  {s.nodes[-1].path}: {s.name}")
     inpl = [s for s in p.steps if s.inplace]
     lines.append(f"in place     {len(inpl)} steps write into a dying input")
+    again = [n for s in p.steps for n in s.nodes if n.path.endswith(".recompute")]
+    lines.append(f"recomputed   {len(again)} forward nodes replayed in the backward instead of kept (remat.py)")
     lines.append(f"peak memory  {p.peak_naive / 2**20:.1f} MiB with every intermediate kept; "
                  f"{p.peak_planned / 2**20:.1f} MiB planned")
     return "\n".join(lines)

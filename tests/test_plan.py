@@ -1,8 +1,11 @@
 """The planner's fusion, liveness and in-place decisions, checked against an unfused run."""
+import json
+import re
+
 import numpy as np
 import pytest
 
-from helpers import compile_spec, compile_text
+from helpers import cli, compile_spec, compile_text
 from netdsl.autodiff import build
 from netdsl.plan import plan
 from netdsl.runtime.model import Model
@@ -35,6 +38,19 @@ def test_norm_and_relu_outputs_are_recomputed_in_the_backward_not_kept():
     assert order.index("layer1.0.relu1.recompute") == order.index("layer1.0.conv2.conv_grad") - 1
     p0, p1 = (plan(t.nodes, t.keep(), {"N": 8}) for t in (kept, again))
     assert p1.peak_planned < 0.75 * p0.peak_planned       # 183 -> 127 MiB at 224x224
+
+
+def test_compile_explain_reports_the_plan():
+    r = cli("compile", "specs/resnet18.net", "--explain", "--batch", "8")
+    assert r.returncode == 0, r.stderr
+    assert "relu'0+bn_grad" in r.stdout
+    assert int(re.search(r"recomputed\s+(\d+) forward nodes", r.stdout).group(1)) >= 19
+    unplanned, planned = map(float, re.search(r"([\d.]+) MiB with every intermediate kept; ([\d.]+) MiB planned",
+                                              r.stdout).groups())
+    assert planned < unplanned / 2
+    j = json.loads(cli("compile", "specs/resnet18.net", "--explain", "--json", "--batch", "8").stdout)["plan"]
+    assert {"conv1", "bn1", "relu1", "layer4.1.relu1"} <= set(j["recomputed"])
+    assert j["peak_bytes_planned"] == pytest.approx(planned * 2**20, rel=1e-3)
 
 
 VIEW_SPEC = """

@@ -38,7 +38,7 @@ _xxgemm = types.ExternalFunction("numba_xxgemm", types.intc(
 # the columns well inside a core's 2 MiB L2; the per-thread buffers are workspace at the
 # step's peak memory (1024/512 -> 256/128: ~10 MiB less).
 # Per-tap GEMMs (K = KW*C) only pay off on images of >= TAPS_MIN pixels.
-ROWS, ROWS_BWD = 128, 128
+ROWS, ROWS_BWD = 256, 128
 TAPS_MIN = 256
 # 1x1 layers (NCHW GEMMs, no im2col): pixels per GEMM.
 ROWS1 = 256
