@@ -16,9 +16,7 @@ import threading
 
 import numpy as np
 
-from netdsl.arena import pages
-
-ALIGN = 64
+from netdsl.arena import ALIGN, pages
 
 
 class Scratch(threading.local):       # one stack per thread that calls kernels
