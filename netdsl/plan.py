@@ -12,6 +12,9 @@ from .ir.dims import product, subs
 from .ir.graph import Node, Value
 from .ops import OPS
 
+# path suffix of a forward node replayed in the backward (remat.py)
+REPLAY = ".recompute"
+
 BYTES = {"f16": 2, "f32": 4, "f64": 8, "i32": 4, "i64": 8, "bool": 1}
 
 
@@ -144,6 +147,11 @@ def _liveness(steps: list[Step], keep_ids: set, dims: dict) -> Plan:
     return Plan(steps, free, naive, peak, dims)
 
 
+def replays(p: Plan) -> list[Node]:
+    """The forward nodes the plan's backward replays (remat.py), as their replay nodes."""
+    return [n for s in p.steps for n in s.nodes if n.path.endswith(REPLAY)]
+
+
 def explain(p: Plan) -> str:
     lines = []
     fused = [s for s in p.steps if len(s.nodes) > 1]
@@ -153,7 +161,7 @@ def explain(p: Plan) -> str:
         lines.append(f"  {s.nodes[-1].path}: {s.name}")
     inpl = [s for s in p.steps if s.inplace]
     lines.append(f"in place     {len(inpl)} steps write into a dying input")
-    again = [n for s in p.steps for n in s.nodes if n.path.endswith(".recompute")]
+    again = replays(p)
     lines.append(f"recomputed   {len(again)} forward nodes replayed in the backward instead of kept (remat.py)")
     lines.append(f"peak memory  {p.peak_naive / 2**20:.1f} MiB with every intermediate kept; "
                  f"{p.peak_planned / 2**20:.1f} MiB planned")

@@ -17,7 +17,7 @@ is no longer kept, so nothing is recomputed from a recomputed value of its own k
 from __future__ import annotations
 
 from .ir.graph import Node, Value
-from .plan import is_elementwise
+from .plan import REPLAY, is_elementwise
 
 
 def recompute(forward: list[Node], backward: list[Node], keep: set[int]) -> list[Node]:
@@ -42,7 +42,7 @@ def recompute(forward: list[Node], backward: list[Node], keep: set[int]) -> list
         clones = []
         for m in chain:
             c = Node(m.op, [made.get(id(u), u) if u is not None else None for u in m.inputs], m.attrs,
-                     f"{m.path}.recompute", m.pos, m.frames, params=m.params, macs=m.macs, fwd=m)
+                     m.path + REPLAY, m.pos, m.frames, params=m.params, macs=m.macs, fwd=m)
             c.outputs = [Value(o.shape, o.dtype, c, o.index, pos=o.pos) for o in m.outputs]
             made.update((id(o), co) for o, co in zip(m.outputs, c.outputs))
             clones.append(c)

@@ -141,9 +141,10 @@ def explain(g: Graph, batch: int | None) -> str:
 
 
 def plan_json(g: Graph, batch: int | None) -> dict:
+    from .plan import replays
     tg, p, n = _plan(g, batch)
     return {"batch": n, "backward_nodes": len(tg.nodes) - tg.n_forward, "steps": len(p.steps),
             "fused": [{"at": s.nodes[-1].path, "ops": s.name} for s in p.steps if len(s.nodes) > 1],
             "inplace_steps": sum(1 for s in p.steps if s.inplace),
-            "recomputed": [n.fwd.path for s in p.steps for n in s.nodes if n.path.endswith(".recompute")],
+            "recomputed": [n.fwd.path for n in replays(p)],
             "peak_bytes_unplanned": p.peak_naive, "peak_bytes_planned": p.peak_planned}

@@ -148,7 +148,7 @@ def _fwd(x, wt, b, y, KH, KW, OH, OW, sh, sw, ph, pw, dh, dw, B, R, T, nt, xps, 
     kh, K = KH // nt, CKK // nt     # im2col taps per row, and their columns
     ext = (nt - 1) * dh             # extra input rows of a band
     yf, wf = y.reshape(-1), wt.reshape(-1)
-    # per-thread buffers (_buffers): xps[T, B, H+2ph, W+2pw, C] zeroed,
+    # per-thread buffers (_Geom.buffers): xps[T, B, H+2ph, W+2pw, C] zeroed,
     # colbufs[T, B*(R+ext)*OW*K], outfs[T, B*R*OW*Og]
     # work items are (group of B images, band of R rows): threads split the bands too,
     # so a batch smaller than the thread count still uses every thread

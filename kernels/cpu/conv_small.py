@@ -5,11 +5,11 @@ kernel tap, over only the pixels where that tap lands inside the image.
 With a 3x3 kernel and padding 1, a 1x1 image sees only the centre tap and a 2x2 image
 16 of its 36 pixel-tap pairs: im2col's columns there are 8/9 and 5/9 zeros, and a GEMM
 multiplies them all. Here tap t gathers its (image, pixel) rows straight from NCHW,
-multiplies them by that tap's weight slice w[:, :, kh, kw] and adds the products back. The threads split GEMM columns (output channels forward and
-for the weight gradient, input channels for the data gradient), so no two threads write
-the same element and nothing needs a per-thread partial; each thread repacks the
-weights of its share one tap at a time, so no full repacked copy of the weight (or of
-its gradient) ever exists.
+multiplies them by that tap's weight slice w[:, :, kh, kw] and adds the products back.
+The threads split GEMM columns (output channels forward and for the weight gradient,
+input channels for the data gradient), so no two threads write the same element and
+nothing needs a per-thread partial; each thread repacks the weights of its share one
+tap at a time, so no full repacked copy of the weight (or of its gradient) ever exists.
 """
 import functools
 

@@ -10,7 +10,6 @@ from ..pointwise import BCE_LOGITS, MSE, SMOOTH_L1, point_loss
 from . import as_float, kernel, njit
 
 
-
 # ---------------------------------------------------------------- softmax CE
 
 def _softmax_ce(z, labels, ignore, probs, rowloss):

@@ -10,8 +10,6 @@ from ..geometry import pool_geom as _geom, pool_out_size  # noqa: F401 (re-expor
 from . import U, as_float, kernel, njit, out_array, pair
 
 
-
-
 @njit
 def _window(o, s, p, k, n):
     """Clipped input window [a, b) of output o, and its length within the padded input."""

@@ -186,7 +186,7 @@ def register(table: dict, K, target: str) -> None:
         y = _into(out, 0, "out")
         if not st.train:
             return [K.batchnorm_infer(x[0], g, b, rm, rv, a["eps"], **y)]
-        if n.fwd is not None:   # a replay in the backward (autodiff._recompute)
+        if n.fwd is not None:   # a replay in the backward (remat.py)
             return [K.batchnorm_apply(x[0], g, b, *st.saved[id(n.fwd)], **y)]
         y, mean, invstd = K.batchnorm_train(x[0], g, b, rm, rv, a["momentum"], a["eps"], **y)
         st.saved[id(n)] = (mean, invstd)

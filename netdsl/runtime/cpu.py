@@ -28,7 +28,6 @@ class _Kernels:
     zeros = staticmethod(np.zeros)
     full = staticmethod(np.full)
 
-
     @staticmethod
     def conv_transpose2d_backward(*args, need_gb=True, **kw):
         return K.conv_transpose2d_backward(*args, **kw)

@@ -90,16 +90,10 @@ class Program:
         params = st.params
         prof = self.profile
         table, download, sync = self.target.table, self.target.download, self.target.sync
-        into, buf = {}, None
-        if self.workspace is not None:
-            if self.layout is None:
-                self.layout = layout(self.plan, lambda s: "into" if s.fused else table[s.nodes[0].op].writes,
-                                     lambda v: self._size(v, st))
-            buf = self.workspace.get(self.layout.size)
-        for s, free in zip(self.plan.steps, self.plan.free_after):
+        views = self._workspace_views(st, table) if self.workspace is not None else None
+        for i, (s, free) in enumerate(zip(self.plan.steps, self.plan.free_after)):
             ins = [params[v.param] if v.param is not None else env[id(v)] for v in s.inputs]
-            if buf is not None:
-                into = self.layout.views(buf, s, lambda v: (st.shape_of(v), self._dtype(v, st)))
+            into = views[i] if views is not None else {}
             if prof is not None:
                 sync()     # a device runs asynchronously: time each step to its end
             t0 = time.perf_counter() if prof is not None else 0.0
@@ -123,6 +117,15 @@ class Program:
 
     def first_nonfinite(self, st: RunState, feeds):
         return self.run(st, feeds, check=True).get("nonfinite")
+
+    def _workspace_views(self, st, table) -> list[dict]:
+        """Per step, the workspace arrays its kernel writes into: laid out on the first
+        run, made again only when the model's workspace buffer has grown."""
+        if self.layout is None:
+            self.layout = layout(self.plan, lambda s: "into" if s.fused else table[s.nodes[0].op].writes,
+                                 lambda v: self._size(v, st))
+        return self.workspace.views(self, self.layout.size, lambda buf: self.layout.views(
+            buf, self.plan.steps, lambda v: (st.shape_of(v), self._dtype(v, st))))
 
     @staticmethod
     def _dtype(v: Value, st):

@@ -112,7 +112,7 @@ class FusedStep:
         x = ins[self.s.inputs.index(n.inputs[0])]
         p = {r: st.params[q.name] for r, q in n.params.items()}
         C = x.shape[1]
-        if st.train and n.fwd is not None:   # a replay in the backward (autodiff._recompute)
+        if st.train and n.fwd is not None:   # a replay in the backward (remat.py)
             mean, invstd = st.saved[id(n.fwd)]
         elif st.train:
             mean, invstd = K.batchnorm_stats(x, p["running_mean"], p["running_var"], n.attrs["momentum"],
