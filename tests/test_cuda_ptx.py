@@ -55,6 +55,22 @@ def test_gemm_keeps_its_tiles_in_shared_memory(found):
     assert found["gemm_shared"] and found["gemm_bar"]
 
 
+def test_compiles_under_numpy_without_row_stack():
+    """NumPy 2.5 removed np.row_stack, which numba-cuda 0.30 overloads: on the GPU machine
+    (numpy 2.5.2) every kernel failed to compile until netdsl's alias. Simulated here by
+    deleting the name before netdsl's CUDA kernels are imported."""
+    code = ("import numpy as np\n"
+            "if hasattr(np, 'row_stack'): del np.row_stack\n"
+            "from numba import cuda\n"
+            "import netdsl.kernels.cuda as K\n"
+            "name, fn, kinds = K.REGISTRY[0]\n"
+            "print(name, len(cuda.compile_ptx(fn.py_func, K.signature(kinds, np.float32), cc=(8, 0))[0]))\n")
+    env = {k: v for k, v in os.environ.items() if k != "NUMBA_ENABLE_CUDASIM"}
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
+                       cwd=HERE.parent.parent, timeout=300)
+    assert p.returncode == 0, p.stderr[-2000:]
+
+
 # -- the subprocess side
 
 def _f64(ptx):

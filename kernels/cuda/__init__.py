@@ -22,6 +22,12 @@ import os
 import numpy as np
 from numba import cuda
 
+if not hasattr(np, "row_stack"):
+    # numba-cuda (<= 0.30.4, the newest) registers an overload of np.row_stack, which
+    # NumPy 2.5 removed: without the alias every kernel's first compile or cache load
+    # fails with an AttributeError. Seen on the GPU machine's numpy 2.5.2.
+    np.row_stack = np.vstack
+
 # Threads per block of flat grid-stride kernels. The simulator runs every thread
 # as a Python thread, so it gets small blocks (the loops are grid-stride: any
 # block size computes the same thing).
