@@ -11,7 +11,8 @@ Prints, for ResNet-18 at 32x32, batch 64, one SGD (momentum) training step:
   for netdsl the parallel variants of its kernels, which Numba loads on the first input
   big enough for them (~2 MiB of code);
 and the start-up of ResNet-50 with a warm kernel cache: process start to the end of
-its first training step (batch 1, 224x224), with a breakdown.
+its first training step (batch 1, 224x224, forward and backward), with a breakdown,
+beside PyTorch's for the same path.
 Each measurement runs in a fresh subprocess so that one framework's allocator and
 threads do not disturb the other's; BENCH_ROUNDS (3) interleaved rounds of the three,
 each the median of BENCH_STEPS (9) steps, give a median and a best per framework.
@@ -152,6 +153,25 @@ def run_startup() -> dict:
             "next_step": t_next - t_step}
 
 
+def run_startup_torch() -> dict:
+    """The same path in PyTorch, for comparison: import, the reference ResNet-50 (weights
+    drawn by its initialisers), one forward and backward at batch 1."""
+    t0 = float(os.environ["BENCH_T0"])
+    import torch
+    t_import = time.time()
+    sys.path.insert(0, os.path.join(ROOT, "tests"))
+    from reference.resnet import Bottleneck, ResNet
+    net = ResNet(Bottleneck, [3, 4, 6, 3], 1000)
+    t_build = time.time()
+    x, y = torch.zeros(1, 3, 224, 224), torch.zeros(1, dtype=torch.int64)
+    torch.nn.functional.cross_entropy(net(x), y).backward()
+    t_step = time.time()
+    torch.nn.functional.cross_entropy(net(x), y).backward()
+    t_next = time.time()
+    return {"import": t_import - t0, "build": t_build - t_import, "first_step": t_step - t_build,
+            "total": t_step - t0, "next_step": t_next - t_step}
+
+
 def sub(mode: str, *args) -> dict:
     env = dict(os.environ, BENCH_T0=repr(time.time()))
     out = subprocess.run([sys.executable, __file__, mode, *map(str, args)], capture_output=True, text=True,
@@ -201,10 +221,15 @@ def main():
     print(f"  netdsl's planner: {mib(nd['planned_peak']):.1f} MiB of activations and gradients planned, "
           f"{mib(nd['unplanned_peak']):.1f} MiB if every intermediate were kept")
     sub("startup")                       # warm the kernel cache
-    st = sorted((sub("startup") for _ in range(ROUNDS)), key=lambda r: r["total"])[ROUNDS // 2]
     print(f"ResNet-50 start-up with a warm kernel cache (process start -> first training step done, batch 1; "
-          f"the median of {ROUNDS} runs):")
-    print("  " + ", ".join(f"{k} {v:.2f} s" for k, v in st.items()))
+          f"the median of {ROUNDS} interleaved runs):")
+    runs = {"netdsl": [], "torch": []}
+    for _ in range(ROUNDS):
+        runs["netdsl"].append(sub("startup"))
+        runs["torch"].append(sub("startup_torch"))
+    for k, v in runs.items():
+        st = sorted(v, key=lambda r: r["total"])[ROUNDS // 2]
+        print(f"  {k:7s} " + ", ".join(f"{k} {v:.2f} s" for k, v in st.items()))
 
 
 if __name__ == "__main__":
@@ -212,7 +237,7 @@ if __name__ == "__main__":
         mode = sys.argv[1]
         res = {"netdsl": lambda: run_netdsl(int(sys.argv[2])),
                "torch": lambda: run_torch(int(sys.argv[2]), sys.argv[3] == "1"),
-               "startup": run_startup}[mode]()
+               "startup": run_startup, "startup_torch": run_startup_torch}[mode]()
         print(json.dumps(res))
     else:
         main()

@@ -1,4 +1,5 @@
 """netdsl.kernels.cpu against PyTorch (float32) and finite differences (float64)."""
+import numba
 import numpy as np
 import pytest
 
@@ -466,22 +467,29 @@ def test_transposed_conv_of_a_small_image_matches_torch():
     close(gw, wt.grad)
 
 
-@pytest.mark.parametrize("xshape,wshape,s,p", [
-    ((1, 16, 20, 20), (24, 16, 3, 3), 1, 1),      # im2col bands split across threads
-    ((1, 32, 18, 18), (16, 32, 3, 3), 1, 1),      # per-tap bands (K = KW*C >= 64)
-    ((1, 16, 21, 21), (24, 16, 3, 3), 2, 1),      # strided: with gx, one thread per image
-    ((3, 16, 20, 20), (24, 16, 3, 3), 1, 1),      # more images than threads
+@pytest.mark.parametrize("xshape,wshape,s,p,groups", [
+    ((1, 16, 20, 20), (24, 16, 3, 3), 1, 1, 1),      # gx as a forward conv, gw over row bands
+    ((1, 32, 18, 18), (16, 32, 3, 3), 1, 1, 1),      # per-tap bands (K = KW*C >= 64)
+    ((1, 16, 21, 21), (24, 16, 3, 3), 2, 1, 1),      # strided: with gx, one thread per image
+    ((3, 16, 20, 20), (24, 16, 3, 3), 1, 1, 1),      # more images than threads
+    ((1, 17, 20, 20), (25, 17, 1, 1), 1, 0, 1),      # 1x1: channel slices per thread (odd counts)
+    ((1, 32, 41, 41), (48, 32, 1, 1), 2, 0, 1),      # 1x1 strided: slices of the picked columns
+    ((1, 32, 20, 20), (24, 16, 1, 1), 1, 0, 2),      # 1x1 in two groups
 ])
-def test_conv_with_fewer_images_than_threads_matches_torch(xshape, wshape, s, p):
+def test_conv_with_fewer_images_than_threads_matches_torch(xshape, wshape, s, p, groups):
+    from netdsl.kernels.cpu import conv as C
+    g = C._Geom(xshape, wshape, s, p, 1, groups)
+    if g.pointwise and numba.get_num_threads() > 1:     # the case under test: channel slices
+        assert g.split1(C._fwd1)[3] > 1 and g.split1(C._bwd1)[3] > 1
     rng = np.random.default_rng(5)
     x, w = rng.standard_normal(xshape).astype(np.float32), rng.standard_normal(wshape).astype(np.float32)
     b = rng.standard_normal(wshape[0]).astype(np.float32)
     xt, wt = torch.tensor(x, requires_grad=True), torch.tensor(w, requires_grad=True)
-    yt = F.conv2d(xt, wt, torch.tensor(b), s, p)
-    close(K.conv2d(x, w, b, s, p), yt)
+    yt = F.conv2d(xt, wt, torch.tensor(b), s, p, 1, groups)
+    close(K.conv2d(x, w, b, s, p, 1, groups), yt)
     gy = rng.standard_normal(yt.shape).astype(np.float32)
     yt.backward(torch.tensor(gy))
-    gx, gw, _ = K.conv2d_backward(x, w, gy, s, p)
+    gx, gw, _ = K.conv2d_backward(x, w, gy, s, p, 1, groups)
     close(gx, xt.grad)
     close(gw, wt.grad)
-    close(K.conv2d_backward(x, w, gy, s, p, need_gx=False)[1], wt.grad)   # band items: another sum order
+    close(K.conv2d_backward(x, w, gy, s, p, 1, groups, need_gx=False)[1], wt.grad)   # band items: another sum order

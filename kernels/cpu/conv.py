@@ -257,29 +257,35 @@ def _pick(x, n0, nb, c0, Cg, sh, sw, OH, OW, cols, to_cols):
                         xf[u(s + ow * sw)] = cf[u(d + ow)]
 
 
-def _fwd1(x, w, b, y, sh, sw, OH, OW, B, T, colss, outfs):
+def _fwd1(x, w, b, y, sh, sw, OH, OW, B, S, T, colss, outfs):
     """1x1 conv, pad 0, in NCHW: y[n, g] = w[g] @ x[n, g, ::sh, ::sw] (w[G, O/G, C/G]).
-    Stride 1 with B = 1 needs no copy at all: the GEMM reads x and writes y in place."""
+    Stride 1 with B = 1 needs no copy at all: the GEMM reads x and writes y in place.
+    Work items are (group of B images, slice s < S of the output channels): S > 1 when
+    there are fewer images than threads (then B = 1), so batch 1 uses every thread."""
     N, C, H, W = x.shape
     G, Og, Cg = w.shape
     L = OH * OW
     direct = sh == 1 and sw == 1 and B == 1
     yf, wf, xf = y.reshape(-1), w.reshape(-1), x.reshape(-1)
+    items = -(-N // B) * S
     # per-thread buffers: colss[T, Cg*B*L] (none if direct), outfs[T, Og*B*L] (none if B == 1)
     for t in prange(T):
         cols, outf = colss[t], outfs[t]
-        n_lo, n_hi = t * N // T, (t + 1) * N // T
-        for n0 in range(n_lo, n_hi, B):
-            nb = min(B, n_hi - n0)
+        for it in range(t * items // T, (t + 1) * items // T):
+            n0, s = it // S * B, it % S
+            nb = min(B, N - n0)
+            o0, o1 = s * Og // S, (s + 1) * Og // S
             for g in range(G):
                 yo = (n0 * G + g) * Og * L
                 if direct:
-                    _gemm(Og, L, Cg, wf[g * Og * Cg:], Cg, N_, xf[(n0 * C + g * Cg) * H * W:], L, N_, yf[yo:], 0.0)
+                    _gemm(o1 - o0, L, Cg, wf[(g * Og + o0) * Cg:], Cg, N_, xf[(n0 * C + g * Cg) * H * W:], L, N_,
+                          yf[yo + o0 * L:], 0.0)
                 else:
                     _pick(x, n0, nb, g * Cg, Cg, sh, sw, OH, OW, cols, True)
-                    _gemm(Og, nb * L, Cg, wf[g * Og * Cg:], Cg, N_, cols, nb * L, N_, yf[yo:] if nb == 1 else outf, 0.0)
+                    _gemm(o1 - o0, nb * L, Cg, wf[(g * Og + o0) * Cg:], Cg, N_, cols, nb * L, N_,
+                          yf[yo + o0 * L:] if nb == 1 else outf[o0 * nb * L:], 0.0)
                 for bi in range(nb):
-                    for o in range(Og):
+                    for o in range(o0, o1):
                         d = ((n0 + bi) * G + g) * Og * L + o * L
                         if nb == 1:
                             _run(yf, d, yf, d, L, 1, b[g * Og + o])
@@ -288,9 +294,10 @@ def _fwd1(x, w, b, y, sh, sw, OH, OW, B, T, colss, outfs):
     return y
 
 
-def _bwd1(x, w, gy, gx, gw, H, W, sh, sw, OH, OW, B, T, need_gx, need_gw, colss, gybs):
+def _bwd1(x, w, gy, gx, gw, H, W, sh, sw, OH, OW, B, S, T, need_gx, need_gw, colss, gybs):
     """Backward of _fwd1: gw[t, g] += gy[n, g] @ cols^T, gx[n, g, ::sh, ::sw] = w[g]^T @ gy[n, g]
-    (gx pre-zeroed when strided). One image: gy is read in place, no copy."""
+    (gx pre-zeroed when strided). One image: gy is read in place, no copy. Items as in
+    _fwd1: slice s takes rows s/S of gw (output channels) and of gx (input channels)."""
     N = gy.shape[0]
     G, Og, Cg = w.shape
     C, O = G * Cg, G * Og
@@ -298,34 +305,38 @@ def _bwd1(x, w, gy, gx, gw, H, W, sh, sw, OH, OW, B, T, need_gx, need_gw, colss,
     direct = sh == 1 and sw == 1 and B == 1
     gyf, wf, gxf = gy.reshape(-1), w.reshape(-1), gx.reshape(-1)
     zero = gy.dtype.type(0)
+    items = -(-N // B) * S
     # per-thread buffers as in _fwd1 (gybs like outfs)
     for t in prange(T):
         cols, gyb = colss[t], gybs[t]
         gwf = gw[t].reshape(-1)
-        n_lo, n_hi = t * N // T, (t + 1) * N // T
-        for n0 in range(n_lo, n_hi, B):
-            nb = min(B, n_hi - n0)
+        for it in range(t * items // T, (t + 1) * items // T):
+            n0, s = it // S * B, it % S
+            nb = min(B, N - n0)
             P = nb * L
+            o0, o1 = s * Og // S, (s + 1) * Og // S
+            c0, c1 = s * Cg // S, (s + 1) * Cg // S
             for g in range(G):
                 go = (n0 * O + g * Og) * L
-                if nb > 1:
+                if nb > 1:      # (then S == 1)
                     for bi in range(nb):
                         for o in range(Og):
                             _run(gyb, (o * nb + bi) * L, gyf, ((n0 + bi) * O + g * Og + o) * L, L, 1, zero)
                 gya = gyf[go:] if nb == 1 else gyb
                 xo = (n0 * C + g * Cg) * H * W
-                if need_gw:
+                if need_gw and o1 > o0:
                     if direct:
-                        _gemm(Og, Cg, P, gya, P, N_, x.reshape(-1)[xo:], P, T_, gwf[g * Og * Cg:], 1.0)
+                        _gemm(o1 - o0, Cg, P, gya[o0 * P:], P, N_, x.reshape(-1)[xo:], P, T_,
+                              gwf[(g * Og + o0) * Cg:], 1.0)
                     else:
                         _pick(x, n0, nb, g * Cg, Cg, sh, sw, OH, OW, cols, True)
-                        _gemm(Og, Cg, P, gya, P, N_, cols, P, T_, gwf[g * Og * Cg:], 1.0)
-                if need_gx:
+                        _gemm(o1 - o0, Cg, P, gya[o0 * P:], P, N_, cols, P, T_, gwf[(g * Og + o0) * Cg:], 1.0)
+                if need_gx and c1 > c0:
                     if direct:
-                        _gemm(Cg, P, Og, wf[g * Og * Cg:], Cg, T_, gya, P, N_, gxf[xo:], 0.0)
+                        _gemm(c1 - c0, P, Og, wf[g * Og * Cg + c0:], Cg, T_, gya, P, N_, gxf[xo + c0 * P:], 0.0)
                     else:
-                        _gemm(Cg, P, Og, wf[g * Og * Cg:], Cg, T_, gya, P, N_, cols, 0.0)
-                        _pick(gx, n0, nb, g * Cg, Cg, sh, sw, OH, OW, cols, False)
+                        _gemm(c1 - c0, P, Og, wf[g * Og * Cg + c0:], Cg, T_, gya, P, N_, cols[c0 * P:], 0.0)
+                        _pick(gx, n0, nb, g * Cg + c0, c1 - c0, sh, sw, OH, OW, cols[c0 * P:], False)
     return gx
 
 
@@ -351,8 +362,6 @@ class _Geom(ConvShape):
         fn, threads = k.pick(self.work)
         T = max(1, min(threads, self.N))
         ohw = self.OH * self.OW
-        if self.pointwise:
-            return fn, T, min(-(-ROWS1 // ohw), -(-self.N // T)), self.OH, 1
         rows = ROWS_BWD if k is _bwd else ROWS
         if self.s[0] == 1 and self.KH > 1 and ohw >= TAPS_MIN and self.KW * self.C // self.G >= 64:
             B, R, nt = 1, max(1, rows // self.OW), self.KH
@@ -364,13 +373,26 @@ class _Geom(ConvShape):
             T = max(1, min(threads, -(-self.N // B) * -(-self.OH // R)))
         return fn, T, B, R, nt
 
+    def split1(self, k):
+        """(kernel, T, B, S) for _fwd1 / _bwd1: GEMMs of B images (about ROWS1 pixels);
+        with fewer images than threads, S slices of each image's channels instead."""
+        fn, threads = k.pick(self.work)
+        if self.N < threads:
+            S = -(-threads // self.N)
+            return fn, threads, 1, S
+        T = max(1, min(threads, self.N))
+        return fn, T, min(-(-ROWS1 // (self.OH * self.OW)), -(-self.N // T)), 1
+
     def args(self):
         return (self.KH, self.KW, self.OH, self.OW, *self.s, *self.p, *self.d)
 
     def gx_as_conv(self) -> bool:
         """Whether the data gradient runs as a forward conv (see _backward): stride 1,
-        padding at most the kernel's reach, images of at most 4x4 (on 8x8 it was no faster)."""
-        return (self.s == (1, 1) and self.KH * self.KW > 1 and self.OH * self.OW <= 16
+        padding at most the kernel's reach, and images of at most 4x4 (on 8x8 it was no
+        faster) or fewer images than threads (_bwd gives each thread whole images; the
+        forward conv and a weight-gradient-only pass split the row bands)."""
+        return (self.s == (1, 1) and self.KH * self.KW > 1
+                and (self.OH * self.OW <= 16 or self.N < _bwd.pick(self.work)[1])
                 and all(p <= d * (k - 1) for p, d, k in zip(self.p, self.d, (self.KH, self.KW))))
 
     def w5(self, w):
@@ -424,8 +446,8 @@ def conv2d(x, w, b=None, stride=1, pad=0, dilation=1, groups=1, out=None):
         if conv_small.usable(g):
             conv_small.forward(x, w, b, g, y, s)
         elif g.pointwise:
-            fn, T, B, R, nt = g.split(_fwd1)
-            fn(x, w.reshape(g.G, g.O // g.G, -1), b, y, *g.s, g.OH, g.OW, B, T, *g.buffers1(s, B, T, x.dtype))
+            fn, T, B, S = g.split1(_fwd1)
+            fn(x, w.reshape(g.G, g.O // g.G, -1), b, y, *g.s, g.OH, g.OW, B, S, T, *g.buffers1(s, B, T, x.dtype))
         else:
             fn, T, B, R, nt = g.split(_fwd)
             xps, _, cols, outs = g.buffers(s, B, R, T, nt, x.dtype, True, False)
@@ -446,12 +468,12 @@ def _backward_in(x, xshape, w, gy, g, need_gx, need_gw, gw_out, gx_out, s):
     gy = np.ascontiguousarray(gy, dtype=w.dtype).reshape(g.N, g.O, g.OH * g.OW)
     Cg = g.C // g.G
     if g.pointwise:
-        fn, T, B, R, nt = g.split(_bwd1)
+        fn, T, B, S = g.split1(_bwd1)
         gx = out_array(gx_out, xshape, w.dtype, zero=g.s != (1, 1)) if need_gx else np.empty((1, 1, 1, 1), w.dtype)
         if not need_gw:
             x = np.zeros((1, 1, 1, 1), w.dtype)
         gwp = s.take((T if need_gw else 1, g.G, g.O // g.G, Cg), w.dtype, zero=True)
-        fn(x, w.reshape(g.G, g.O // g.G, Cg), gy, gx, gwp, g.H, g.W, *g.s, g.OH, g.OW, B, T, need_gx, need_gw,
+        fn(x, w.reshape(g.G, g.O // g.G, Cg), gy, gx, gwp, g.H, g.W, *g.s, g.OH, g.OW, B, S, T, need_gx, need_gw,
            *g.buffers1(s, B, T, w.dtype))
         gw = None
         if need_gw:
