@@ -135,12 +135,68 @@ def _gemm_cases():
     out.append(both("conv_transpose", G.conv_transpose2d(d(x), d(w), d(b), 2, 1, 1), y))
     cg, gg = C.conv_transpose2d_backward(x, w, gy, 2, 1, 1), G.conv_transpose2d_backward(d(x), d(w), d(gy), 2, 1, 1)
     out += [both(f"conv_transpose_g{k}", gg[i], cg[i]) for i, k in enumerate("xwb")]
+    # weight gradients whose K split (image, pixel) has fewer pixels than a K tile: L = 1 and 4
+    for tag, xs, ws, a in (("L1", (3, 4, 3, 3), (5, 4, 3, 3), (1, 0, 1, 1)),
+                           ("L4g2", (2, 4, 4, 4), (6, 2, 3, 3), (2, 1, 1, 2))):
+        x, w = r(*xs), r(*ws)
+        gy = r(*C.conv2d(x, w, None, *a).shape)
+        out.append(both(f"conv_{tag}_gw", G.conv2d_backward(d(x), d(w), d(gy), *a)[1],
+                        C.conv2d_backward(x, w, gy, *a)[1]))
+    out += _gemm_direct_cases(G, r, d)
     # linear, with a K long enough for two K tiles
     x, w, b = r(5, 37), r(7, 37), r(7)
     gy = r(5, 7)
     out.append(both("linear", G.linear(d(x), d(w), d(b)), C.linear(x, w, b)))
     cg, gg = C.linear_backward(x, w, gy), G.linear_backward(d(x), d(w), d(gy))
     out += [both(f"linear_g{k}", gg[i], cg[i]) for i, k in enumerate("xwb")]
+    return out
+
+
+def _gemm_direct_cases(G, r, d):
+    """The GEMM kernel itself, each block tile forced: partial tiles, both load orders
+    (k or m contiguous), batches and groups, bias per row and per column, accumulation,
+    and K split as (k // kdiv, k % kdiv) with kdiv below the K tile, over several slices."""
+    from netdsl.kernels.cuda.gemm import GEMMS, Operand
+
+    def mat(arr, R, K, off, rs, ks, kdiv=0, kbs=0):     # the matrix an Operand describes
+        i, k = np.arange(R)[:, None], np.arange(K)[None, :]
+        kdiv = kdiv or K
+        return arr[off + i * rs + k // kdiv * kbs + k % kdiv * ks].astype(np.float64)
+
+    out = []
+    for bm, bn in GEMMS:
+        # A[M, K] and B[N, K] row-major: k contiguous; M and N one tile and a bit.
+        M, N, K = bm + 3, bn - 5, 21
+        a, b = r(M * K), r(N * K)
+        c = G.empty((M, N), np.float32)
+        G.gemm(Operand(d(a), K, 1), Operand(d(b), K, 1), Operand(c, N, 1), M, N, K, tile=(bm, bn, 1))
+        out.append(both(f"gemm_{bm}x{bn}_kmajor", c, mat(a, M, K, 0, K, 1) @ mat(b, N, K, 0, K, 1).T))
+    # A[K, M] and B[K, N] (m contiguous), Z1 = 2 batches x Z2 = 3 groups, bias per row, then += .
+    M, N, K, Z1, Z2 = 10, 70, 19, 2, 3
+    a, b, bias = r(Z2 * K * M + 1), r(Z1 * Z2 * K * N), r(Z2 * M)
+    want = np.zeros((Z1, Z2, M, N))
+    for z1 in range(Z1):
+        for z2 in range(Z2):
+            want[z1, z2] = mat(a, M, K, 1 + z2 * K * M, 1, M) @ mat(b, N, K, (z1 * Z2 + z2) * K * N, 1, N).T
+    for bm, bn in ((64, 128), (64, 64)):
+        c = G.empty((Z1, Z2, M, N), np.float32)
+        args = (Operand(d(a), 1, M, off=1, z2=K * M), Operand(d(b), 1, N, z1=Z2 * K * N, z2=K * N),
+                Operand(c, N, 1, z1=Z2 * M * N, z2=M * N), M, N, K, Z1, Z2)
+        G.gemm(*args, bias=d(bias), bias_mode=1, bias_z2=M, tile=(bm, bn, 1))
+        out.append(both(f"gemm_{bm}x{bn}_mmajor_batched_bias", c.copy_to_host(), want + bias.reshape(1, Z2, M, 1)))
+        G.gemm(*args, accumulate=True, tile=(bm, bn, 1))
+        out.append(both(f"gemm_{bm}x{bn}_mmajor_batched_acc", c, 2 * want + bias.reshape(1, Z2, M, 1)))
+    # K = (outer, inner) with inner runs of kdiv = 1, 3 or 5 (below the K tile of 8), the
+    # outer stride not kdiv * ks; K sliced over S blocks (atomic accumulation), bias per column.
+    for kdiv, (bm, bn, S) in ((1, (64, 64, 2)), (3, (64, 64, 3)), (5, (128, 128, 2))):
+        M, N, K = 9, 67, 7 * kdiv
+        a, b, bias = r(M * (K // kdiv) * (kdiv + 2)), r(N * K * 2), r(N)
+        A = Operand(d(a), kdiv, 1, kdiv=kdiv, kbs=M * kdiv + 1)       # rows kdiv apart, k-blocks M*kdiv+1
+        B = Operand(d(b), 1, N, kdiv=kdiv, kbs=2 * kdiv * N)          # m contiguous, gaps between k-blocks
+        c = G.empty((M, N), np.float32)
+        G.gemm(A, B, Operand(c, N, 1), M, N, K, bias=d(bias), bias_mode=2, tile=(bm, bn, S))
+        want = mat(a, M, K, 0, kdiv, 1, kdiv, M * kdiv + 1) @ mat(b, N, K, 0, 1, N, kdiv, 2 * kdiv * N).T
+        out.append(both(f"gemm_{bm}x{bn}_kdiv{kdiv}_S{S}", c, want + bias))
     return out
 
 

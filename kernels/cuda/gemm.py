@@ -12,116 +12,232 @@ cols = W[g]^T @ gy[n, g] then col2im, a gather (no atomics); weight gradient
 gW[g] = gy[:, g] @ cols[:, g]^T, split over K across blocks when M x N is too
 small to fill the device (partial products meet by atomic add).
 
-Tiles: a block of 16 x 16 threads computes a 64 x 64 tile of C, each thread a
-4 x 4 register tile (rows ty + 16r, columns tx + 16c, so stores coalesce and
-shared-memory reads do not conflict), stepping through K 16 at a time.
+Tiles: a block of 16 x 16 threads computes a BM x BN tile of C (128 or 64 each:
+one kernel per shape, the host picks by M, N and how many blocks it gets), each
+thread an RM x RN register tile (8 or 4 each) made of 4 x 4 pieces 64 apart: rows
+64a + 4ty + (0..3), columns 64b + 4tx + (0..3), so each piece's operands are one
+16-byte shared load. K goes 8 at a time through two shared buffers: the next tile
+is read from global memory into registers while the current one is multiplied,
+so one barrier per tile suffices. No 64-bit division in the loop: each thread
+loads one k row of the tile and keeps that k's offset as a running sum.
 """
 from __future__ import annotations
 
 import math
+import os
 
 import numpy as np
 from numba import cuda
 
 from . import TPB, device, empty, flat, kernel, launch, pair, zeros
 
-BM = BN = 64
-BK = 16
-TX = TY = 16
-RM = BM // TY   # 4 rows of C per thread
-RN = BN // TX   # 4 columns of C per thread
+BK = 8                 # K per tile
+TX = TY = 16           # threads per block
+LW = 32                # a thread loads elements m, m + LW, ... of its tile row (TX * TY = BK * LW)
+PAD = 4                # shared rows padded by 4 floats: conflict-free tile stores, rows stay 16-byte aligned
+# Shared tiles are 16-byte aligned for _ld4's vector loads (the simulator takes no alignment).
+SIM = os.environ.get("NUMBA_ENABLE_CUDASIM") == "1"
+ALIGN = None if SIM else 16
 COLS_BYTES = 256 << 20   # im2col buffer per call; more images are done in chunks
 
 
-@device
-def _k_addr(k, K, kdiv, ks, kbs):
-    if kdiv >= K:
-        return k * ks
-    return (k // kdiv) * kbs + (k % kdiv) * ks
+if SIM:
+    def _ld4(a, i):
+        return a[i], a[i + 1], a[i + 2], a[i + 3]
+else:
+    from llvmlite import ir
+    from numba import types
+    from numba.cuda.extending import intrinsic
+
+    @intrinsic
+    def _ld4(typingctx, a, i):
+        """a[i:i+4] as one vector load (ld.shared.v4.f32 from a shared array); i*itemsize
+        must be a multiple of 16. LLVM's vectoriser fused only some of these loads."""
+        sig = types.UniTuple(a.dtype, 4)(a, i)
+
+        def codegen(context, builder, sig, args):
+            arr = context.make_array(sig.args[0])(context, builder, args[0])
+            vec = ir.VectorType(context.get_value_type(sig.args[0].dtype), 4)
+            ptr = builder.bitcast(builder.gep(arr.data, [args[1]]), vec.as_pointer())
+            v = builder.load(ptr, align=16)
+            return context.make_tuple(builder, sig.return_type,
+                                      [builder.extract_element(v, ir.Constant(ir.IntType(32), e)) for e in range(4)])
+        return sig, codegen
 
 
-@kernel("aiiiiiii" "aiiiiiii" "aiiiii" "iiiii" "aiii")
-def _gemm(A, a_off, a_rs, a_ks, a_kdiv, a_kbs, a_z1, a_z2,
-          B, b_off, b_ks, b_cs, b_kdiv, b_kbs, b_z1, b_z2,
-          C, c_off, c_rs, c_cs, c_z1, c_z2,
-          M, N, K, Z2, S, bias, bias_mode, bias_z2, mode):
-    """C[z] (=, += or atomically +=) A[z] @ B[z] (+ bias).
+def _make_gemm(BM, BN, name):
+    """The GEMM kernel for one block tile, BM x BN (64 or 128 each)."""
+    RM, RN = BM // TY, BN // TX     # C elements per thread, rows x columns (4 or 8)
+    LA, LB = BM // LW, BN // LW     # elements of the A and B tiles each thread loads per K tile
+    WA, WB = BM + PAD, BN + PAD     # shared row lengths
+    SA, SB = 2 * BK * WA, 2 * BK * WB
 
-    blockIdx.z = (z1 * Z2 + z2) * S + s: z1 a batch, z2 a channel group, s a slice
-    of K (S > 1 only with mode 2). Element (i, k) of A is at
-    a_off + z1*a_z1 + z2*a_z2 + i*a_rs + (k // a_kdiv)*a_kbs + (k % a_kdiv)*a_ks; B and C alike.
-    mode 0: C = AB (+bias); 1: C += AB; 2: atomic C += AB.
-    bias_mode 0: none, 1: bias[z2 * bias_z2 + i] (per row), 2: bias[j] (per column).
-    """
-    T = A.dtype.type
-    As = cuda.shared.array((BK, BM), A.dtype)
-    Bs = cuda.shared.array((BK, BN), A.dtype)
-    acc = cuda.local.array((RM, RN), A.dtype)
-    tx = cuda.threadIdx.x
-    ty = cuda.threadIdx.y
-    tid = ty * TX + tx
-    i0 = cuda.blockIdx.y * BM
-    j0 = cuda.blockIdx.x * BN
-    z = cuda.blockIdx.z
-    zs = z % S
-    z1 = z // S // Z2
-    z2 = z // S % Z2
-    kc = ((K + S - 1) // S + BK - 1) // BK * BK     # K per slice, whole tiles
-    k_lo = zs * kc
-    k_hi = min(K, k_lo + kc)
-    ao = a_off + z1 * a_z1 + z2 * a_z2
-    bo = b_off + z1 * b_z1 + z2 * b_z2
-    co = c_off + z1 * c_z1 + z2 * c_z2
-    for r in range(RM):
-        for c in range(RN):
-            acc[r, c] = T(0)
-    for k0 in range(k_lo, k_hi, BK):
-        for l in range(BM * BK // (TX * TY)):      # A tile, k fastest
-            e = tid + l * TX * TY
-            k = k0 + e % BK
-            i = i0 + e // BK
-            v = T(0)
-            if i < M and k < k_hi:
-                v = A[ao + i * a_rs + _k_addr(k, K, a_kdiv, a_ks, a_kbs)]
-            As[e % BK, e // BK] = v
-        for l in range(BN * BK // (TX * TY)):      # B tile, columns fastest
-            e = tid + l * TX * TY
-            k = k0 + e // BN
-            j = j0 + e % BN
-            v = T(0)
-            if j < N and k < k_hi:
-                v = B[bo + _k_addr(k, K, b_kdiv, b_ks, b_kbs) + j * b_cs]
-            Bs[e // BN, e % BN] = v
-        cuda.syncthreads()
-        for kk in range(BK):
+    def _gemm(A, a_off, a_rs, a_ks, a_kdiv, a_kbs, a_z1, a_z2,
+              B, b_off, b_ks, b_cs, b_kdiv, b_kbs, b_z1, b_z2,
+              C, c_off, c_rs, c_cs, c_z1, c_z2,
+              M, N, K, Z2, S, bias, bias_mode, bias_z2, mode):
+        """C[z] (=, += or atomically +=) A[z] @ B[z] (+ bias).
+
+        blockIdx.z = (z1 * Z2 + z2) * S + s: z1 a batch, z2 a channel group, s a slice
+        of K (S > 1 only with mode 2). Element (i, k) of A is at
+        a_off + z1*a_z1 + z2*a_z2 + i*a_rs + (k // a_kdiv)*a_kbs + (k % a_kdiv)*a_ks; B and C alike.
+        mode 0: C = AB (+bias); 1: C += AB; 2: atomic C += AB.
+        bias_mode 0: none, 1: bias[z2 * bias_z2 + i] (per row), 2: bias[j] (per column).
+        """
+        T = A.dtype.type
+        As = cuda.shared.array(SA, A.dtype, ALIGN)  # [2, BK, WA]: two buffers
+        Bs = cuda.shared.array(SB, A.dtype, ALIGN)
+        acc = cuda.local.array((RM, RN), A.dtype)   # all local arrays are unrolled into registers
+        af = cuda.local.array(RM, A.dtype)
+        bf = cuda.local.array(RN, A.dtype)
+        ra = cuda.local.array(LA, A.dtype)          # the next tile, loaded while this one is used
+        rb = cuda.local.array(LB, A.dtype)
+        tx = cuda.threadIdx.x
+        ty = cuda.threadIdx.y
+        tid = ty * TX + tx
+        i0 = cuda.blockIdx.y * BM
+        j0 = cuda.blockIdx.x * BN
+        z = cuda.blockIdx.z
+        zs = z % S
+        z1 = z // S // Z2
+        z2 = z // S % Z2
+        kc = ((K + S - 1) // S + BK - 1) // BK * BK     # K per slice, whole tiles
+        k_lo = zs * kc
+        k_hi = min(K, k_lo + kc)
+
+        # Tile loads: a thread loads row ta (a k) of the A tile, elements ma + LW*l. The
+        # threads of a warp run along k where k is contiguous in memory, else along m, so
+        # global reads coalesce either way.
+        if a_ks == 1 and a_rs != 1:
+            ta, ma = tid % BK, tid // BK
+        else:
+            ta, ma = tid // LW, tid % LW
+        if b_ks == 1 and b_cs != 1:
+            tb, mb = tid % BK, tid // BK
+        else:
+            tb, mb = tid // LW, tid % LW
+        # The thread's k advances by BK per tile. Its offset along K, split as
+        # (k // kdiv, k % kdiv), is a running sum with k % kdiv beside it: one division
+        # here, then per tile an add and a wrap (a loop: kdiv may be below BK).
+        ka = k_lo + ta
+        kb = k_lo + tb
+        qa = ka // a_kdiv
+        qb = kb // b_kdiv
+        ua = ka - qa * a_kdiv
+        ub = kb - qb * b_kdiv
+        ma += i0
+        mb += j0
+        pa = a_off + z1 * a_z1 + z2 * a_z2 + ma * a_rs + qa * a_kbs + ua * a_ks
+        pb = b_off + z1 * b_z1 + z2 * b_z2 + mb * b_cs + qb * b_kbs + ub * b_ks
+        wa = a_kbs - a_kdiv * a_ks      # offset change when k % kdiv wraps to 0
+        wb = b_kbs - b_kdiv * b_ks
+        sa = LW * a_rs                  # offset between a thread's elements
+        sb = LW * b_cs
+
+        for r in range(RM):
+            for c in range(RN):
+                acc[r, c] = T(0)
+        for l in range(LA):
+            ra[l] = A[pa + l * sa] if ka < k_hi and ma + l * LW < M else T(0)
+        for l in range(LB):
+            rb[l] = B[pb + l * sb] if kb < k_hi and mb + l * LW < N else T(0)
+
+        for t in range((k_hi - k_lo + BK - 1) // BK):
+            p = t % 2
+            for l in range(LA):
+                As[(p * BK + ta) * WA + ma - i0 + l * LW] = ra[l]
+            for l in range(LB):
+                Bs[(p * BK + tb) * WB + mb - j0 + l * LW] = rb[l]
+            # Buffer p is complete; buffer 1 - p was last read before this barrier too.
+            cuda.syncthreads()
+            # Start the next tile's global loads; they land while this tile is multiplied.
+            ka += BK
+            kb += BK
+            ua += BK
+            ub += BK
+            pa += BK * a_ks
+            pb += BK * b_ks
+            while ua >= a_kdiv:
+                ua -= a_kdiv
+                pa += wa
+            while ub >= b_kdiv:
+                ub -= b_kdiv
+                pb += wb
+            for l in range(LA):
+                ra[l] = A[pa + l * sa] if ka < k_hi and ma + l * LW < M else T(0)
+            for l in range(LB):
+                rb[l] = B[pb + l * sb] if kb < k_hi and mb + l * LW < N else T(0)
+            for kk in range(BK):
+                for g in range(RM // 4):
+                    af[4 * g], af[4 * g + 1], af[4 * g + 2], af[4 * g + 3] = \
+                        _ld4(As, (p * BK + kk) * WA + g * 64 + ty * 4)
+                for g in range(RN // 4):
+                    bf[4 * g], bf[4 * g + 1], bf[4 * g + 2], bf[4 * g + 3] = \
+                        _ld4(Bs, (p * BK + kk) * WB + g * 64 + tx * 4)
+                for r in range(RM):
+                    for c in range(RN):
+                        acc[r, c] += af[r] * bf[c]
+
+        # Epilogue. Every loop has constant trips and a small body, so all unroll and acc
+        # stays in registers (one nest holding all three modes was left rolled, acc on the stack).
+        if zs == 0 and bias_mode != 0:
             for r in range(RM):
-                a = As[kk, ty + TY * r]
+                i = min(i0 + r // 4 * 64 + ty * 4 + r % 4, M - 1)
                 for c in range(RN):
-                    acc[r, c] += a * Bs[kk, tx + TX * c]
-        cuda.syncthreads()
-    for r in range(RM):
-        i = i0 + ty + TY * r
-        for c in range(RN):
-            j = j0 + tx + TX * c
-            if i < M and j < N:
-                v = acc[r, c]
-                if zs == 0:
-                    if bias_mode == 1:
-                        v += bias[z2 * bias_z2 + i]
-                    elif bias_mode == 2:
-                        v += bias[j]
-                p = co + i * c_rs + j * c_cs
-                if mode == 0:
-                    C[p] = v
-                elif mode == 1:
-                    C[p] += v
-                else:
-                    cuda.atomic.add(C, p, v)
+                    j = min(j0 + c // 4 * 64 + tx * 4 + c % 4, N - 1)
+                    acc[r, c] += bias[z2 * bias_z2 + i] if bias_mode == 1 else bias[j]
+        co = c_off + z1 * c_z1 + z2 * c_z2
+        if mode == 0:
+            for r in range(RM):
+                i = i0 + r // 4 * 64 + ty * 4 + r % 4
+                for c in range(RN):
+                    j = j0 + c // 4 * 64 + tx * 4 + c % 4
+                    if i < M and j < N:
+                        C[co + i * c_rs + j * c_cs] = acc[r, c]
+        elif mode == 1:
+            for r in range(RM):
+                i = i0 + r // 4 * 64 + ty * 4 + r % 4
+                for c in range(RN):
+                    j = j0 + c // 4 * 64 + tx * 4 + c % 4
+                    if i < M and j < N:
+                        C[co + i * c_rs + j * c_cs] += acc[r, c]
+        else:
+            for r in range(RM):
+                i = i0 + r // 4 * 64 + ty * 4 + r % 4
+                for c in range(RN):
+                    j = j0 + c // 4 * 64 + tx * 4 + c % 4
+                    if i < M and j < N:
+                        cuda.atomic.add(C, co + i * c_rs + j * c_cs, acc[r, c])
+
+    _gemm.__name__ = _gemm.__qualname__ = name
+    return kernel("aiiiiiii" "aiiiiiii" "aiiiii" "iiiii" "aiii")(_gemm)
 
 
-# Below this many output tiles a product splits K across blocks (about two waves
-# on a 132-SM H100), each slice keeping at least MIN_SLICE of K.
+# One kernel per block tile; "_gemm" is the large one (the PTX test's float64 control).
+GEMMS = {(bm, bn): _make_gemm(bm, bn, "_gemm" if (bm, bn) == (128, 128) else f"_gemm_{bm}x{bn}")
+         for bm in (128, 64) for bn in (128, 64)}
+_gemm = GEMMS[128, 128]
+
+# Below this many blocks a product splits K across blocks (about two waves of
+# 128 x 128 tiles on a 132-SM H100), each slice keeping at least MIN_SLICE of K.
 FILL_BLOCKS, MIN_SLICE = 264, 512
+
+
+def _plan(M, N, K, Z):
+    """(BM, BN, S): the block tile and the number of K slices for a product.
+
+    Tiles are 128 on a side where M or N exceeds 64, else 64 (fewer idle threads);
+    if even with K split that leaves under half of FILL_BLOCKS blocks, 64 x 64
+    tiles make four times as many."""
+    def split(bm, bn):
+        tiles = math.ceil(M / bm) * math.ceil(N / bn) * Z
+        return tiles, max(1, min(math.ceil(FILL_BLOCKS / tiles), K // MIN_SLICE))
+    bm, bn = (128 if M > 64 else 64), (128 if N > 64 else 64)
+    tiles, S = split(bm, bn)
+    if tiles * S < FILL_BLOCKS // 2:
+        bm, bn = 64, 64
+        tiles, S = split(bm, bn)
+    return bm, bn, S
 
 
 class Operand:
@@ -137,12 +253,12 @@ class Operand:
 
 
 def gemm(a: Operand, b: Operand, c: Operand, M, N, K, Z1=1, Z2=1, bias=None, bias_mode=0, bias_z2=0,
-         accumulate=False):
+         accumulate=False, tile=None):
     """c = a @ b (+ bias), or c += a @ b; batched over Z1 x Z2. For b, `rs` is the
     column stride and `ks` the K stride. Slicing K across blocks needs c zeroed
-    first when not accumulating; that is done here (c must then be its whole array)."""
-    tiles = math.ceil(M / BM) * math.ceil(N / BN) * Z1 * Z2
-    S = max(1, min(math.ceil(FILL_BLOCKS / tiles), K // MIN_SLICE))
+    first when not accumulating; that is done here (c must then be its whole array).
+    `tile` = (BM, BN, S) overrides the plan (tests)."""
+    BM, BN, S = tile or _plan(M, N, K, Z1 * Z2)
     mode = 1 if accumulate else 0
     if S > 1:
         if not accumulate:
@@ -153,8 +269,8 @@ def gemm(a: Operand, b: Operand, c: Operand, M, N, K, Z1=1, Z2=1, bias=None, bia
     aa = a.args(K)
     bb = (b.arr, b.off, b.ks, b.rs, b.kdiv or K, b.kbs, b.z1, b.z2)
     grid = (math.ceil(N / BN), math.ceil(M / BM), Z1 * Z2 * S)
-    _gemm[grid, (TX, TY)](*aa, *bb, c.arr, c.off, c.rs, c.ks, c.z1, c.z2,
-                          M, N, K, Z2, S, flat(bias), bias_mode, bias_z2, mode)
+    GEMMS[BM, BN][grid, (TX, TY)](*aa, *bb, c.arr, c.off, c.rs, c.ks, c.z1, c.z2,
+                                  M, N, K, Z2, S, flat(bias), bias_mode, bias_z2, mode)
 
 
 @kernel("a")
