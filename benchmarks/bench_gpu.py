@@ -12,8 +12,9 @@ family (one extra step with NETDSL_PROFILE=1: the executor synchronises around
 every step, so the families add up to a little more than a plain step).
 
 Each framework runs in its own process so one's allocator cannot hold memory for the
-other. netdsl's peak is the device's used memory sampled after every step, minus what
-was in use before the model was built (Numba frees lazily, so this is an upper bound),
+other. netdsl's peak is the device's used memory sampled after every step and after every
+op of the profiled step, minus what was in use before the model was built (Numba frees
+lazily, so this is an upper bound; sampled after steps alone it missed the activations),
 beside `runtime.cuda.device_memory`, the planner's figure. torch's is
 `max_memory_allocated`. --tiny: small sizes, torch on the CPU (a dry run under the
 CUDA simulator, NUMBA_ENABLE_CUDASIM=1).
@@ -103,7 +104,14 @@ def run_netdsl(name) -> dict:
         times.append(time.perf_counter() - t)
     prog = next(iter(m._programs.values()))
     prog.profile = {}
+    sync = prog.target.sync
+
+    def sync_and_sample():      # the profiled step syncs around every op: sample there too
+        sync()
+        used.append(total - ctx.get_memory_info()[0])
+    prog.target.sync = sync_and_sample
     step()
+    prog.target.sync = sync
     fams: dict[str, float] = {}
     for op, sec in prog.profile.items():
         fams[family(op)] = fams.get(family(op), 0.0) + sec
