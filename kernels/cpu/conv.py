@@ -297,7 +297,8 @@ def _fwd1(x, w, b, y, sh, sw, OH, OW, B, S, T, colss, outfs):
 def _bwd1(x, w, gy, gx, gw, H, W, sh, sw, OH, OW, B, S, T, need_gx, need_gw, colss, gybs):
     """Backward of _fwd1: gw[t, g] += gy[n, g] @ cols^T, gx[n, g, ::sh, ::sw] = w[g]^T @ gy[n, g]
     (gx pre-zeroed when strided). One image: gy is read in place, no copy. Items as in
-    _fwd1: slice s takes rows s/S of gw (output channels) and of gx (input channels)."""
+    _fwd1: slice s takes rows s/S of gw (output channels) and of gx (input channels);
+    gw may hold one array for all threads (then each slice's items must stay on one thread)."""
     N = gy.shape[0]
     G, Og, Cg = w.shape
     C, O = G * Cg, G * Og
@@ -309,7 +310,7 @@ def _bwd1(x, w, gy, gx, gw, H, W, sh, sw, OH, OW, B, S, T, need_gx, need_gw, col
     # per-thread buffers as in _fwd1 (gybs like outfs)
     for t in prange(T):
         cols, gyb = colss[t], gybs[t]
-        gwf = gw[t].reshape(-1)
+        gwf = gw[min(np.int64(t), gw.shape[0] - 1)].reshape(-1)    # one shared gw: disjoint rows
         for it in range(t * items // T, (t + 1) * items // T):
             n0, s = it // S * B, it % S
             nb = min(B, N - n0)
@@ -472,13 +473,20 @@ def _backward_in(x, xshape, w, gy, g, need_gx, need_gw, gw_out, gx_out, s):
         gx = out_array(gx_out, xshape, w.dtype, zero=g.s != (1, 1)) if need_gx else np.empty((1, 1, 1, 1), w.dtype)
         if not need_gw:
             x = np.zeros((1, 1, 1, 1), w.dtype)
-        gwp = s.take((T if need_gw else 1, g.G, g.O // g.G, Cg), w.dtype, zero=True)
-        fn(x, w.reshape(g.G, g.O // g.G, Cg), gy, gx, gwp, g.H, g.W, *g.s, g.OH, g.OW, B, S, T, need_gx, need_gw,
+        part = (g.G, g.O // g.G, Cg)
+        gw = (np.empty(w.shape, w.dtype) if gw_out is None else gw_out) if need_gw else None
+        # one image in S slices: the threads write disjoint rows of gw, so straight into it
+        # (per-thread partials of ResNet-50's 2048x512 layers cost more than their GEMMs)
+        shared = need_gw and S > 1 and g.N == 1
+        if shared:
+            gwp = gw.reshape(1, *part)
+            gwp.fill(0)
+        else:
+            gwp = s.take((T if need_gw else 1, *part), w.dtype, zero=True)
+        fn(x, w.reshape(part), gy, gx, gwp, g.H, g.W, *g.s, g.OH, g.OW, B, S, T, need_gx, need_gw,
            *g.buffers1(s, B, T, w.dtype))
-        gw = None
-        if need_gw:
-            gw = np.empty(w.shape, w.dtype) if gw_out is None else gw_out
-            np.sum(gwp, axis=0, out=gw.reshape(gwp.shape[1:]))
+        if need_gw and not shared:
+            np.sum(gwp, axis=0, out=gw.reshape(part))
         return (gx if need_gx else None), gw
     if need_gx and g.gx_as_conv():
         # gx is the correlation of gy with the flipped, transposed kernel: a forward conv
