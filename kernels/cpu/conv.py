@@ -107,21 +107,24 @@ def _im2col(xp, cols, nb, c0, Cg, oh0, noh, OW, KH, KW, sh, sw, dh, dw, to_cols)
     xf, cf = xp.reshape(-1), cols.reshape(-1)
     CKK = KH * KW * Cg
     u = np.uint64
+    # With dilation 1 and one group, a row's KW taps are adjacent in xp as in cols: one
+    # run of KW*C per row instead of KW runs of C (the RGB stem's runs of 3: ~2x faster)
+    runs, run = (1, KW * Cg) if dw * C == Cg else (KW, Cg)
     for b in range(nb):
         for oh in range(noh):
             for ow in range(OW):
                 d = ((b * noh + oh) * OW + ow) * CKK
                 for ki in range(KH):
                     s = ((b * Hp + (oh0 + oh) * sh + ki * dh) * Wp + ow * sw) * C + c0
-                    for kj in range(KW):
+                    for kj in range(runs):
                         if to_cols:
-                            for i in range(Cg):
+                            for i in range(run):
                                 cf[u(d + i)] = xf[u(s + i)]
                         else:
-                            for i in range(Cg):
+                            for i in range(run):
                                 xf[u(s + i)] += cf[u(d + i)]
                         s += dw * C
-                        d += Cg
+                        d += run
 
 
 @njit
