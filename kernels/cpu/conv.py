@@ -2,9 +2,11 @@
 
 Threads (prange) split the work into blocks of B images x R output rows (the
 forward, and a backward without gx, split the row bands of an image too; with gx a
-thread takes whole images) and, per block:
+thread takes whole images, so with fewer images than threads a stride-1 backward
+runs gx as a forward conv and gw as a band-split pass) and, per block:
   1. copies the B images into a zero-bordered NHWC buffer, so that every
-     im2col run is a contiguous copy of C floats with no bounds checks;
+     im2col run is a contiguous copy (of KW*C floats with dilation 1 and one
+     group, else of C) with no bounds checks;
   2. builds cols[P, KH*KW*C], one row per output pixel (P = B*R*OW);
   3. runs serial sgemm cols @ Wt[KH*KW*C, O] -> out[P, O]. The pixel count
      is GEMM's long M dimension: OpenBLAS ran this ~2x faster than the
@@ -17,7 +19,8 @@ gradient columns gy^T @ W into a padded NHWC buffer (col2im) for gx.
 1x1 layers with no padding (ResNet shortcuts) skip all of that: in NCHW they are
 plain GEMMs w @ x[n] (_fwd1/_bwd1). Stride 1 reads x and writes y in place; a
 strided one gathers only the pixels it samples, where the NHWC copy transposed
-the whole input (1x1 s2 layers ran 2-2.5x faster fwd+bwd this way).
+the whole input (1x1 s2 layers ran 2-2.5x faster fwd+bwd this way). With fewer
+images than threads, the threads split each image's channels instead.
 """
 import numba.np.linalg
 import numpy as np
