@@ -38,22 +38,29 @@ def render(low, dtype) -> str:
             if not low.uses_channel:
                 return [f"for j in {loop}(n):", *indent(["i = U(j)", *low.body, *store])]
             # rows of Q elements share a channel; images x channels as two loops: no
-            # integer division at all (a 1x1 image has rows of one element)
+            # integer division at all. Rows of one element ([N, C] tensors, 1x1 images)
+            # loop over channels alone, which vectorises (a loop of one per channel did not)
             return [f"for p in {loop}(n // (C * Q)):", *indent(
-                ["for c in range(C):", *indent(
-                    ["base = (p * C + c) * Q", "for q in range(Q):",
-                     *indent(["i = U(base + q)", *low.body, *store])])])]
+                ["if Q == 1:", *indent(
+                    ["for c in range(C):", *indent(["i = U(p * C + c)", *low.body, *store])]),
+                 "else:", *indent(
+                    ["for c in range(C):", *indent(
+                        ["base = (p * C + c) * Q", "for q in range(Q):",
+                         *indent(["i = U(base + q)", *low.body, *store])])])])]
         params = ", ".join(["n", "C", "Q", *names, *(p for p, _, _ in full)])
         return "\n".join(lines + _variants("kernel", params, flat))
 
     def rows(loop):
         # One row = Q contiguous elements of one channel; each reduced output
         # gets a per-row partial sum, so rows never write the same location.
-        inner = ["r = U(p * C + c)", *(f"acc{j} = K_ZERO" for j in range(len(red))),
-                 "for q in range(Q):",
-                 *indent(["i = U(r * Q + q)", *row_loop_body(low, full, red)]),
-                 *(f"{o}[r] = acc{j}" for j, (o, _, _) in enumerate(red))]
-        return [f"for p in {loop}(R // C):", *indent(["for c in range(C):", *indent(inner)])]
+        zero = [f"acc{j} = K_ZERO" for j in range(len(red))]
+        store = [f"{o}[r] = acc{j}" for j, (o, _, _) in enumerate(red)]
+        inner = ["r = U(p * C + c)", *zero, "for q in range(Q):",
+                 *indent(["i = U(r * Q + q)", *row_loop_body(low, full, red)]), *store]
+        one = ["r = U(p * C + c)", "i = r", *zero, *row_loop_body(low, full, red), *store]
+        return [f"for p in {loop}(R // C):", *indent(
+            ["if Q == 1:", *indent(["for c in range(C):", *indent(one)]),     # as in flat()
+             "else:", *indent(["for c in range(C):", *indent(inner)])])]
     params = ", ".join(["R", "C", "Q", *names, *(p for p, _, _ in full), *(p for p, _, _ in red)])
     return "\n".join(lines + _variants("kernel", params, rows))
 
@@ -61,11 +68,20 @@ def render(low, dtype) -> str:
 def render_reduce(dtype) -> str:
     """channel_sum(x, P, C, Q, out): out[c] = sum of x viewed as [P, C, Q] over P and Q."""
     def body(loop):
-        return [f"for c in {loop}(C):", *indent(
-            ["acc = K_ZERO", "for p in range(P):",
-             *indent(["base = (p * C + c) * Q", "for q in range(Q):",
-                      "    acc += x[U(base + q)]"]),
-             "out[c] = acc"])]
+        # Q == 1 (the fused kernels' [P, C] partials): sum rows of C into out, threads
+        # taking blocks of channels; a channel at a time read x with a stride of C
+        return ["if Q == 1:", *indent(
+                    ["nb = (C + 63) // 64", f"for b in {loop}(nb):", *indent(
+                        ["c0, c1 = b * 64, min(C, b * 64 + 64)",
+                         "for c in range(c0, c1):", "    out[c] = K_ZERO",
+                         "for p in range(P):", *indent(
+                             ["for c in range(c0, c1):", "    out[c] += x[U(p * C + c)]"])])]),
+                "else:", *indent(
+                    [f"for c in {loop}(C):", *indent(
+                        ["acc = K_ZERO", "for p in range(P):",
+                         *indent(["base = (p * C + c) * Q", "for q in range(Q):",
+                                  "    acc += x[U(base + q)]"]),
+                         "out[c] = acc"])])]
     return "\n".join(header(None, dtype, "cpu") + _variants("channel_sum", "x, P, C, Q, out", body))
 
 
