@@ -14,8 +14,9 @@ and the start-up of ResNet-50 with a warm kernel cache: process start to the end
 its first training step (batch 1, 224x224, forward and backward), with a breakdown,
 beside PyTorch's for the same path.
 Each measurement runs in a fresh subprocess so that one framework's allocator and
-threads do not disturb the other's; BENCH_ROUNDS (3) interleaved rounds of the three,
-each the median of BENCH_STEPS (9) steps, give a median and a best per framework.
+threads do not disturb the other's; BENCH_ROUNDS (5; this machine's slow spells made
+3 too few) interleaved rounds of the three, each the median of BENCH_STEPS (9) steps,
+give a median and a best per framework.
 """
 from __future__ import annotations
 
@@ -29,7 +30,7 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 THREADS = int(os.environ.get("BENCH_THREADS", os.cpu_count() or 2))
 STEPS = int(os.environ.get("BENCH_STEPS", 9))
-ROUNDS = int(os.environ.get("BENCH_ROUNDS", 3))
+ROUNDS = int(os.environ.get("BENCH_ROUNDS", 5))
 
 
 def rss_now() -> int:
