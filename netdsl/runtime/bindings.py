@@ -24,6 +24,12 @@ DTYPES = {"f16": np.float16, "f32": np.float32, "f64": np.float64, "i32": np.int
           "bool": np.bool_}
 
 
+def array_dtype(dtype: str, floats):
+    """The array dtype of a value declared `dtype` in a run computing in `floats`
+    (every float value takes the run's float dtype)."""
+    return floats if dtype.startswith("f") else DTYPES[dtype]
+
+
 def registrar(table: dict):
     """A decorator `@kernel(op, ...)` that binds a function to operator names in `table`.
     What it returns, for the workspace planner (arena.py):
@@ -324,8 +330,7 @@ def register(table: dict, K, target: str) -> None:
 
     @kernel("zeros", writes="new")
     def zeros(n, x, st):
-        dt = n.outputs[0].dtype
-        return [K.zeros(st.shape_of(n.outputs[0]), st.dtype if dt.startswith("f") else DTYPES[dt])]
+        return [K.zeros(st.shape_of(n.outputs[0]), array_dtype(n.outputs[0].dtype, st.dtype))]
 
     @kernel("fill", writes="new")
     def fill(n, x, st):

@@ -12,7 +12,7 @@ import numpy as np
 
 from netdsl.kernels import cpu as K
 
-from .bindings import DTYPES, _dims, _index, _param, register, registrar  # noqa: F401 (DTYPES: runtime/model.py)
+from .bindings import _dims, _index, _param, register, registrar
 
 KERNELS = {}
 kernel = registrar(KERNELS)

@@ -21,7 +21,7 @@ from ..errors import NetdslError
 from ..ir.dims import subs
 from ..ir.graph import Value
 from ..plan import Plan, Step, plan
-from .bindings import DTYPES
+from .bindings import DTYPES, array_dtype
 from .fused import FusedStep
 
 
@@ -129,7 +129,7 @@ class Program:
 
     @staticmethod
     def _dtype(v: Value, st):
-        return st.dtype if v.dtype.startswith("f") else DTYPES[v.dtype]
+        return array_dtype(v.dtype, st.dtype)
 
     def _size(self, v: Value, st) -> int:
         """Bytes of v in this run (0: a dtype with no workspace slot)."""

@@ -11,7 +11,7 @@ from ..arena import Workspace
 from ..errors import NetdslError
 from ..ir.dims import Sym, fmt_shape
 from ..ir.graph import Graph, Value
-from .bindings import DTYPES, GradBuffers
+from .bindings import GradBuffers, array_dtype
 from .executor import Program, RunState, Target
 from .init import init_param
 
@@ -93,7 +93,7 @@ class Model:
                 raise NetdslError(f"the network has no input '{name}'", self.g.pos,
                                   hint="inputs: " + ", ".join(self.g.inputs))
             v = self.g.inputs[name]
-            want = self.dtype if v.dtype.startswith("f") else DTYPES[v.dtype]
+            want = array_dtype(v.dtype, self.dtype)
             arr = np.asarray(arr)
             if arr.ndim != v.rank or not _fits(v, arr.shape, dims):
                 raise NetdslError(f"input '{name}' is declared {v.dtype}{fmt_shape(v.shape)} but the data "
