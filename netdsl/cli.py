@@ -99,16 +99,16 @@ def cmd_ops(args):
 
 
 def cmd_run(args):
-    import numba
+    from .kernels import native
     from .lang.training import TrainCall, check_setting
     from .runtime.train import Trainer
     if args.device == "cuda":
         from .runtime.cuda import require_gpu
         require_gpu()   # no GPU: a clear error before any work
     if args.threads is not None:
-        if not 1 <= args.threads <= numba.config.NUMBA_NUM_THREADS:
-            raise NetdslError(f"--threads must be between 1 and {numba.config.NUMBA_NUM_THREADS}")
-        numba.set_num_threads(args.threads)
+        if not 1 <= args.threads <= native.max_threads():
+            raise NetdslError(f"--threads must be between 1 and {native.max_threads()}")
+        native.set_num_threads(args.threads)
     g = load_graph(args)
     cfg = dict(g.train)
     for flag, key in (("epochs", "epochs"), ("batch", "batch"), ("seed", "seed")):
@@ -141,7 +141,7 @@ def cmd_run(args):
         print("  ".join(f"{k} {v:.4f}" for k, v in t.evaluate().items()))
         return 0
     print(f"training {g.name} on {t.data.name}: {len(t.data.x_train)} train / {len(t.data.x_test)} test, "
-          f"{cfg['epochs']} epochs of batch {cfg['batch']}, {numba.get_num_threads()} threads -> {out}", flush=True)
+          f"{cfg['epochs']} epochs of batch {cfg['batch']}, {native.get_num_threads()} threads -> {out}", flush=True)
     t.fit(progress=not args.no_progress)
     print(f"wrote {out}/metrics.jsonl, {out}/metrics.png, {out}/checkpoint.npz")
     return 0

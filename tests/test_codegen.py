@@ -188,7 +188,7 @@ def test_parallel_variant(name, monkeypatch):
     (want,), want_grads = torch_grads(ref, arrays, gs)
     k = compile_kernel(f)
     close(k(*arrays)[0], want, np.float32)
-    assert k.module.kernel_parallel.signatures    # only this test runs the parallel copy
+    assert k.module.kernel_parallel.keys    # only this test runs the parallel copy
     for got, w in zip(compile_kernel(backward(f))(*arrays, *gs), want_grads):
         close(got, w, np.float32)
 
@@ -211,13 +211,18 @@ def test_bad_geometry_is_reported():
 
 # ---------------------------------------------------------------- float32 stays float32
 
-def core_ir(dispatcher):
-    """LLVM IR of the kernel function itself, without the CPython wrapper (which
-    unboxes scalar arguments through PyFloat_AsDouble)."""
+def core_ir(k, args, monkeypatch):
+    """LLVM IR of kernel k's serial function itself, as called on args, without the
+    CPython wrapper (which unboxes scalar arguments through PyFloat_AsDouble)."""
     import numba   # recompiled uncached, with the same options: cached code has no IR to inspect
-    fresh = numba.njit(**{k: v for k, v in dispatcher.targetoptions.items() if k not in ("cache", "nopython")})(
-        dispatcher.py_func)
-    fresh.compile(dispatcher.signatures[0])
+    calls = []
+    launch = cg.cpu.launch
+    monkeypatch.setattr(cg.cpu, "launch", lambda m, rows, size, a: calls.append(a) or launch(m, rows, size, a))
+    k(*args)
+    monkeypatch.undo()
+    jit = k.module.kernel_serial
+    fresh = numba.njit(**jit.options)(jit.py_func)
+    fresh.compile(tuple(numba.typeof(a) for a in calls[0]))
     (ir,) = fresh.inspect_llvm().values()
     funcs = {re.search(r"@([^\s(]+)\(", f).group(1): f
              for f in re.split(r"^(?=define )", ir, flags=re.M) if f.startswith("define")}
@@ -227,7 +232,7 @@ def core_ir(dispatcher):
     return core[0]
 
 
-def test_no_float64_in_float32_kernels():
+def test_no_float64_in_float32_kernels(monkeypatch):
     """Every op and gradient (all_ops) in float32: no double in the kernel's IR.
     The float64 chain is the control showing the check can see a double."""
     f, arrays, gs = all_ops(np.float32)
@@ -236,7 +241,7 @@ def test_no_float64_in_float32_kernels():
                             (backward(g), garrays + ggs, np.float64)):
         k = compile_kernel(fused, dt)
         assert all(o.dtype == dt for o in k(*args))
-        assert ("double" in core_ir(k.module.kernel_serial)) == (dt == np.float64), fused
+        assert ("double" in core_ir(k, args, monkeypatch)) == (dt == np.float64), fused
 
 
 # ---------------------------------------------------------------- subprocess parts
@@ -274,12 +279,17 @@ def _start_early(background):
 def test_cache_second_process_does_not_recompile(tmp_path):
     env = {"NETDSL_CACHE_DIR": str(tmp_path)}
     cold = result(start_script("cache", env))
+    assert cold["numba"] and cold["misses"] > 0 and cold["hits"] == 0 and cold["native"] == 0
+    # Numba's own cache (the native store switched off)
+    numba_warm = result(start_script("cache", {**env, "NETDSL_NATIVE": "0"}))
+    assert numba_warm["misses"] == 0 and numba_warm["hits"] == cold["misses"] and numba_warm["native"] == 0
+    # the native store: the same kernels, and Numba not even imported
     warm = result(start_script("cache", env))
-    assert cold["misses"] > 0 and cold["hits"] == 0
-    assert warm["misses"] == 0 and warm["hits"] == cold["misses"]
+    assert not warm["numba"] and warm["native"] == cold["misses"] and warm["misses"] == warm["hits"] == 0
     assert list((tmp_path / "kernels").glob("netdsl_cpu_*.py"))
     assert list((tmp_path / "kernels" / "__pycache__").glob("*.nbi"))
-    assert warm["seconds"] < cold["seconds"]
+    assert list((tmp_path / "native").glob("*/index.pkl"))
+    assert warm["seconds"] < numba_warm["seconds"] < cold["seconds"]
 
 
 def test_cuda_simulator_matches_cpu(background):
@@ -318,9 +328,11 @@ def _script_cache():
             k = compile_kernel(fused)
             k(*args)
             ks.append(k.module.kernel_serial)
-    return {"seconds": time.perf_counter() - t,
-            "hits": sum(sum(d.stats.cache_hits.values()) for d in ks),
-            "misses": sum(sum(d.stats.cache_misses.values()) for d in ks)}
+    ds = [k._dispatcher for k in ks if k._dispatcher is not None]
+    return {"seconds": time.perf_counter() - t, "numba": "numba" in sys.modules,
+            "native": sum(len(k.native_keys) for k in ks),
+            "hits": sum(sum(d.stats.cache_hits.values()) for d in ds),
+            "misses": sum(sum(d.stats.cache_misses.values()) for d in ds)}
 
 
 def _script_sim():

@@ -8,21 +8,22 @@ copies kept negative-index wraparound checks that blocked vectorisation, and ran
 """
 from __future__ import annotations
 
-import numba
 import numpy as np
+
+from .. import native
 
 from .render import header, indent, row_loop_body
 
 PAR_MIN = 1 << 16     # elements; below this the serial variant runs
 
 # Not fastmath=True: that implies 'nnan'/'ninf', which folds isnan() to False.
-DECORATOR = "@numba.njit(cache=True, fastmath={{'reassoc', 'contract', 'arcp', 'nsz'}}{par})"
+DECORATOR = "@jit(fastmath={{'reassoc', 'contract', 'arcp', 'nsz'}}{par})"
 
 
 def _variants(name: str, params: str, body) -> list[str]:
     """Serial and parallel copies of one kernel; `body(loop)` gives its lines."""
     lines = []
-    for suffix, par, loop in (("serial", "", "range"), ("parallel", ", parallel=True", "numba.prange")):
+    for suffix, par, loop in (("serial", "", "range"), ("parallel", ", parallel=True", "prange")):
         lines += ["", DECORATOR.format(par=par), f"def {name}_{suffix}({params}):", *indent(body(loop)), ""]
     return lines
 
@@ -100,7 +101,7 @@ def flat(a):
 
 
 def _pick(module, name, size):
-    par = size >= PAR_MIN and numba.get_num_threads() > 1
+    par = size >= PAR_MIN and native.get_num_threads() > 1
     return getattr(module, f"{name}_{'parallel' if par else 'serial'}")
 
 

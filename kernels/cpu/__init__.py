@@ -16,8 +16,10 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import math  # noqa: E402
 import types  # noqa: E402
 
-import numba  # noqa: E402
 import numpy as np  # noqa: E402,F401
+
+from .. import native  # noqa: E402
+from .jit import Deferred, Jit, prange  # noqa: E402,F401  (Numba only on a store miss)
 
 # Below this many elements a parallel launch (~3 us) costs more than it saves.
 PAR_MIN = 1 << 16
@@ -33,7 +35,7 @@ FAST = {"reassoc", "contract", "arcp", "nsz"}
 def njit(fn, exact=False):
     """Serial, cached njit for helpers called from kernels; exact: IEEE order, no
     contraction or reciprocals (to follow a reference's rounding step by step)."""
-    return numba.njit(cache=True, fastmath=set() if exact else FAST)(fn)
+    return Jit(fn, fastmath=set() if exact else FAST)
 
 
 class Kernel:
@@ -45,17 +47,17 @@ class Kernel:
 
     def __init__(self, fn, exact=False):
         flags = set() if exact else FAST
-        self.serial = numba.njit(cache=True, fastmath=flags)(fn)
+        self.serial = Jit(fn, fastmath=flags)
         par = types.FunctionType(fn.__code__, fn.__globals__, fn.__name__ + "_par",
                                  fn.__defaults__, fn.__closure__)
         par.__qualname__ = fn.__qualname__ + "_par"
         par.__module__ = fn.__module__
-        self.parallel = numba.njit(cache=True, parallel=True, fastmath=flags)(par)
+        self.parallel = Jit(par, parallel=True, fastmath=flags)
 
     def pick(self, size):
         """(compiled function, thread count) for a problem of `size` elements."""
-        if size >= PAR_MIN and numba.get_num_threads() > 1:
-            return self.parallel, numba.get_num_threads()
+        if size >= PAR_MIN and (threads := native.get_num_threads()) > 1:
+            return self.parallel, threads
         return self.serial, 1
 
     def __call__(self, size, *args):

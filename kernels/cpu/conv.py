@@ -22,19 +22,17 @@ strided one gathers only the pixels it samples, where the NHWC copy transposed
 the whole input (1x1 s2 layers ran 2-2.5x faster fwd+bwd this way). With fewer
 images than threads, the threads split each image's channels instead.
 """
-import numba.np.linalg
 import numpy as np
-from numba import prange, types
 
-from . import as_float, kernel, njit, out_array, pair
+from . import Deferred, as_float, kernel, njit, out_array, pair, prange
 from .scratch import SCRATCH
 
-numba.np.linalg.ensure_blas()
 # Numba's BLAS shim (scipy's sgemm/dgemm): (kind, transa, transb, m, n, k,
 # alpha, a, lda, b, ldb, beta, c, ldc), column-major, scalars by pointer.
-_xxgemm = types.ExternalFunction("numba_xxgemm", types.intc(
-    types.char, types.char, types.char, types.intp, types.intp, types.intp, types.voidptr,
-    types.voidptr, types.intp, types.voidptr, types.intp, types.voidptr, types.voidptr, types.intp))
+_xxgemm = Deferred(lambda numba: numba.types.ExternalFunction("numba_xxgemm", numba.types.intc(
+    *(numba.types.char,) * 3, *(numba.types.intp,) * 3, numba.types.voidptr,
+    numba.types.voidptr, numba.types.intp, numba.types.voidptr, numba.types.intp, numba.types.voidptr,
+    numba.types.voidptr, numba.types.intp)))
 
 # Pixels (GEMM rows) per block. 256/128 (forward/backward) ran a ResNet-18 step as fast
 # as 1024/512 (0.172-0.179 s for all of 512/256, 256/256, 256/128, 128/128) and keeps

@@ -14,9 +14,8 @@ tap at a time, so no full repacked copy of the weight (or of its gradient) ever 
 import functools
 
 import numpy as np
-from numba import prange
 
-from . import U, kernel, njit, out_array
+from . import U, kernel, njit, out_array, prange
 from .conv import N_, T_, _gemm
 
 

@@ -1,8 +1,7 @@
 """Fully connected layer y = x @ w.T + b, threads split the batch rows."""
 import numpy as np
-from numba import prange
 
-from . import as_float, kernel
+from . import as_float, kernel, prange
 from .conv import N_, T_, _gemm
 
 

@@ -4,10 +4,9 @@ Forwards return the loss as a numpy scalar of the input dtype; sums are
 accumulated in float64 on purpose.
 """
 import numpy as np
-from numba import prange
 
 from ..pointwise import BCE_LOGITS, MSE, SMOOTH_L1, point_loss
-from . import as_float, kernel, njit
+from . import as_float, kernel, njit, prange
 
 
 # ---------------------------------------------------------------- softmax CE

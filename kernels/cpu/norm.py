@@ -1,8 +1,7 @@
 """Local response norm, batch norm and dropout."""
 import numpy as np
-from numba import prange
 
-from . import U, as_float, kernel, njit, out_array
+from . import U, as_float, kernel, njit, out_array, prange
 
 
 # ---------------------------------------------------------------- LRN

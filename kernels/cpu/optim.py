@@ -2,10 +2,9 @@
 with CUDA: kernels/update.py). A numpy expression per operation made a temporary
 per operation: six passes over ResNet-18's 45 MiB and ~0.1 s a step."""
 import numpy as np
-from numba import prange
 
 from ..update import adam_rule, sgd_rule
-from . import U, kernel, njit
+from . import U, kernel, njit, prange
 
 # exact: torch's rounding, operation for operation (these loops are memory-bound anyway)
 _sgd_rule = njit(sgd_rule, exact=True)

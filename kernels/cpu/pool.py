@@ -4,10 +4,9 @@ Each backward is the adjoint of its forward: the same traversal run with
 `adjoint=True` (gather <-> scatter-add), so the index arithmetic exists once.
 """
 import numpy as np
-from numba import prange
 
 from ..geometry import pool_geom as _geom, pool_out_size  # noqa: F401 (re-exported)
-from . import U, as_float, kernel, njit, out_array, pair
+from . import U, as_float, kernel, njit, out_array, pair, prange
 
 
 @njit

@@ -1,0 +1,371 @@
+"""Cached kernels called without importing Numba (netdsl's ahead-of-time path).
+
+Numba costs a process about a second before its first kernel runs: its import, the
+first refresh of its registries, and re-reading each cached kernel's bitcode. The
+machine code it caches needs none of that. A kernel for one signature is an ELF
+object whose CPython wrapper unboxes the arguments itself; it calls into a few C
+runtimes that ship with Numba as extension modules (_helperlib, _dynfunc, NRT, a
+threading layer), and those load without Numba's Python package.
+
+So when Numba compiles or loads a kernel, netdsl also keeps the object in a store
+(kernels/cpu/jit.py), keyed by the call's arguments (`arg_key`). A later process
+loads the objects with llvmlite's MCJIT and calls them through _dynfunc, as Numba
+itself does. It imports Numba only on a miss. The store's folder is named by a hash
+of everything the objects depend on: Python, Numba, llvmlite and NumPy as installed,
+the host CPU, and netdsl's kernel sources.
+
+NETDSL_NATIVE=0 turns this off, so every call goes through Numba.
+"""
+from __future__ import annotations
+
+import builtins
+import ctypes
+import hashlib
+import importlib.machinery
+import importlib.util
+import os
+import pickle
+import struct
+import sys
+import threading
+import types
+from pathlib import Path
+
+import numpy as np
+
+from .cache import cache_root, write_atomic
+
+_SCALARS = {int, float, bool, type(None), np.bool_, np.float32, np.float64, np.int8, np.int16, np.int32,
+            np.int64, np.uint8, np.uint16, np.uint32, np.uint64}
+_ND = np.ndarray
+_LAYERS = {"omp": "omppool", "tbb": "tbbpool", "workqueue": "workqueue"}
+_lock = threading.RLock()
+
+
+class Unavailable(Exception):
+    """The native path cannot run here (switched off, or an unusual Numba install)."""
+
+
+def enabled() -> bool:
+    return os.environ.get("NETDSL_NATIVE", "1") != "0" and os.environ.get("NUMBA_DISABLE_JIT", "0") == "0"
+
+
+def arg_key(args):
+    """A hashable description of a call's arguments that fixes the signature Numba
+    gives them: for arrays, dtype, ndim, contiguity (Numba's layout), writeability
+    and alignment; for scalars, their type. None for anything else (those calls go
+    through Numba)."""
+    key = []
+    for x in args:
+        t = type(x)
+        if t is _ND:
+            f = x.flags
+            key.append((x.dtype.num, x.ndim, f.c_contiguous, f.f_contiguous, f.writeable, f.aligned))
+        elif t in _SCALARS:
+            key.append(t)
+        else:
+            return None
+    return tuple(key)
+
+
+def max_threads() -> int:
+    """Numba's NUMBA_NUM_THREADS: the threads its pool launches."""
+    env = os.environ.get("NUMBA_NUM_THREADS")
+    return int(env) if env else max(1, len(os.sched_getaffinity(0)))
+
+
+def _numba_dir() -> Path:
+    spec = importlib.util.find_spec("numba")     # locates, does not import
+    if spec is None or not spec.origin:
+        raise Unavailable("numba is not installed")
+    return Path(spec.origin).parent
+
+
+def _ext(name: str):
+    """Numba's extension module `name`, loaded without running numba/__init__.py, and
+    registered under its own name so that a later `import numba` reuses it."""
+    if name in sys.modules:
+        return sys.modules[name]
+    base = _numba_dir().joinpath(*name.split(".")[1:])
+    for suffix in importlib.machinery.EXTENSION_SUFFIXES:
+        path = str(base) + suffix
+        if os.path.isfile(path):
+            break
+    else:
+        raise Unavailable(f"no extension module {name}")
+    loader = importlib.machinery.ExtensionFileLoader(name, path)
+    module = importlib.util.module_from_spec(importlib.util.spec_from_file_location(name, path, loader=loader))
+    sys.modules[name] = module
+    try:
+        loader.exec_module(module)
+    except BaseException:
+        del sys.modules[name]
+        raise
+    return module
+
+
+def _seed_unpickle(helper):
+    """Give _helperlib its unpickler without Numba.
+
+    Compiled code unpickles some constants at run time (boxing a returned array does);
+    _helperlib looks the function up once, as numba.core.serialize._numba_unpickle,
+    and keeps it. Importing that name imports the numba package, so a stand-in
+    package holding a plain memoised unpickler is put in sys.modules for the one
+    lookup and taken out again."""
+    if "numba.core.serialize" in sys.modules:
+        return
+    memo = {}
+
+    def _numba_unpickle(address, bytedata, hashed):
+        key = (address, hashed)
+        if key not in memo:
+            memo[key] = pickle.loads(bytedata)
+        return memo[key]
+    names = ("numba", "numba.core", "numba.core.serialize")
+    stand_ins = {n: types.ModuleType(n) for n in names}
+    stand_ins["numba.core.serialize"]._numba_unpickle = _numba_unpickle
+    sys.modules.update(stand_ins)
+    try:
+        data = pickle.dumps(None)
+        unpickle = ctypes.PYFUNCTYPE(ctypes.py_object, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p)(
+            helper.c_helpers["unpickle"])
+        unpickle(data, len(data), bytes(20))
+    finally:
+        for n in names:
+            if sys.modules.get(n) is stand_ins[n]:
+                del sys.modules[n]
+
+
+class _Runtime:
+    """The process's MCJIT engine, with Numba's C runtimes linked in, and its thread pool."""
+
+    def __init__(self):
+        if not enabled():
+            raise Unavailable("NETDSL_NATIVE=0")
+        import llvmlite.binding as ll
+        self.ll = ll
+        ll.initialize_native_target()
+        ll.initialize_native_asmprinter()
+        helper, self.dynfunc = _ext("numba._helperlib"), _ext("numba._dynfunc")
+        nrt = _ext("numba.core.runtime._nrt_python")
+        # The symbols Numba's own start-up installs (core/base.py, core/runtime/nrt.py)
+        ll.add_symbol("_Py_NoneStruct", id(None))
+        for table in (helper.c_helpers, self.dynfunc.c_helpers):
+            for name, addr in table.items():
+                ll.add_symbol("numba_" + name, addr)
+        for obj in vars(builtins).values():
+            if isinstance(obj, type) and issubclass(obj, BaseException):
+                ll.add_symbol("PyExc_" + obj.__name__, id(obj))
+        for name, addr in nrt.c_helpers.items():
+            ll.add_symbol(name if name.startswith("_") else "NRT_" + name, addr)
+        nrt.memsys_use_cpython_allocator()
+        _seed_unpickle(helper)
+        self.pool, self.layer = self._threads()
+        for name in ("parallel_for", "do_scheduling_signed", "do_scheduling_unsigned", "allocate_sched",
+                     "deallocate_sched", "get_num_threads", "set_num_threads", "get_thread_id",
+                     "set_parallel_chunksize", "get_parallel_chunksize", "get_sched_size"):
+            ll.add_symbol("numba_parallel_for" if name == "parallel_for" else name, getattr(self.pool, name))
+        self._get = ctypes.CFUNCTYPE(ctypes.c_int)(self.pool.get_num_threads)
+        self._set = ctypes.CFUNCTYPE(None, ctypes.c_int)(self.pool.set_num_threads)
+        tm = ll.Target.from_default_triple().create_target_machine(jit=True)
+        self.engine = ll.create_mcjit_compiler(ll.parse_assembly(""), tm)
+        self.keep = []          # environments and their constants, alive as long as the code
+        self.defined = set()    # global symbols of the objects linked so far
+
+    def _threads(self):
+        """Numba's thread pool if Numba already launched one, else a pool of its layer."""
+        parallel = sys.modules.get("numba.np.ufunc.parallel")
+        if parallel is not None and getattr(parallel, "_is_initialized", False):
+            return sys.modules["numba.np.ufunc." + _LAYERS[parallel._threading_layer]], parallel._threading_layer
+        want = os.environ.get("NUMBA_THREADING_LAYER", "default").lower()
+        layers = ("omp", "workqueue") if want == "default" else (want,)
+        for layer in layers:
+            if layer not in _LAYERS:
+                raise Unavailable(f"threading layer {want!r}")
+            try:
+                pool = _ext("numba.np.ufunc." + _LAYERS[layer])
+            except ImportError:
+                continue
+            ctypes.CFUNCTYPE(None, ctypes.c_int)(pool.launch_threads)(max_threads())
+            ctypes.CFUNCTYPE(None, ctypes.c_int)(pool.set_num_threads)(max_threads())
+            return pool, layer
+        raise Unavailable("no threading layer")
+
+    def _link(self, obj: bytes, defined: set, undefined: set):
+        """Add an object to the engine, unless a symbol it needs is missing (MCJIT
+        would abort the process on it, not raise)."""
+        missing = sorted(s for s in undefined - self.defined if not self.ll.address_of_symbol(s))
+        if missing:
+            raise Unavailable(f"unresolved symbols {missing[:3]}")
+        self.engine.add_object_file(self.ll.ObjectFileRef.from_data(obj))
+        self.engine.finalize_object()
+        self.defined |= defined
+
+    def load(self, entry, module, name, nrt):
+        """The callable for one stored kernel (see jit._export for the entry's fields);
+        nrt: the object code of Numba's NRT functions, which every kernel links to."""
+        if not self.defined:
+            self._link(nrt, *elf_symbols(nrt))
+        self._link(entry["obj"], entry["defined"], entry["undefined"])
+        env = None
+        for env_name, consts in entry["envs"]:
+            addr = self.engine.get_global_value_address(env_name)
+            if not addr:
+                continue
+            e = self.dynfunc.Environment(vars(module))
+            e.consts[:] = pickle.loads(consts)
+            self.keep.append(e)
+            ctypes.c_void_p.from_address(addr).value = id(e)
+            if env_name == entry["env"]:
+                env = e
+        fnptr = self.engine.get_function_address(entry["wrapper"])
+        if not fnptr or env is None:
+            raise Unavailable(f"stored kernel {name} is incomplete")
+        return self.dynfunc.make_function(module, name, "netdsl native kernel", fnptr, env, (self.engine,))
+
+
+_runtime: _Runtime | None = None
+_failed: str | None = None
+
+
+def runtime() -> _Runtime | None:
+    """The process's native runtime, created on first use; None where it cannot run."""
+    global _runtime, _failed
+    if _runtime is None and _failed is None:
+        with _lock:
+            if _runtime is None and _failed is None:
+                try:
+                    _runtime = _Runtime()
+                except (Unavailable, ImportError, OSError, AttributeError) as e:
+                    _failed = str(e)
+    return _runtime
+
+
+def get_num_threads() -> int:
+    rt = runtime()
+    if rt is None:
+        import numba
+        return numba.get_num_threads()
+    return rt._get()
+
+
+def set_num_threads(n: int):
+    if not 1 <= n <= max_threads():
+        raise ValueError(f"threads must be between 1 and {max_threads()}")
+    rt = runtime()
+    if rt is None:
+        import numba
+        numba.set_num_threads(n)
+    else:
+        rt._set(n)
+
+
+def adopt(parallel_module):
+    """After `import numba`: make Numba use the pool this runtime launched, not a second one."""
+    rt = _runtime
+    if rt is not None and not parallel_module._is_initialized:
+        n = rt._get()
+        parallel_module._load_threading_functions(rt.pool)
+        parallel_module._threading_layer = rt.layer
+        parallel_module._is_initialized = True
+        rt._set(n)
+
+
+def elf_symbols(obj: bytes) -> tuple[set, set]:
+    """(defined, undefined) global symbols of an ELF64 little-endian object file."""
+    if obj[:6] != b"\x7fELF\x02\x01":
+        raise Unavailable("not an ELF64 little-endian object")
+    (shoff,), (shentsize, shnum) = struct.unpack_from("<Q", obj, 0x28), struct.unpack_from("<HH", obj, 0x3A)
+    # section headers: name, type, flags, addr, offset, size, link, info, addralign, entsize
+    secs = [struct.unpack_from("<IIQQQQIIQQ", obj, shoff + i * shentsize) for i in range(shnum)]
+    defined, undefined = set(), set()
+    for _, typ, _, _, off, size, link, _, _, entsize in secs:
+        if typ != 2:        # SHT_SYMTAB
+            continue
+        strtab = secs[link][4]
+        for j in range(1, size // entsize):
+            st_name, st_info, _, st_shndx = struct.unpack_from("<IBBH", obj, off + j * entsize)
+            if st_info >> 4 == 0 or not st_name:       # STB_LOCAL
+                continue
+            start = strtab + st_name
+            name = obj[start:obj.index(b"\0", start)].decode()
+            (undefined if st_shndx == 0 else defined).add(name)
+    return defined, undefined
+
+
+# ---------------------------------------------------------------- the store
+
+def _stamp(path: Path) -> str:
+    st = path.stat()
+    return f"{path}:{st.st_size}:{st.st_mtime_ns}"
+
+
+class Store:
+    """Stored kernels, one pickle file each, and an index {(kernel id, arg key): file}."""
+
+    def __init__(self, folder: Path):
+        self.dir = folder
+        self.index_path = folder / "index.pkl"
+        self.index = self._read_index()
+
+    def _read_index(self) -> dict:
+        try:
+            with open(self.index_path, "rb") as f:
+                return pickle.load(f)
+        except (OSError, EOFError, pickle.UnpicklingError, AttributeError, ImportError):
+            return {}
+
+    def get(self, kid, key):
+        name = self.index.get((kid, key))
+        if name is None:
+            return None
+        try:
+            with open(self.dir / name, "rb") as f:
+                return pickle.load(f)
+        except (OSError, EOFError, pickle.UnpicklingError):
+            return None
+
+    def nrt(self) -> bytes | None:
+        try:
+            return (self.dir / "nrt.o").read_bytes()
+        except OSError:
+            return None
+
+    def put_nrt(self, obj: bytes):
+        self.dir.mkdir(parents=True, exist_ok=True)
+        write_atomic(self.dir / "nrt.o", obj)
+
+    def put(self, kid, key, entry):
+        data = pickle.dumps(entry, protocol=pickle.HIGHEST_PROTOCOL)
+        name = hashlib.sha256(repr((kid, key)).encode()).hexdigest()[:24] + ".pkl"
+        with _lock:
+            self.dir.mkdir(parents=True, exist_ok=True)
+            write_atomic(self.dir / name, data)
+            # merge with what other processes wrote meanwhile; a lost race costs one re-export
+            index = self._read_index()
+            index.update(self.index)
+            index[(kid, key)] = name
+            write_atomic(self.index_path, pickle.dumps(index, protocol=pickle.HIGHEST_PROTOCOL))
+            self.index = index
+
+
+_store: Store | None = None
+
+
+def store(sources: list[Path]) -> Store | None:
+    """The store for this installation and these kernel sources; None if unavailable."""
+    global _store
+    if _store is None:
+        rt = runtime()
+        if rt is None:
+            return None
+        nb, ll = _numba_dir(), Path(rt.ll.__file__).parent
+        h = hashlib.sha256()
+        for part in (sys.version, np.__version__, _stamp(nb / "__init__.py"), _stamp(nb / "_version.py"),
+                     *(_stamp(p) for p in sorted(ll.glob("libllvmlite*"))),
+                     rt.ll.get_host_cpu_name(), rt.ll.get_host_cpu_features().flatten(), rt.layer):
+            h.update(part.encode())
+        for p in sorted(sources):
+            h.update(p.read_bytes())
+        _store = Store(cache_root() / "native" / h.hexdigest()[:24])
+    return _store

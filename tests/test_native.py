@@ -1,0 +1,102 @@
+"""The native store (kernels/native.py, kernels/cpu/jit.py): stored kernels run without
+Numba and compute exactly what Numba's own dispatch of the same code computes."""
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from helpers import ROOT
+from netdsl.kernels import native
+from netdsl.kernels.cpu import jit
+
+STEP = """
+import json, sys
+import numpy as np
+from netdsl.lang.elaborate import elaborate
+from netdsl.runtime.model import Model
+g, _ = elaborate("specs/digits_cnn.net")
+m = Model(g, seed=0)
+rng = np.random.default_rng(0)
+feeds = {"image": rng.standard_normal((16, 1, 8, 8)).astype(np.float32), "label": rng.integers(0, 10, 16)}
+loss, _, _, grads = m.train_step(feeds)
+out = {"numba": "numba" in sys.modules, "loss": float(loss),
+       "grads": {k: v.tobytes().hex() for k, v in grads.items()}}
+print(json.dumps(out))
+"""
+
+
+def run_step(**env):
+    r = subprocess.run([sys.executable, "-c", STEP], capture_output=True, text=True, cwd=ROOT,
+                       env={**os.environ, **env}, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+def test_a_second_process_runs_the_stored_kernels_without_numba():
+    first = run_step()                      # compiles or loads through Numba where the store misses
+    second = run_step()
+    assert not second["numba"], "a warm store should not need Numba"
+    through_numba = run_step(NETDSL_NATIVE="0")
+    assert through_numba["numba"]
+    # the same machine code, so the same bits
+    assert second["loss"] == first["loss"] == through_numba["loss"]
+    assert second["grads"] == first["grads"] == through_numba["grads"]
+
+
+def _samples():
+    a = np.zeros((4, 6), np.float32)
+    ro = np.zeros(5, np.float64)
+    ro.flags.writeable = False
+    return [a, a.T, a[:, ::2], a[0], a[:, 0], np.zeros((), np.float32), np.zeros(3, np.int64), ro,
+            np.zeros((2, 1, 3), np.float64), np.zeros((0, 3), np.float32), np.zeros(7, np.uint64),
+            3, 2.5, True, None, np.float32(1), np.float64(1), np.int64(2), np.int32(2), np.uint64(2), np.bool_(1)]
+
+
+def test_arg_key_determines_numba_type():
+    """Calls with one key must be one signature: the stored code unboxes its arguments
+    as the types it was compiled for, unchecked."""
+    import numba
+    seen = {}
+    for x in _samples():
+        key = native.arg_key((x,))
+        assert key is not None
+        t = numba.typeof(x)
+        assert seen.setdefault(key, t) == t, (key, seen[key], t)
+    assert native.arg_key(((1, 2),)) is None and native.arg_key(([1],)) is None   # these go to Numba
+
+
+def test_a_kernel_with_an_unresolvable_symbol_is_not_linked():
+    rt = native.runtime()
+    if rt is None:
+        pytest.skip(f"native path unavailable here: {native._failed}")
+    with pytest.raises(native.Unavailable, match="netdsl_no_such_symbol"):
+        rt._link(b"", set(), {"netdsl_no_such_symbol"})
+
+
+def test_elf_symbols_of_a_stored_kernel():
+    st = native.store(jit.SOURCES)
+    if st is None or not st.index:
+        pytest.skip("no stored kernels")
+    entry = st.get(*next(iter(st.index)))
+    defined, undefined = native.elf_symbols(entry["obj"])
+    assert entry["wrapper"] in defined and entry["env"] in defined
+    assert "NRT_decref" in undefined or "NRT_MemInfo_call_dtor" in undefined or any(
+        s.startswith("numba_") for s in undefined)
+    with pytest.raises(native.Unavailable):
+        native.elf_symbols(b"not an object")
+
+
+def test_threads_are_one_pool_shared_with_numba():
+    import numba
+    n = native.get_num_threads()
+    try:
+        native.set_num_threads(1)
+        assert native.get_num_threads() == numba.get_num_threads() == 1
+        with pytest.raises(ValueError, match="threads must be between 1 and"):
+            native.set_num_threads(native.max_threads() + 1)
+    finally:
+        native.set_num_threads(n)
+    assert native.get_num_threads() == numba.get_num_threads() == n
