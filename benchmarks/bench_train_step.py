@@ -131,7 +131,7 @@ def run_startup() -> dict:
     Wall-clock slices of that one path: python_numpy (interpreter start, numpy), import
     (netdsl's front end and Model), elaborate, init_autodiff (Model: the weights are drawn
     on a helper thread from here on; the training graph), first_step (plan; importing
-    Numba and the kernels, loading them from the cache; waiting for the weights; the
+    the kernels and linking them from the native store, or Numba on a miss; waiting for the weights; the
     compute). next_step is a second step, not part of the total: the compute alone."""
     t0 = float(os.environ["BENCH_T0"])
     import numpy as np

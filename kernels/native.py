@@ -71,7 +71,10 @@ def arg_key(args):
 def max_threads() -> int:
     """Numba's NUMBA_NUM_THREADS: the threads its pool launches."""
     env = os.environ.get("NUMBA_NUM_THREADS")
-    return int(env) if env else max(1, len(os.sched_getaffinity(0)))
+    if env:
+        return int(env)
+    affinity = getattr(os, "sched_getaffinity", None)     # Linux; elsewhere the CPU count
+    return max(1, len(affinity(0)) if affinity else os.cpu_count() or 1)
 
 
 def _numba_dir() -> Path:
@@ -246,6 +249,7 @@ def get_num_threads() -> int:
     if rt is None:
         import numba
         return numba.get_num_threads()
+    _sync()
     return rt._get()
 
 
@@ -253,11 +257,20 @@ def set_num_threads(n: int):
     if not 1 <= n <= max_threads():
         raise ValueError(f"threads must be between 1 and {max_threads()}")
     rt = runtime()
+    _sync()
     if rt is None:
         import numba
         numba.set_num_threads(n)
     else:
         rt._set(n)
+
+
+def _sync():
+    """If something imported Numba directly (the CUDA target, a test), hand it this pool
+    before its own first use launches another and resets the thread count."""
+    parallel = sys.modules.get("numba.np.ufunc.parallel")
+    if parallel is not None and not getattr(parallel, "_is_initialized", True):
+        adopt(parallel)
 
 
 def adopt(parallel_module):
