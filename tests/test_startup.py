@@ -147,3 +147,22 @@ def test_a_warm_elaboration_does_not_import_the_parser(tmp_path):
     assert [r.returncode for r in runs] == [0, 0], runs[0].stderr + runs[1].stderr
     (cold, n1), (warm, n2) = [r.stdout.split() for r in runs]
     assert (cold, warm) == ("True", "False") and n1 == n2
+
+
+def test_normal_initialiser_is_normal():
+    """init.normal (Box-Muller, for start-up speed) against the normal distribution: moments
+    and tail mass of 2M draws; Kaiming's std is sqrt(2 / fan_out) as in torchvision."""
+    from scipy import stats
+    from netdsl.runtime.init import _fans, normal
+    x = normal(np.random.default_rng(0), (1000, 2001), 0.5).astype(np.float64).ravel()
+    assert x.dtype == np.float64 and x.size == 2_001_000
+    assert abs(x.mean()) < 3 * 0.5 / np.sqrt(x.size) * 2 and abs(x.std() / 0.5 - 1) < 2e-3
+    assert abs(stats.kurtosis(x)) < 0.02 and abs(stats.skew(x)) < 0.01
+    for k in (1, 2, 3):                     # tail mass beyond k sigma
+        assert abs(np.mean(np.abs(x) > k * 0.5) - 2 * stats.norm.sf(k)) < 4e-3 / k
+    assert stats.kstest(x[:200_000] / 0.5, "norm").pvalue > 1e-3
+    g = compile_spec("digits_cnn.net")
+    p = next(p for p in g.params.values() if p.init == "kaiming_normal_fan_out")
+    w = init_params(g, 0)[p.name]
+    assert w.dtype == np.float32 and w.shape == p.shape
+    assert abs(w.std() / np.sqrt(2.0 / _fans(p.shape)[1]) - 1) < 0.15

@@ -117,7 +117,11 @@ def test_cifar_resnet20_option_a_matches_torch():
     from reference.cifar_resnet import resnet20
     torch.manual_seed(0)
     g = compile_spec("resnet20_cifar.net")
-    model = Model(g, seed=3)
+    # A seed with no pre-activation within float32 rounding of zero: at seed 3 one element
+    # of 65K sat at 1e-6 (-5e-8 in float64), a ReLU flips there in any float32 run, and
+    # that one gradient element moves a whole layer's by 9% (torch float32 happened to
+    # round the other way). Seed 4: netdsl and torch float32 both within 3e-6 of float64.
+    model = Model(g, seed=4)
     rng = np.random.default_rng(2)
     x = rng.standard_normal((16, 3, 32, 32)).astype(np.float32)
     y = rng.integers(0, 10, 16)
