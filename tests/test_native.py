@@ -16,14 +16,18 @@ STEP = """
 import json, sys
 import numpy as np
 from netdsl.lang.elaborate import elaborate
+from netdsl.runtime import make_optimizer
 from netdsl.runtime.model import Model
 g, _ = elaborate("specs/digits_cnn.net")
 m = Model(g, seed=0)
 rng = np.random.default_rng(0)
 feeds = {"image": rng.standard_normal((16, 1, 8, 8)).astype(np.float32), "label": rng.integers(0, 10, 16)}
 loss, _, _, grads = m.train_step(feeds)
-out = {"numba": "numba" in sys.modules, "loss": float(loss),
-       "grads": {k: v.tobytes().hex() for k, v in grads.items()}}
+out = {"loss": float(loss), "grads": {k: v.tobytes().hex() for k, v in grads.items()}}
+for name in ("sgd", "adam"):      # the optimiser kernels, then inference with the new weights
+    make_optimizer(name, m.trainable(), lr=0.01, weight_decay=1e-4).step(grads)
+out["logits"] = m.infer({"image": feeds["image"]})["logits"].tobytes().hex()
+out["numba"] = "numba" in sys.modules
 print(json.dumps(out))
 """
 
@@ -44,6 +48,7 @@ def test_a_second_process_runs_the_stored_kernels_without_numba():
     # the same machine code, so the same bits
     assert second["loss"] == first["loss"] == through_numba["loss"]
     assert second["grads"] == first["grads"] == through_numba["grads"]
+    assert second["logits"] == first["logits"] == through_numba["logits"]
 
 
 def _samples():
