@@ -173,7 +173,7 @@ class _Runtime:
         tm = ll.Target.from_default_triple().create_target_machine(jit=True)
         self.engine = ll.create_mcjit_compiler(ll.parse_assembly(""), tm)
         self.keep = []          # environments and their constants, alive as long as the code
-        self.defined = set()    # global symbols of the objects linked so far
+        self.resolved = set()   # symbols the linked objects define or were found for
 
     def _threads(self):
         """Numba's thread pool if Numba already launched one, else a pool of its layer."""
@@ -197,17 +197,17 @@ class _Runtime:
     def _link(self, obj: bytes, defined: set, undefined: set):
         """Add an object to the engine, unless a symbol it needs is missing (MCJIT
         would abort the process on it, not raise)."""
-        missing = sorted(s for s in undefined - self.defined if not self.ll.address_of_symbol(s))
+        missing = sorted(s for s in undefined - self.resolved if not self.ll.address_of_symbol(s))
         if missing:
             raise Unavailable(f"unresolved symbols {missing[:3]}")
         self.engine.add_object_file(self.ll.ObjectFileRef.from_data(obj))
         self.engine.finalize_object()
-        self.defined |= defined
+        self.resolved |= defined | undefined
 
     def load(self, entry, module, name, nrt):
         """The callable for one stored kernel (see jit._export for the entry's fields);
         nrt: the object code of Numba's NRT functions, which every kernel links to."""
-        if not self.defined:
+        if not self.resolved:
             self._link(nrt, *elf_symbols(nrt))
         self._link(entry["obj"], entry["defined"], entry["undefined"])
         env = None
