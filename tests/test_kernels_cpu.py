@@ -380,6 +380,11 @@ def test_float32_is_preserved():
     (6, 8, 96, 1, 3, 1, 1, 1),       # 1x1 image, 3x3 kernel: only the centre tap sees data
     (16, 48, 130, 2, 3, 1, 1, 1),    # big enough for the parallel kernels; 130 = 2 uneven column shares
     (32, 130, 64, 2, 3, 2, 1, 1),    # strided 2x2 -> 1x1 (ResNet's layer4.0.conv1), parallel
+    # more than 4 pixels: w @ im2col in the weights' own layout (ResNet-50's layer3/4 at batch 1)
+    (1, 64, 64, 7, 3, 1, 1, 1),
+    (2, 96, 130, 7, 3, 1, 1, 1),     # two images (gw accumulates), uneven shares
+    (1, 48, 64, 14, 3, 2, 1, 1),     # strided 14x14 -> 7x7 (layer4.0.conv2)
+    (1, 40, 72, 9, 3, 1, 2, 2),      # dilated
 ])
 def test_conv_small_image_path_matches_torch(N, C, O, H, k, s, p, d):
     from netdsl.kernels.cpu import conv_small
