@@ -105,3 +105,12 @@ def test_threads_are_one_pool_shared_with_numba():
     finally:
         native.set_num_threads(n)
     assert native.get_num_threads() == numba.get_num_threads() == n
+
+
+def test_a_store_that_cannot_be_written_still_runs(tmp_path):
+    """Kernels run through Numba when the native store's folder cannot be made (here a
+    file stands where it should be): no error, and the same numbers."""
+    (tmp_path / "native").write_text("not a folder")
+    r = run_step(NETDSL_CACHE_DIR=str(tmp_path))
+    assert r["numba"]
+    assert r["loss"] == run_step(NETDSL_NATIVE="0")["loss"]

@@ -173,8 +173,11 @@ def _export(k: Jit, dispatcher, key, args):
                  "defined": defined, "undefined": undefined}
     except (pickle.PicklingError, TypeError, AttributeError, native.Unavailable):
         return
-    if st.nrt() is None:
-        from numba.core.runtime import nrt
-        lib = nrt.rtsys._library
-        st.put_nrt(lib._codegen._tm.emit_object(lib._final_module))
-    st.put(k.kid, key, entry)
+    try:        # a cache that cannot be written only costs later processes the speed-up
+        if st.nrt() is None:
+            from numba.core.runtime import nrt
+            lib = nrt.rtsys._library
+            st.put_nrt(lib._codegen._tm.emit_object(lib._final_module))
+        st.put(k.kid, key, entry)
+    except OSError:
+        pass
