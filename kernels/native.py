@@ -365,8 +365,14 @@ class Store:
 _store: Store | None = None
 
 
-def store(sources: list[Path]) -> Store | None:
-    """The store for this installation and these kernel sources; None if unavailable."""
+# Stored code is only valid for the kernel sources it was compiled from (a helper in
+# one file is compiled into the kernels of another): all of them name the store.
+_KERNELS = Path(__file__).resolve().parent
+SOURCES = sorted(p for d in (_KERNELS, _KERNELS / "cpu", _KERNELS / "codegen") for p in d.glob("*.py"))
+
+
+def store() -> Store | None:
+    """The store for this installation and netdsl's kernel sources; None if unavailable."""
     global _store
     if _store is None:
         rt = runtime()
@@ -378,7 +384,7 @@ def store(sources: list[Path]) -> Store | None:
                      *(_stamp(p) for p in sorted(ll.glob("libllvmlite*"))),
                      rt.ll.get_host_cpu_name(), rt.ll.get_host_cpu_features().flatten(), rt.layer):
             h.update(part.encode())
-        for p in sorted(sources):
+        for p in SOURCES:
             h.update(p.read_bytes())
         _store = Store(cache_root() / "native" / h.hexdigest()[:24])
     return _store

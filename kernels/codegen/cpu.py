@@ -11,7 +11,6 @@ from __future__ import annotations
 import numpy as np
 
 from .. import native
-
 from .render import header, indent, row_loop_body
 
 PAR_MIN = 1 << 16     # elements; below this the serial variant runs

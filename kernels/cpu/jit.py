@@ -14,15 +14,8 @@ from __future__ import annotations
 
 import pickle
 import sys
-from pathlib import Path
 
 from .. import native
-
-_KERNELS = Path(__file__).resolve().parent.parent
-# Stored code is only valid for the kernel sources it was compiled from (a helper in
-# one file is compiled into the kernels of another): all of them name the store.
-SOURCES = sorted(p for d in (_KERNELS, _KERNELS / "cpu", _KERNELS / "codegen") for p in d.glob("*.py"))
-
 
 class Deferred:
     """A module global made from the numba module once it is imported."""
@@ -142,7 +135,7 @@ def jit(**options):
 
 
 def _load(k: Jit, key):
-    st = native.store(SOURCES)
+    st = native.store()
     entry = st.get(k.kid, key) if st is not None else None
     nrt = st.nrt() if entry is not None else None
     if nrt is None:
@@ -155,7 +148,7 @@ def _load(k: Jit, key):
 
 def _export(k: Jit, dispatcher, key, args):
     """Store the code Numba ran for these arguments, if it can run without Numba."""
-    st = native.store(SOURCES)
+    st = native.store()
     if st is None:
         return
     cres = dispatcher.overloads.get(tuple(dispatcher.typeof_pyval(a) for a in args))
