@@ -43,8 +43,14 @@ class Layout:
 def pages(nbytes: int) -> np.ndarray:
     """nbytes of fresh anonymous memory, mapped apart from malloc's heap (where a large
     block's hole, once freed, is left for whatever comes next) and unmapped when the
-    last view of it dies; only the pages written count as resident."""
-    return np.frombuffer(mmap.mmap(-1, max(nbytes, 1)), np.uint8)
+    last view of it dies; only the pages written count as resident. Private, and in
+    huge pages where the kernel offers them (transparent huge pages, "madvise" mode):
+    a ResNet-50 step's first touch of its workspace and gradients took 33K page faults
+    in 4 KiB pages (Python's default mmap is shared memory, which gets none)."""
+    m = mmap.mmap(-1, max(nbytes, 1), flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    if hasattr(mmap, "MADV_HUGEPAGE"):      # Linux
+        m.madvise(mmap.MADV_HUGEPAGE)
+    return np.frombuffer(m, np.uint8)
 
 
 class Workspace:

@@ -150,19 +150,43 @@ def test_a_warm_elaboration_does_not_import_the_parser(tmp_path):
 
 
 def test_normal_initialiser_is_normal():
-    """init.normal (Box-Muller, for start-up speed) against the normal distribution: moments
-    and tail mass of 2M draws; Kaiming's std is sqrt(2 / fan_out) as in torchvision."""
+    """init.normal (counter-based Box-Muller, for start-up speed) against the normal
+    distribution: moments, tail mass and a KS test on 2M draws, an odd size; Kaiming's
+    std is sqrt(2 / fan_out) as in torchvision."""
     from scipy import stats
-    from netdsl.runtime.init import _fans, normal
-    x = normal(np.random.default_rng(0), (1000, 2001), 0.5).astype(np.float64).ravel()
-    assert x.dtype == np.float64 and x.size == 2_001_000
+    from netdsl.runtime.init import _fans, key, normal
+    x = normal(key(0, "w"), (1000, 2001), 0.5).astype(np.float64).ravel()
+    assert x.size == 2_001_000
     assert abs(x.mean()) < 3 * 0.5 / np.sqrt(x.size) * 2 and abs(x.std() / 0.5 - 1) < 2e-3
     assert abs(stats.kurtosis(x)) < 0.02 and abs(stats.skew(x)) < 0.01
-    for k in (1, 2, 3):                     # tail mass beyond k sigma
-        assert abs(np.mean(np.abs(x) > k * 0.5) - 2 * stats.norm.sf(k)) < 4e-3 / k
+    for k in (1, 2, 3, 4):                  # tail mass beyond k sigma
+        assert abs(np.mean(np.abs(x) > k * 0.5) - 2 * stats.norm.sf(k)) < 4e-3 / k ** 2
     assert stats.kstest(x[:200_000] / 0.5, "norm").pvalue > 1e-3
+    assert stats.kstest(x[-200_000:] / 0.5, "norm").pvalue > 1e-3
+    pairs = x[:2_000_000].reshape(-1, 2)     # a Box-Muller pair's two values are independent
+    assert abs(np.corrcoef(pairs[:, 0], pairs[:, 1])[0, 1]) < 5e-3
+    assert abs(np.corrcoef(pairs[:, 0] ** 2, pairs[:, 1] ** 2)[0, 1]) < 5e-3
     g = compile_spec("digits_cnn.net")
     p = next(p for p in g.params.values() if p.init == "kaiming_normal_fan_out")
     w = init_params(g, 0)[p.name]
     assert w.dtype == np.float32 and w.shape == p.shape
     assert abs(w.std() / np.sqrt(2.0 / _fans(p.shape)[1]) - 1) < 0.15
+
+
+def test_uniform_initialiser_and_streams():
+    """init.uniform covers [-b, b) evenly; streams of different names or seeds are
+    uncorrelated, and a parameter's values depend on the seed and its path alone."""
+    from scipy import stats
+    from netdsl.runtime.init import key, normal, uniform
+    u = uniform(key(0, "b"), (1_000_001,), 0.25).astype(np.float64)
+    assert u.min() >= -0.25 and u.max() < 0.25
+    assert stats.kstest(u, stats.uniform(-0.25, 0.5).cdf).pvalue > 1e-3
+    a, b, c = (normal(key(s, n), (100_000,)) for s, n in ((0, "x.weight"), (0, "y.weight"), (1, "x.weight")))
+    assert max(abs(np.corrcoef(a, b)[0, 1]), abs(np.corrcoef(a, c)[0, 1])) < 0.02
+    assert np.array_equal(a, normal(key(0, "x.weight"), (100_000,)))
+    small, big = compile_spec("resnet18.net"), compile_spec("resnet34.net")   # one more block per stage
+    shared = [n for n in small.params if n in big.params and small.params[n].shape == big.params[n].shape]
+    ws, wb = init_params(small, 5), init_params(big, 5)
+    assert len(shared) > 50 and all(np.array_equal(ws[n], wb[n]) for n in shared)
+
+

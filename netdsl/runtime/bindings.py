@@ -14,8 +14,11 @@ probabilities) goes in state.saved[node], keyed by the forward node.
 """
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
+from ..arena import ALIGN, pages
 from ..autodiff import trainable
 from ..errors import NetdslError
 from ..ir.dims import Sym
@@ -89,11 +92,15 @@ class GradBuffers:
     kernel whose output is a parameter's final gradient (not one of several summed)
     writes into this buffer instead of a new array. A step then allocates no gradient
     memory, and the previous step's gradients are not alive beside the new ones; the
-    arrays a step returns are overwritten by the next step."""
+    arrays a step returns are overwritten by the next step. They lie side by side in
+    one buffer of huge pages, as the parameters do (init.py)."""
 
     def __init__(self, grads: dict):
         self.final = {id(v): name for name, v in grads.items()}    # gradient value -> parameter
         self.arrays: dict[str, np.ndarray] = {}
+        self._shapes = {name: tuple(v.shape) for name, v in grads.items()
+                        if all(isinstance(d, int) for d in v.shape)}
+        self._buf, self._at = None, {}
 
     def get(self, v, like):
         name = self.final.get(id(v))
@@ -101,8 +108,20 @@ class GradBuffers:
             return None
         a = self.arrays.get(name)
         if a is None or a.shape != like.shape or a.dtype != like.dtype:
-            a = self.arrays[name] = np.empty(like.shape, like.dtype)
+            a = self.arrays[name] = self._carve(name, like)
         return a
+
+    def _carve(self, name, like):
+        """name's place in the buffer, laid out for like's dtype on first need."""
+        if like.shape != self._shapes.get(name):
+            return np.empty(like.shape, like.dtype)
+        if self._buf is None or self._buf.dtype != like.dtype:
+            per, top = ALIGN // like.dtype.itemsize, 0
+            for n, shape in self._shapes.items():
+                self._at[n] = top
+                top += -(-math.prod(shape) // per) * per
+            self._buf = pages(top * like.dtype.itemsize).view(like.dtype)
+        return self._buf[self._at[name]:self._at[name] + like.size].reshape(like.shape)
 
 
 def _grad_out(n, st, role) -> dict:

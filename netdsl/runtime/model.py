@@ -13,7 +13,7 @@ from ..ir.dims import Sym, fmt_shape
 from ..ir.graph import Graph, Value
 from .bindings import GradBuffers, array_dtype
 from .executor import Program, RunState, Target
-from .init import init_param
+from .init import buffer, init_param, slots
 
 
 class Model:
@@ -173,16 +173,16 @@ class _InitialWeights(Mapping):
     """init_params(graph, seed), drawn on a helper thread, as a mapping whose [name]
     waits for that parameter.
 
-    Drawing ResNet-50's weights is ~0.4 s of numpy, which lets go of the GIL while it
-    fills an array, so on a helper thread it overlaps what the first step does before
-    and between its reads of them: importing Numba and the kernels, planning, loading
-    each kernel from the cache. They are drawn in graph order, which is the forward's:
-    the first layer's are there at once. Same generator, same order as init_params
-    (tests/test_startup.py holds them equal).
+    ResNet-50's weights take ~0.12 s to draw (init.py; the kernels let go of the GIL),
+    on a helper thread from the moment the model exists: that overlaps what the first
+    step does before its kernels run (planning, linking the kernels from the native
+    store, or Numba on a miss). They are drawn in graph order, which is the forward's: the first layer's
+    are there at once. The same values as init_params (tests/test_startup.py).
     """
 
     def __init__(self, graph: Graph, seed: int):
         self._todo = list(graph.params.items())     # a snapshot: the helper never reads the graph's dict
+        self._size, self._offsets = slots(graph)
         self._done: dict[str, np.ndarray] = {}
         self._error: BaseException | None = None
         self._finished = False
@@ -192,9 +192,9 @@ class _InitialWeights(Mapping):
 
     def _draw(self, seed: int):
         try:
-            rng = np.random.default_rng(seed)
+            buf = buffer(self._size)
             for name, p in self._todo:
-                a = init_param(p, rng)
+                a = init_param(p, seed, buf[self._offsets[name]:])
                 with self._cv:
                     self._done[name] = a
                     self._cv.notify_all()
