@@ -176,44 +176,57 @@ class _InitialWeights(Mapping):
     ResNet-50's weights take ~0.12 s to draw (init.py; the kernels let go of the GIL),
     on a helper thread from the moment the model exists: that overlaps what the first
     step does before its kernels run (planning, linking the kernels from the native
-    store, or Numba on a miss). They are drawn in graph order, which is the forward's: the first layer's
-    are there at once. The same values as init_params (tests/test_startup.py).
+    store, or Numba on a miss). They are drawn in graph order, which is the forward's:
+    the first layer's are there at once. A thread that would wait for one draws the
+    next nobody has taken instead (ResNet-50's forward reaches its last stage, 60% of
+    the weights, before they are drawn). A parameter's values depend on the seed and
+    its name alone, so who draws it changes nothing (tests/test_startup.py).
     """
 
     def __init__(self, graph: Graph, seed: int):
         self._todo = list(graph.params.items())     # a snapshot: the helper never reads the graph's dict
-        self._size, self._offsets = slots(graph)
+        size, self._offsets = slots(graph)
+        self._buf, self._seed = buffer(size), seed  # mapped, not yet touched
+        self._next = 0                              # the first parameter nobody has taken
         self._done: dict[str, np.ndarray] = {}
         self._error: BaseException | None = None
-        self._finished = False
         self._cv = threading.Condition()
-        self._thread = threading.Thread(target=self._draw, args=(seed,), name="netdsl-init", daemon=True)
-        self._thread.start()
+        threading.Thread(target=self._draw_all, name="netdsl-init", daemon=True).start()
 
-    def _draw(self, seed: int):
+    def _draw_one(self) -> bool:
+        """Draw the next parameter nobody has taken; False if there is none (or a draw failed)."""
+        with self._cv:
+            if self._next == len(self._todo) or self._error is not None:
+                return False
+            name, p = self._todo[self._next]
+            self._next += 1
         try:
-            buf = buffer(self._size)
-            for name, p in self._todo:
-                a = init_param(p, seed, buf[self._offsets[name]:])
-                with self._cv:
-                    self._done[name] = a
-                    self._cv.notify_all()
+            a = init_param(p, self._seed, self._buf[self._offsets[name]:])
         except BaseException as e:      # handed to whichever thread asks next
-            self._error = e
-        finally:
-            with self._cv:
-                self._finished = True
-                self._cv.notify_all()
+            a, self._error = None, e
+        with self._cv:
+            if a is not None:
+                self._done[name] = a
+            self._cv.notify_all()
+        return a is not None
+
+    def _draw_all(self):
+        while self._draw_one():
+            pass
 
     def __getitem__(self, name: str) -> np.ndarray:
-        with self._cv:
-            while name not in self._done:
+        if name not in self._offsets:
+            raise KeyError(name)
+        while True:
+            with self._cv:
+                if name in self._done:
+                    return self._done[name]
                 if self._error is not None:
                     raise self._error
-                if self._finished:
-                    raise KeyError(name)
-                self._cv.wait()
-            return self._done[name]
+                if self._next == len(self._todo):   # taken, being drawn
+                    self._cv.wait()
+                    continue
+            self._draw_one()
 
     def __iter__(self):
         return (name for name, _ in self._todo)
@@ -223,10 +236,7 @@ class _InitialWeights(Mapping):
 
     def all(self) -> dict[str, np.ndarray]:
         """Every parameter, in graph order, once all are drawn."""
-        self._thread.join()
-        if self._error is not None:
-            raise self._error
-        return self._done
+        return {name: self[name] for name, _ in self._todo}
 
 
 def _all_finite(device: str, arrays) -> bool:
