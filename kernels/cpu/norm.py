@@ -2,6 +2,7 @@
 import numpy as np
 
 from . import U, as_float, kernel, njit, out_array, prange
+from .rand import mix
 
 
 # ---------------------------------------------------------------- LRN
@@ -234,20 +235,13 @@ batchnorm2d_infer = batchnorm1d_infer = batchnorm_infer
 
 # ---------------------------------------------------------------- dropout
 # The mask comes from a counter-based hash (splitmix64 of seed and element
-# index): deterministic for a seed regardless of thread count, and a GPU
+# index, rand.py): deterministic for a seed regardless of thread count, and a GPU
 # kernel can reproduce it bit for bit.
 
-@njit
-def _mix(z):
-    z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
-    z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
-    return z ^ (z >> np.uint64(31))
-
-
 def _mask(mask, seed, threshold):
-    base = _mix(seed)
+    base = mix(seed)
     for i in prange(mask.size):
-        mask[i] = (_mix(base + np.uint64(i)) >> np.uint64(11)) >= threshold
+        mask[i] = (mix(base + np.uint64(i)) >> np.uint64(11)) >= threshold
     return mask
 
 
