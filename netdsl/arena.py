@@ -40,15 +40,18 @@ class Layout:
         return per
 
 
-def pages(nbytes: int) -> np.ndarray:
+def pages(nbytes: int, huge: bool = False) -> np.ndarray:
     """nbytes of fresh anonymous memory, mapped apart from malloc's heap (where a large
     block's hole, once freed, is left for whatever comes next) and unmapped when the
-    last view of it dies; only the pages written count as resident. Private, and in
-    huge pages where the kernel offers them (transparent huge pages, "madvise" mode):
-    a ResNet-50 step's first touch of its workspace and gradients took 33K page faults
-    in 4 KiB pages (Python's default mmap is shared memory, which gets none)."""
+    last view of it dies; only the pages written count as resident.
+
+    huge: in huge pages where the kernel offers them (transparent huge pages in
+    "madvise" mode), for buffers that are written whole (parameters, gradients):
+    ResNet-50's cost 9K page faults each in 4 KiB pages. Not for partly used ones,
+    whose untouched pages khugepaged may fill in (a benchmark round's step memory
+    once grew by 38 MiB that way)."""
     m = mmap.mmap(-1, max(nbytes, 1), flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-    if hasattr(mmap, "MADV_HUGEPAGE"):      # Linux
+    if huge and hasattr(mmap, "MADV_HUGEPAGE"):      # Linux
         m.madvise(mmap.MADV_HUGEPAGE)
     return np.frombuffer(m, np.uint8)
 

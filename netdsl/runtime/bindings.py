@@ -120,7 +120,7 @@ class GradBuffers:
             for n, shape in self._shapes.items():
                 self._at[n] = top
                 top += -(-math.prod(shape) // per) * per
-            self._buf = pages(top * like.dtype.itemsize).view(like.dtype)
+            self._buf = pages(top * like.dtype.itemsize, huge=True).view(like.dtype)
         return self._buf[self._at[name]:self._at[name] + like.size].reshape(like.shape)
 
 

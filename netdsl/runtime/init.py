@@ -88,7 +88,7 @@ def slots(g: Graph) -> tuple[int, dict[str, int]]:
 
 
 def buffer(size: int) -> np.ndarray:
-    return pages(4 * size).view(np.float32)
+    return pages(4 * size, huge=True).view(np.float32)
 
 
 def init_params(g: Graph, seed: int) -> dict[str, np.ndarray]:
