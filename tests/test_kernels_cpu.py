@@ -79,6 +79,27 @@ def test_conv2d_vs_torch(path, xs, ws, s, p, d, g):
     close(gb, tb.grad)
 
 
+@pytest.mark.parametrize("threads", [1, 2])
+def test_pointwise_conv_of_one_image_writes_its_weight_gradient_whole(threads):
+    """One image through a 1x1 conv: each row of gw is written once (BLAS beta 0), so the
+    caller's buffer is not zeroed first; NaNs in it must not leak into the result."""
+    from netdsl.kernels import native
+    before = native.get_num_threads()
+    native.set_num_threads(threads)
+    try:
+        for xs, ws, s in (((1, 64, 14, 14), (96, 64, 1, 1), 1), ((1, 32, 9, 9), (48, 32, 1, 1), 2)):
+            x, w = rnd(*xs, seed=1), rnd(*ws, seed=2)
+            tx, tw = T(x), T(w)
+            ty = F.conv2d(tx, tw, stride=s)
+            gy = rnd(*ty.shape, seed=3)
+            ty.backward(torch.tensor(gy))
+            gx, gw, _ = K.conv2d_backward(x, w, gy, s, gw_out=np.full(w.shape, np.nan, np.float32))
+            close(gw, tw.grad)
+            close(gx, tx.grad)
+    finally:
+        native.set_num_threads(before)
+
+
 def test_conv2d_no_bias_and_no_gx():
     x, w = rnd(2, 3, 6, 6), rnd(5, 3, 3, 3, seed=1)
     close(K.conv2d(x, w), F.conv2d(T(x), T(w)))

@@ -121,8 +121,8 @@ class FusedStep:
         else:
             mean = p["running_mean"].astype(x.dtype)
             invstd = (1.0 / np.sqrt(p["running_var"].astype(np.float64) + n.attrs["eps"])).astype(x.dtype)
-        gamma = p.get("weight", np.ones(C, x.dtype))
-        beta = p.get("bias", np.zeros(C, x.dtype))
+        gamma = p["weight"] if "weight" in p else np.ones(C, x.dtype)
+        beta = p["bias"] if "bias" in p else np.zeros(C, x.dtype)
         return [mean, (gamma * invstd).astype(x.dtype), beta.astype(x.dtype, copy=False)]
 
     def _norm_grad(self, args, ins, st, out):

@@ -66,7 +66,8 @@ class Model:
     def _run_params(self):
         """Where a run reads the weights: while float32 CPU weights (nothing to convert or
         upload) are still being drawn, from the drawing, so the run need not wait for all."""
-        if self._drawing is not None and self.dtype == np.float32 and self.device == "cpu":
+        if (self._drawing is not None and self.dtype == np.float32 and self.device == "cpu"
+                and not self._drawing.finished):
             return self._drawing
         return self.params
 
@@ -213,6 +214,10 @@ class _InitialWeights(Mapping):
     def _draw_all(self):
         while self._draw_one():
             pass
+
+    @property
+    def finished(self) -> bool:
+        return len(self._done) == len(self._todo)
 
     def __getitem__(self, name: str) -> np.ndarray:
         if name not in self._offsets:
