@@ -79,23 +79,38 @@ def test_conv2d_vs_torch(path, xs, ws, s, p, d, g):
     close(gb, tb.grad)
 
 
+ONE_IMAGE = [
+    # x shape, w shape, stride, pad, dilation: row bands shared out between threads
+    ((1, 16, 28, 28), (16, 16, 3, 3), 1, 1, 1),     # 28 rows: bands of 7, not 9+9+9+1
+    ((1, 16, 29, 29), (24, 16, 3, 3), 2, 1, 1),     # strided, odd size
+    ((1, 8, 31, 31), (12, 8, 5, 5), 1, 2, 2),       # dilated, wide halo
+    ((1, 3, 40, 40), (16, 3, 7, 7), 2, 3, 1),       # an RGB stem
+    ((1, 64, 14, 14), (96, 64, 1, 1), 1, 0, 1),     # 1x1: gw written, not added to
+    ((1, 32, 9, 9), (48, 32, 1, 1), 2, 0, 1),
+]
+
+
 @pytest.mark.parametrize("threads", [1, 2])
-def test_pointwise_conv_of_one_image_writes_its_weight_gradient_whole(threads):
-    """One image through a 1x1 conv: each row of gw is written once (BLAS beta 0), so the
-    caller's buffer is not zeroed first; NaNs in it must not leak into the result."""
+@pytest.mark.parametrize("xs,ws,s,p,d", ONE_IMAGE)
+def test_conv_of_one_image_vs_torch(threads, xs, ws, s, p, d):
+    """One image: the threads split its row bands (each converting only the rows its
+    bands read) or its channels. gw goes into a NaN-filled buffer: a kernel that added
+    to it instead of writing it would show."""
     from netdsl.kernels import native
     before = native.get_num_threads()
     native.set_num_threads(threads)
     try:
-        for xs, ws, s in (((1, 64, 14, 14), (96, 64, 1, 1), 1), ((1, 32, 9, 9), (48, 32, 1, 1), 2)):
-            x, w = rnd(*xs, seed=1), rnd(*ws, seed=2)
-            tx, tw = T(x), T(w)
-            ty = F.conv2d(tx, tw, stride=s)
-            gy = rnd(*ty.shape, seed=3)
-            ty.backward(torch.tensor(gy))
-            gx, gw, _ = K.conv2d_backward(x, w, gy, s, gw_out=np.full(w.shape, np.nan, np.float32))
-            close(gw, tw.grad)
-            close(gx, tx.grad)
+        x, w = rnd(*xs, seed=1), rnd(*ws, seed=2)
+        tx, tw = T(x), T(w)
+        ty = F.conv2d(tx, tw, stride=s, padding=p, dilation=d)
+        close(K.conv2d(x, w, None, s, p, d), ty)
+        gy = rnd(*ty.shape, seed=3)
+        ty.backward(torch.tensor(gy))
+        gx, gw, _ = K.conv2d_backward(x, w, gy, s, p, d, gw_out=np.full(w.shape, np.nan, np.float32))
+        close(gw, tw.grad)
+        close(gx, tx.grad)
+        _, gw, _ = K.conv2d_backward(x, w, gy, s, p, d, need_gx=False)     # the band-split gw pass
+        close(gw, tw.grad)
     finally:
         native.set_num_threads(before)
 

@@ -22,6 +22,8 @@ strided one gathers only the pixels it samples, where the NHWC copy transposed
 the whole input (1x1 s2 layers ran 2-2.5x faster fwd+bwd this way). With fewer
 images than threads, the threads split each image's channels instead.
 """
+import functools
+
 import numpy as np
 
 from . import Deferred, as_float, kernel, njit, out_array, pair, prange
@@ -84,20 +86,31 @@ def _transpose(dst, d, ldd, src, s, lds, rows, cols, bias):
 
 
 @njit
-def _nhwc(x, n0, nb, xp, ph, pw, to_nhwc):
-    """xp[b, ph+i, pw+j, c] <-> x[n0+b, c, i, j]; xp's zero border is never written."""
+def _nhwc(x, n0, nb, xp, ph, pw, to_nhwc, i0, i1):
+    """xp[b, ph+i, pw+j, c] <-> x[n0+b, c, i, j] for rows i0 <= i < i1; xp's zero border
+    is never written."""
     C, H, W = x.shape[1], x.shape[2], x.shape[3]
     Hp, Wp = xp.shape[1], xp.shape[2]
     xf, pf = x.reshape(-1), xp.reshape(-1)
     zero = np.zeros(max(C, W), x.dtype)
     for b in range(nb):
-        for i in range(H):
+        for i in range(max(i0, 0), min(i1, H)):
             s = (n0 + b) * C * H * W + i * W
             d = ((b * Hp + ph + i) * Wp + pw) * C
             if to_nhwc:
                 _transpose(pf, d, C, xf, s, H * W, C, W, zero)
             else:
                 _transpose(xf, s, H * W, pf, d, C, W, C, zero)
+
+
+@njit
+def _rows(t, T, items, nband, grp, R, OH, sh, ph, KH, dh):
+    """The input rows [i0, i1) that thread t's bands of image group grp read (its items
+    are t*items//T .. (t+1)*items//T; item grp*nband + j is band j, rows j*R ...): with
+    fewer images than threads each thread converts only those, not the whole image."""
+    b0 = max(t * items // T, grp * nband) - grp * nband
+    b1 = min((t + 1) * items // T, (grp + 1) * nband) - grp * nband
+    return b0 * R * sh - ph, (min(OH, b1 * R) - 1) * sh - ph + (KH - 1) * dh + 1
 
 
 @njit
@@ -166,7 +179,8 @@ def _fwd(x, wt, b, y, KH, KW, OH, OW, sh, sw, ph, pw, dh, dw, B, R, T, nt, xps, 
             n0 = grp * B
             nb = min(B, N - n0)
             if grp != have:
-                _nhwc(x, n0, nb, xp, ph, pw, True)
+                i0, i1 = _rows(t, T, items, nband, grp, R, OH, sh, ph, KH, dh)
+                _nhwc(x, n0, nb, xp, ph, pw, True, i0, i1)
                 have = grp
             noh = min(R, OH - oh0)
             L = noh * OW
@@ -211,7 +225,8 @@ def _bwd(x, wk, gy, gx, gw, H, W, KH, KW, OH, OW, sh, sw, ph, pw, dh, dw, B, R, 
             n0 = grp * B
             nb = min(B, N - n0)
             if need_gw and grp != have:
-                _nhwc(x, n0, nb, xp, ph, pw, True)
+                i0, i1 = (0, H) if need_gx else _rows(t, T, items, nband, grp, R, OH, sh, ph, KH, dh)
+                _nhwc(x, n0, nb, xp, ph, pw, True, i0, i1)
                 have = grp
             if need_gx:
                 gxp[:nb] = zero
@@ -236,7 +251,7 @@ def _bwd(x, wk, gy, gx, gw, H, W, KH, KW, OH, OW, sh, sw, ph, pw, dh, dw, B, R, 
                                   colbuf[k * dh * OW * K:], 0.0 if nt == 1 else 1.0)
                         _im2col(gxp, colbuf, nb, g * Cg, Cg, oh0, noh + ext, OW, kh, KW, sh, sw, dh, dw, False)
             if need_gx:
-                _nhwc(gx, n0, nb, gxp, ph, pw, False)
+                _nhwc(gx, n0, nb, gxp, ph, pw, False, 0, H)
     return gx
 
 
@@ -354,6 +369,16 @@ _fwd1 = kernel(_fwd1)
 _bwd1 = kernel(_bwd1)
 
 
+@functools.lru_cache(maxsize=None)
+def _balanced_rows(OH, R0, T):
+    """Rows per band, at most R0, that share OH rows out most evenly among T threads
+    taking consecutive bands; ties go to larger bands (fewer, larger GEMMs)."""
+    def worst(R):
+        nb = -(-OH // R)
+        return max(min(OH, (t + 1) * nb // T * R) - min(OH, t * nb // T * R) for t in range(T))
+    return min(range(1, R0 + 1), key=lambda R: (worst(R), -R))
+
+
 class _Geom(ConvShape):
     """Shapes and attributes of one conv, plus the blocking decision."""
 
@@ -377,6 +402,11 @@ class _Geom(ConvShape):
             B, R, nt = 1, max(1, rows // self.OW), 1
         else:
             B, R, nt = min(-(-rows // ohw), -(-self.N // T)), self.OH, 1
+        if (k is _fwd or not need_gx) and self.N < threads and B == 1:
+            # one image's row bands are all the threads' items: share them out evenly
+            # (28 rows in bands of 9 gave 2 threads 18 and 10; ResNet-50's batch-1 step
+            # ran ~2% faster)
+            R = _balanced_rows(self.OH, R, threads // self.N)
         if k is _fwd or not need_gx:   # (image group, row band) items
             T = max(1, min(threads, -(-self.N // B) * -(-self.OH // R)))
         return fn, T, B, R, nt
