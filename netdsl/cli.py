@@ -51,6 +51,8 @@ def load_graph(args):
 
 def cmd_compile(args):
     from . import report
+    if args.batch is not None and args.batch < 1:
+        raise NetdslError(f"--batch must be positive, got {args.batch}")
     g = load_graph(args)
     if args.json:
         out = report.to_json(g)

@@ -103,7 +103,7 @@ def table(g: Graph) -> str:
 
 def _dims(g: Graph, batch: int | None):
     from .errors import NetdslError
-    n = batch or g.train.get("batch", 1)
+    n = batch if batch is not None else g.train.get("batch", 1)
     if n < 1:
         raise NetdslError(f"--batch must be positive, got {n}")
     free = [s for s in g.symbols if s != "N"]

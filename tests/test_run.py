@@ -103,6 +103,14 @@ def test_bad_run_flags_are_clear_errors(tmp_path, args, message):
     assert "Traceback" not in r.stderr
 
 
+@pytest.mark.parametrize("batch", ["0", "-3"])
+def test_compile_refuses_a_batch_below_one(batch):
+    """--batch 0 was taken as 'no batch given' and the spec's batch used in silence."""
+    r = cli("compile", SPECS / "digits_cnn.net", "--explain", "--batch", batch)
+    assert r.returncode == 2 and f"--batch must be positive, got {batch}" in r.stderr, r.stderr
+    assert "Traceback" not in r.stderr
+
+
 def test_synthetic_data_from_the_command_line(tmp_path):
     r = cli("run", SPECS / "resnet20_cifar.net", "--data", "synthetic", "--epochs", "1", "--batch", "32",
             "--out", tmp_path / "run", "--no-progress")
