@@ -52,7 +52,10 @@ def pages(nbytes: int, huge: bool = False) -> np.ndarray:
     once grew by 38 MiB that way)."""
     m = mmap.mmap(-1, max(nbytes, 1), flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
     if huge and hasattr(mmap, "MADV_HUGEPAGE"):      # Linux
-        m.madvise(mmap.MADV_HUGEPAGE)
+        try:
+            m.madvise(mmap.MADV_HUGEPAGE)
+        except OSError:     # a kernel built without transparent huge pages: EINVAL
+            pass
     return np.frombuffer(m, np.uint8)
 
 

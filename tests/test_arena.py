@@ -86,3 +86,18 @@ def test_scratch_frames_stack_and_the_buffer_grows_to_the_high_water_mark():
         e = s.take(1000, np.float64)
         assert np.shares_memory(d, s.buf) and np.shares_memory(e, s.buf)   # no new allocation
         assert not np.may_share_memory(d, e)
+
+
+def test_pages_without_transparent_huge_pages(monkeypatch):
+    """A kernel built without them refuses MADV_HUGEPAGE (EINVAL): plain pages instead."""
+    import mmap
+
+    from netdsl import arena
+
+    class NoHugePages(mmap.mmap):
+        def madvise(self, *args):
+            raise OSError(22, "Invalid argument")
+    monkeypatch.setattr(arena.mmap, "mmap", NoHugePages)
+    a = arena.pages(3 << 20, huge=True)
+    a[:] = 7
+    assert a.size == 3 << 20 and a.sum() == 7 * (3 << 20)
