@@ -59,6 +59,18 @@ def pages(nbytes: int, huge: bool = False) -> np.ndarray:
     return np.frombuffer(m, np.uint8)
 
 
+def pack(counts: dict, dtype) -> tuple[np.ndarray, dict]:
+    """Arrays of counts[name] elements side by side in one buffer of huge pages (written
+    whole: parameters, gradients), each at a cache-line boundary: (the flat buffer of
+    dtype, {name: offset in elements})."""
+    itemsize = np.dtype(dtype).itemsize
+    per, top, at = ALIGN // itemsize, 0, {}
+    for name, n in counts.items():
+        at[name] = top
+        top += -(-n // per) * per
+    return pages(top * itemsize, huge=True).view(dtype), at
+
+
 class Workspace:
     """The buffer a model's programs lay their values out in, one program at a time:
     kept from step to step (as a caching allocator keeps its blocks), grown to the

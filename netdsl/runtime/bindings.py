@@ -18,7 +18,7 @@ import math
 
 import numpy as np
 
-from ..arena import ALIGN, pages
+from ..arena import pack
 from ..autodiff import trainable
 from ..errors import NetdslError
 from ..ir.dims import Sym
@@ -100,7 +100,7 @@ class GradBuffers:
         self.arrays: dict[str, np.ndarray] = {}
         self._shapes = {name: tuple(v.shape) for name, v in grads.items()
                         if all(isinstance(d, int) for d in v.shape)}
-        self._buf, self._at = None, {}
+        self._buf, self._at = None, {}   # arena.pack's, for the dtype of the first gradient
 
     def get(self, v, like):
         name = self.final.get(id(v))
@@ -116,11 +116,7 @@ class GradBuffers:
         if like.shape != self._shapes.get(name):
             return np.empty(like.shape, like.dtype)
         if self._buf is None or self._buf.dtype != like.dtype:
-            per, top = ALIGN // like.dtype.itemsize, 0
-            for n, shape in self._shapes.items():
-                self._at[n] = top
-                top += -(-math.prod(shape) // per) * per
-            self._buf = pages(top * like.dtype.itemsize, huge=True).view(like.dtype)
+            self._buf, self._at = pack({n: math.prod(shape) for n, shape in self._shapes.items()}, like.dtype)
         return self._buf[self._at[name]:self._at[name] + like.size].reshape(like.shape)
 
 

@@ -6,9 +6,9 @@ fan-out (torchvision's ResNet), linear weights PyTorch's default Kaiming uniform
 
 The numbers come from a counter-based generator (kernels/cpu/rand.py) keyed by the
 seed and the parameter's path: a parameter's initial values do not depend on what
-else the network holds, and they are drawn at ~5x the speed of NumPy's generators.
-All parameters live side by side in one buffer of huge pages (arena.pages): ResNet-50's
-267 arrays, each its own allocation, cost ~9K page faults more on first touch.
+else the network holds, and they are drawn at about twice the speed of NumPy's
+generators. All parameters live side by side in one buffer of huge pages (arena.pack):
+ResNet-50's 267 arrays, each its own allocation, cost ~9K page faults more on first touch.
 """
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ import math
 
 import numpy as np
 
-from ..arena import ALIGN, pages
+from ..arena import pack
 from ..ir.graph import Graph, Param
 
 
@@ -55,8 +55,8 @@ def uniform(k: np.uint64, shape, bound: float, out: np.ndarray | None = None) ->
 
 
 def init_param(p: Param, seed: int, out: np.ndarray | None = None) -> np.ndarray:
-    """p's initial value (float32, p.shape), in out (flat float32 with room for
-    slot_size(p.shape) elements) if given."""
+    """p's initial value (float32, p.shape), in out (flat float32 with room for its
+    size rounded up to even, as `place` leaves) if given."""
     shape, k = p.shape, key(seed, p.name)
     if p.init in ("zeros", "ones"):
         a = np.empty(shape, np.float32) if out is None else out[:math.prod(shape)].reshape(shape)
@@ -77,22 +77,13 @@ def init_param(p: Param, seed: int, out: np.ndarray | None = None) -> np.ndarray
     raise ValueError(f"unknown initialiser {p.init!r} for {p.name}")
 
 
-def slots(g: Graph) -> tuple[int, dict[str, int]]:
-    """(float32 elements, {name: offset}): every parameter's place in one buffer, each
-    at a cache-line boundary, with room for its size rounded up to even."""
-    offsets, top, per = {}, 0, ALIGN // 4
-    for name, p in g.params.items():
-        offsets[name] = top
-        top += -(-_even(math.prod(p.shape)) // per) * per
-    return top, offsets
-
-
-def buffer(size: int) -> np.ndarray:
-    return pages(4 * size, huge=True).view(np.float32)
+def place(g: Graph) -> tuple[np.ndarray, dict[str, int]]:
+    """(buffer, {name: offset}): every parameter's place in one float32 buffer, with
+    room for its size rounded up to even."""
+    return pack({name: _even(math.prod(p.shape)) for name, p in g.params.items()}, np.float32)
 
 
 def init_params(g: Graph, seed: int) -> dict[str, np.ndarray]:
     """Every parameter and buffer, in graph order, side by side in one buffer."""
-    size, offsets = slots(g)
-    buf = buffer(size)
+    buf, offsets = place(g)
     return {name: init_param(p, seed, buf[offsets[name]:]) for name, p in g.params.items()}

@@ -13,7 +13,7 @@ from ..ir.dims import Sym, fmt_shape
 from ..ir.graph import Graph, Value
 from .bindings import GradBuffers, array_dtype
 from .executor import Program, RunState, Target
-from .init import buffer, init_param, slots
+from .init import init_param, place
 
 
 class Model:
@@ -186,8 +186,8 @@ class _InitialWeights(Mapping):
 
     def __init__(self, graph: Graph, seed: int):
         self._todo = list(graph.params.items())     # a snapshot: the helper never reads the graph's dict
-        size, self._offsets = slots(graph)
-        self._buf, self._seed = buffer(size), seed  # mapped, not yet touched
+        self._buf, self._offsets = place(graph)     # mapped, not yet touched
+        self._seed = seed
         self._next = 0                              # the first parameter nobody has taken
         self._done: dict[str, np.ndarray] = {}
         self._error: BaseException | None = None
