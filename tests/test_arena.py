@@ -1,8 +1,8 @@
-"""The planned workspace (arena.py) and the kernels' scratch (kernels/cpu/scratch.py)."""
+"""The planned workspace (netdsl/runtime/arena.py) and the kernels' scratch (kernels/cpu/scratch.py)."""
 import numpy as np
 
 from helpers import compile_spec, compile_text
-from netdsl.arena import layout
+from netdsl.runtime.arena import layout
 from netdsl.autodiff import build
 from netdsl.kernels.cpu.scratch import Scratch
 from netdsl.plan import nbytes, plan
@@ -92,12 +92,12 @@ def test_pages_without_transparent_huge_pages(monkeypatch):
     """A kernel built without them refuses MADV_HUGEPAGE (EINVAL): plain pages instead."""
     import mmap
 
-    from netdsl import arena
+    from netdsl.kernels.cpu import memory
 
     class NoHugePages(mmap.mmap):
         def madvise(self, *args):
             raise OSError(22, "Invalid argument")
-    monkeypatch.setattr(arena.mmap, "mmap", NoHugePages)
-    a = arena.pages(3 << 20, huge=True)
+    monkeypatch.setattr(memory.mmap, "mmap", NoHugePages)
+    a = memory.pages(3 << 20, huge=True)
     a[:] = 7
     assert a.size == 3 << 20 and a.sum() == 7 * (3 << 20)

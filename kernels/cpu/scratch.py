@@ -16,7 +16,7 @@ import threading
 
 import numpy as np
 
-from netdsl.arena import ALIGN, pages
+from .memory import ALIGN, pages
 
 
 class Scratch(threading.local):       # one stack per thread that calls kernels

@@ -18,10 +18,10 @@ import math
 
 import numpy as np
 
-from ..arena import pack
 from ..autodiff import trainable
 from ..errors import NetdslError
 from ..ir.dims import Sym
+from .arena import pack
 
 DTYPES = {"f16": np.float16, "f32": np.float32, "f64": np.float64, "i32": np.int32, "i64": np.int64,
           "bool": np.bool_}

@@ -17,11 +17,11 @@ import zlib
 
 import numpy as np
 
-from ..arena import Layout, Workspace, layout
 from ..errors import NetdslError
 from ..ir.dims import subs
 from ..ir.graph import Value
 from ..plan import Plan, Step, plan
+from .arena import Layout, Workspace, layout
 from .bindings import DTYPES, array_dtype
 from .fused import FusedStep
 

@@ -17,8 +17,8 @@ import math
 
 import numpy as np
 
-from ..arena import pack
 from ..ir.graph import Graph, Param
+from .arena import pack
 
 
 def _fans(shape):

@@ -7,10 +7,10 @@ from collections.abc import Mapping
 import numpy as np
 
 from .. import autodiff
-from ..arena import Workspace
 from ..errors import NetdslError
 from ..ir.dims import Sym, fmt_shape
 from ..ir.graph import Graph, Value
+from .arena import Workspace
 from .bindings import GradBuffers, array_dtype
 from .executor import Program, RunState, Target
 from .init import init_param, place

@@ -11,14 +11,12 @@ the lowest offset clear of every placed value alive at any of the same steps.
 """
 from __future__ import annotations
 
-import mmap
 from dataclasses import dataclass
 
 import numpy as np
 
-from .plan import Plan, Step
-
-ALIGN = 64      # bytes: a cache line, so no two values share one
+from ..kernels.cpu.memory import ALIGN, pages
+from ..plan import Plan, Step
 
 
 @dataclass
@@ -38,25 +36,6 @@ class Layout:
                     out[j] = buf[slot[0]:slot[0] + slot[1]].view(dtype).reshape(shape)
             per.append(out)
         return per
-
-
-def pages(nbytes: int, huge: bool = False) -> np.ndarray:
-    """nbytes of fresh anonymous memory, mapped apart from malloc's heap (where a large
-    block's hole, once freed, is left for whatever comes next) and unmapped when the
-    last view of it dies; only the pages written count as resident.
-
-    huge: in huge pages where the kernel offers them (transparent huge pages in
-    "madvise" mode), for buffers that are written whole (parameters, gradients):
-    ResNet-50's cost 9K page faults each in 4 KiB pages. Not for partly used ones,
-    whose untouched pages khugepaged may fill in (a benchmark round's step memory
-    once grew by 38 MiB that way)."""
-    m = mmap.mmap(-1, max(nbytes, 1), flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-    if huge and hasattr(mmap, "MADV_HUGEPAGE"):      # Linux
-        try:
-            m.madvise(mmap.MADV_HUGEPAGE)
-        except OSError:     # a kernel built without transparent huge pages: EINVAL
-            pass
-    return np.frombuffer(m, np.uint8)
 
 
 def pack(counts: dict, dtype) -> tuple[np.ndarray, dict]:
