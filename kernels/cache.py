@@ -13,19 +13,13 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import marshal
-import os
 import sys
-import tempfile
 from pathlib import Path
 from types import ModuleType
 
+from netdsl.cachedir import cache_root, write_atomic  # noqa: F401  (re-exported: kernels use them from here)
+
 _loaded: dict[str, ModuleType] = {}
-
-
-def cache_root() -> Path:
-    """Where netdsl caches anything: `$NETDSL_CACHE_DIR`, else `~/.cache/netdsl`. Kernels
-    go in `kernels/`, elaborated graphs in `graphs/`, parser tables at the top."""
-    return Path(os.environ.get("NETDSL_CACHE_DIR") or Path.home() / ".cache" / "netdsl")
 
 
 def cache_dir() -> Path:
@@ -37,20 +31,6 @@ def cache_dir() -> Path:
 
 def source_hash(source: str) -> str:
     return hashlib.sha256(source.encode()).hexdigest()[:24]
-
-
-def write_atomic(path: Path, data: str | bytes) -> None:
-    """Write beside the target and rename: concurrent writers of the same content
-    race harmlessly, and a reader never sees half a file."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=path.suffix)
-    try:
-        with os.fdopen(fd, "wb" if isinstance(data, bytes) else "w") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def _code(source: str, path: Path):

@@ -97,7 +97,7 @@ def cache_dir(tmp_path, monkeypatch):
 def test_a_cached_graph_is_the_elaborated_one(spec, cache_dir):
     path = str(spec.relative_to(ROOT))
     fresh, src = elaborate(path)                     # a miss: elaborated and stored
-    assert len(list(cache_dir.glob("*.pickle"))) == 1
+    assert len(list(cache_dir.glob("*.json"))) == 1
     cached, src2 = elaborate(path)                   # a hit
     assert cached is not fresh
     assert _fingerprint(cached) == _fingerprint(fresh)
@@ -119,10 +119,10 @@ def test_an_edited_import_overrides_and_front_end_change_the_result(tmp_path, ca
     assert elaborate(path)[0].outputs["y"].shape[1] == 5
     assert elaborate(path, overrides={"c": 7})[0].inputs["x"].shape[1] == 7
     assert elaborate(path)[0].inputs["x"].shape[1] == 3
-    n = len(list(cache_dir.glob("*.pickle")))
+    n = len(list(cache_dir.glob("*.json")))
     monkeypatch.setattr(graph_cache, "_front_end_digest", "another netdsl")
     elaborate(path)
-    assert len(list(cache_dir.glob("*.pickle"))) == n + 1     # a new key, not the old entry
+    assert len(list(cache_dir.glob("*.json"))) == n + 1     # a new key, not the old entry
 
 
 def test_errors_are_never_cached_and_a_broken_entry_is_a_miss(tmp_path, cache_dir):
@@ -130,10 +130,10 @@ def test_errors_are_never_cached_and_a_broken_entry_is_a_miss(tmp_path, cache_di
     for _ in range(2):
         with pytest.raises(NetdslError, match="shapes cannot be combined"):
             elaborate(path)
-    assert not cache_dir.exists() or not list(cache_dir.glob("*.pickle"))
+    assert not cache_dir.exists() or not list(cache_dir.glob("*.json"))
     path = _spec(tmp_path)
     elaborate(path)
-    entry, = cache_dir.glob("*.pickle")
+    entry, = cache_dir.glob("*.json")
     entry.write_bytes(entry.read_bytes()[:100])
     assert elaborate(path)[0].outputs["y"].shape[1] == 4
 

@@ -13,15 +13,18 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
+import json
 import os
-import pickle
 import sys
 from pathlib import Path
 
+from ..cachedir import cache_root, write_atomic
+from ..ir import serial
 from ..ir.graph import Graph, Node
 
-FORMAT = 1
+FORMAT = 2             # 1 was pickle
 MAX_ENTRIES = 256      # past this, the least recently used half is removed
+MAX_BYTES = 256 << 20  # an entry larger than this is not read (no real graph comes near)
 
 _NETDSL = Path(__file__).resolve().parent.parent
 _FRONT_END = ("lang", "ir", "ops", "errors.py")
@@ -59,14 +62,11 @@ def _front_end() -> str:
 
 
 def _directory() -> Path:
-    from netdsl.kernels.cache import cache_root
     return cache_root() / "graphs"
 
 
 def _in_order(g: Graph) -> list[Node]:
-    """Every node in schedule order, a scan's body before the scan. Pickled first, they
-    keep pickle's recursion shallow (each input's producer is already written), where
-    the graph's outputs first would recurse through the whole network."""
+    """Every node in schedule order, a scan's body before the scan."""
     out = []
     for n in g.nodes:
         if n.body is not None:
@@ -76,52 +76,63 @@ def _in_order(g: Graph) -> list[Node]:
 
 
 class Entry:
-    """The cache entry for one elaboration request."""
+    """The cache entry for one elaboration request: a JSON header line (key, files read,
+    the body's hash), then the graph as JSON (netdsl/ir/serial.py). Never pickle: an
+    entry anyone could write is read as data, and one that does not check out is a miss."""
 
     def __init__(self, path: str, network: str | None, overrides: dict | None):
         self.key = repr((FORMAT, sys.version, _front_end(), os.getcwd(), os.path.abspath(path), path, network,
                          sorted((overrides or {}).items())))
-        self.file = _directory() / (hashlib.sha256(self.key.encode()).hexdigest()[:32] + ".pickle")
+        self.file = _directory() / (hashlib.sha256(self.key.encode()).hexdigest()[:32] + ".json")
 
     def load(self) -> tuple[Graph, Sources] | None:
-        """(graph, sources) if the entry exists and every file it read is unchanged."""
+        """(graph, sources) if the entry exists, checks out, and every file it read is unchanged."""
         try:
             with open(self.file, "rb") as f:
-                key, files = pickle.load(f)
-                if key != self.key:
+                if os.fstat(f.fileno()).st_size > MAX_BYTES:
                     return None
-                sources = {}
-                for shown, real, digest in files:
-                    with open(shown, encoding="utf-8") as src:    # as the parser reads it
-                        text = src.read()
-                    if _digest(text) != digest or os.path.realpath(shown) != real:
-                        return None
-                    sources[shown] = text
-                _, g = pickle.load(f)
+                head, _, body = f.read().partition(b"\n")
+            key, files, digest = json.loads(head)
+            if key != self.key or type(files) is not list:
+                return None
+            sources = {}
+            for shown, real, text_digest in files:
+                with open(shown, encoding="utf-8") as src:    # as the parser reads it
+                    text = src.read()
+                if _digest(text) != text_digest or os.path.realpath(shown) != real:
+                    return None
+                sources[shown] = text
+            if hashlib.sha256(body).hexdigest() != digest:
+                return None
+            g = serial.decode(json.loads(body))
             os.utime(self.file)         # recently used: kept when the directory is pruned
-        except Exception:   # absent, unreadable, truncated, written by other code: elaborate afresh
+        except Exception:   # absent, unreadable, truncated, garbled, hostile: elaborate afresh
             return None
         return g, Sources(sources)
 
     def store(self, g: Graph, sources: dict[str, str]):
-        """Write the entry (atomically); a graph that cannot be pickled is just not cached."""
+        """Write the entry (atomically); a graph the format cannot hold is just not cached."""
         try:
             files = [(shown, os.path.realpath(shown), _digest(text)) for shown, text in sources.items()]
-            data = (pickle.dumps((self.key, files), pickle.HIGHEST_PROTOCOL)
-                    + pickle.dumps((_in_order(g), g), pickle.HIGHEST_PROTOCOL))
-        except Exception:   # e.g. a graph too deep for pickle's recursion
+            body = json.dumps(serial.encode(g), separators=(",", ":")).encode()
+        except (serial.Unencodable, RecursionError, ValueError):
             return
-        from ..kernels.cache import write_atomic
+        head = json.dumps([self.key, files, hashlib.sha256(body).hexdigest()]).encode()
         try:
             self.file.parent.mkdir(parents=True, exist_ok=True)
-            write_atomic(self.file, data)
+            write_atomic(self.file, head + b"\n" + body)
             _prune(self.file.parent)
         except OSError:     # a read-only or full cache directory only costs the next start
             pass
 
 
 def _prune(d: Path):
-    files = list(d.glob("*.pickle"))
+    for old in d.glob("*.pickle"):    # entries of format 1, which is never read again
+        try:
+            old.unlink()
+        except OSError:
+            pass
+    files = list(d.glob("*.json"))
     if len(files) <= MAX_ENTRIES:
         return
     ages = []

@@ -13,26 +13,76 @@ from ..errors import NetdslError, Pos
 _GRAMMAR = Path(__file__).with_name("grammar.lark")
 
 
-def _cache_file() -> str | bool:
-    """Building the LALR tables costs ~0.2 s a start; Lark caches them in a file named by
-    the grammar's hash. Only under our own cache directory, and only if it is writable."""
+def _cache_file(grammar: str) -> Path | None:
+    """Where the LALR tables are cached: a file named by the grammar's hash, under our own
+    cache directory, and only if it is writable."""
     import hashlib
-    import os
-    from netdsl.kernels.cache import cache_root
-    base = str(cache_root())
-    try:
-        os.makedirs(base, exist_ok=True)
-    except OSError:
-        return False
-    if not os.access(base, os.W_OK):
-        return False
     import lark
-    key = hashlib.sha256((_GRAMMAR.read_text() + lark.__version__).encode()).hexdigest()[:16]
-    return os.path.join(base, f"grammar-{key}.lark-cache")
+    from ..cachedir import cache_root
+    base = cache_root()
+    try:
+        base.mkdir(parents=True, exist_ok=True)
+    except OSError:
+        return None
+    if not os.access(base, os.W_OK):
+        return None
+    key = hashlib.sha256((grammar + lark.__version__).encode()).hexdigest()[:16]
+    return base / f"grammar-{key}.json"
 
 
-_PARSER = Lark(_GRAMMAR.read_text(), parser="lalr", propagate_positions=True,
-               maybe_placeholders=True, cache=_cache_file())
+def _to_json(x):
+    """Lark's serialised tables as JSON: tuples and int-keyed dicts tagged (see _from_json)."""
+    if isinstance(x, list):
+        return [_to_json(e) for e in x]
+    if isinstance(x, tuple):
+        return {"\0t": [_to_json(e) for e in x]}
+    if isinstance(x, dict):
+        if all(type(k) is str for k in x):
+            return {k: _to_json(v) for k, v in x.items()}
+        return {"\0k": [[_to_json(k), _to_json(v)] for k, v in x.items()]}
+    if x is None or isinstance(x, (bool, int, float, str)):
+        return x
+    raise TypeError(f"cannot store {type(x).__name__}")
+
+
+def _from_json(d: dict):
+    if len(d) == 1:
+        if "\0t" in d:
+            return tuple(d["\0t"])
+        if "\0k" in d:
+            return {(tuple(k) if type(k) is list else k): v for k, v in d["\0k"]}
+    return d
+
+
+def _build_parser() -> Lark:
+    """Building the LALR tables costs ~0.1 s; they are cached as JSON (Lark's own cache is a
+    pickle, which would run whatever code a writer of the cache folder put in it). A
+    cache file that does not load is rebuilt."""
+    import json
+    from lark.grammar import Rule
+    from lark.lexer import TerminalDef
+    from ..cachedir import write_atomic
+    grammar = _GRAMMAR.read_text()
+    path = _cache_file(grammar)
+    if path is not None:
+        try:
+            with open(path, "rb") as f:
+                if os.fstat(f.fileno()).st_size < 16 << 20:
+                    d = json.loads(f.read(), object_hook=_from_json)
+                    return Lark._load_from_dict(d["data"], d["memo"])
+        except Exception:   # absent, damaged or foreign: build afresh
+            pass
+    p = Lark(grammar, parser="lalr", propagate_positions=True, maybe_placeholders=True)
+    if path is not None:
+        try:
+            data, memo = p.memo_serialize([TerminalDef, Rule])
+            write_atomic(path, json.dumps(_to_json({"data": data, "memo": memo}), separators=(",", ":")))
+        except (OSError, TypeError, ValueError):
+            pass
+    return p
+
+
+_PARSER = _build_parser()
 
 # how terminals are named in messages
 _TOKEN_NAMES = {
