@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 
@@ -33,12 +34,18 @@ def parse_sets(items) -> dict:
             out[k] = v == "true"
         else:
             try:
-                out[k] = int(v)
+                out[k] = int(v) if len(v) <= 40 else float(v)   # Python refuses ints past 4300 digits
             except ValueError:
                 try:
                     out[k] = float(v)
                 except ValueError:
                     out[k] = v
+        from .lang.limits import MAX_INT
+        x = out[k]
+        if isinstance(x, float) and not math.isfinite(x) or type(x) is int and abs(x) > MAX_INT:
+            raise NetdslError(f"--set {k}={v[:30]}{'...' if len(v) > 30 else ''}: "
+                              + ("too large" if type(x) is int or v.lstrip("+-").isdigit() else "not a finite number"),
+                              hint=f"numbers are 64-bit integers (at most {MAX_INT:,}) or finite floats")
     return out
 
 

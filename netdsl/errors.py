@@ -68,7 +68,12 @@ def _render_one(kind: str, message: str, pos: Pos | None, sources: dict[str, str
 def _source_text(path: str, sources: dict[str, str] | None) -> str | None:
     if sources and path in sources:
         return sources[path]
-    try:
+    import os
+    import stat
+    try:   # only a regular file of a sane size: never wait on a FIFO or read /dev/zero
+        st = os.stat(path)
+        if not stat.S_ISREG(st.st_mode) or st.st_size > 64 << 20:
+            return None
         with open(path, encoding="utf-8") as f:
             return f.read()
     except (OSError, ValueError):   # unreadable, or not UTF-8: show no source line

@@ -12,15 +12,13 @@ from lark import Tree
 from ..errors import NetdslError, Note, Pos, did_you_mean
 from ..ir.dims import Sym, fmt_shape, is_dim
 from ..ir.graph import Carry, Frame, Graph, Loss, Node, Value
-from ..ops.registry import _show
-from . import training
+from . import limits, training
 from .expressions import (Builtin, Def, Env, Expressions, Namespace, ScanResult, StepState, _Return,
-                          _sig)
+                          _show, _sig, check_elements, check_label)
+from .limits import MAX_DEPTH, MAX_ITERATIONS
 from .parser import Loader, Module, pos_of
 
 DTYPES = ("f16", "f32", "f64", "i32", "i64", "bool")
-MAX_DEPTH = 64
-MAX_ITERATIONS = 100_000   # loop iterations unrolled per network: far above any real one
 
 
 class Elaborator(Expressions):
@@ -35,8 +33,19 @@ class Elaborator(Expressions):
         self.symvals: dict = {}
         self.output_pos: dict[str, Pos | None] = {}
         self.iterations = 0
+        self.calls = 0            # block and step calls, nodes, and list items and characters
+        self.nodes = 0            # built: each has a limit (limits.py)
+        self.work = 0
+        self.main: Module | None = None
+        self.net_params: dict = {}   # the network's parameters: seen in blocks and steps too
+        self.net_env: Env | None = None
+        self.consts_set: set[str] = set()   # --set names that replaced a top-level const
         self._globals: dict[int, Env] = {}
         self.file = ""
+
+    @property
+    def net_locals(self):
+        return self.net_env.vars if self.net_env is not None else {}
 
     # ------------------------------------------------------------ entry
     def network(self, mod: Module, name: str | None) -> Graph:
@@ -62,11 +71,13 @@ class Elaborator(Expressions):
                               hint=did_you_mean(name, nets) or "networks: " + ", ".join(nets))
         tree = nets[name][1]
         self.file = mod.path
+        self.main = mod
         g = self.graph = Graph(name, pos=pos_of(tree.children[0], mod.path))
         env = Env(self.globals(mod))
         self.bind_params(Def("network_def", tree, mod), env, [], {}, pos_of(tree, mod.path),
                          overrides=self.overrides)
         g.args = {k: v for k, v in env.vars.items()}
+        self.net_params, self.net_env = dict(env.vars), env
         self.frames = [Frame("", "network", name, g.pos)]
         try:
             self.exec_body(tree.children[2], env, mod)
@@ -74,15 +85,36 @@ class Elaborator(Expressions):
             raise NetdslError("'return' belongs in a block", r.pos,
                               hint="a network names its results with `output NAME`") from None
         for k in self.overrides:
-            raise NetdslError(f"--set {k}: network '{name}' has no parameter or dimension '{k}'", g.pos,
-                              hint=did_you_mean(k, list(env.vars) + list(g.symbols)) or
-                              "its parameters and dimensions: " + ", ".join(list(g.args) + list(g.symbols)))
+            if k not in self.consts_set:
+                raise self._cannot_set(k, mod)
         if not g.outputs and not g.losses:
             raise NetdslError(f"network '{name}' has no output and no loss", g.pos,
                               hint="add `output NAME` or `loss NAME = ...`")
         if not g.train:
             g.train = training.defaults()
         return g
+
+    def _cannot_set(self, k: str, mod: Module) -> NetdslError:
+        """--set of a name that is none of the settable ones: say what it is, and what can be set."""
+        g = self.graph
+        consts = [n for n, (kind, _) in mod.defs.items() if kind == "const_def"]
+        settable = list(g.args) + list(g.symbols) + consts
+        why = ""
+        if k in mod.defs:
+            why = f"; '{k}' is a {mod.defs[k][0][:-4]}"
+        elif any(t.data == "const_def" and t.children[0].value == k for t in mod.tree.iter_subtrees()):
+            why = f"; '{k}' is a const inside a body, and only the file's top-level ones can be set"
+        else:
+            owner = next((m for m in self.loader.modules.values()
+                          if m is not mod and m.defs.get(k, ("",))[0] == "const_def"), None)
+            if owner is not None:
+                why = f"; '{k}' is a const of '{owner.path}', and only the spec file's own can be set"
+        can = "; ".join(f"{what} {', '.join(names)}" for what, names in
+                        (("parameters", list(g.args)), ("dimensions", list(g.symbols)), ("constants", consts)) if names)
+        return NetdslError(f"--set {k}: network '{g.name}' has no parameter, dimension or top-level const "
+                           f"'{k}'{why}", g.pos,
+                           hint=(did_you_mean(k, settable) or "") + (" " if did_you_mean(k, settable) else "") +
+                           (f"--set can set: {can}" if can else "there is nothing in it to set"))
 
     def globals(self, mod: Module) -> Env:
         if id(mod) not in self._globals:
@@ -101,9 +133,25 @@ class Elaborator(Expressions):
                     else:
                         env.vars[n] = Def(kind, tree, sub)
         for n, (kind, tree) in mod.defs.items():
-            env.vars[n] = (self.eval(tree.children[1], Env(env), mod) if kind == "const_def"
-                           else Def(kind, tree, mod))
+            if kind == "const_def" and mod is self.main and n in self.overrides:
+                env.vars[n] = self.overrides[n]   # --set NAME=V of the spec file's top-level const
+                self.consts_set.add(n)
+            else:
+                env.vars[n] = (self.eval(tree.children[1], Env(env), mod) if kind == "const_def"
+                               else Def(kind, tree, mod))
         return env
+
+    def count_node(self, pos):
+        self.nodes += 1
+        if self.nodes > limits.MAX_NODES:
+            raise NetdslError(f"the network has more than {limits.MAX_NODES:,} operator nodes", pos,
+                              hint="a loop or a recursive block makes far more layers than intended")
+
+    def count_call(self, d: Def, pos):
+        self.calls += 1
+        if self.calls > limits.MAX_CALLS:
+            raise NetdslError(f"blocks and steps are called more than {limits.MAX_CALLS:,} times in all "
+                              f"(here '{d.name}')", pos, hint="a recursive block branches far more than intended")
 
     # ------------------------------------------------------------ helpers
     def pos(self, node, mod: Module) -> Pos | None:
@@ -238,7 +286,9 @@ class Elaborator(Expressions):
             raise NetdslError(f"loops unroll more than {MAX_ITERATIONS} times in all", self.pos(st, mod),
                               hint="a loop count is far larger than intended")
         if scope is not None:
-            self.frames.append(Frame(f"{scope.value}{i + 1}", "loop", scope.value, self.pos(st, mod)))
+            # `as stage` names the iteration's path component, and is that name as a value
+            env.vars[scope.value] = f"{scope.value}{i + 1}"
+            self.frames.append(Frame(env.vars[scope.value], "loop", scope.value, self.pos(st, mod)))
         try:
             self.exec_body(body, env, mod)
         finally:
@@ -279,6 +329,7 @@ class Elaborator(Expressions):
             prev = self.graph.inputs.get(name.value)
             raise NetdslError(f"'{name.value}' is already defined", self.pos(name, mod),
                               notes=[Note("first defined here", prev.pos)] if prev is not None else [])
+        check_elements(shape, f"input '{name.value}'", self.pos(st, mod))
         v = Value(shape, dtype.value, name=name.value, pos=self.pos(st, mod))
         self.graph.inputs[name.value] = v
         env.vars[name.value] = v
@@ -416,10 +467,9 @@ class Elaborator(Expressions):
     # ------------------------------------------------------------ blocks and steps
     def call_block(self, d: Def, args, kwargs, pos, kwpos=None):
         kwargs = dict(kwargs)
-        label = kwargs.pop("name", None)
-        if label is not None and not isinstance(label, str):
-            raise NetdslError(f"name= must be a string, got {_show(label)}", pos)
+        label = check_label(kwargs.pop("name", None), (kwpos or {}).get("name", pos))
         self._check_depth(d, pos)
+        self.count_call(d, pos)
         env = Env(self.globals(d.module))
         self.bind_params(d, env, args, kwargs, pos, kwpos=kwpos)
         key = (d.name, tuple(_sig(a) for a in args), tuple(sorted((k, _sig(v)) for k, v in kwargs.items())))
@@ -470,10 +520,9 @@ class Elaborator(Expressions):
         return self.run_scan(d, pos_args, kwargs, kwpos, length, pos)
 
     def run_scan(self, d: Def, args, kwargs, kwpos, length, pos):
-        label = kwargs.pop("name", None)
-        if label is not None and not isinstance(label, str):
-            raise NetdslError(f"name= must be a string, got {_show(label)}", kwpos.get("name", pos))
+        label = check_label(kwargs.pop("name", None), kwpos.get("name", pos))
         self._check_depth(d, pos)
+        self.count_call(d, pos)
         senv = Env(self.globals(d.module))
         seq_names = self.bind_params(d, senv, args, kwargs, pos, kwpos=kwpos)
         seqs = []
@@ -496,6 +545,7 @@ class Elaborator(Expressions):
         scope = label or self.fresh("op", d.name, 1)
         path = ".".join(p for p in (self.scope_path(), scope) if p)
         self.claim(path, pos)
+        self.count_node(pos)
         body = Graph(d.name, pos=pos)
         state = StepState(body)
         for n, v in zip(seq_names, seqs):
@@ -532,6 +582,7 @@ class Elaborator(Expressions):
         body.outputs = {f"emit{i}": v for i, (v, _) in enumerate(state.emits)}
         body.carries = [c for _, c, _ in state.carries]
         for i, (shape, dtype) in enumerate(outs):
+            check_elements(shape, f"scan {d.name}'s output", pos)
             node.outputs.append(Value(tuple(shape), dtype, node, i, pos=pos))
         ne = len(state.emits)
         for (_, c, _), v in zip(state.carries, node.outputs[ne:]):
@@ -553,11 +604,16 @@ def _all_nodes(g: Graph):
 def elaborate_uncached(path: str, network: str | None = None, overrides: dict | None = None) -> tuple[Graph, Loader]:
     """Parse `path` and its imports and elaborate a network (see netdsl.lang.elaborate)."""
     loader = Loader()
-    mod = loader.load(path)
-    el = Elaborator(loader, overrides)
+    el = None
     try:
+        mod = loader.load(path)
+        el = Elaborator(loader, overrides)
         g = el.network(mod, network)
-    except RecursionError:   # a resource limit, not a bug: say so at the network
+    except RecursionError:   # a resource limit, not a bug: say so at the network (or the file)
         raise NetdslError("the spec nests too deeply to elaborate (expressions, blocks or loops)",
-                          el.graph.pos if el.graph else Pos(mod.path, 1, 1)) from None
+                          el.graph.pos if el is not None and el.graph else Pos(path, 1, 1),
+                          hint="an expression or a value nests hundreds of levels deep") from None
+    except MemoryError:      # past every limit in limits.py: still the spec's doing, not a crash
+        raise NetdslError("the machine ran out of memory elaborating the spec",
+                          el.graph.pos if el is not None and el.graph else Pos(path, 1, 1)) from None
     return g, loader

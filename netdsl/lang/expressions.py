@@ -7,6 +7,7 @@ registry.
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass
 
 from lark import Token, Tree
@@ -16,9 +17,17 @@ from ..ir.dims import Sym, fmt_shape, is_dim
 from ..ir.graph import Carry, Graph, Node, Param, Value
 from ..ops import OPS, REQUIRED, Ctx, OpDef
 from ..ops.elementwise import BINARY_SYMBOLS
-from ..ops.registry import check_attr, _show
-from . import training
+from ..ops import registry
+from ..ops.registry import check_attr
+from . import limits, training
+from .limits import MAX_EXPONENT, MAX_INT, MAX_LIST, MAX_STRING
 from .parser import Module
+
+
+def _show(v) -> str:
+    """A value as messages show it, cut short: a value that hit a size limit can be huge."""
+    s = registry._show(v)
+    return s if len(s) <= 120 else s[:100] + " ... " + s[-15:]
 
 # ---- things a name can stand for
 
@@ -71,10 +80,6 @@ class _Return(Exception):
         self.value, self.pos = value, pos
 
 
-MAX_EXPONENT = 4096       # compile-time integers stay small enough to print
-MAX_LIST = 1_000_000      # longest list a spec may build (range)
-
-
 def _builtin_range(*a):
     if not all(isinstance(x, int) and not isinstance(x, bool) for x in a) or not 1 <= len(a) <= 3:
         raise TypeError("range() takes 1 to 3 integers")
@@ -91,8 +96,14 @@ BUILTINS = {
     "max": lambda *a: max(a[0] if len(a) == 1 else a),
     "int": int, "float": float, "abs": abs,
     "sqrt": math.sqrt, "ceil": math.ceil, "floor": math.floor,
-    "str": lambda v: v if isinstance(v, str) else _show(v),   # e.g. name="features." + str(i)
+    "str": lambda v: v if isinstance(v, str) else registry._show(v),   # e.g. name="features." + str(i)
 }
+
+
+def _chain(env):
+    while env is not None:
+        yield env
+        env = env.parent
 
 
 class Env:
@@ -125,6 +136,62 @@ class StepState:
         self.emits: list[tuple[Value, Pos]] = []
 
 
+_MISSING = object()
+_ESCAPE = re.compile(r'\\(x[0-9a-fA-F]{2}|u[0-9a-fA-F]{4}|U[0-9a-fA-F]{8}|.)', re.S)
+_ESCAPES = {"n": "\n", "t": "\t", "r": "\r", "0": "\0", "\\": "\\", '"': '"', "'": "'"}
+
+
+def _unescape(body: str) -> str:
+    """A string literal's text with its escapes (\\n \\t \\r \\0 \\\\ \\" \\xHH \\uHHHH \\UHHHHHHHH) decoded;
+    anything else after a backslash is an error (ValueError)."""
+    def one(m):
+        e = m.group(1)
+        if e in _ESCAPES:
+            return _ESCAPES[e]
+        if e[0] in "xuU" and len(e) > 1:
+            c = int(e[1:], 16)
+            if c > 0x10FFFF or 0xD800 <= c <= 0xDFFF:
+                raise ValueError(f"\\{e} is not a character")
+            return chr(c)
+        raise ValueError(f"unknown escape '\\{e}'")
+    return _ESCAPE.sub(one, body) if "\\" in body else body
+
+
+def check_label(label, pos):
+    """A name= value: a string that can be a path component (no control characters)."""
+    if label is None:
+        return None
+    if not isinstance(label, str):
+        raise NetdslError(f"name= must be a string, got {_show(label)}", pos)
+    if any(ord(c) < 32 or ord(c) == 127 for c in label):
+        raise NetdslError(f"name= '{label.encode('unicode_escape').decode()[:60]}' contains a control character "
+                          f"(a newline, a tab...)", pos,
+                          hint="names become parameter paths like layer1.0.conv1.weight")
+    return label
+
+
+def check_elements(shape, what: str, pos):
+    """A tensor's fixed dimensions must multiply to at most limits.MAX_ELEMENTS (int64)."""
+    n = 1
+    for d in shape:
+        if isinstance(d, int):
+            n *= d
+    if n > limits.MAX_ELEMENTS:
+        raise NetdslError(f"{what} {fmt_shape(shape)} would have more than 2**63 elements", pos,
+                          hint="a dimension is far larger than intended")
+
+
+class _Sized:
+    """Stands for a list or string of `n` items before it is built, for `checked`."""
+
+    def __init__(self, kind, n):
+        self.kind, self.n = kind, n
+
+
+def _terms_of(v):
+    return v.terms if isinstance(v, Sym) else (1,)
+
+
 def _is_number(v) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool)
 
@@ -141,8 +208,10 @@ class Expressions:
     """Expression evaluation; expects the host to provide pos, fresh, claim, scope_path,
     frames, graph, target, symvals, call_block and run_scan."""
     # ------------------------------------------------------------ expressions
-    def lookup(self, tok: Token, env: Env, mod: Module):
-        n = tok.value
+    def resolve(self, n: str, env: Env):
+        """What a name stands for: the scope's own names (a block's parameters and locals,
+        then its file's definitions), operators, built-ins, the parameters of the network
+        being elaborated, symbolic dimensions; _MISSING if none."""
         try:
             return env.lookup(n)
         except KeyError:
@@ -151,10 +220,83 @@ class Expressions:
             return OPS[n]
         if n in BUILTINS:
             return Builtin(n, BUILTINS[n])
+        if n in self.net_params:
+            return self.net_params[n]
         if n in self.symvals:
             return self.symvals[n]
-        cands = env.names() | set(OPS) | set(BUILTINS)
-        raise NetdslError(f"unknown name '{n}'", self.pos(tok, mod), hint=did_you_mean(n, cands))
+        return _MISSING
+
+    def lookup(self, tok: Token, env: Env, mod: Module):
+        v = self.resolve(tok.value, env)
+        if v is _MISSING:
+            n = tok.value
+            cands = env.names() | set(OPS) | set(BUILTINS) | set(self.net_params)
+            hint = did_you_mean(n, cands)
+            if hint is None and n in self.net_locals:
+                hint = (f"'{n}' is a variable of network '{self.graph.name}': blocks see the network's "
+                        f"parameters, not its variables; pass it to the block as an argument")
+            raise NetdslError(f"unknown name '{n}'", self.pos(tok, mod), hint=hint)
+        return v
+
+    def callee(self, t, env: Env, mod: Module):
+        """The function of a call or a pipeline stage; an unknown name there is an unknown
+        operator or block, with the closest ones in scope as the hint."""
+        if isinstance(t, Tree) and t.data == "name":
+            tok = t.children[0]
+            v = self.resolve(tok.value, env)
+            if v is _MISSING:
+                defs = {n for e in _chain(env) for n, d in e.vars.items() if isinstance(d, Def)}
+                raise NetdslError(f"unknown operator or block '{tok.value}'", self.pos(tok, mod),
+                                  hint=did_you_mean(tok.value, set(OPS) | set(BUILTINS) | defs) or
+                                  "`netdsl ops` lists the operators")
+            return v
+        return self.eval(t, env, mod)
+
+    # ------------------------------------------------------------ limits
+    def checked(self, v, pos):
+        """`v` if it is within the limits on compile-time values (netdsl/lang/limits.py)."""
+        t = type(v)
+        if t is int:
+            if -MAX_INT <= v <= MAX_INT:
+                return v
+            raise NetdslError(f"an integer of {len(str(abs(v)))} digits is too large", pos,
+                              hint=f"compile-time integers are 64-bit (at most {MAX_INT:,})")
+        if t is float:
+            if math.isfinite(v):
+                return v
+            raise NetdslError(f"the result is {v}, not a finite number", pos)
+        if t is str:
+            if len(v) > MAX_STRING:
+                raise NetdslError(f"a string of {len(v):,} characters is longer than the {MAX_STRING:,} "
+                                  f"a spec may build", pos)
+        elif t is list or t is tuple:
+            if len(v) > MAX_LIST:
+                raise NetdslError(f"a list of {len(v):,} items is longer than the {MAX_LIST:,} a spec may build", pos)
+        elif t is _Sized:
+            limit, what = (MAX_STRING, "string") if v.kind is str else (MAX_LIST, "list")
+            if v.n > limit:
+                raise NetdslError(f"this {what} would have {v.n:,} {'characters' if v.kind is str else 'items'}, "
+                                  f"more than the {limit:,} a spec may build", pos,
+                                  hint=f"a {what} grows in a loop far more than intended")
+        elif t is Sym:
+            if len(v.terms) > limits.MAX_DIM_TERMS or any(len(m) > limits.MAX_DIM_DEGREE for m in v.terms):
+                raise NetdslError(f"a symbolic dimension grows too large ({len(v.terms)} terms, degree "
+                                  f"{max(len(m) for m in v.terms)})", pos,
+                                  hint=f"limits: {limits.MAX_DIM_TERMS} terms of degree {limits.MAX_DIM_DEGREE}")
+            if any(not -MAX_INT <= c <= MAX_INT for c in v.terms.values()):
+                raise NetdslError(f"a coefficient of the symbolic dimension is too large", pos,
+                                  hint=f"compile-time integers are 64-bit (at most {MAX_INT:,})")
+            if sum(len(x) for m in v.terms for x in m) > limits.MAX_DIM_TEXT:
+                raise NetdslError(f"a symbolic dimension's expression is longer than {limits.MAX_DIM_TEXT:,} "
+                                  f"characters", pos)
+        return v
+
+    def grow(self, n: int, pos):
+        """Count `n` items or characters built toward the total a spec may build."""
+        self.work += n
+        if self.work > limits.MAX_WORK:
+            raise NetdslError(f"the spec builds more than {limits.MAX_WORK:,} list items and string "
+                              f"characters in all", pos, hint="a list or string grows in a loop far more than intended")
 
     def eval(self, t, env: Env, mod: Module, train: bool = False):
         if isinstance(t, Token):
@@ -168,10 +310,21 @@ class Expressions:
 
     def ex_number(self, t, env, mod):
         s = t.children[0].value
-        return float(s) if any(c in s for c in ".eE") else int(s)
+        if any(c in s for c in ".eE"):
+            return self.checked(float(s), self.pos(t, mod))
+        if len(s) > 19:   # past 64 bits: say so before Python's own limit on digits is reached
+            raise NetdslError(f"the number {s[:20]}{'...' if len(s) > 20 else ''} ({len(s)} digits) is too large",
+                              self.pos(t, mod), hint=f"compile-time integers are 64-bit (at most {MAX_INT:,})")
+        return self.checked(int(s), self.pos(t, mod))
 
     def ex_string(self, t, env, mod):
-        return bytes(t.children[0].value[1:-1], "utf-8").decode("unicode_escape")
+        try:
+            v = _unescape(t.children[0].value[1:-1])
+        except ValueError as e:
+            raise NetdslError(f"in this string: {e}", self.pos(t, mod),
+                              hint='escapes: \\n \\t \\r \\0 \\\\ \\" \\xHH \\uHHHH \\UHHHHHHHH') from None
+        self.grow(len(v), self.pos(t, mod))
+        return self.checked(v, self.pos(t, mod))
 
     def ex_true(self, t, env, mod):
         return True
@@ -183,9 +336,13 @@ class Expressions:
         return None
 
     def ex_tuple(self, t, env, mod, train=False):
+        self.checked(_Sized(tuple, len(t.children)), self.pos(t, mod))
+        self.grow(len(t.children), self.pos(t, mod))
         return tuple(self.eval(c, env, mod, train) for c in t.children if c is not None)
 
     def ex_list(self, t, env, mod, train=False):   # train: e.g. augment = [crop(pad = 4), flip]
+        self.checked(_Sized(list, len(t.children)), self.pos(t, mod))
+        self.grow(len(t.children), self.pos(t, mod))
         return [self.eval(c, env, mod, train) for c in t.children if c is not None]
 
     def ex_if_expr(self, t, env, mod, train=False):
@@ -229,18 +386,23 @@ class Expressions:
             return v if op.value == "+" else self.apply_op(OPS["neg"], [v], {}, self.pos(t, mod))
         if not _is_number(v):
             raise NetdslError(f"'{op.value}' needs a number, got {_show(v)}", self.pos(t, mod))
-        return v if op.value == "+" else -v
+        return v if op.value == "+" else self.checked(-v, self.pos(t, mod))
 
     def ex_power(self, t, env, mod):
         a, b = (self.eval(c, env, mod) for c in t.children)
         if not (_is_number(a) and _is_number(b)):
             raise NetdslError(f"'**' needs numbers, got {_show(a)} and {_show(b)}", self.pos(t, mod))
-        if isinstance(a, int) and isinstance(b, int) and abs(a) > 1 and b > MAX_EXPONENT:
-            raise NetdslError(f"{a} ** {b} is too large to compute", self.pos(t, mod))
+        if isinstance(a, int) and isinstance(b, int) and abs(a) > 1 and b > 0 and \
+                (b > MAX_EXPONENT or b * math.log2(abs(a)) > 64):   # known too large before computing it
+            raise NetdslError(f"{a} ** {b} is too large to compute", self.pos(t, mod),
+                              hint=f"compile-time integers are 64-bit (at most {MAX_INT:,})")
         try:
-            return a ** b
+            v = a ** b
         except (OverflowError, ZeroDivisionError) as e:
             raise NetdslError(f"{_show(a)} ** {_show(b)}: {e}", self.pos(t, mod)) from None
+        if isinstance(v, complex):
+            raise NetdslError(f"{_show(a)} ** {_show(b)} has no real value", self.pos(t, mod))
+        return self.checked(v, self.pos(t, mod))
 
     def ex_binop(self, t, env, mod):
         a, op, b = t.children
@@ -248,26 +410,35 @@ class Expressions:
         pos = self.pos(t, mod)
         if isinstance(x, Value) or isinstance(y, Value):
             return self.tensor_arith(op.value, x, y, pos)
-        if isinstance(x, (list, tuple)) and isinstance(y, (list, tuple)) and op.value == "+":
-            return type(x)(list(x) + list(y))
-        if isinstance(x, str) and isinstance(y, str) and op.value == "+":
-            return x + y
+        if op.value == "+" and (isinstance(x, (list, tuple)) and isinstance(y, (list, tuple))
+                                or isinstance(x, str) and isinstance(y, str)):
+            # sized before it is built: a list doubled in a loop must stop here, not in MemoryError
+            self.checked(_Sized(type(x), len(x) + len(y)), pos)
+            self.grow(len(x) + len(y), pos)
+            return x + y if type(x) is type(y) else type(x)(list(x) + list(y))
         if not ((_is_number(x) or isinstance(x, Sym)) and (_is_number(y) or isinstance(y, Sym))):
             raise NetdslError(f"'{op.value}' cannot combine {_show(x)} and {_show(y)}", pos)
+        if op.value in ("//", "%", "/") and isinstance(y, (int, float)) and y == 0:
+            raise NetdslError("division by zero", pos)
+        if isinstance(x, Sym) or isinstance(y, Sym):   # the work of polynomial arithmetic, counted
+            self.grow(len(_terms_of(x)) * len(_terms_of(y)), pos)
         try:
-            if op.value == "+": return x + y
-            if op.value == "-": return x - y
-            if op.value == "*": return x * y
-            if op.value == "//": return x // y
-            if op.value == "%": return x % y
-            if op.value == "/":
+            if op.value == "+": v = x + y
+            elif op.value == "-": v = x - y
+            elif op.value == "*": v = x * y
+            elif op.value == "//": v = x // y
+            elif op.value == "%": v = x % y
+            else:
                 if isinstance(x, Sym) or isinstance(y, Sym):
                     raise NetdslError("use '//' to divide dimensions", pos)
-                return x / y
+                v = x / y
         except ZeroDivisionError:
             raise NetdslError("division by zero", pos) from None
+        except OverflowError as e:
+            raise NetdslError(f"'{op.value}': {e}", pos) from None
         except TypeError:
             raise NetdslError(f"'{op.value}' cannot combine {_show(x)} and {_show(y)}", pos) from None
+        return self.checked(v, pos)
 
     def tensor_arith(self, op, x, y, pos):
         if isinstance(x, Value) and isinstance(y, Value):
@@ -368,7 +539,7 @@ class Expressions:
             if isinstance(stage, Tree) and stage.data == "call":
                 v = self.ex_call(stage, env, mod, train, first=v)
             else:
-                callee = self.eval(stage, env, mod)
+                callee = self.callee(stage, env, mod)
                 v = self.call(callee, [v], {}, self.pos(stage, mod), mod, argpos=[self.pos(left, mod)])
         return v
 
@@ -377,7 +548,7 @@ class Expressions:
         if train and isinstance(fn, Tree) and fn.data == "name" and fn.children[0].value not in env.names():
             callee = Builtin(fn.children[0].value, None)
         else:
-            callee = self.eval(fn, env, mod)
+            callee = self.callee(fn, env, mod)
         pos_args = [] if first is None else [first]
         argpos = [] if first is None else [self.pos(t, mod)]
         kwargs, kwpos = {}, {}
@@ -415,9 +586,12 @@ class Expressions:
             if kwargs:
                 raise NetdslError(f"{callee.name}() takes no keyword arguments", pos)
             try:
-                return callee.fn(*args)
+                v = callee.fn(*args)
             except (TypeError, ValueError, OverflowError) as e:
                 raise NetdslError(f"{callee.name}(): {e}", pos) from None
+            if isinstance(v, (list, str)):
+                self.grow(len(v), pos)
+            return self.checked(v, pos)
         if isinstance(callee, Builtin):
             raise NetdslError(f"'{callee.name}' can only be used in the train section", pos)
         raise NetdslError(f"{_show(callee)} is not callable", pos)
@@ -427,9 +601,7 @@ class Expressions:
         kwargs = dict(kwargs)
         kwpos = dict(kwpos or {})
         argpos = list(argpos or [])
-        label = kwargs.pop("name", None)
-        if label is not None and not isinstance(label, str):
-            raise NetdslError(f"name= must be a string, got {_show(label)}", kwpos.get("name", pos))
+        label = check_label(kwargs.pop("name", None), kwpos.get("name", pos))
         ninputs = len(op.inputs)
         inputs: list = []
         rest = list(args)
@@ -486,6 +658,7 @@ class Expressions:
                 attrs[a.name] = check_attr(op, a, a.default, pos)
             else:
                 attrs[a.name] = check_attr(op, a, attrs[a.name], (kwpos or {}).get(a.name, pos))
+        self.count_node(pos)
         local = label or self.fresh("op", op.name, 1)
         path = ".".join(p for p in (self.scope_path(), local) if p)
         self.claim(path, pos)
@@ -495,11 +668,14 @@ class Expressions:
         for i, (shape, dtype) in enumerate(outs):
             node.outputs.append(Value(tuple(shape), dtype, node, i, pos=pos))
         ctx.outputs = node.outputs
+        for v in node.outputs:
+            check_elements(v.shape, f"{op.name}'s output", pos)
         if op.params:
             for role, (shape, init, kind) in op.params(ctx).items():
                 if not all(isinstance(d, int) for d in shape):
                     raise NetdslError(f"{op.name}: parameter '{role}' would have a symbolic shape "
                                       f"{fmt_shape(shape)}", pos, hint="fix the dimension with --set")
+                check_elements(shape, f"{op.name}'s parameter '{role}'", pos)
                 p = Param(f"{path}.{role}", tuple(shape), "f32", init, node, kind)
                 node.params[role] = p
                 self.graph.params[p.name] = p

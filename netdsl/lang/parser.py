@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -9,6 +10,7 @@ from lark import Lark, Token, Tree
 from lark.exceptions import UnexpectedCharacters, UnexpectedEOF, UnexpectedInput, UnexpectedToken
 
 from ..errors import NetdslError, Pos
+from . import limits
 
 _GRAMMAR = Path(__file__).with_name("grammar.lark")
 
@@ -274,6 +276,7 @@ class Loader:
         self.sources: dict[str, str] = {}
         self._stack: list[str] = []
         self._import_pos: list[Pos | None] = []   # where each file on the stack was imported
+        self._bytes = 0                           # read so far, toward MAX_TOTAL_SOURCE_BYTES
 
     def load(self, path: str, pos: Pos | None = None) -> Module:
         key = os.path.realpath(path)
@@ -285,18 +288,10 @@ class Loader:
                               hint="move the shared blocks into a file both can import")
         if key in self.modules:
             return self.modules[key]
-        try:
-            with open(path, encoding="utf-8") as f:
-                text = f.read()
-        except FileNotFoundError:
-            raise NetdslError(f"cannot find '{path}'", pos or Pos(path, 1, 1), hint=None if pos is None else
-                              "import paths are relative to the importing file") from None
-        except IsADirectoryError:
-            raise NetdslError(f"'{path}' is a directory, not a .net file", pos or Pos(path, 1, 1)) from None
-        except UnicodeDecodeError:
-            raise NetdslError(f"'{path}' is not a text file (it is not valid UTF-8)", pos or Pos(path, 1, 1)) from None
-        except OSError as e:
-            raise NetdslError(f"cannot read '{path}': {e.strerror or e}", pos or Pos(path, 1, 1)) from None
+        if len(self._stack) >= limits.MAX_IMPORT_DEPTH:
+            raise NetdslError(f"imports nest more than {limits.MAX_IMPORT_DEPTH} deep", pos,
+                              hint="a chain of files each importing the next; flatten it")
+        text = self._read(path, pos or Pos(path, 1, 1), pos is not None)
         if "\0" in text:
             raise NetdslError(f"'{path}' is not a text file (it contains NUL bytes)", pos or Pos(path, 1, 1))
         if not text.strip():
@@ -328,6 +323,50 @@ class Loader:
             self._import_pos.pop()
         self.modules[key] = mod
         return mod
+
+    def _read(self, path: str, where: Pos, imported: bool) -> str:
+        """A spec file's text: a regular file of at most limits.MAX_SOURCE_BYTES, in UTF-8.
+        Opened without blocking and checked before it is read, so neither a FIFO nor
+        /dev/zero nor a huge file can stall or exhaust the process."""
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+        except FileNotFoundError:
+            raise NetdslError(f"cannot find '{path}'", where, hint="import paths are relative to the importing file"
+                              if imported else None) from None
+        except OSError as e:
+            raise NetdslError(f"cannot read '{path}': {e.strerror or e}", where) from None
+        try:
+            st = os.fstat(fd)
+            if stat.S_ISDIR(st.st_mode):
+                raise NetdslError(f"'{path}' is a directory, not a .net file", where)
+            if not stat.S_ISREG(st.st_mode):
+                kind = ("a FIFO" if stat.S_ISFIFO(st.st_mode) else "a device" if stat.S_ISCHR(st.st_mode) or
+                        stat.S_ISBLK(st.st_mode) else "a socket" if stat.S_ISSOCK(st.st_mode) else "not a file")
+                raise NetdslError(f"'{path}' is {kind}, not a regular .net file", where)
+            limit = min(limits.MAX_SOURCE_BYTES, limits.MAX_TOTAL_SOURCE_BYTES - self._bytes)
+            chunks, n = [], 0
+            while st.st_size <= limit and n <= limit:   # up to limit + 1: a file that grew is caught too
+                chunk = os.read(fd, limit + 1 - n)
+                if not chunk:
+                    break
+                chunks.append(chunk)
+                n += len(chunk)
+            data = b"".join(chunks)
+        except OSError as e:
+            raise NetdslError(f"cannot read '{path}': {e.strerror or e}", where) from None
+        finally:
+            os.close(fd)
+        if st.st_size > limit or len(data) > limit:
+            size = max(st.st_size, len(data))
+            what = (f"{size:,} bytes, more than the {limits.MAX_SOURCE_BYTES:,} a .net file may have"
+                    if limit == limits.MAX_SOURCE_BYTES else
+                    f"the spec and its imports would be more than {limits.MAX_TOTAL_SOURCE_BYTES:,} bytes")
+            raise NetdslError(f"'{path}' is too large: {what}", where)
+        self._bytes += len(data)
+        try:   # newlines as text-mode open() reads them (the graph cache hashes the text that way)
+            return data.decode("utf-8").replace("\r\n", "\n").replace("\r", "\n")
+        except UnicodeDecodeError as e:
+            raise NetdslError(f"'{path}' is not a text file (it is not valid UTF-8 at byte {e.start})", where) from None
 
 
 def _note(msg, pos):
