@@ -46,7 +46,7 @@ def test_round_trip_is_bit_identical(tmp_path):
 
     fresh = _params(seed=1)
     ids = {k: id(v) for k, v in fresh.items()}
-    load_weights(fresh, c)
+    load_weights(fresh, c, allow_nonfinite=True)  # the NaN/inf are there to test bits, not a diverged run
     assert all(id(v) == ids[k] for k, v in fresh.items())  # in place: optimisers keep their references
     assert all(fresh[k].tobytes() == params[k].tobytes() for k in params)
     # The file is a plain npz that needs no pickle.
@@ -117,6 +117,113 @@ def test_failed_save_keeps_previous_checkpoint(tmp_path, monkeypatch):
     monkeypatch.undo()
     assert _ls(tmp_path) == ["ckpt.npz"]  # temp file removed
     assert load_checkpoint(path).step == 1
+
+
+def test_interrupted_save_keeps_previous_checkpoint(tmp_path, monkeypatch):
+    """Ctrl-C (or any non-OSError) mid-write: the temp file goes, the exception goes on."""
+    path = tmp_path / "ckpt.npz"
+    save_checkpoint(path, _params(), step=1)
+
+    def half_then_interrupt(f, **arrays):
+        f.write(b"PK\x03\x04 partial")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(ck.np, "savez", half_then_interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        save_checkpoint(path, _params(seed=9), step=2)
+    monkeypatch.undo()
+    assert _ls(tmp_path) == ["ckpt.npz"] and load_checkpoint(path).step == 1
+
+
+def test_unwritable_places_name_the_path(tmp_path):
+    (tmp_path / "a_file").write_text("x")
+    (tmp_path / "a_dir").mkdir()
+    for where, why in ((tmp_path / "a_file" / "c.npz", "Not a directory"),     # parent is a file
+                       (tmp_path / "a_dir", "Is a directory"),                  # target is a directory
+                       (tmp_path / "none" / "c.npz", "No such file or directory"),
+                       ("/proc/self/c.npz", "")):                               # cannot be created, even as root
+        with pytest.raises(NetdslError) as e:
+            save_checkpoint(where, _params())
+        assert e.value.message.startswith(f"cannot write {where}: ") and why in e.value.message
+    assert _ls(tmp_path) == ["a_dir", "a_file"] and _ls(tmp_path / "a_dir") == []   # no temp left behind
+    long = tmp_path / ("c" * 251 + ".npz")   # the longest name a file system takes: its temp name must fit too
+    save_checkpoint(long, _params())
+    assert load_checkpoint(long).step == 0 and _ls(tmp_path) == ["a_dir", "a_file", long.name]
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only directories")
+def test_read_only_directory_names_the_path(tmp_path):
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    ro.chmod(0o555)
+    try:
+        with pytest.raises(NetdslError, match=f"cannot write {ro / 'c.npz'}: Permission denied"):
+            save_checkpoint(ro / "c.npz", _params())
+    finally:
+        ro.chmod(0o755)
+
+
+def test_metadata_that_would_not_read_back_is_not_written(tmp_path):
+    for kw in ({"step": -1}, {"epoch": 2 ** 63}):
+        with pytest.raises(ValueError, match="would not read back"):
+            save_checkpoint(tmp_path / "c.npz", _params(), **kw)
+    with pytest.raises(TypeError, match="spec_text must be str"):
+        save_checkpoint(tmp_path / "c.npz", _params(), spec_text=b"net t {}")
+    assert _ls(tmp_path) == []
+
+
+def test_restore_rng_in_place(tmp_path):
+    rng = np.random.default_rng(3)
+    rng.random(4)
+    save_checkpoint(tmp_path / "c.npz", {}, rng=rng)
+    c = load_checkpoint(tmp_path / "c.npz")
+    target = np.random.default_rng(99)
+    held = target.bit_generator   # a Loader holds the Generator: it must be the same object after
+    c.restore_rng(target)
+    assert target.bit_generator is held
+    np.testing.assert_array_equal(target.random(3), rng.random(3))
+    save_checkpoint(tmp_path / "m.npz", {}, rng=np.random.Generator(np.random.MT19937(1)))
+    with pytest.raises(NetdslError, match="holds a MT19937 random-generator state; this run draws from PCG64"):
+        load_checkpoint(tmp_path / "m.npz").restore_rng(target)
+    save_checkpoint(tmp_path / "n.npz", {})
+    with pytest.raises(NetdslError, match="holds no random-generator state"):
+        load_checkpoint(tmp_path / "n.npz").restore_rng(target)
+
+
+def test_nonfinite_weights_refused_unless_allowed(tmp_path):
+    save_checkpoint(tmp_path / "c.npz", _params())   # fc.bias holds NaN and inf
+    target = _params(seed=1)
+    before = {k: v.copy() for k, v in target.items()}
+    with pytest.raises(NetdslError, match=r"non-finite weights: fc.bias \(2 NaN/inf\)"):
+        load_weights(target, load_checkpoint(tmp_path / "c.npz"))
+    assert all(np.array_equal(target[k], before[k], equal_nan=True) for k in target)   # nothing copied
+    load_weights(target, load_checkpoint(tmp_path / "c.npz"), allow_nonfinite=True)
+    assert np.isnan(target["fc.bias"][0])
+
+
+def test_optimiser_state_checked_before_anything_changes():
+    params = {"w": np.ones((2, 3), np.float32), "b": np.ones(3, np.float32)}
+    opt = make_optimizer("adam", params, lr=0.1)
+    opt.step({"w": np.ones((2, 3), np.float32)})
+    good = opt.state_dict()
+    cases = [({**good, "exp_avg/w": np.zeros(3, np.float32)}, "'exp_avg/w' has shape (3,), its parameter (2, 3)"),
+             ({k: v for k, v in good.items() if k != "exp_avg_sq/w"}, "'w' has exp_avg but not exp_avg_sq"),
+             ({**good, "step": np.array([1, 2])}, "'step' is int64 [2]"),
+             ({**good, "step": np.array(2 ** 64 - 1, np.uint64)}, "= 18446744073709551615"),
+             ({**good, "momentum/w": np.zeros((2, 3), np.float32)}, "Adam keeps exp_avg, exp_avg_sq"),
+             ({**good, "exp_avg/b": np.zeros(3, np.int32), "exp_avg_sq/b": np.zeros(3, np.float32)},
+              "'exp_avg/b' is int32, expected floating point")]
+    fresh = make_optimizer("adam", {k: v.copy() for k, v in params.items()}, lr=0.1)
+    for state, phrase in cases:
+        with pytest.raises(NetdslError) as e:
+            fresh.load_state_dict(state, "checkpoint X.npz")
+        assert e.value.message.startswith("checkpoint X.npz (optimiser state) is damaged: ") and phrase in e.value.message
+        assert fresh.steps == 0 and fresh.state == {"exp_avg": {}, "exp_avg_sq": {}}
+    with pytest.raises(NetdslError) as e:
+        fresh.load_state_dict({})
+    assert e.value.message.startswith("optimiser state is damaged: no 'step' entry")
+    fresh.load_state_dict(good)
+    assert fresh.steps == 1 and fresh.state["exp_avg"]["w"].tobytes() == good["exp_avg/w"].tobytes()
 
 
 def test_killed_save_keeps_previous_checkpoint(tmp_path):
@@ -197,11 +304,12 @@ def test_metrics_log_and_plot(tmp_path):
 # ---------------------------------------------------------------- resume end to end
 
 def _train(epochs, params, opt, rng, x, y):
-    from netdsl.runtime.data import Loader
+    from netdsl.runtime.loader import Loader
     from netdsl.runtime.optim import clip_grad_norm
-    loader = Loader(x, y, 8, rng=rng, shuffle=True, crop_padding=1, flip=True, mean=[0.5], std=[0.25])
+    loader = Loader({"x": x, "y": y}, 8, rng=rng, shuffle=True, crop_padding=1, flip=True, mean=[0.5], std=[0.25])
     for _ in range(epochs):
-        for xb, yb in loader:  # softmax regression, gradients by hand
+        for b in loader:  # softmax regression, gradients by hand
+            xb, yb = b["x"], b["y"]
             logits = xb.reshape(len(xb), -1) @ params["fc.weight"].T + params["fc.bias"]
             p = np.exp(logits - logits.max(1, keepdims=True))
             p /= p.sum(1, keepdims=True)

@@ -154,27 +154,54 @@ class Optimizer:
         return out
 
     def load_state_dict(self, state: dict[str, np.ndarray], source: str = "optimiser state") -> None:
-        """Restore buffers (copied) after checking every name and shape."""
-        from .checkpoint import check_arrays
-        if "step" not in state:
-            raise NetdslError(f"{source}: no 'step' entry; not state saved by {type(self).__name__}")
-        expected, got = {}, {}
+        """Restore buffers (copied) after checking the whole state; on any problem one
+        NetdslError "<source> (optimiser state) is damaged: ..." and nothing changes.
+        `source` names where the state came from ("checkpoint PATH")."""
+        problems = self.state_problems(state)
+        if problems:
+            shown = "; ".join(problems[:5]) + (f"; and {len(problems) - 5} more" if len(problems) > 5 else "")
+            where = "optimiser state" if source == "optimiser state" else f"{source} (optimiser state)"
+            raise NetdslError(f"{where} is damaged: {shown}")
+        self.steps = int(state["step"])
+        self.current_lr = self.schedule(self.steps, self.lr)
+        self.state = {kind: {} for kind in self.state_keys}
+        for key, arr in state.items():
+            if key != "step":
+                kind, _, name = key.partition("/")
+                self.state[kind][name] = np.array(arr, dtype=self.params[name].dtype, copy=True)
+
+    def state_problems(self, state: dict[str, np.ndarray]) -> list[str]:
+        """What keeps `state` from being this optimiser's: a 0-d integer 'step' >= 0 and
+        '<buffer>/<param>' float arrays shaped like their parameter. Buffers are made
+        lazily (on a parameter's first gradient), so a parameter may have none, but
+        then none of its kinds."""
+        state = {k: np.asarray(v) for k, v in state.items()}
+        out, kinds_of = [], {}
+        step = state.get("step")
+        if step is None:
+            out.append(f"no 'step' entry; not state saved by {type(self).__name__}")
+        elif step.shape != () or step.dtype.kind not in "iu" or not 0 <= int(step) < 2 ** 63:
+            out.append(f"'step' is {step.dtype} {list(step.shape)}"
+                       + (f" = {int(step)}" if step.size == 1 and step.dtype.kind in "iu" else "")
+                       + ", expected one integer >= 0")
         for key, arr in state.items():
             if key == "step":
                 continue
             kind, _, name = key.partition("/")
-            if kind in self.state and name in self.params:
-                expected[key] = self.params[name].shape
-            got[key] = arr
-        # Buffers are created lazily, so only their names and shapes can be checked.
-        check_arrays(expected, got, source, allow_missing=True)
-        self.steps = int(state["step"])
-        self.current_lr = self.schedule(self.steps, self.lr)
-        for kind in self.state:
-            self.state[kind] = {}
-        for key, arr in got.items():
-            kind, _, name = key.partition("/")
-            self.state[kind][name] = np.array(arr, dtype=self.params[name].dtype, copy=True)
+            if kind not in self.state_keys:
+                keeps = ", ".join(self.state_keys) or "no buffers"
+                out.append(f"'{key}': {type(self).__name__} keeps {keeps}; saved by another optimiser?")
+            elif name not in self.params:
+                out.append(f"'{key}' is for a parameter the network does not train")
+            else:
+                kinds_of.setdefault(name, set()).add(kind)
+                if arr.dtype.kind != "f":
+                    out.append(f"'{key}' is {arr.dtype}, expected floating point")
+                elif arr.shape != self.params[name].shape:
+                    out.append(f"'{key}' has shape {arr.shape}, its parameter {self.params[name].shape}")
+        out += [f"'{name}' has {', '.join(sorted(k))} but not {', '.join(sorted(set(self.state_keys) - k))}"
+                for name, k in sorted(kinds_of.items()) if k != set(self.state_keys)]
+        return out
 
 
 class SGD(Optimizer):
