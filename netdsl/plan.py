@@ -44,7 +44,8 @@ class Plan:
 
 
 def is_elementwise(n: Node) -> bool:
-    return OPS[n.op].kind == "elementwise" and all(v.dtype in ("f32", "f64") for v in n.outputs)
+    op = OPS.get(n.op)     # (a scan is no registered operator yet)
+    return op is not None and op.kind == "elementwise" and all(v.dtype in ("f32", "f64") for v in n.outputs)
 
 
 def nbytes(v: Value, dims: dict) -> int:

@@ -257,15 +257,11 @@ def _other_cases():
                  C.maxpool2d_backward(gy, cs, x.shape))]
     # adaptive average pooling (uneven cells), against torch's cell rule as the CPU runtime has it
     from netdsl.runtime import cpu as rc
-
-    class N:   # the fields a runtime kernel reads from a node
-        def __init__(self, **attrs):
-            self.attrs = attrs
-    ay = rc.adaptive_avgpool(N(size=(3, 2)), [x], None)[0]
+    ay = rc.adaptive_avgpool2d(x, (3, 2))
     gy = r(*ay.shape)
     out += [both("adaptive_avgpool", G.adaptive_avgpool2d(d(x), (3, 2)), ay),
             both("adaptive_avgpool_g", G.adaptive_avgpool2d_backward(d(gy), x.shape),
-                 rc.adaptive_avgpool_grad(N(size=(3, 2)), [gy, x], None)[0])]
+                 rc.adaptive_avgpool2d_backward(gy, x.shape))]
     # unpooling with switches
     cy, cs = C.maxpool2d(x[:, :, :6, :6].copy(), 2, 2)
     cs = cs.astype(np.int64)      # switches are i64 in the IR (the CPU kernel keeps int32)

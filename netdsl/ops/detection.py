@@ -21,7 +21,10 @@ from __future__ import annotations
 from ..ir.dims import fmt_shape, product
 from .registry import Attr, Ctx, conv_out, defop, is_float, nonneg, positive
 
-DET = dict(kind="detection", differentiable=False)
+# No detection operator has kernels yet (the detection issue brings them): networks using
+# them compile and render, and `netdsl run` stops at the first with this reason.
+PENDING = "detection operators have no kernels in this version"
+DET = dict(kind="detection", differentiable=False, pending=PENDING)
 
 
 def _fraction(v):
@@ -259,7 +262,8 @@ def _roi_size(default):
     return Attr("out", "pair", default, check=positive, doc="output size (h, w)")
 
 
-@defop("roi_pool", ["features", "rois"], (_roi_size(7), ROI_SCALE), kind="detection", vjp="kernel", grad_wrt=(0,))
+@defop("roi_pool", ["features", "rois"], (_roi_size(7), ROI_SCALE), kind="detection", vjp="kernel", grad_wrt=(0,),
+       pending=PENDING)
 def roi_pool(ctx: Ctx):
     """Fast R-CNN's RoI max pooling (torchvision.ops.roi_pool): each RoI, scaled by `scale`
     and snapped to cells, is split into out x out bins, each max-pooled: [R, C, oh, ow]."""
@@ -271,7 +275,7 @@ def roi_pool(ctx: Ctx):
        (_roi_size(14), ROI_SCALE,
         Attr("sampling", "int", 2, check=positive, doc="bilinear samples per bin along each axis"),
         Attr("aligned", "bool", False, doc="shift by half a pixel (Detectron2's aligned=True)")),
-       kind="detection", vjp="kernel", grad_wrt=(0,),
+       kind="detection", vjp="kernel", grad_wrt=(0,), pending=PENDING,
        macs=lambda ctx: product(ctx.outputs[0].shape) * ctx.sampling ** 2 * 4)
 def roi_align(ctx: Ctx):
     """Mask R-CNN's RoIAlign (torchvision.ops.roi_align): no snapping; every bin averages
@@ -281,7 +285,7 @@ def roi_align(ctx: Ctx):
 
 
 @defop("crop_resize", ["image", "boxes"], (Attr("size", "pair", 224, check=positive),),
-       kind="detection", vjp="kernel", grad_wrt=(0,),
+       kind="detection", vjp="kernel", grad_wrt=(0,), pending=PENDING,
        macs=lambda ctx: product(ctx.outputs[0].shape) * 4)
 def crop_resize(ctx: Ctx):
     """R-CNN's warp: crop each RoI [R, 5] out of the image and resize it bilinearly to
@@ -293,7 +297,7 @@ def crop_resize(ctx: Ctx):
 
 @defop("extract_patches", ["x"], (Attr("k", "pair", check=positive), Attr("s", "pair", 1, check=positive),
                                   Attr("p", "pair", 0, check=nonneg)),
-       kind="layer", vjp="kernel")
+       kind="layer", vjp="kernel", pending=PENDING)
 def extract_patches(ctx: Ctx):
     """Every k x k window (stride s, zero padding p) as its own image, in (n, y, x) order:
     [N, C, H, W] -> [N*Ho*Wo, C, kh, kw]. The sliding-window baseline runs a patch
@@ -308,8 +312,8 @@ def extract_patches(ctx: Ctx):
 
 
 @defop("l2norm", ["x"], (Attr("scale", "float", 20.0, doc="initial per-channel scale"),),
-       kind="layer", vjp="kernel",
-       params=lambda ctx: {"weight": ((ctx.x().shape[1],), f"constant({ctx.scale:g})", "scale")})
+       kind="layer", vjp="kernel", pending=PENDING, inits=("constant",),
+       params=lambda ctx: {"weight": ((ctx.x().shape[1],), f"constant({ctx.scale!r})", "scale")})
 def l2norm(ctx: Ctx):
     """SSD's L2Norm on conv4_3: normalise each position's channel vector, then scale it by
     a learned per-channel weight (initialised to `scale`)."""
@@ -317,7 +321,7 @@ def l2norm(ctx: Ctx):
     return [(ctx.x().shape, ctx.x().dtype)]
 
 
-@defop("select_class", ["x", "labels"], kind="layer", vjp="kernel", grad_wrt=(0,))
+@defop("select_class", ["x", "labels"], kind="layer", vjp="kernel", grad_wrt=(0,), pending=PENDING)
 def select_class(ctx: Ctx):
     """Per row, the slice of the labelled class: x [R, classes, ...] with labels [R] ->
     [R, ...]. Class-specific box deltas and Mask R-CNN's per-class masks are trained only

@@ -51,7 +51,8 @@ def _conv_macs(ctx: Ctx):
     return product(ctx.outputs[0].shape) * (cin // ctx.groups) * ctx.k[0] * ctx.k[1]
 
 
-@defop("conv", ["x"], CONV_ATTRS, params=_conv_params, macs=_conv_macs, vjp="kernel")
+@defop("conv", ["x"], CONV_ATTRS, params=_conv_params, inits=("kaiming_normal_fan_out", "zeros"),
+       macs=_conv_macs, vjp="kernel")
 def conv(ctx: Ctx):
     """2-D convolution over [N, C, H, W], with stride, padding, dilation and groups."""
     need_rank(ctx, 0, 4)
@@ -71,7 +72,7 @@ def _convt_params(ctx: Ctx):
 
 
 @defop("conv_transpose", ["x"], CONV_ATTRS + (Attr("output_padding", "pair", 0, check=nonneg),),
-       params=_convt_params,
+       params=_convt_params, inits=("kaiming_uniform", "zeros"),
        macs=lambda ctx: product(ctx.x().shape) * (ctx.c // ctx.groups) * ctx.k[0] * ctx.k[1], vjp="kernel")
 def conv_transpose(ctx: Ctx):
     """Transpose convolution (learnable upsampling): the adjoint of conv."""
@@ -95,7 +96,8 @@ def _linear_params(ctx: Ctx):
 
 
 @defop("linear", ["x"], (Attr("out", "int", check=positive), Attr("bias", "bool", True)),
-       params=_linear_params, macs=lambda ctx: product(ctx.x().shape) * ctx.out, vjp="kernel")
+       params=_linear_params, inits=("kaiming_uniform", "fan_in_uniform"),
+       macs=lambda ctx: product(ctx.x().shape) * ctx.out, vjp="kernel")
 def linear(ctx: Ctx):
     """Fully connected layer over the last axis: [..., K] -> [..., out]."""
     _float_input(ctx)
@@ -122,7 +124,7 @@ def _bn_params(ctx: Ctx):
                      Attr("momentum", "float", 0.1, check=prob),
                      Attr("affine", "bool", True),
                      Attr("zero_init", "bool", False, doc="start the scale at 0 (last norm of a residual block)")),
-       params=_bn_params, vjp="kernel")
+       params=_bn_params, inits=("zeros", "ones"), vjp="kernel")
 def bn(ctx: Ctx):
     """Batch normalisation over axis 1 of [N, C] or [N, C, H, W]."""
     need_rank(ctx, 0, 2, 3, 4)

@@ -1,9 +1,10 @@
 """The operator registry: one entry per operator holds everything about it.
 
 An entry has the operator's tensor inputs, its attributes (type, default, check), its
-shape rule, its parameters (shape and initialiser), its multiply-add count and
-whether gradients flow through it. Elaboration, rendering, counting and (later) the
-backward pass all read the same entry, so an operator is defined in one place.
+shape rule, its parameters (shape and initialiser), its multiply-add count, its
+gradient (`vjp`) and whether it can run yet. Elaboration, rendering, counting, the
+backward pass (autodiff.py) and the runtimes all read the same entry, so an operator
+is defined in one place.
 """
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from typing import Any, Callable
 
 from ..errors import NetdslError, Note, Pos
 from ..ir.dims import Sym, fmt_shape, is_dim
+from . import inits as _inits
 
 REQUIRED = object()
 
@@ -44,6 +46,11 @@ class OpDef:
     # operators: vjp(builder, node, output_grads) -> (input_grads, {param role: grad}).
     vjp: Callable | str | None = None
     grad_wrt: tuple[int, ...] | None = None   # inputs that get gradients (None: every float input)
+    # Why the operator cannot run yet (it has no kernels in this version), or None: a network
+    # using it compiles and renders, and `netdsl run`/Model stop at its node with this reason.
+    # A function of the node says it for some uses only (e.g. an optional input given).
+    pending: str | Callable[[Any], str | None] | None = None
+    inits: tuple[str, ...] = ()      # every initialiser `params` names (ops/inits.py), checked on import
 
     @property
     def variadic(self) -> bool:
@@ -56,13 +63,52 @@ OPS: dict[str, OpDef] = {}
 def register(op: OpDef) -> OpDef:
     if op.name in OPS:
         raise RuntimeError(f"operator {op.name} registered twice")
+    _check_inits(op)
     OPS[op.name] = op
     if op.vjp == "kernel":
         # its gradient operator: inputs are the output gradients, the forward inputs and
         # the trainable parameters; outputs are shaped like the ones in attrs["like"]
         register(OpDef(f"{op.name}_grad", ("*ins",), (), _like_inputs, kind="grad",
-                       differentiable=False, doc=f"gradient of {op.name}"))
+                       differentiable=False, pending=op.pending, doc=f"gradient of {op.name}"))
     return op
+
+
+def _check_inits(op: OpDef) -> None:
+    """Every initialiser the entry declares exists, and its parameter rule names only
+    those: an unknown name fails here, on import, and an undeclared one at elaboration."""
+    if op.params is None:
+        return
+    if not op.inits:
+        raise RuntimeError(f"operator {op.name} has parameters but declares no initialisers (inits=...)")
+    unknown = [n for n in op.inits if n not in _inits.INITIALISERS]
+    if unknown:
+        raise RuntimeError(f"operator {op.name} names unknown initialiser(s) {', '.join(unknown)} "
+                           f"(ops/inits.py has {', '.join(sorted(_inits.INITIALISERS))})")
+    rule, declared = op.params, set(op.inits)
+
+    def params(ctx):
+        out = rule(ctx)
+        for role, (_, init, _) in out.items():
+            name = _inits.name_of(init)    # a ValueError names a malformed spec
+            if name not in declared:
+                raise RuntimeError(f"operator {op.name}: parameter '{role}' uses initialiser {name}, "
+                                   f"which its entry does not declare in inits")
+        return out
+    op.params = params
+
+
+# Nodes the elaborator makes that are not (yet) registered operators, and why they cannot
+# run: a `scan` applies a step graph over time (the recurrent runtime will register it).
+UNREGISTERED = {"scan": "recurrent steps (scan) have no kernels in this version"}
+
+
+def not_runnable(node) -> str | None:
+    """Why `node` cannot run yet (from its operator's entry), or None when it can."""
+    d = OPS.get(node.op)
+    if d is None:
+        return UNREGISTERED.get(node.op, f"'{node.op}' is not an operator")
+    # a gradient operator inherits its forward's reason, judged on the forward node
+    return d.pending(node.fwd or node) if callable(d.pending) else d.pending
 
 
 def _like_inputs(ctx: "Ctx"):

@@ -200,7 +200,7 @@ def zeros(ctx: Ctx):
 
 
 @defop("embedding", ["ids"], (Attr("vocab", "int", check=positive), Attr("dim", "int", check=positive)),
-       params=lambda ctx: {"weight": ((ctx.vocab, ctx.dim), "normal1", "weight")}, vjp="kernel")
+       params=lambda ctx: {"weight": ((ctx.vocab, ctx.dim), "normal1", "weight")}, inits=("normal1",), vjp="kernel")
 def embedding(ctx: Ctx):
     """Look up a learned vector per integer id: [...] -> [..., dim]."""
     if ctx.x().dtype != "i64":
@@ -232,6 +232,12 @@ def _same_shape(ctx: Ctx):
     return _scalar(ctx)
 
 
+def _weighted(node):
+    """The point losses run unweighted only, so far."""
+    return ("a weighted loss (the optional third input) has no kernels in this version"
+            if len(node.inputs) > 2 and node.inputs[2] is not None else None)
+
+
 @defop("cross_entropy", ["logits", "labels"], (Attr("ignore_index", "int", -1),), kind="loss",
        vjp="kernel", grad_wrt=(0,))
 def cross_entropy(ctx: Ctx):
@@ -250,20 +256,22 @@ def cross_entropy(ctx: Ctx):
     return _scalar(ctx)
 
 
-@defop("l2", ["pred", "target", "weight"], kind="loss", optional_inputs=1, vjp="kernel", grad_wrt=(0,))
+@defop("l2", ["pred", "target", "weight"], kind="loss", optional_inputs=1, vjp="kernel", grad_wrt=(0,),
+       pending=_weighted)
 def l2(ctx: Ctx):
     """Mean squared error (the notes' L2 loss), optionally weighted per element or per row."""
     return _same_shape(ctx)
 
 
 @defop("smooth_l1", ["pred", "target", "weight"], (Attr("beta", "float", 1.0),), kind="loss", optional_inputs=1,
-       vjp="kernel", grad_wrt=(0,))
+       vjp="kernel", grad_wrt=(0,), pending=_weighted)
 def smooth_l1(ctx: Ctx):
     """Huber-style box regression loss of Fast R-CNN, optionally weighted (only positives count)."""
     return _same_shape(ctx)
 
 
-@defop("bce", ["logits", "target", "weight"], kind="loss", optional_inputs=1, vjp="kernel", grad_wrt=(0,))
+@defop("bce", ["logits", "target", "weight"], kind="loss", optional_inputs=1, vjp="kernel", grad_wrt=(0,),
+       pending=_weighted)
 def bce(ctx: Ctx):
     """Binary cross-entropy on logits (per-pixel masks, objectness)."""
     return _same_shape(ctx)

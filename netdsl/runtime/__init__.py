@@ -1,6 +1,6 @@
-"""Training runtime: data sources, optimisers, checkpoints and progress output.
-
-Everything here is plain numpy; anything a user can get wrong raises NetdslError.
+"""The runtime: models and their kernels on the CPU (Numba) or CUDA, data sources,
+optimisers, checkpoints and progress output. Anything a user can get wrong raises
+NetdslError.
 
 A training loop uses it like this (tests/test_runtime_checkpoint.py runs it and
 checks that resuming gives bit-identical weights):

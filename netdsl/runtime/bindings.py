@@ -3,10 +3,9 @@
 `register(table, K)` binds every operator whose binding is the same on the CPU
 and on CUDA but for the kernel module `K` (`netdsl.kernels.cpu` or
 `netdsl.kernels.cuda`, which expose the same names and signatures; `runtime/cpu.py`
-passes the CPU module through a thin adapter where a signature differs). What
-truly differs per target (numpy-based structural operators on the CPU,
-device-array ones on CUDA, the losses' scalars) stays in `runtime/cpu.py` and
-`runtime/cuda.py`.
+passes the CPU module through an adapter that adds the numpy structural kernels and
+fits signatures that differ). What truly differs per target (the losses' scalars,
+reductions) stays in `runtime/cpu.py` and `runtime/cuda.py`.
 
 Every binding has the signature fn(node, inputs, state) -> list of arrays. What a
 forward pass must keep for its backward (switches, batch statistics, masks,
@@ -337,7 +336,80 @@ def register(table: dict, K, target: str) -> None:
         extra = {"beta": n.attrs["beta"]} if op == "smooth_l1" else {}
         return [point[op][1](pred, target_, gl, **extra)]
 
-    # ---- structural operators whose kernels both targets name alike
+    # ---- structural operators (the CPU's kernels are numpy, under the same names: runtime/cpu.py)
+
+    @kernel("transpose")
+    def transpose(n, x, st):
+        return [K.transpose(x[0], n.attrs["perm"])]
+
+    @kernel("concat", writes="new")
+    def concat(n, x, st):
+        return [K.concat(x, n.attrs["axis"])]
+
+    @kernel("split")
+    def split(n, x, st):
+        axis = n.attrs["axis"] % x[0].ndim
+        return K.split(x[0], _dims([v.shape[axis] for v in n.outputs], st), axis)
+
+    @kernel("slice")
+    def slice_(n, x, st):
+        return [K.slice_(x[0], _index(n))]
+
+    @kernel("slice_grad", writes="new")
+    def slice_grad(n, x, st):
+        return [K.slice_backward(x[0], st.shape_of(n.outputs[0]), _index(n.fwd))]
+
+    @kernel("sum_to")
+    def sum_to(n, x, st):
+        return [K.sum_to(x[0], st.shape_of(n.outputs[0]))]
+
+    @kernel("pad", writes="new")
+    def pad(n, x, st):
+        a = n.attrs
+        return [K.pad(x[0], a["axis"], a["before"], a["after"])]
+
+    @kernel("softmax", "log_softmax", writes="new")
+    def softmax(n, x, st):
+        y = K.softmax(x[0], n.attrs["axis"], log=n.op == "log_softmax")
+        st.saved[id(n)] = y
+        return [y]
+
+    @kernel("softmax_grad", "log_softmax_grad", writes="new")
+    def softmax_grad(n, x, st):
+        return [K.softmax_backward(x[0], st.saved[id(n.fwd)], n.attrs["axis"], log=n.fwd.op == "log_softmax")]
+
+    @kernel("embedding", writes="new")
+    def embedding(n, x, st):
+        return [K.embedding(_param(n, st, "weight"), x[0])]
+
+    @kernel("embedding_grad", writes="new")
+    def embedding_grad(n, x, st):
+        return [K.embedding_backward(x[0], x[1], _param(n.fwd, st, "weight").shape)]
+
+    @kernel("one_hot", writes="new")
+    def one_hot(n, x, st):
+        return [K.one_hot(x[0], n.attrs["classes"])]
+
+    @kernel("adaptive_avgpool")
+    def adaptive_avgpool(n, x, st):
+        if tuple(x[0].shape[2:]) == tuple(n.attrs["size"]):
+            return [x[0]]
+        return [K.adaptive_avgpool2d(x[0], n.attrs["size"])]
+
+    @kernel("adaptive_avgpool_grad")
+    def adaptive_avgpool_grad(n, x, st):
+        gy, xin = x[0], x[1]
+        if tuple(xin.shape) == tuple(gy.shape):
+            return [gy]
+        return [K.adaptive_avgpool2d_backward(gy, xin.shape)]
+
+    @kernel("bed_of_nails", writes="new")
+    def bed_of_nails(n, x, st):
+        return [K.bed_of_nails(x[0], n.attrs["scale"])]
+
+    @kernel("bed_of_nails_grad")
+    def bed_of_nails_grad(n, x, st):
+        return [K.bed_of_nails_backward(x[0], n.attrs["scale"])]
 
     @kernel("reshape", "flatten")
     def reshape(n, x, st):

@@ -2,9 +2,10 @@
 
 The bindings both targets share are written once in `runtime/bindings.py` and
 registered here with the CPU kernel module (through `_Kernels`, which gives it the
-CUDA module's signatures where they differ). What follows is only what the CPU
-does its own way: numpy-based structural operators, losses with host scalars.
-Elementwise operators (and fused chains of them) are generated, not listed here.
+CUDA module's names and signatures where they differ, structural kernels in numpy
+among them). What is bound here is only what the CPU does its own way: losses with
+host scalars, numpy reductions. Elementwise operators (and fused chains of them) are
+generated, not listed here.
 """
 from __future__ import annotations
 
@@ -12,10 +13,110 @@ import numpy as np
 
 from netdsl.kernels import cpu as K
 
-from .bindings import _dims, _index, _param, register, registrar
+from .bindings import register, registrar
 
 KERNELS = {}
 kernel = registrar(KERNELS)
+
+
+# ---- structural kernels in numpy, under the CUDA module's names and signatures
+
+def concat(xs, axis):
+    return np.concatenate(xs, axis=axis)
+
+
+def transpose(x, perm):
+    return np.ascontiguousarray(x.transpose(perm))
+
+
+def split(x, sizes, axis):
+    return [np.ascontiguousarray(p) for p in np.split(x, np.cumsum(sizes)[:-1], axis=axis)]
+
+
+def slice_(x, index):
+    return np.ascontiguousarray(x[index])
+
+
+def slice_backward(g, shape, index):
+    gx = np.zeros(shape, g.dtype)
+    gx[index] = g
+    return gx
+
+
+def sum_to(g, shape):
+    """Undo broadcasting: sum leading axes away, then every axis where `shape` has 1."""
+    lead = g.ndim - len(shape)
+    g = g.sum(axis=tuple(range(lead))) if lead else g
+    axes = tuple(i for i, (a, b) in enumerate(zip(g.shape, shape)) if b == 1 and a != 1)
+    return np.ascontiguousarray(g.sum(axis=axes, keepdims=True) if axes else g)
+
+
+def softmax(x, axis, log=False):
+    z = x - x.max(axis=axis, keepdims=True)
+    lse = np.log(np.exp(z).sum(axis=axis, keepdims=True))
+    return z - lse if log else np.exp(z - lse)
+
+
+def softmax_backward(gy, y, axis, log=False):
+    if log:
+        return gy - np.exp(y) * gy.sum(axis=axis, keepdims=True)
+    return y * (gy - (gy * y).sum(axis=axis, keepdims=True))
+
+
+def embedding(w, ids):
+    return w[ids]
+
+
+def embedding_backward(gy, ids, wshape):
+    gw = np.zeros(wshape, gy.dtype)
+    np.add.at(gw, ids.reshape(-1), gy.reshape(-1, wshape[1]))
+    return gw
+
+
+def one_hot(ids, classes):
+    return np.eye(classes, dtype=np.float32)[ids]
+
+
+def pad(x, axis, before, after):
+    widths = [(0, 0)] * x.ndim
+    widths[axis % x.ndim] = (before, after)
+    return np.pad(x, widths)
+
+
+def _adaptive_cells(size, out):
+    """torch's adaptive pooling windows: cell i covers [floor(i*size/out), ceil((i+1)*size/out))."""
+    return [(i * size // out, -(-(i + 1) * size // out)) for i in range(out)]
+
+
+def adaptive_avgpool2d(x, size):
+    N, C, H, W = x.shape
+    h, w = size
+    y = np.empty((N, C, h, w), x.dtype)
+    for i, (r0, r1) in enumerate(_adaptive_cells(H, h)):
+        for j, (c0, c1) in enumerate(_adaptive_cells(W, w)):
+            y[:, :, i, j] = x[:, :, r0:r1, c0:c1].mean(axis=(2, 3))
+    return y
+
+
+def adaptive_avgpool2d_backward(gy, xshape):
+    N, C, H, W = xshape
+    h, w = gy.shape[2:]
+    gx = np.zeros(xshape, gy.dtype)
+    for i, (r0, r1) in enumerate(_adaptive_cells(H, h)):
+        for j, (c0, c1) in enumerate(_adaptive_cells(W, w)):
+            gx[:, :, r0:r1, c0:c1] += (gy[:, :, i, j] / gy.dtype.type((r1 - r0) * (c1 - c0)))[:, :, None, None]
+    return gx
+
+
+def bed_of_nails(x, s):
+    N, C, H, W = x.shape
+    y = np.zeros((N, C, H * s, W * s), x.dtype)
+    y[:, :, ::s, ::s] = x
+    return y
+
+
+def bed_of_nails_backward(gy, s):
+    return np.ascontiguousarray(gy[:, :, ::s, ::s])
 
 
 class _Kernels:
@@ -27,6 +128,22 @@ class _Kernels:
 
     zeros = staticmethod(np.zeros)
     full = staticmethod(np.full)
+    concat = staticmethod(concat)
+    transpose = staticmethod(transpose)
+    split = staticmethod(split)
+    slice_ = staticmethod(slice_)
+    slice_backward = staticmethod(slice_backward)
+    sum_to = staticmethod(sum_to)
+    softmax = staticmethod(softmax)
+    softmax_backward = staticmethod(softmax_backward)
+    embedding = staticmethod(embedding)
+    embedding_backward = staticmethod(embedding_backward)
+    one_hot = staticmethod(one_hot)
+    pad = staticmethod(pad)
+    adaptive_avgpool2d = staticmethod(adaptive_avgpool2d)
+    adaptive_avgpool2d_backward = staticmethod(adaptive_avgpool2d_backward)
+    bed_of_nails = staticmethod(bed_of_nails)
+    bed_of_nails_backward = staticmethod(bed_of_nails_backward)
 
     @staticmethod
     def conv_transpose2d_backward(*args, need_gb=True, **kw):
@@ -42,23 +159,6 @@ class _Kernels:
 
 
 register(KERNELS, _Kernels(), "CPU")
-
-
-# ---- upsampling
-
-@kernel("bed_of_nails", writes="new")
-def bed_of_nails(n, x, st):
-    s = n.attrs["scale"]
-    N, C, H, W = x[0].shape
-    y = np.zeros((N, C, H * s, W * s), x[0].dtype)
-    y[:, :, ::s, ::s] = x[0]
-    return [y]
-
-
-@kernel("bed_of_nails_grad")
-def bed_of_nails_grad(n, x, st):
-    s = n.attrs["scale"]
-    return [np.ascontiguousarray(x[0][:, :, ::s, ::s])]
 
 
 # ---- losses (a loss node's output is a 0-d array)
@@ -91,66 +191,7 @@ def cross_entropy_grad(n, x, st):
     return [gz.reshape(logits.shape)]
 
 
-# ---- structural operators
-
-@kernel("transpose")
-def transpose(n, x, st):
-    return [np.ascontiguousarray(x[0].transpose(n.attrs["perm"]))]
-
-
-@kernel("concat", writes="new")
-def concat(n, x, st):
-    return [np.concatenate(x, axis=n.attrs["axis"])]
-
-
-@kernel("split")
-def split(n, x, st):
-    axis = n.attrs["axis"] % x[0].ndim
-    sizes = _dims([v.shape[axis] for v in n.outputs], st)
-    return [np.ascontiguousarray(p) for p in np.split(x[0], np.cumsum(sizes)[:-1], axis=axis)]
-
-
-@kernel("slice")
-def slice_(n, x, st):
-    return [np.ascontiguousarray(x[0][_index(n)])]
-
-
-@kernel("slice_grad", writes="new")
-def slice_grad(n, x, st):
-    g = np.zeros(st.shape_of(n.outputs[0]), x[0].dtype)
-    g[_index(n.fwd)] = x[0]
-    return [g]
-
-
-@kernel("sum_to")
-def sum_to(n, x, st):
-    g = x[0]
-    shape = st.shape_of(n.outputs[0])
-    lead = g.ndim - len(shape)
-    g = g.sum(axis=tuple(range(lead))) if lead else g
-    axes = tuple(i for i, (a, b) in enumerate(zip(g.shape, shape)) if b == 1 and a != 1)
-    return [np.ascontiguousarray(g.sum(axis=axes, keepdims=True) if axes else g)]
-
-
-# softmax-family and reductions are small in the CNN classics; numpy is enough here
-
-@kernel("softmax", "log_softmax", writes="new")
-def softmax(n, x, st):
-    ax = n.attrs["axis"]
-    z = x[0] - x[0].max(axis=ax, keepdims=True)
-    lse = np.log(np.exp(z).sum(axis=ax, keepdims=True))
-    y = np.exp(z - lse) if n.op == "softmax" else z - lse
-    st.saved[id(n)] = y
-    return [y]
-
-
-@kernel("softmax_grad", "log_softmax_grad", writes="new")
-def softmax_grad(n, x, st):
-    gy, y, ax = x[0], st.saved[id(n.fwd)], n.attrs["axis"]
-    if n.fwd.op == "softmax":
-        return [y * (gy - (gy * y).sum(axis=ax, keepdims=True))]
-    return [gy - np.exp(y) * gy.sum(axis=ax, keepdims=True)]
-
+# ---- reductions (small in the CNN classics; numpy is enough here)
 
 @kernel("sum", "mean", writes="new")
 def reduce(n, x, st):
@@ -163,62 +204,3 @@ def reduce_grad(n, x, st):
     gy, xin, ax = x[0], x[1], n.attrs["axis"] % x[1].ndim
     scale = 1.0 if n.fwd.op == "sum" else 1.0 / xin.shape[ax]
     return [np.ascontiguousarray(np.broadcast_to(np.expand_dims(gy * gy.dtype.type(scale), ax), xin.shape))]
-
-
-@kernel("embedding", writes="new")
-def embedding(n, x, st):
-    return [_param(n, st, "weight")[x[0]]]
-
-
-@kernel("embedding_grad", writes="new")
-def embedding_grad(n, x, st):
-    gy, ids = x[0], x[1]
-    w = _param(n.fwd, st, "weight")
-    gw = np.zeros_like(w)
-    np.add.at(gw, ids.reshape(-1), gy.reshape(-1, w.shape[1]))
-    return [gw]
-
-
-@kernel("one_hot", writes="new")
-def one_hot(n, x, st):
-    return [np.eye(n.attrs["classes"], dtype=np.float32)[x[0]]]
-
-
-@kernel("pad", writes="new")
-def pad(n, x, st):
-    a = n.attrs
-    widths = [(0, 0)] * x[0].ndim
-    widths[a["axis"] % x[0].ndim] = (a["before"], a["after"])
-    return [np.pad(x[0], widths)]
-
-
-def _adaptive_cells(size, out):
-    """torch's adaptive pooling windows: cell i covers [floor(i*size/out), ceil((i+1)*size/out))."""
-    return [(i * size // out, -(-(i + 1) * size // out)) for i in range(out)]
-
-
-@kernel("adaptive_avgpool")
-def adaptive_avgpool(n, x, st):
-    N, C, H, W = x[0].shape
-    h, w = n.attrs["size"]
-    if (H, W) == (h, w):
-        return [x[0]]
-    y = np.empty((N, C, h, w), x[0].dtype)
-    for i, (r0, r1) in enumerate(_adaptive_cells(H, h)):
-        for j, (c0, c1) in enumerate(_adaptive_cells(W, w)):
-            y[:, :, i, j] = x[0][:, :, r0:r1, c0:c1].mean(axis=(2, 3))
-    return [y]
-
-
-@kernel("adaptive_avgpool_grad")
-def adaptive_avgpool_grad(n, x, st):
-    gy, xin = x[0], x[1]
-    N, C, H, W = xin.shape
-    h, w = n.attrs["size"]
-    if (H, W) == (h, w):
-        return [gy]
-    gx = np.zeros_like(xin)
-    for i, (r0, r1) in enumerate(_adaptive_cells(H, h)):
-        for j, (c0, c1) in enumerate(_adaptive_cells(W, w)):
-            gx[:, :, r0:r1, c0:c1] += (gy[:, :, i, j] / gy.dtype.type((r1 - r0) * (c1 - c0)))[:, :, None, None]
-    return [gx]

@@ -4,7 +4,7 @@ The twin of `runtime/cpu.py`: the same operator names, the same signature
 fn(node, inputs, state) -> list of arrays, with device arrays in and out. The
 bindings both targets share are written once in `runtime/bindings.py` and
 registered here with the CUDA kernel module; what follows is what CUDA does its
-own way (device-array structural operators, losses with device scalars).
+own way (losses with device scalars, reductions).
 Parameters, activations, gradients and saved tensors all stay on the device;
 a loss is a device scalar. Elementwise steps are generated (codegen, target "cuda").
 
@@ -19,38 +19,11 @@ from netdsl.kernels import cuda as K
 
 from ..errors import NetdslError
 from ..ir.dims import subs
-from .bindings import _dims, _index, _param, _rows, register, registrar
+from .bindings import _rows, register, registrar
 
 KERNELS = {}
 kernel = registrar(KERNELS)
 register(KERNELS, K, "CUDA")
-
-
-# ---- upsampling and adaptive pooling
-
-@kernel("bed_of_nails")
-def bed_of_nails(n, x, st):
-    return [K.bed_of_nails(x[0], n.attrs["scale"])]
-
-
-@kernel("bed_of_nails_grad")
-def bed_of_nails_grad(n, x, st):
-    return [K.bed_of_nails_backward(x[0], n.attrs["scale"])]
-
-
-@kernel("adaptive_avgpool")
-def adaptive_avgpool(n, x, st):
-    if tuple(x[0].shape[2:]) == tuple(n.attrs["size"]):
-        return [x[0]]
-    return [K.adaptive_avgpool2d(x[0], n.attrs["size"])]
-
-
-@kernel("adaptive_avgpool_grad")
-def adaptive_avgpool_grad(n, x, st):
-    gy, xin = x[0], x[1]
-    if tuple(xin.shape) == tuple(gy.shape):
-        return [gy]
-    return [K.adaptive_avgpool2d_backward(gy, xin.shape)]
 
 
 # ---- losses (a loss node's output is a 0-d device array)
@@ -81,50 +54,7 @@ def cross_entropy_grad(n, x, st):
     return [gz.reshape(logits.shape)]
 
 
-# ---- structural operators
-
-@kernel("transpose")
-def transpose(n, x, st):
-    return [K.transpose(x[0], n.attrs["perm"])]
-
-
-@kernel("concat")
-def concat(n, x, st):
-    return [K.concat(x, n.attrs["axis"])]
-
-
-@kernel("split")
-def split(n, x, st):
-    axis = n.attrs["axis"] % x[0].ndim
-    return K.split(x[0], [_dims((v.shape[axis],), st)[0] for v in n.outputs], axis)
-
-
-@kernel("slice")
-def slice_(n, x, st):
-    return [K.slice_(x[0], _index(n))]
-
-
-@kernel("slice_grad")
-def slice_grad(n, x, st):
-    return [K.slice_backward(x[0], st.shape_of(n.outputs[0]), _index(n.fwd))]
-
-
-@kernel("sum_to")
-def sum_to(n, x, st):
-    return [K.sum_to(x[0], st.shape_of(n.outputs[0]))]
-
-
-@kernel("softmax", "log_softmax")
-def softmax(n, x, st):
-    y = K.softmax(x[0], n.attrs["axis"], log=n.op == "log_softmax")
-    st.saved[id(n)] = y
-    return [y]
-
-
-@kernel("softmax_grad", "log_softmax_grad")
-def softmax_grad(n, x, st):
-    return [K.softmax_backward(x[0], st.saved[id(n.fwd)], n.attrs["axis"], log=n.fwd.op == "log_softmax")]
-
+# ---- reductions
 
 @kernel("sum", "mean")
 def reduce(n, x, st):
@@ -137,28 +67,6 @@ def reduce_grad(n, x, st):
     ax = n.attrs["axis"] % xin.ndim
     scale = 1.0 if n.fwd.op == "sum" else 1.0 / xin.shape[ax]
     return [K.broadcast_axis(gy, xin.shape, ax, scale)]
-
-
-@kernel("embedding")
-def embedding(n, x, st):
-    return [K.embedding(_param(n, st, "weight"), x[0])]
-
-
-@kernel("embedding_grad")
-def embedding_grad(n, x, st):
-    gy, ids = x[0], x[1]
-    return [K.embedding_backward(gy, ids, _param(n.fwd, st, "weight").shape)]
-
-
-@kernel("one_hot")
-def one_hot(n, x, st):
-    return [K.one_hot(x[0], n.attrs["classes"])]
-
-
-@kernel("pad")
-def pad(n, x, st):
-    a = n.attrs
-    return [K.pad(x[0], a["axis"], a["before"], a["after"])]
 
 
 # ---- what the executor needs besides kernels

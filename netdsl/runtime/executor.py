@@ -17,9 +17,10 @@ import zlib
 
 import numpy as np
 
-from ..errors import NetdslError
+from ..errors import NetdslError, Note
 from ..ir.dims import subs
 from ..ir.graph import Value
+from ..ops import not_runnable
 from ..plan import Plan, Step, plan
 from .arena import Layout, Workspace, layout
 from .bindings import DTYPES, array_dtype
@@ -69,9 +70,23 @@ class Target:
         return self._table
 
 
+def check_runnable(nodes) -> None:
+    """A NetdslError at the first node whose operator cannot run yet (its registry entry
+    says why: no kernels in this version), before anything is planned or allocated."""
+    for n in nodes:
+        why = not_runnable(n)
+        if why is not None:
+            calls = [Note(f"in {f.kind} '{f.callee}', called here", f.pos) for f in reversed(n.frames)
+                     if f.kind in ("block", "step") and f.pos is not None]
+            raise NetdslError(f"operator '{n.op}' cannot run yet ({n.path}): {why}", n.pos, notes=calls[:3],
+                              hint="netdsl compile and netdsl render work for this network; running it "
+                                   "needs kernels for every operator")
+
+
 class Program:
     def __init__(self, nodes, keep: list[Value], dims: dict, fuse: bool = True, target: str = "cpu",
                  workspace: Workspace | None = None):
+        check_runnable(nodes)
         # norm heads/tails in fused kernels need the target's batch statistics (CPU for now)
         self.plan: Plan = plan(nodes, keep, dims, fuse, norms=target == "cpu")
         self.workspace = workspace if target == "cpu" else None

@@ -1,8 +1,10 @@
-"""Parameter initialisers, as the reference implementations do it.
+"""Drawing parameters' initial values.
 
-Names come from each operator's registry entry: conv weights use Kaiming normal with
-fan-out (torchvision's ResNet), linear weights PyTorch's default Kaiming uniform
-(a = sqrt(5), i.e. U(-1/sqrt(fan_in), 1/sqrt(fan_in))), biases U(-1/sqrt(fan_in), ...).
+Which distribution a parameter starts from is named in its operator's registry entry
+and defined in the table of `netdsl/ops/inits.py` (conv weights Kaiming normal with
+fan-out as torchvision's ResNet, linear weights PyTorch's default Kaiming uniform,
+biases U(-1/sqrt(fan_in), ...), `constant(v)`, `normal(std)`, ...); a spec is parsed
+once, so drawing a parameter costs a dict lookup besides the numbers.
 
 The numbers come from a counter-based generator (kernels/cpu/rand.py) keyed by the
 seed and the parameter's path: a parameter's initial values do not depend on what
@@ -18,12 +20,9 @@ import math
 import numpy as np
 
 from ..ir.graph import Graph, Param
+from ..ops import inits
+from ..ops.inits import _fans  # noqa: F401  (tests compare draws with torch's fans)
 from .arena import pack
-
-
-def _fans(shape):
-    receptive = math.prod(shape[2:]) if len(shape) > 2 else 1
-    return shape[1] * receptive, shape[0] * receptive
 
 
 def key(seed: int, name: str) -> np.uint64:
@@ -54,27 +53,21 @@ def uniform(k: np.uint64, shape, bound: float, out: np.ndarray | None = None) ->
     return buf[:n].reshape(shape)
 
 
+def constant(shape, value: float, out: np.ndarray | None = None) -> np.ndarray:
+    a = np.empty(shape, np.float32) if out is None else out[:math.prod(shape)].reshape(shape)
+    a.fill(value)
+    return a
+
+
 def init_param(p: Param, seed: int, out: np.ndarray | None = None) -> np.ndarray:
     """p's initial value (float32, p.shape), in out (flat float32 with room for its
     size rounded up to even, as `place` leaves) if given."""
-    shape, k = p.shape, key(seed, p.name)
-    if p.init in ("zeros", "ones"):
-        a = np.empty(shape, np.float32) if out is None else out[:math.prod(shape)].reshape(shape)
-        a.fill(1.0 if p.init == "ones" else 0.0)
-        return a
-    if p.init == "normal1":
-        return normal(k, shape, 1.0, out)
-    if p.init == "kaiming_normal_fan_out":
-        return normal(k, shape, math.sqrt(2.0 / _fans(shape)[1]), out)
-    if p.init == "kaiming_uniform":
-        return uniform(k, shape, 1.0 / math.sqrt(_fans(shape)[0]), out)
-    if p.init == "fan_in_uniform":   # a bias: fan-in of its layer's weight
-        return uniform(k, shape, 1.0 / math.sqrt(_fans(p.node.params["weight"].shape)[0]), out)
-    if p.init.startswith("normal(") and p.init.endswith(")"):
-        return normal(k, shape, float(p.init[7:-1]), out)
-    if p.init.startswith("uniform(") and p.init.endswith(")"):
-        return uniform(k, shape, float(p.init[8:-1]), out)
-    raise ValueError(f"unknown initialiser {p.init!r} for {p.name}")
+    fn, args = inits.parse(p.init)
+    how, scale = fn(p, *args)
+    if how == inits.CONSTANT:
+        return constant(p.shape, scale, out)
+    draw = normal if how == inits.NORMAL else uniform
+    return draw(key(seed, p.name), p.shape, scale, out)
 
 
 def place(g: Graph) -> tuple[np.ndarray, dict[str, int]]:

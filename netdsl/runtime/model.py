@@ -1,4 +1,4 @@
-"""A compiled network with its parameters: inference and training steps on the CPU."""
+"""A compiled network with its parameters: inference and training steps, on the CPU or a CUDA device."""
 from __future__ import annotations
 
 import threading
@@ -12,7 +12,7 @@ from ..ir.dims import Sym, fmt_shape
 from ..ir.graph import Graph, Value
 from .arena import Workspace
 from .bindings import GradBuffers, array_dtype
-from .executor import Program, RunState, Target
+from .executor import Program, RunState, Target, check_runnable
 from .init import init_param, place
 
 
@@ -24,7 +24,9 @@ class Model:
         `params` and gradients are then device arrays; `host_params()` copies them down.
         fuse=False runs every node as its own kernel, recomputes nothing in the backward and
         allocates every intermediate (the planner's optimisations off: the reference they are
-        tested against)."""
+        tested against). A graph with an operator that cannot run yet is refused here, at
+        that node, before any weight is drawn or data read."""
+        check_runnable(graph.nodes)
         self.g = graph
         self.dtype = np.dtype(dtype)
         self.device = device

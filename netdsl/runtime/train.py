@@ -1,4 +1,4 @@
-"""`netdsl run`: train, evaluate and predict from a spec on the CPU.
+"""`netdsl run`: train, evaluate and predict from a spec (on the CPU, or a CUDA GPU with --device cuda).
 
 The spec's train section gives the defaults; command-line flags override them. A run
 directory holds metrics.jsonl, metrics.png and checkpoint.npz (written atomically).

@@ -1,0 +1,258 @@
+"""The operator table is closed: every registered operator runs on the CPU (its backward
+too), or its registry entry says why it cannot yet, and then `netdsl run` and `Model`
+stop cleanly at the first such node of a spec; every target binds the gradient of each
+`vjp="kernel"` operator it claims; every initialiser an operator names exists."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from helpers import ROOT, SPECS, cli, compile_spec, compile_text
+from netdsl.errors import NetdslError
+from netdsl.ops import OPS, OpDef, not_runnable
+from netdsl.ops import inits
+from netdsl.ops.elementwise import SCALAR
+from netdsl.ops.registry import UNREGISTERED, register
+from netdsl.runtime import cpu
+from netdsl.runtime.executor import Program
+from netdsl.runtime.model import Model
+
+
+def _generated(name: str) -> bool:
+    """Elementwise operators get generated kernels (codegen) from their scalar expressions."""
+    return name in SCALAR or name == "ew_grad"
+
+
+def _runs_somewhere(op: OpDef) -> bool:
+    return not isinstance(op.pending, str)     # None, or pending only for some uses (a function)
+
+
+def test_every_operator_runs_on_the_cpu_or_says_why_not():
+    unbound, no_grad, bad_reason = [], [], []
+    for op in {id(op): op for op in OPS.values()}.values():    # (an alias shares its entry)
+        name = op.name
+        if isinstance(op.pending, str):
+            if len(op.pending) < 10:
+                bad_reason.append(name)
+            continue
+        if op.kind == "elementwise":
+            if not _generated(name):
+                unbound.append(name)     # the planner fuses it, and codegen knows only SCALAR
+        elif name not in cpu.KERNELS:
+            unbound.append(name)
+        if op.differentiable and op.kind != "grad":
+            if op.vjp is None:
+                no_grad.append(name)
+            elif op.vjp == "kernel":
+                g = OPS.get(f"{name}_grad")
+                if g is None or g.pending is not op.pending or f"{name}_grad" not in cpu.KERNELS:
+                    no_grad.append(name)
+    assert not unbound, f"runnable operators without a CPU kernel: {unbound}"
+    assert not no_grad, f"differentiable operators whose backward cannot run: {no_grad}"
+    assert not bad_reason, f"pending operators need a reason a user can read: {bad_reason}"
+    assert sum(isinstance(op.pending, str) for op in OPS.values()) >= 30     # detection and recurrent, today
+
+
+def test_the_check_sees_a_missing_kernel_and_a_missing_gradient(monkeypatch):
+    """The walk above can fail: an operator dropped from the CPU table, or a gradient lost."""
+    monkeypatch.delitem(cpu.KERNELS, "pad")
+    with pytest.raises(AssertionError, match="pad"):
+        test_every_operator_runs_on_the_cpu_or_says_why_not()
+    monkeypatch.undo()
+    monkeypatch.delitem(cpu.KERNELS, "conv_grad")
+    with pytest.raises(AssertionError, match="conv"):
+        test_every_operator_runs_on_the_cpu_or_says_why_not()
+
+
+def test_no_target_binds_what_is_not_registered_or_not_runnable():
+    for name in cpu.KERNELS:
+        assert name in OPS, f"CPU binds unknown operator {name}"
+        assert _runs_somewhere(OPS[name]), f"CPU binds {name}, which its entry calls not runnable: flip it"
+
+
+CUDA_TABLE = """
+import json
+from netdsl.runtime import cuda
+print(json.dumps(sorted(cuda.KERNELS)))
+"""
+
+
+@pytest.fixture(scope="module")
+def cuda_table():
+    env = {**os.environ, "NUMBA_ENABLE_CUDASIM": "1"}
+    r = subprocess.run([sys.executable, "-c", CUDA_TABLE], capture_output=True, text=True, env=env, cwd=ROOT,
+                       timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return set(json.loads(r.stdout.strip().splitlines()[-1]))
+
+
+@pytest.mark.parametrize("target", ["cpu", "cuda"])
+def test_each_target_binds_the_gradient_of_every_kernel_vjp_it_claims(target, cuda_table):
+    table = set(cpu.KERNELS) if target == "cpu" else cuda_table
+    assert len(table) >= 50
+    missing = [n for n in table if n in OPS and OPS[n].vjp == "kernel" and f"{n}_grad" not in table]
+    assert not missing, f"{target}: gradient kernels missing for {missing}"
+    unknown = [n for n in table if n not in OPS or not _runs_somewhere(OPS[n])]
+    assert not unknown, f"{target} binds unregistered or pending operators {unknown}"
+
+
+def test_roi_align_waits_for_the_detection_kernels():
+    assert isinstance(OPS["roi_align"].pending, str) and OPS["roi_align_grad"].pending == OPS["roi_align"].pending
+
+
+# ---- initialisers
+
+def test_every_initialiser_an_operator_names_exists():
+    for name, op in OPS.items():
+        if op.params is not None:
+            assert op.inits, name
+            assert all(i in inits.INITIALISERS for i in op.inits), (name, op.inits)
+
+
+def test_an_unknown_initialiser_fails_when_the_operator_is_defined():
+    op = OpDef("t_unknown_init", ("x",), (), lambda ctx: [], params=lambda ctx: {}, inits=("kaiming_unifrom",))
+    with pytest.raises(RuntimeError, match="kaiming_unifrom"):
+        register(op)
+    assert "t_unknown_init" not in OPS
+    with pytest.raises(RuntimeError, match="declares no initialisers"):
+        register(OpDef("t_no_inits", ("x",), (), lambda ctx: [], params=lambda ctx: {}))
+    assert "t_no_inits" not in OPS
+
+
+def test_a_parameter_rule_may_use_only_the_initialisers_it_declares():
+    op = OpDef("t_undeclared", ("x",), (), lambda ctx: [],
+               params=lambda ctx: {"weight": ((2,), "normal(0.5)", "weight")}, inits=("zeros",))
+    register(op)
+    try:
+        with pytest.raises(RuntimeError, match="normal"):
+            op.params(None)
+    finally:
+        del OPS["t_undeclared"]
+
+
+@pytest.mark.parametrize("spec, want", [("zeros", (inits.CONSTANT, 0.0)), ("constant(20)", (inits.CONSTANT, 20.0)),
+                                        ("constant(-1.5e-3)", (inits.CONSTANT, -1.5e-3)),
+                                        ("normal(0.01)", (inits.NORMAL, 0.01)), ("uniform(0.1)", (inits.UNIFORM, 0.1))])
+def test_initialiser_specs_parse(spec, want):
+    fn, args = inits.parse(spec)
+    assert fn(None, *args) == want
+    assert inits.parse(spec) is inits.parse(spec)     # parsed once
+
+
+@pytest.mark.parametrize("spec, msg", [("nope", "unknown initialiser 'nope'"), ("constant", "takes 1 number"),
+                                       ("constant(a)", "must be numbers"), ("zeros(1)", "takes 0 number"),
+                                       ("normal(1, 2)", "takes 1 number"), ("normal(1", "of the form")])
+def test_bad_initialiser_specs_say_what_is_wrong(spec, msg):
+    with pytest.raises(ValueError, match=msg.replace("(", r"\(")):
+        inits.parse(spec)
+
+
+def test_ssd300s_l2norm_scale_starts_at_its_constant():
+    """specs/det/ssd300.net: l2norm's weight is constant(20), which once raised ValueError."""
+    from netdsl.runtime.init import init_params
+    g = compile_spec("det/ssd300.net")
+    w = init_params(g, 0)
+    scales = [n for n, p in g.params.items() if p.node.op == "l2norm"]
+    assert scales and all((w[n] == 20.0).all() and w[n].dtype == np.float32 for n in scales)
+
+
+# ---- not-runnable nodes stop Model and `netdsl run` cleanly
+
+RNN_SPEC = """
+step cell(x_t: seq, H) {
+  carry h = zeros([x_t.N, H])
+  h = tanh(linear(h, H, bias=false) + linear(x_t, H, bias=false))
+  emit h
+}
+network r(T = 4) {
+  input x: f32[N, T, 3]
+  input y: i64[N, T]
+  hs = scan cell(x, 5)
+  logits = hs -> linear(7)
+  output logits
+  loss ce = cross_entropy(logits, y)
+}
+"""
+
+
+def test_model_of_a_scan_stops_at_the_scan_not_with_a_keyerror(tmp_path):
+    g = compile_text(tmp_path, RNN_SPEC)
+    scan = next(n for n in g.nodes if n.op == "scan")
+    for make in (lambda: Model(g).infer({"x": np.zeros((2, 4, 3), np.float32)}),
+                 lambda: Model(g).train_step({"x": np.zeros((2, 4, 3), np.float32), "y": np.zeros((2, 4), np.int64)})):
+        with pytest.raises(NetdslError, match=r"operator 'scan' cannot run yet") as e:
+            make()
+        assert e.value.pos == scan.pos and e.value.pos.line == 10
+    with pytest.raises(NetdslError, match="scan"):     # the executor on its own, past the planner
+        Program(g.nodes, list(g.outputs.values()), {"N": 2})
+
+
+def test_the_first_pending_node_in_graph_order_is_named(tmp_path):
+    g = compile_text(tmp_path, """
+network d() {
+  input image: f32[N, 3, 32, 32]
+  input rois: f32[R, 5]
+  f = image -> conv(8, k=3, p=1)
+  a = roi_align(f, rois, out=2, scale=1.0)
+  b = roi_pool(f, rois, out=2, scale=1.0)
+  output a, b
+}
+""")
+    with pytest.raises(NetdslError, match=r"'roi_align' cannot run yet \(roi_align1\): detection") as e:
+        Model(g)
+    assert e.value.pos.line == 6
+
+
+def test_a_weighted_point_loss_is_pending_an_unweighted_one_runs(tmp_path):
+    base = """
+network p() {{
+  input x: f32[N, 4]
+  input t: f32[N, 4]
+  input w: f32[N, 4]
+  y = x -> linear(4)
+  output y
+  loss l = {loss}
+}}
+"""
+    g = compile_text(tmp_path, base.format(loss="l2(y, t, w)"))
+    with pytest.raises(NetdslError, match="'l2' cannot run yet.*weighted"):
+        Model(g)
+    g = compile_text(tmp_path, base.format(loss="smooth_l1(y, t)"), name="u.net")
+    assert not_runnable(g.nodes[-1]) is None
+    r = np.random.default_rng(0)
+    feeds = {k: r.standard_normal((3, 4)).astype(np.float32) for k in "xtw"}
+    total, *_ = Model(g).train_step(feeds)
+    assert np.isfinite(total)
+
+
+def test_unregistered_node_kinds_are_known():
+    assert set(UNREGISTERED) == {"scan"} and "scan" not in OPS
+
+
+SEQ_DET = sorted((SPECS / "rnn").glob("*.net")) + sorted((SPECS / "det").glob("*.net"))
+
+
+def _first_pending(path: Path):
+    g = compile_spec(path)
+    return next((n for n in g.nodes if not_runnable(n) is not None), None)
+
+
+@pytest.mark.parametrize("path", SEQ_DET, ids=lambda p: f"{p.parent.name}/{p.stem}")
+def test_recurrent_and_detection_specs_train_or_stop_at_their_first_pending_node(path, tmp_path):
+    n = _first_pending(path)
+    if n is None:   # every operator runs: one step on synthetic data
+        r = cli("run", path, "--data", "synthetic:2", "--epochs", "1", "--batch", "1", "--out", tmp_path / "run",
+                "--no-progress")
+        assert r.returncode == 0, r.stderr[-3000:]
+        return
+    where = f"{n.pos.file}:{n.pos.line}:{n.pos.col}"
+    for data in (("--data", "synthetic:2"), ()):     # the spec's own data source is never read
+        r = cli("run", path, *data, "--out", tmp_path / "run", "--no-progress")
+        assert r.returncode == 2, (r.returncode, r.stderr[-3000:])
+        assert "Traceback" not in r.stderr
+        assert f"{where}: error: operator '{n.op}' cannot run yet" in r.stderr, r.stderr
+    assert not any((tmp_path / "run").glob("*"))     # stopped before anything was written
