@@ -19,9 +19,9 @@ import numpy as np
 
 from .. import cache
 from . import cpu, cuda
-from .ir import Fused, backward, lower
+from .ir import Fused, backward, broadcast_runs, lower, runs_of
 
-__all__ = ["Fused", "backward", "compile_kernel", "channel_sum", "Kernel", "TARGETS"]
+__all__ = ["Fused", "backward", "broadcast_runs", "compile_kernel", "channel_sum", "Kernel", "TARGETS"]
 
 TARGETS = {"cpu": cpu, "cuda": cuda}
 DTYPES = (np.float32, np.float64)
@@ -35,10 +35,12 @@ class Kernel:
     """A generated kernel bound to its attribute values; call it on arrays.
 
     Full inputs must all have the same shape; a channel input has shape [C]
-    with C = shape[axis]; a scalar input has one element. Returns a tuple with
-    one array per output: full outputs have the input shape, channel outputs
-    shape [C], scalar outputs shape [1]. On CUDA, inputs may be host or device
-    arrays and outputs are device arrays.
+    with C = shape[axis]; a scalar input has one element; a "bcastK" input any
+    shape that broadcasts to the full one (numpy rules), read in place. With no
+    full input, `shape=` gives the full shape. Returns a tuple with one array
+    per output: full outputs have the full shape, channel outputs shape [C],
+    scalar outputs shape [1]. On CUDA, inputs may be host or device arrays and
+    outputs are device arrays.
     """
 
     def __init__(self, fused: Fused, dtype, target: str):
@@ -56,11 +58,15 @@ class Kernel:
         """The Numba dispatchers of this kernel (serial/parallel on CPU)."""
         return [getattr(self.module, n) for n in dir(self.module) if n.startswith("kernel")]
 
-    def _geometry(self, arrays, axis):
-        shapes = [a.shape for a, (_, l) in zip(arrays, self.fused.inputs) if l == "full"]
-        shape = shapes[0]
+    def _geometry(self, arrays, axis, shape=None):
+        shapes = [tuple(a.shape) for a, (_, l) in zip(arrays, self.fused.inputs) if l == "full"]
+        if shape is None:
+            if not shapes:
+                raise ValueError("a kernel without a full-shape input needs shape=")
+            shape = shapes[0]
+        shape = tuple(shape)
         if any(s != shape for s in shapes):
-            raise ValueError(f"full inputs must share one shape, got {shapes}")
+            raise ValueError(f"full inputs must share one shape {shape}, got {shapes}")
         n = math.prod(shape)
         if any(l == "channel" for _, l in self.fused.inputs + self.fused.outputs):
             C, Q = shape[axis], math.prod(shape[axis + 1:])
@@ -73,24 +79,45 @@ class Kernel:
                 raise ValueError(f"scalar input {name!r} has {a.size} elements")
         return shape, n, C, Q
 
-    def __call__(self, *arrays, axis: int = 1, out: dict | None = None):
+    def _ints(self, arrays, shape):
+        """The broadcast inputs' index runs, padded with empty ones (i // 1 % 1 * 0) where
+        sizes of 1 at run time merge runs the layout counted apart."""
+        runs = {}
+        for j, (name, layout) in enumerate(self.fused.inputs):
+            k = runs_of(layout)
+            if k is None:
+                continue
+            try:
+                r = broadcast_runs(shape, arrays[j].shape)
+            except ValueError:
+                raise ValueError(f"broadcast input {name!r} of shape {tuple(arrays[j].shape)} "
+                                 f"does not broadcast to {shape}") from None
+            if len(r) > k:
+                raise ValueError(f"broadcast input {name!r} of shape {tuple(arrays[j].shape)} needs {len(r)} "
+                                 f"index runs against {shape}; its layout {layout!r} has {k}")
+            runs[j] = r + [(1, 1, 0)] * (k - len(r))
+        it = self.backend.INDEX
+        return [it(runs[j][r][("inner", "extent", "stride").index(w)]) for _, j, r, w in self.low.ints]
+
+    def __call__(self, *arrays, axis: int = 1, out: dict | None = None, shape=None):
         """`out` maps full-output index -> a flat-able array to write into (in place:
         it may be one of the inputs, since every element is read before it is written)."""
         be, dt = self.backend, self.dtype
         if len(arrays) != len(self.fused.inputs):
             raise TypeError(f"kernel takes {len(self.fused.inputs)} arrays, got {len(arrays)}")
         arrays = [be.asarray(a, dt) for a in arrays]
-        shape, n, C, Q = self._geometry(arrays, axis)
+        shape, n, C, Q = self._geometry(arrays, axis, shape)
+        ints = self._ints(arrays, shape) if self.low.ints else []
         ins = [be.flat(a) for a in arrays]
         out = out or {}
         full = {j: be.flat(out[j]) if j in out else be.empty(n, dt)
                 for j, (_, l) in enumerate(self.fused.outputs) if l == "full"}
         if not self.fused.reduces:
-            be.launch(self.module, False, n, [n, C, Q, *ins, *self.scalars, *full.values()])
+            be.launch(self.module, False, n, [n, C, Q, *ins, *self.scalars, *ints, *full.values()])
             return tuple(full[j].reshape(shape) for j in range(len(full)))
         R = n // Q
         parts = {j: be.empty(R, dt) for j, (_, l) in enumerate(self.fused.outputs) if l != "full"}
-        be.launch(self.module, True, n, [R, C, Q, *ins, *self.scalars, *full.values(), *parts.values()])
+        be.launch(self.module, True, n, [R, C, Q, *ins, *self.scalars, *ints, *full.values(), *parts.values()])
         red = reductions(dt, self.target)
         outs = []
         for j, (_, layout) in enumerate(self.fused.outputs):
@@ -110,7 +137,8 @@ class Kernel:
             raise ValueError("ptx() is for CUDA kernels")
         arr, sc = from_dtype(self.dtype)[::1], from_dtype(self.dtype)
         n_out = len(self.fused.outputs)
-        sig = (int64,) * 3 + (arr,) * len(self.fused.inputs) + (sc,) * len(self.scalars) + (arr,) * n_out
+        sig = ((int64,) * 3 + (arr,) * len(self.fused.inputs) + (sc,) * len(self.scalars)
+               + (int64,) * len(self.low.ints) + (arr,) * n_out)
         return nc.compile_ptx(self.module.kernel.py_func, sig, cc=cc)[0]
 
 

@@ -14,6 +14,7 @@ from .. import native
 from .render import header, indent, row_loop_body
 
 PAR_MIN = 1 << 16     # elements; below this the serial variant runs
+INDEX = np.uint64     # broadcast geometry arguments: the loop index's type (uint64 with int64 is float64)
 
 # Not fastmath=True: that implies 'nnan'/'ninf', which folds isnan() to False.
 DECORATOR = "@jit(fastmath={{'reassoc', 'contract', 'arcp', 'nsz'}}{par})"
@@ -28,7 +29,7 @@ def _variants(name: str, params: str, body) -> list[str]:
 
 
 def render(low, dtype) -> str:
-    names = [p for p, _ in low.arrays] + [s for s, _, _ in low.scalars]
+    names = low.params
     full = [o for o in low.outputs if o[2] == "full"]
     red = [o for o in low.outputs if o[2] != "full"]
     lines = header(low, dtype, "cpu")

@@ -17,6 +17,7 @@ from .render import header, indent, row_loop_body
 TPB = 256          # threads per block, elementwise kernels
 TPB_REDUCE = 128   # threads per block, reductions (a power of two for the tree)
 MAX_BLOCKS = 4096  # grid-stride loops cover the rest
+INDEX = np.int64   # broadcast geometry arguments: the type of cuda.grid's index
 
 DECORATOR = "@cuda.jit(cache=True)"
 
@@ -36,7 +37,7 @@ def _header(low, dtype):
 
 
 def render(low, dtype) -> str:
-    names = [p for p, _ in low.arrays] + [s for s, _, _ in low.scalars]
+    names = low.params
     full = [o for o in low.outputs if o[2] == "full"]
     red = [o for o in low.outputs if o[2] != "full"]
     lines = _header(low, dtype) + ["", DECORATOR]

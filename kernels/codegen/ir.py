@@ -8,6 +8,11 @@ one with respect to its i-th input (op "relu'0", arguments (a, [b], y, g)).
 Input layouts:  "full"    an array of the kernel's full shape
                 "channel" a vector [C] broadcast along one axis (bias, norm scale)
                 "scalar"  a one-element array broadcast everywhere
+                "bcastK"  any numpy broadcast of the full shape ([N, C, 1, 1], [W],
+                          [N, 1, H, W]...), read in place: its kept axes, merged into
+                          K runs of adjacent axes (`broadcast_runs`), give its index
+                          from the flat one with K divisions; K is fixed in the code,
+                          the runs' sizes are runtime arguments
 Output layouts: "full" is written elementwise; "channel" / "scalar" are summed
 over every other axis (the gradient of a broadcast input).
 
@@ -18,12 +23,60 @@ from __future__ import annotations
 
 import ast
 import functools
+import re
 from dataclasses import dataclass, field
 
 from netdsl.ops.elementwise import SCALAR
 
 LAYOUTS = ("full", "channel", "scalar")
-MATH = {"exp", "log", "tanh", "sqrt"}        # -> math.<f>; float32 in, float32 out
+MAX_RUNS = 8
+MATH = {"exp", "log", "tanh", "sqrt", "erf"}  # -> math.<f>; float32 in, float32 out
+
+
+def runs_of(layout: str) -> int | None:
+    """K for a "bcastK" layout, None for the others."""
+    m = re.fullmatch(r"bcast([1-9])", layout)
+    return int(m.group(1)) if m and int(m.group(1)) <= MAX_RUNS else None
+
+
+def valid_layout(layout: str) -> bool:
+    return layout in LAYOUTS or runs_of(layout) is not None
+
+
+def broadcast_runs(shape, xshape) -> list:
+    """How an operand of shape `xshape` is read when broadcast (numpy rules) to `shape`.
+
+    Returns its kept axes merged into runs of adjacent ones, outermost first, each
+    (inner, extent, stride): at flat output index i the run's coordinate is
+    (i // inner) % extent, and it moves the operand's flat index by `stride`. Axes of
+    size 1 in `shape` neither end nor extend a run. Works on symbolic dimensions too
+    (a symbol is taken to be other than 1), which is how a plan fixes K before sizes
+    are known. ValueError if xshape does not broadcast to shape.
+    """
+    shape, xshape = tuple(shape), tuple(xshape)
+    if len(xshape) > len(shape):
+        raise ValueError(f"shape {xshape} has more axes than {shape}")
+    xs = (1,) * (len(shape) - len(xshape)) + xshape
+    runs, inner, stride, open_run = [], 1, 1, False
+    for d, x in zip(reversed(shape), reversed(xs)):
+        if isinstance(d, int) and d == 1:
+            if not (isinstance(x, int) and x == 1):
+                raise ValueError(f"shape {xshape} does not broadcast to {shape}")
+            continue
+        if isinstance(x, int) and x == 1:      # broadcast along this axis: a run ends
+            open_run = False
+        elif x == d:
+            if open_run:
+                i0, e, s0 = runs[-1]
+                runs[-1] = (i0, e * d, s0)
+            else:
+                runs.append((inner, d, stride))
+                open_run = True
+            stride = stride * x
+        else:
+            raise ValueError(f"shape {xshape} does not broadcast to {shape}")
+        inner = inner * d
+    return runs[::-1]
 BUILTIN = {"max", "min", "abs"}
 
 
@@ -76,10 +129,11 @@ class Fused:
     def check(self):
         m = len(self.inputs)
         for name, layout in self.inputs:
-            if layout not in LAYOUTS:
-                raise ValueError(f"input {name!r}: layout {layout!r} is not one of {LAYOUTS}")
-        if not any(layout == "full" for _, layout in self.inputs):
-            raise ValueError("a fused kernel needs at least one full-shape input")
+            if not valid_layout(layout):
+                raise ValueError(f"input {name!r}: layout {layout!r} is not one of {LAYOUTS} "
+                                 f"or bcast1..bcast{MAX_RUNS}")
+        if not any(layout == "full" or runs_of(layout) for _, layout in self.inputs):
+            raise ValueError("a fused kernel needs at least one full-shape or broadcast input")
         for k, (op, args, _) in enumerate(self.nodes):
             params, _, _ = scalar_op(op)
             if len(args) != len(params):
@@ -131,7 +185,9 @@ def backward(f: Fused, wrt=None) -> Fused:
     Its inputs are f's inputs followed by one incoming gradient per output
     ("g0", "g1", ... full shape); forward intermediates are recomputed in
     registers rather than saved. The gradient of a channel or scalar input is a
-    reduced output. `wrt` lists input indices or names (default: all).
+    reduced output; that of a "bcastK" input is a full one, which the caller sums
+    over the broadcast axes (the runtime's `sum_to` does). `wrt` lists input indices
+    or names (default: all).
     """
     if f.reduces:
         raise ValueError("backward of a kernel with reduced outputs is not supported")
@@ -177,7 +233,8 @@ def backward(f: Fused, wrt=None) -> Fused:
     for w in wrt:
         if w not in grad:
             raise ValueError(f"input {names[w]!r} does not reach any output")
-        outs.append((grad[w], f.inputs[w][1]))
+        layout = f.inputs[w][1]
+        outs.append((grad[w], "full" if runs_of(layout) else layout))
     return Fused(inputs, tuple(nodes), tuple(outs))
 
 
@@ -191,10 +248,16 @@ class Lowered:
     """
     arrays: list                      # [(param, layout)] inputs, in order
     scalars: list                     # [(param, attr name, default)] one per node attribute
+    ints: list = field(default_factory=list)      # [(param, input index, run, field)] broadcast geometry
     consts: dict = field(default_factory=dict)    # float value -> module-level name
     body: list = field(default_factory=list)      # "v3 = ..." lines
     outputs: list = field(default_factory=list)   # [(param, var, layout)]
     uses_channel: bool = False
+
+    @property
+    def params(self) -> list[str]:
+        """The kernel's input parameters in call order: arrays, attribute scalars, index sizes."""
+        return [p for p, _ in self.arrays] + [s for s, _, _ in self.scalars] + [p for p, _, _, _ in self.ints]
 
     def const(self, value: float) -> str:
         return self.consts.setdefault(float(value), f"K{len(self.consts)}")
@@ -247,6 +310,19 @@ def _needed(f: Fused) -> set:
     return need
 
 
+def _index(low: Lowered, j: int, layout: str) -> str:
+    """Input j's element index at flat index i (and channel c)."""
+    k = runs_of(layout)
+    if k is None:
+        return {"full": "i", "channel": "c", "scalar": "0"}[layout]
+    terms = []
+    for r in range(k):
+        names = [f"x{j}{w}{r}" for w in "des"]    # inner (divisor), extent, stride
+        low.ints += [(n, j, r, w) for n, w in zip(names, ("inner", "extent", "stride"))]
+        terms.append(f"(i // {names[0]} % {names[1]}) * {names[2]}")
+    return " + ".join(terms)
+
+
 def lower(f: Fused) -> Lowered:
     low = Lowered(arrays=[(f"x{j}", layout) for j, (_, layout) in enumerate(f.inputs)], scalars=[])
     need, var = _needed(f), []
@@ -254,7 +330,7 @@ def lower(f: Fused) -> Lowered:
         var.append(f"v{j}")
         if j in need:
             low.uses_channel |= layout == "channel"
-            low.body.append(f"v{j} = x{j}[{ {'full': 'i', 'channel': 'c', 'scalar': '0'}[layout]}]")
+            low.body.append(f"v{j} = x{j}[{_index(low, j, layout)}]")
     for op, args, attrs in f.nodes:
         if len(var) not in need:
             var.append(None)

@@ -142,8 +142,9 @@ from .norm import (  # noqa: E402
     batchnorm_stats, batchnorm_train, batchnorm_apply, batchnorm_backward, batchnorm_infer,
     batchnorm2d_train, batchnorm2d_backward, batchnorm2d_infer,
     batchnorm1d_train, batchnorm1d_backward, batchnorm1d_infer,
-    dropout, dropout_backward, dropout_mask,
+    dropout, dropout_backward, dropout_mask, drop_path, drop_path_backward,
 )
+from .reduce import reduce_axes, expand_axes  # noqa: E402
 from .loss import (  # noqa: E402
     softmax_cross_entropy, softmax_cross_entropy_backward,
     mse_loss, mse_loss_backward, smooth_l1_loss, smooth_l1_loss_backward,

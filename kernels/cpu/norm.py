@@ -287,3 +287,36 @@ def dropout_backward(gy, mask, p):
     _scale_by_mask(gy.size, gy.reshape(-1), np.ascontiguousarray(mask, np.uint8).reshape(-1),
                    _inv_keep(p, gy.dtype), gx.reshape(-1))
     return gx
+
+
+# ---------------------------------------------------------------- stochastic depth
+# torchvision.ops.stochastic_depth(mode="row"): one keep draw per sample, the dropout
+# hash on sample indices (CUDA draws the same), the sample scaled by 1/(1 - p) or zeroed.
+
+def _scale_rows(x, keep, scale, y):
+    N, Q = x.shape
+    zero = x.dtype.type(0)
+    for n in prange(N):
+        s = scale if keep[n] else zero
+        for q in range(Q):
+            y[n, q] = x[n, q] * s
+    return y
+
+
+_scale_rows = kernel(_scale_rows)
+
+
+def drop_path(x, p, seed):
+    """(y, keep): each sample x[n] kept whole with probability 1 - p, scaled by 1/(1 - p)."""
+    x = as_float(x)
+    keep = dropout_mask((x.shape[0],), p, seed)
+    return drop_path_backward(x, keep, p), keep
+
+
+def drop_path_backward(gy, keep, p):
+    gy = as_float(gy)
+    gx = np.empty_like(gy)
+    N = gy.shape[0]
+    Q = gy.size // N if N else 0
+    _scale_rows(gy.size, gy.reshape(N, Q), keep, _inv_keep(p, gy.dtype), gx.reshape(N, Q))
+    return gx

@@ -162,7 +162,7 @@ from .pool import (  # noqa: E402
 from .norm import (  # noqa: E402
     batchnorm_train, batchnorm_apply, batchnorm_backward, batchnorm_infer,
     local_response_norm, local_response_norm_backward,
-    dropout, dropout_backward, dropout_mask,
+    dropout, dropout_backward, dropout_mask, drop_path, drop_path_backward,
 )
 from .loss import (  # noqa: E402
     softmax_cross_entropy, softmax_cross_entropy_backward,
@@ -170,7 +170,7 @@ from .loss import (  # noqa: E402
     bce_with_logits, bce_with_logits_backward, softmax, softmax_backward,
 )
 from .tensor import (  # noqa: E402
-    reduce_axis, broadcast_axis, sum_to, transpose, copy_into, concat, split, slice_, slice_backward, pad,
+    reduce_axis, reduce_axes, expand_axes, broadcast_axis, sum_to, transpose, copy_into, concat, split, slice_, slice_backward, pad,
     embedding, embedding_backward, one_hot, broadcast_to, all_finite,
 )
 from .optim import adam_update, global_norm, scale, sgd_update  # noqa: E402

@@ -248,3 +248,28 @@ def dropout_backward(gy, mask, p):
     gx = empty(gy.shape, gy.dtype)
     launch(_scale_by_mask, gy.size, flat(gy), flat(mask), _inv_keep(p, gy.dtype), flat(gx))
     return gx
+
+
+# ---------------------------------------------------------------- stochastic depth
+# torchvision.ops.stochastic_depth(mode="row"): one keep draw per sample, the CPU's
+# dropout hash on sample indices, so both targets drop the same samples for a seed.
+
+@kernel("aibfa")
+def _scale_rows(x, Q, keep, scale, y):
+    """y[n, q] = x[n, q] * (scale if keep[n] else 0): x as rows of Q elements."""
+    T = x.dtype.type
+    for i in range(cuda.grid(1), x.size, cuda.gridsize(1)):
+        y[i] = x[i] * (scale if keep[i // Q] else T(0))
+
+
+def drop_path(x, p, seed):
+    """(y, keep): each sample x[n] kept whole with probability 1 - p, scaled by 1/(1 - p)."""
+    keep = dropout_mask((x.shape[0],), p, seed)
+    return drop_path_backward(x, keep, p), keep
+
+
+def drop_path_backward(gy, keep, p):
+    gx = empty(gy.shape, gy.dtype)
+    Q = gy.size // gy.shape[0] if gy.shape[0] else 0
+    launch(_scale_rows, gy.size, flat(gy), Q, keep, _inv_keep(p, gy.dtype), flat(gx))
+    return gx

@@ -84,13 +84,13 @@ def channel_sum(x, axis=1):
     return out
 
 
-def reduce_axis(x, axis, mean=False, keepdims=False):
-    """Sum (or mean) over one axis."""
+def reduce_axis(x, axis, mean=False, keepdims=False, scale=None):
+    """Sum (or mean) over one axis, times `scale` if given (instead of mean's 1/K)."""
     O, K, I = _split3(x.shape, axis)
     axis %= x.ndim
     shape = x.shape[:axis] + ((1,) if keepdims else ()) + x.shape[axis + 1:]
     out = empty(shape, x.dtype)
-    scale = np.dtype(x.dtype).type(1.0 / K if mean else 1.0)
+    scale = np.dtype(x.dtype).type(scale if scale is not None else 1.0 / K if mean else 1.0)
     if K >= 4 * TPB_RED or O * I < 1024:
         launch_rows(_sum_mid_rows, O * I, flat(x), O, K, I, flat(out), scale)
     else:
@@ -111,6 +111,43 @@ def broadcast_axis(g, shape, axis, scale=1.0):
     y = empty(shape, g.dtype)
     launch(_expand_mid, y.size, flat(g), O, K, I, flat(y), np.dtype(g.dtype).type(scale))
     return y
+
+
+def reduce_axes(x, axes, mean=False, keepdims=False):
+    """Sum (or mean) over several axes: adjacent ones merged into one, each group
+    reduced by reduce_axis from the last, the mean's 1/count applied once, at the end."""
+    shape, axes = tuple(x.shape), sorted({a % x.ndim for a in axes})
+    groups = []                                  # [first, last] of runs of adjacent axes
+    for a in axes:
+        if groups and groups[-1][1] == a - 1:
+            groups[-1][1] = a
+        else:
+            groups.append([a, a])
+    count = math.prod(shape[a] for a in axes)
+    y = x
+    for j, (a, b) in enumerate(reversed(groups)):  # from the right: earlier axes keep their index
+        s = y.shape
+        y = y.reshape(s[:a] + (math.prod(s[a:b + 1]),) + s[b + 1:])
+        last = j == len(groups) - 1
+        y = reduce_axis(y, a, scale=(1.0 / count if mean else 1.0) if last else 1.0)
+    out = tuple(1 if i in axes else d for i, d in enumerate(shape)) if keepdims else \
+        tuple(d for i, d in enumerate(shape) if i not in axes)
+    return y.reshape(out)
+
+
+def expand_axes(g, shape, axes, scale=1.0):
+    """The adjoint of reduce_axes: g repeated along the reduced axes of `shape`, times scale."""
+    axes = {a % len(shape) for a in axes}
+    y = broadcast_to(g.reshape(tuple(1 if i in axes else d for i, d in enumerate(shape))), shape)
+    if scale != 1.0:
+        launch(_scale_in_place, y.size, flat(y), np.dtype(y.dtype).type(scale))
+    return y
+
+
+@kernel("af")
+def _scale_in_place(y, s):
+    for e in range(cuda.grid(1), y.size, cuda.gridsize(1)):
+        y[e] *= s
 
 
 def sum_to(g, shape):

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import ast
 
-from .registry import Attr, Ctx, OpDef, register
+from .registry import OPS, Attr, Ctx, OpDef, register
 
 # name: (arity, expr, grads, attrs)
 SCALAR = {
@@ -18,6 +18,18 @@ SCALAR = {
     "leaky_relu": (1, "a if a > 0 else slope * a", ("g if a > 0 else g * slope",),
                    (Attr("slope", "float", 0.01),)),
     "sigmoid":    (1, "1 / (1 + exp(-a))", ("g * y * (1 - y)",), ()),
+    # the activations of modern CNNs, with torch's gradients at the kinks (relu6 and
+    # hardswish as torch's hardtanh/hardswish, clamp's bounds pass the gradient)
+    "relu6":      (1, "min(max(a, 0), 6)", ("g * (a > 0) * (a < 6)",), ()),
+    "hardswish":  (1, "a * min(max(a + 3, 0), 6) / 6",
+                   ("0 if a < -3 else (g if a > 3 else g * (2 * a + 3) / 6)",), ()),
+    "silu":       (1, "a / (1 + exp(-a))",       # also spelled swish; g*s*(1 + a*(1 - s)), s = sigmoid(a),
+                   ("g / (1 + exp(-a)) * (1 + a * (1 - 1 / (1 + exp(-a))))",), ()),   # 0, not nan, where exp overflows
+    "gelu":       (1, "0.5 * a * (1 + erf(a * 0.7071067811865476))",     # exact (erf) form, torch's default
+                   ("g * (0.5 * (1 + erf(a * 0.7071067811865476)) + a * 0.3989422804014327 * exp(-0.5 * a * a))",),
+                   ()),
+    "clamp":      (1, "min(max(a, min), max)", ("g * (a >= min) * (a <= max)",),
+                   (Attr("min", "float", float("-inf")), Attr("max", "float", float("inf")))),
     "tanh":       (1, "tanh(a)", ("g * (1 - y * y)",), ()),
     "exp":        (1, "exp(a)", ("g * y",), ()),
     "log":        (1, "log(a)", ("g / a",), ()),
@@ -64,6 +76,16 @@ def _unary(ctx: Ctx):
     return [(ctx.x().shape, ctx.x().dtype)]
 
 
+def _clamp(ctx: Ctx):
+    if ctx.min > ctx.max:
+        ctx.fail(f"min ({ctx.min:g}) is above max ({ctx.max:g})", hint="clamp(x, min=LOW, max=HIGH)")
+    return _unary(ctx)
+
+
+RULES = {"clamp": _clamp}     # shape rules beyond the arity's default
+ALIASES = {"swish": "silu"}   # other names of the same operator (the same registry entry)
+
+
 def names_in(expr: str) -> set[str]:
     return {n.id for n in ast.walk(ast.parse(expr, mode="eval")) if isinstance(n, ast.Name)}
 
@@ -90,10 +112,13 @@ def _vjp(b, node, gys):
 
 
 for _name, (_arity, _expr, _grads, _attrs) in SCALAR.items():
+    _also = [k for k, v in ALIASES.items() if v == _name]
     register(OpDef(
         name=_name, inputs=("a", "b")[:_arity], attrs=_attrs,
-        infer=_unary if _arity == 1 else broadcast, kind="elementwise", vjp=_vjp,
-        doc=f"elementwise: y = {_expr}"))
+        infer=RULES.get(_name, _unary if _arity == 1 else broadcast), kind="elementwise", vjp=_vjp,
+        doc=f"elementwise: y = {_expr}" + "".join(f"; {_name} and {a} are one operator" for a in _also)))
+for _alias, _name in ALIASES.items():
+    OPS[_alias] = OPS[_name]    # a spec may write either name; its nodes are of the one operator
 
 register(OpDef(
     name="ew_grad", inputs=("g", "*xs"), attrs=(), kind="elementwise", differentiable=False,

@@ -150,6 +150,17 @@ def dropout(ctx: Ctx):
     return [(ctx.x().shape, ctx.x().dtype)]
 
 
+@defop("drop_path", ["x"], (Attr("p", "float", 0.1, check=prob),), vjp="kernel")
+def drop_path(ctx: Ctx):
+    """Stochastic depth: in training each sample zeroed with probability p, else scaled by 1/(1-p).
+    Identity at inference; torchvision's stochastic_depth(mode="row"). Put it on a
+    residual branch: y = x + drop_path(branch(x), 0.1)."""
+    _float_input(ctx)
+    if ctx.x().rank < 1:
+        ctx.fail("needs a batch axis: [N, ...]", 0)
+    return [(ctx.x().shape, ctx.x().dtype)]
+
+
 POOL_ATTRS = (
     Attr("k", "pair", check=positive),
     Attr("s", "pair", 0, check=nonneg, doc="stride; 0 means the kernel size"),

@@ -133,20 +133,40 @@ def log_softmax(ctx: Ctx):
     return [(ctx.x().shape, ctx.x().dtype)]
 
 
-@defop("sum", ["x"], (Attr("axis", "int", -1),), kind="layer", vjp="kernel")
+def reduced_axes(axis, rank: int) -> tuple[int, ...]:
+    """The axes a sum/mean node reduces, as sorted non-negative ints (`axis` is its
+    attribute: a tuple of ints, or one int as in graphs made before lists were taken)."""
+    axes = axis if isinstance(axis, (tuple, list)) else (axis,)
+    return tuple(sorted(a % rank for a in axes))
+
+
+def _reduce(ctx: Ctx):
+    x = ctx.x()
+    if not ctx.axis:
+        ctx.fail("needs at least one axis", 0, hint=f"{ctx.op.name}(x, [2, 3]) reduces axes 2 and 3")
+    axes = [_axis(ctx, a, x.rank) for a in ctx.axis]
+    twice = sorted({a for a in axes if axes.count(a) > 1})
+    if twice:
+        ctx.fail(f"axis {twice[0]} is given twice in {list(ctx.axis)}", 0)
+    if ctx.keepdim:
+        return [(tuple(1 if i in axes else d for i, d in enumerate(x.shape)), x.dtype)]
+    return [(tuple(d for i, d in enumerate(x.shape) if i not in axes), x.dtype)]
+
+
+_REDUCE_ATTRS = (Attr("axis", "ints", (-1,), doc="an axis or a list of axes"),
+                 Attr("keepdim", "bool", False, doc="keep each reduced axis with size 1"))
+
+
+@defop("sum", ["x"], _REDUCE_ATTRS, kind="layer", vjp="kernel")
 def sum_(ctx: Ctx):
-    """Sum over one axis (removes it)."""
-    x = ctx.x()
-    a = _axis(ctx, ctx.axis, x.rank)
-    return [((*x.shape[:a], *x.shape[a + 1:]), x.dtype)]
+    """Sum over an axis or a list of axes (removed, or kept with size 1 by keepdim=true)."""
+    return _reduce(ctx)
 
 
-@defop("mean", ["x"], (Attr("axis", "int", -1),), kind="layer", vjp="kernel")
+@defop("mean", ["x"], _REDUCE_ATTRS, kind="layer", vjp="kernel")
 def mean(ctx: Ctx):
-    """Mean over one axis (removes it)."""
-    x = ctx.x()
-    a = _axis(ctx, ctx.axis, x.rank)
-    return [((*x.shape[:a], *x.shape[a + 1:]), x.dtype)]
+    """Mean over an axis or a list of axes (removed, or kept with size 1 by keepdim=true)."""
+    return _reduce(ctx)
 
 
 @defop("detach", ["x"], kind="structural", differentiable=False)

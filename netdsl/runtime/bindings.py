@@ -4,8 +4,8 @@
 and on CUDA but for the kernel module `K` (`netdsl.kernels.cpu` or
 `netdsl.kernels.cuda`, which expose the same names and signatures; `runtime/cpu.py`
 passes the CPU module through an adapter that adds the numpy structural kernels and
-fits signatures that differ). What truly differs per target (the losses' scalars,
-reductions) stays in `runtime/cpu.py` and `runtime/cuda.py`.
+fits signatures that differ). What truly differs per target (the losses' scalars)
+stays in `runtime/cpu.py` and `runtime/cuda.py`.
 
 Every binding has the signature fn(node, inputs, state) -> list of arrays. What a
 forward pass must keep for its backward (switches, batch statistics, masks,
@@ -20,6 +20,7 @@ import numpy as np
 from ..autodiff import trainable
 from ..errors import NetdslError
 from ..ir.dims import Sym
+from ..ops.tensor import reduced_axes
 from .arena import pack
 
 DTYPES = {"f16": np.float16, "f32": np.float32, "f64": np.float64, "i32": np.int32, "i64": np.int64,
@@ -246,6 +247,34 @@ def register(table: dict, K, target: str) -> None:
     def dropout_grad(n, x, st):
         mask = st.saved[id(n.fwd)]
         return [x[0] if mask is None else K.dropout_backward(x[0], mask, n.attrs["p"])]
+
+    @kernel("drop_path")
+    def drop_path(n, x, st):
+        if not st.train or n.attrs["p"] == 0:
+            st.saved[id(n)] = None
+            return [x[0]]
+        y, keep = K.drop_path(x[0], n.attrs["p"], seed=st.seed_for(n))
+        st.saved[id(n)] = keep
+        return [y]
+
+    @kernel("drop_path_grad")
+    def drop_path_grad(n, x, st):
+        keep = st.saved[id(n.fwd)]
+        return [x[0] if keep is None else K.drop_path_backward(x[0], keep, n.attrs["p"])]
+
+    # ---- reductions over an axis or a list of axes
+
+    @kernel("sum", "mean", writes="new")
+    def reduce(n, x, st):
+        a = n.attrs
+        return [K.reduce_axes(x[0], reduced_axes(a["axis"], x[0].ndim), n.op == "mean", a.get("keepdim", False))]
+
+    @kernel("sum_grad", "mean_grad", writes="new")
+    def reduce_grad(n, x, st):
+        gy, xin = x[0], x[1]
+        axes = reduced_axes(n.attrs["axis"], xin.ndim)
+        count = math.prod(xin.shape[a] for a in axes)
+        return [K.expand_axes(gy, xin.shape, axes, 1.0 if n.fwd.op == "sum" else 1.0 / count)]
 
     # ---- pooling and upsampling
 

@@ -4,8 +4,8 @@ The bindings both targets share are written once in `runtime/bindings.py` and
 registered here with the CPU kernel module (through `_Kernels`, which gives it the
 CUDA module's names and signatures where they differ, structural kernels in numpy
 among them). What is bound here is only what the CPU does its own way: losses with
-host scalars, numpy reductions. Elementwise operators (and fused chains of them) are
-generated, not listed here.
+host scalars. Elementwise operators (and fused chains of them) are generated, not
+listed here.
 """
 from __future__ import annotations
 
@@ -191,16 +191,3 @@ def cross_entropy_grad(n, x, st):
     return [gz.reshape(logits.shape)]
 
 
-# ---- reductions (small in the CNN classics; numpy is enough here)
-
-@kernel("sum", "mean", writes="new")
-def reduce(n, x, st):
-    f = np.sum if n.op == "sum" else np.mean
-    return [np.ascontiguousarray(f(x[0], axis=n.attrs["axis"]))]
-
-
-@kernel("sum_grad", "mean_grad", writes="new")
-def reduce_grad(n, x, st):
-    gy, xin, ax = x[0], x[1], n.attrs["axis"] % x[1].ndim
-    scale = 1.0 if n.fwd.op == "sum" else 1.0 / xin.shape[ax]
-    return [np.ascontiguousarray(np.broadcast_to(np.expand_dims(gy * gy.dtype.type(scale), ax), xin.shape))]

@@ -4,7 +4,7 @@ The twin of `runtime/cpu.py`: the same operator names, the same signature
 fn(node, inputs, state) -> list of arrays, with device arrays in and out. The
 bindings both targets share are written once in `runtime/bindings.py` and
 registered here with the CUDA kernel module; what follows is what CUDA does its
-own way (losses with device scalars, reductions).
+own way (losses with device scalars).
 Parameters, activations, gradients and saved tensors all stay on the device;
 a loss is a device scalar. Elementwise steps are generated (codegen, target "cuda").
 
@@ -54,21 +54,6 @@ def cross_entropy_grad(n, x, st):
     return [gz.reshape(logits.shape)]
 
 
-# ---- reductions
-
-@kernel("sum", "mean")
-def reduce(n, x, st):
-    return [K.reduce_axis(x[0], n.attrs["axis"], mean=n.op == "mean")]
-
-
-@kernel("sum_grad", "mean_grad")
-def reduce_grad(n, x, st):
-    gy, xin = x[0], x[1]
-    ax = n.attrs["axis"] % xin.ndim
-    scale = 1.0 if n.fwd.op == "sum" else 1.0 / xin.shape[ax]
-    return [K.broadcast_axis(gy, xin.shape, ax, scale)]
-
-
 # ---- what the executor needs besides kernels
 
 def upload(a, dtype=None):
@@ -77,10 +62,6 @@ def upload(a, dtype=None):
 
 def download(a) -> np.ndarray:
     return a.copy_to_host() if hasattr(a, "copy_to_host") else np.asarray(a)
-
-
-def broadcast(a, shape):
-    return K.broadcast_to(a, shape)
 
 
 def synchronize():

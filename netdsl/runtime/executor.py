@@ -45,19 +45,19 @@ class RunState:
 
 class Target:
     """What differs between devices: the kernel table, the code generator's target,
-    moving arrays (upload / download / broadcast copies) and waiting for the device."""
+    moving arrays (upload / download) and waiting for the device. (Broadcast operands
+    need no copies: generated kernels read them in place.)"""
 
     def __init__(self, name: str = "cpu"):
         self.name = name
         self._table = None
         if name == "cuda":
             from . import cuda
-            self._table, self.upload, self.download, self.broadcast, self.sync = \
-                cuda.KERNELS, cuda.upload, cuda.download, cuda.broadcast, cuda.synchronize
+            self._table, self.upload, self.download, self.sync = \
+                cuda.KERNELS, cuda.upload, cuda.download, cuda.synchronize
         else:
             self.upload = lambda a, dtype=None: a
             self.download = np.asarray
-            self.broadcast = lambda a, shape: np.ascontiguousarray(np.broadcast_to(a, shape))
             self.sync = lambda: None
 
     @property

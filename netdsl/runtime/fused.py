@@ -18,7 +18,9 @@ from .bindings import _outs
 
 
 def _layout(v: Value, shape) -> tuple[str, int]:
-    """How an input of an elementwise step is read: full, per-channel, scalar, or broadcast."""
+    """How an input of an elementwise step is read (codegen.ir's input layouts): full,
+    per-channel, scalar, or any other broadcast read in place ("bcastK")."""
+    from netdsl.kernels.codegen import broadcast_runs
     if tuple(v.shape) == tuple(shape):
         return "full", 1
     if all(d == 1 for d in v.shape):
@@ -28,7 +30,11 @@ def _layout(v: Value, shape) -> tuple[str, int]:
     axes = [i for i, d in enumerate(dims) if d != 1]
     if len(axes) == 1 and dims[axes[0]] == shape[axes[0]]:
         return "channel", axes[0]
-    return "bcast", 1
+    return _bcast(len(broadcast_runs(shape, v.shape))), 1
+
+
+def _bcast(k: int) -> str:
+    return f"bcast{max(k, 1)}"
 
 
 class FusedStep:
@@ -51,10 +57,11 @@ class FusedStep:
         lay = [_layout(s.inputs[i], shape) for i in self.used]
         axes = {ax for l, ax in lay if l == "channel"}
         if len(axes) > 1 or (axes and (self.head or self.tail) and axes != {1}):
-            lay = [("bcast", 1) if l == "channel" else (l, ax) for l, ax in lay]
+            lay = [(_bcast(1), 1) if l == "channel" else (l, ax) for l, ax in lay]   # one channel axis a kernel
         self.layouts = [l for l, _ in lay]
         self.axis = next(iter(axes)) if len(axes) == 1 and not (self.head or self.tail) else 1
-        inputs = {f"x{i}": ("full" if l == "bcast" else l) for i, l in enumerate(self.layouts)}
+        self.shape = shape if not any(l == "full" for l in self.layouts) else None   # else the kernel's full inputs give it
+        inputs = {f"x{i}": l for i, l in enumerate(self.layouts)}
         ref: dict[int, object] = {id(s.inputs[i]): f"x{j}" for j, i in enumerate(self.used)}
         nodes = []
 
@@ -93,17 +100,18 @@ class FusedStep:
         self.gx = build(inputs, [gx])
 
     def _args(self, ins):
-        ins = [ins[i] for i in self.used]
-        args = [a if l == "full" else a.reshape(a.size) for a, l in zip(ins, self.layouts)]
-        shape = ins[[i for i, l in enumerate(self.layouts) if l == "full"][0]].shape
-        return [self.target.broadcast(a, shape) if l == "bcast" else a for a, l in zip(args, self.layouts)]
+        """The kernel's arrays: channel and scalar inputs flat, the rest as they are
+        (a broadcast input keeps its shape, from which the kernel takes its geometry)."""
+        return [ins[i] if l == "full" or l.startswith("bcast") else ins[i].reshape(ins[i].size)
+                for i, l in zip(self.used, self.layouts)]
 
     def __call__(self, ins, st, out=None):
         args = self._args(ins)
         if self.head:
             args += self._norm_apply(ins, st)
         if not self.tail:
-            return list(self.kernel(*args, axis=self.axis, out=out))
+            shape = None if self.shape is None else st.shape_of(self.s.outputs[0])
+            return list(self.kernel(*args, axis=self.axis, out=out, shape=shape))
         return self._norm_grad(args, ins, st, out or {})
 
     def _norm_apply(self, ins, st):
