@@ -8,13 +8,18 @@ runtimes that ship with Numba as extension modules (_helperlib, _dynfunc, NRT, a
 threading layer), and those load without Numba's Python package.
 
 So when Numba compiles or loads a kernel, netdsl also keeps the object in a store
-(kernels/cpu/jit.py), keyed by the call's arguments (`arg_key`). A later process
-loads the objects with llvmlite's MCJIT and calls them through _dynfunc, as Numba
-itself does. It imports Numba only on a miss. The store's folder is named by a hash
-of everything the objects depend on: Python, Numba, llvmlite and NumPy as installed,
-the host CPU, and netdsl's kernel sources.
+(kernels/cpu/jit.py), keyed by the call's arguments (`arg_key`), and runs it from
+there, in that process as in later ones, which load the objects with llvmlite's MCJIT
+and call them through _dynfunc, as Numba itself does. They import Numba only on a
+miss. The store's folder is named by a hash of everything the objects depend on:
+Python, Numba, llvmlite and NumPy as installed, the host CPU, and netdsl's kernel
+sources. Its files are data: a JSON index, and per kernel a JSON header beside the
+object; nothing in it is unpickled, and a damaged or foreign file is a miss. (Its
+objects are machine code that runs, as Numba's cache is: the folder must be the
+user's own, as `~/.cache` is.)
 
-NETDSL_NATIVE=0 turns this off, so every call goes through Numba.
+NETDSL_NATIVE=0 turns this off: every call goes through Numba, and nothing of Numba
+is patched (`on_numba_import` is the one place that does).
 """
 from __future__ import annotations
 
@@ -23,8 +28,10 @@ import ctypes
 import hashlib
 import importlib.machinery
 import importlib.util
+import json
 import os
 import pickle
+import re
 import struct
 import sys
 import threading
@@ -205,7 +212,7 @@ class _Runtime:
         self.resolved |= defined | undefined
 
     def load(self, entry, module, name, nrt):
-        """The callable for one stored kernel (see jit._export for the entry's fields);
+        """The callable for one stored kernel (see `export` for the entry's fields);
         nrt: the object code of Numba's NRT functions, which every kernel links to."""
         if not self.resolved:
             self._link(nrt, *elf_symbols(nrt))
@@ -216,7 +223,7 @@ class _Runtime:
             if not addr:
                 continue
             e = self.dynfunc.Environment(vars(module))
-            e.consts[:] = pickle.loads(consts)
+            e.consts[:] = consts
             self.keep.append(e)
             ctypes.c_void_p.from_address(addr).value = id(e)
             if env_name == entry["env"]:
@@ -288,6 +295,13 @@ def elf_symbols(obj: bytes) -> tuple[set, set]:
     """(defined, undefined) global symbols of an ELF64 little-endian object file."""
     if obj[:6] != b"\x7fELF\x02\x01":
         raise Unavailable("not an ELF64 little-endian object")
+    try:
+        return _symbols(obj)
+    except (struct.error, IndexError, ValueError, ZeroDivisionError) as e:     # truncated or damaged
+        raise Unavailable(f"damaged ELF object: {e}") from None
+
+
+def _symbols(obj: bytes) -> tuple[set, set]:
     (shoff,), (shentsize, shnum) = struct.unpack_from("<Q", obj, 0x28), struct.unpack_from("<HH", obj, 0x3A)
     # section headers: name, type, flags, addr, offset, size, link, info, addralign, entsize
     secs = [struct.unpack_from("<IIQQQQIIQQ", obj, shoff + i * shentsize) for i in range(shnum)]
@@ -306,6 +320,115 @@ def elf_symbols(obj: bytes) -> tuple[set, set]:
     return defined, undefined
 
 
+# ---------------------------------------------------------------- Numba's side
+
+def on_numba_import():
+    """Called once Numba is imported: if this layer is on, share its thread pool and have
+    Numba's code libraries keep their object code; with NETDSL_NATIVE=0 (or where the
+    store cannot run) Numba is left as it is."""
+    if store() is None:
+        return
+    from numba.core import codegen
+    from numba.np.ufunc import parallel
+    adopt(parallel)
+    _keep_objects(codegen.CPUCodeLibrary)
+
+
+def _keep_objects(cls):
+    """Have every CPU code library remember its object code (`_netdsl_obj`): Numba hands
+    it to the JIT engine, which consumes it, whether loaded from its cache or compiled."""
+    if getattr(cls, "_netdsl_keeps", False):
+        return
+    unserialize, compiled = cls._unserialize.__func__, cls._object_compiled_hook.__func__
+
+    def _unserialize(c, codegen, state):
+        lib = unserialize(c, codegen, state)
+        if state[1] == "object":
+            lib._netdsl_obj = state[2][0]
+        return lib
+
+    def _object_compiled_hook(c, ll_module, buf):
+        compiled(c, ll_module, buf)
+        lib = getattr(ll_module, "_CPUCodeLibrary__library", None)
+        if lib is not None:
+            lib._netdsl_obj = buf
+    cls._unserialize = classmethod(_unserialize)
+    cls._object_compiled_hook = classmethod(_object_compiled_hook)
+    cls._netdsl_keeps = True
+
+
+def load(kid: str, key, module, name):
+    """The stored kernel `kid` for arguments `key`, callable; None on a miss."""
+    st = store()
+    entry = st.get(kid, key) if st is not None else None
+    nrt = st.nrt() if entry is not None else None
+    if nrt is None:
+        return None
+    try:
+        return runtime().load(entry, module, name, nrt)
+    except Unavailable:
+        return None
+
+
+def export(kid: str, key, cres, module, name):
+    """Store the code Numba made for one signature (cres: its compile result) and return
+    it loaded from there, callable; None if it cannot run without Numba.
+
+    The stored code is then what runs in this process too. Numba's own dispatch of a
+    fresh compile can run other code: a parallel kernel's loop body is compiled as a
+    library of its own, registered with Numba's engine, and also linked into the
+    kernel, as a weak copy that the engine resolves to the registered one. Optimised
+    again there, under fast-math 'reassoc', the copy can round differently (a fused
+    batch-norm kernel did, by 1 ulp), so a first run and a later one would not agree."""
+    st = store()
+    obj = getattr(cres.library, "_netdsl_obj", None) if cres is not None and st is not None else None
+    # a reload hook other than the parfor one (which starts the threads) would need Numba
+    if obj is None or any(f.__name__ != "_reload_parfors" for f in cres.reload_init or ()):
+        return None
+    envs = {cres.fndesc.env_name: cres.environment}
+    for e in cres.referenced_envs or cres._find_referenced_environments():
+        envs.setdefault(e.env_name, e)
+    try:
+        defined, undefined = elf_symbols(obj)
+        entry = {"obj": obj, "wrapper": cres.fndesc.llvm_cpython_wrapper_name, "env": cres.fndesc.env_name,
+                 "envs": [[env_name, [_const(c) for c in e.consts]] for env_name, e in envs.items()],
+                 "defined": sorted(defined), "undefined": sorted(undefined)}
+    except (TypeError, AttributeError, Unavailable):
+        return None
+    nrt = st.nrt()
+    try:        # a cache that cannot be written only costs later processes the speed-up
+        if nrt is None:
+            from numba.core.runtime import nrt as numba_nrt
+            lib = numba_nrt.rtsys._library
+            nrt = lib._codegen._tm.emit_object(lib._final_module)
+            st.put_nrt(nrt)
+        st.put(kid, key, entry)
+    except OSError:
+        pass
+    try:
+        return runtime().load(_decode(json.loads(json.dumps(_header(entry))), obj), module, name, nrt)
+    except (Unavailable, ValueError):
+        return None
+
+
+def _const(c):
+    """An environment constant as JSON (the dtypes kernels allocate with, plain scalars);
+    TypeError for anything else (that kernel then runs through Numba)."""
+    if isinstance(c, np.dtype) and c.fields is None and c.subdtype is None:
+        return {"dtype": c.str}
+    if c is None or type(c) in (bool, int, float, str):
+        return {"value": c}
+    raise TypeError(f"constant {type(c).__name__}")
+
+
+def _unconst(c):
+    if set(c) == {"dtype"} and isinstance(c["dtype"], str):
+        return np.dtype(c["dtype"])
+    if set(c) == {"value"} and (c["value"] is None or type(c["value"]) in (bool, int, float, str)):
+        return c["value"]
+    raise ValueError("bad constant")
+
+
 # ---------------------------------------------------------------- the store
 
 def _stamp(path: Path) -> str:
@@ -313,52 +436,95 @@ def _stamp(path: Path) -> str:
     return f"{path}:{st.st_size}:{st.st_mtime_ns}"
 
 
+_MAGIC = b"netdsl-kernel-1\n"
+_FILE = re.compile(r"[0-9a-f]{24}\.kernel")
+
+
+def _header(entry) -> dict:
+    return {k: entry[k] for k in ("wrapper", "env", "envs", "defined", "undefined")} | {
+        "obj_sha256": hashlib.sha256(entry["obj"]).hexdigest()}
+
+
+def _decode(h, obj: bytes) -> dict:
+    """An entry from its header and object, every field checked (ValueError if not as written)."""
+    names = lambda v: isinstance(v, list) and all(isinstance(x, str) for x in v)
+    if not (isinstance(h, dict) and isinstance(h.get("wrapper"), str) and isinstance(h.get("env"), str)
+            and names(h.get("defined")) and names(h.get("undefined")) and isinstance(h.get("envs"), list)
+            and all(isinstance(e, list) and len(e) == 2 and isinstance(e[0], str) and isinstance(e[1], list)
+                    and all(isinstance(c, dict) for c in e[1]) for e in h["envs"])
+            and h.get("obj_sha256") == hashlib.sha256(obj).hexdigest()):
+        raise ValueError("damaged kernel entry")
+    return {"obj": obj, "wrapper": h["wrapper"], "env": h["env"],
+            "envs": [(n, [_unconst(c) for c in cs]) for n, cs in h["envs"]],
+            "defined": set(h["defined"]), "undefined": set(h["undefined"])}
+
+
+def _ident(kid: str, key) -> str:
+    """The index's name for a kernel and an argument key (scalar types by their names)."""
+    return json.dumps([kid, [list(k) if isinstance(k, tuple) else f"{k.__module__}.{k.__qualname__}"
+                             for k in key]])
+
+
 class Store:
-    """Stored kernels, one pickle file each, and an index {(kernel id, arg key): file}."""
+    """Stored kernels, a file each (a JSON header line, then the ELF object), and a JSON
+    index {kernel id and argument key: file}. What does not read back as written is a miss."""
 
     def __init__(self, folder: Path):
         self.dir = folder
-        self.index_path = folder / "index.pkl"
+        self.index_path = folder / "index.json"
         self.index = self._read_index()
 
     def _read_index(self) -> dict:
         try:
-            with open(self.index_path, "rb") as f:
-                return pickle.load(f)
-        except (OSError, EOFError, pickle.UnpicklingError, AttributeError, ImportError):
+            data = json.loads(self.index_path.read_text())
+        except (OSError, ValueError):
             return {}
+        if not (isinstance(data, dict) and data.get("format") == "netdsl-native-index"
+                and isinstance(data.get("kernels"), dict)):
+            return {}
+        return {k: v for k, v in data["kernels"].items() if isinstance(v, str) and _FILE.fullmatch(v)}
 
     def get(self, kid, key):
-        name = self.index.get((kid, key))
-        if name is None:
-            return None
+        name = self.index.get(_ident(kid, key))
+        return None if name is None else self.read(name)
+
+    def read(self, name: str):
+        """The entry in file `name` (an index value); None if it does not read back."""
         try:
-            with open(self.dir / name, "rb") as f:
-                return pickle.load(f)
-        except (OSError, EOFError, pickle.UnpicklingError):
+            data = (self.dir / name).read_bytes()
+            if not data.startswith(_MAGIC):
+                return None
+            head, _, obj = data[len(_MAGIC):].partition(b"\n")
+            return _decode(json.loads(head), obj)
+        except (OSError, ValueError, UnicodeDecodeError):
             return None
 
     def nrt(self) -> bytes | None:
         try:
-            return (self.dir / "nrt.o").read_bytes()
+            obj = (self.dir / "nrt.o").read_bytes()
         except OSError:
             return None
+        return obj if obj[:6] == b"\x7fELF\x02\x01" else None
+
+    def _mkdir(self):
+        self.dir.mkdir(mode=0o700, parents=True, exist_ok=True)
 
     def put_nrt(self, obj: bytes):
-        self.dir.mkdir(parents=True, exist_ok=True)
+        self._mkdir()
         write_atomic(self.dir / "nrt.o", obj)
 
     def put(self, kid, key, entry):
-        data = pickle.dumps(entry, protocol=pickle.HIGHEST_PROTOCOL)
-        name = hashlib.sha256(repr((kid, key)).encode()).hexdigest()[:24] + ".pkl"
+        ident = _ident(kid, key)
+        head = json.dumps(_header(entry), separators=(",", ":")).encode()
+        name = hashlib.sha256(ident.encode()).hexdigest()[:24] + ".kernel"
         with _lock:
-            self.dir.mkdir(parents=True, exist_ok=True)
-            write_atomic(self.dir / name, data)
+            self._mkdir()
+            write_atomic(self.dir / name, _MAGIC + head + b"\n" + entry["obj"])
             # merge with what other processes wrote meanwhile; a lost race costs one re-export
             index = self._read_index()
             index.update(self.index)
-            index[(kid, key)] = name
-            write_atomic(self.index_path, pickle.dumps(index, protocol=pickle.HIGHEST_PROTOCOL))
+            index[ident] = name
+            write_atomic(self.index_path, json.dumps({"format": "netdsl-native-index", "kernels": index}))
             self.index = index
 
 

@@ -293,7 +293,7 @@ def test_cache_second_process_does_not_recompile(tmp_path):
     assert not warm["numba"] and warm["native"] == cold["misses"] and warm["misses"] == warm["hits"] == 0
     assert list((tmp_path / "kernels").glob("netdsl_cpu_*.py"))
     assert list((tmp_path / "kernels" / "__pycache__").glob("*.nbi"))
-    assert list((tmp_path / "native").glob("*/index.pkl"))
+    assert list((tmp_path / "native").glob("*/index.json"))
     assert warm["seconds"] < numba_warm["seconds"] < cold["seconds"]
 
 

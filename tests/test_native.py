@@ -84,7 +84,7 @@ def test_elf_symbols_of_a_stored_kernel():
     K.conv2d(np.ones((1, 1, 3, 3), np.float32), np.ones((1, 1, 1, 1), np.float32))
     st = native.store()          # a kernel has run, so the store holds it (stored now or before)
     assert st is not None and st.index
-    entry = st.get(*next(iter(st.index)))
+    entry = st.read(next(iter(st.index.values())))
     defined, undefined = native.elf_symbols(entry["obj"])
     assert entry["wrapper"] in defined and entry["env"] in defined
     assert "NRT_decref" in undefined or "NRT_MemInfo_call_dtor" in undefined or any(
