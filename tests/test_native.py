@@ -113,3 +113,57 @@ def test_a_store_that_cannot_be_written_still_runs(tmp_path):
     r = run_step(NETDSL_CACHE_DIR=str(tmp_path))
     assert r["numba"]
     assert r["loss"] == run_step(NETDSL_NATIVE="0")["loss"]
+
+
+def test_with_native_off_numba_is_not_patched(tmp_path):
+    """NETDSL_NATIVE=0: kernels run through Numba as it ships, nothing of it replaced."""
+    code = ("import numpy as np\n"
+            "from netdsl.kernels import cpu as K\n"
+            "K.conv2d(np.ones((1, 1, 3, 3), np.float32), np.ones((1, 1, 1, 1), np.float32))\n"
+            "from numba.core import codegen\n"
+            "c = codegen.CPUCodeLibrary\n"
+            "print(c._unserialize.__func__.__module__, c._object_compiled_hook.__func__.__module__,"
+            " getattr(c, '_netdsl_keeps', False))\n")
+    outs = {}
+    for flag in ("0", "1"):
+        r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT,
+                           env={**os.environ, "NETDSL_NATIVE": flag, "NETDSL_CACHE_DIR": str(tmp_path / flag)},
+                           timeout=600)     # empty caches: Numba compiles
+        assert r.returncode == 0, r.stderr[-3000:]
+        outs[flag] = r.stdout.split()
+    assert outs["0"] == ["numba.core.codegen", "numba.core.codegen", "False"]
+    assert outs["1"][2] == "True"       # control: with the layer on, it does keep the objects
+
+
+def test_a_hostile_or_damaged_store_is_ignored_and_rebuilt(tmp_path):
+    """Index and entries are data: a pickle planted where the old index lived, an index
+    that is not JSON or points outside the store, and entries that are truncated or
+    garbled are all misses; the step still runs, with the same numbers, and the index
+    is written afresh."""
+    first = run_step(NETDSL_CACHE_DIR=str(tmp_path))
+    folder, = (tmp_path / "native").iterdir()
+    index = json.loads((folder / "index.json").read_text())
+    marker = tmp_path / "pwned"
+
+    class Evil:
+        def __reduce__(self):
+            return (open, (str(marker), "w"))
+    import pickle
+    (folder / "index.pkl").write_bytes(pickle.dumps({("x", ()): "y"} | {"evil": Evil()}))
+    names = sorted(index["kernels"].values())
+    (folder / names[0]).write_bytes(pickle.dumps(Evil()))               # not an entry at all
+    data = (folder / names[1]).read_bytes()
+    (folder / names[1]).write_bytes(data[:len(data) // 2])              # truncated object
+    (folder / names[2]).write_bytes(data.replace(b'"wrapper"', b'"wrapped"', 1))   # garbled header
+    for bad in ("not json {", json.dumps([1, 2]), json.dumps({"format": "netdsl-native-index",
+                                                              "kernels": {"k": "../../etc/passwd"}})):
+        (folder / "index.json").write_text(bad)
+        r = run_step(NETDSL_CACHE_DIR=str(tmp_path))
+        assert r["grads"] == first["grads"] and r["loss"] == first["loss"]
+    (folder / "index.json").write_text(json.dumps(index))       # the real index, damaged entries
+    r = run_step(NETDSL_CACHE_DIR=str(tmp_path))
+    assert r["grads"] == first["grads"] and r["logits"] == first["logits"]
+    assert not marker.exists()
+    rebuilt = json.loads((folder / "index.json").read_text())["kernels"]
+    assert set(rebuilt.values()) >= set(names)
+    assert all(native.Store(folder).read(n) is not None for n in rebuilt.values())     # rewritten whole
