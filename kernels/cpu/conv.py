@@ -26,15 +26,10 @@ import functools
 
 import numpy as np
 
-from . import Deferred, as_float, kernel, njit, out_array, pair, prange
+from ..geometry import ConvShape, out_size, transpose_conv_shape  # noqa: F401 (out_size re-exported)
+from . import as_float, conv_small, kernel, njit, out_array, pair, prange
+from .gemm import N_, T_, gemm, strided_add
 from .scratch import SCRATCH
-
-# Numba's BLAS shim (scipy's sgemm/dgemm): (kind, transa, transb, m, n, k,
-# alpha, a, lda, b, ldb, beta, c, ldc), column-major, scalars by pointer.
-_xxgemm = Deferred(lambda numba: numba.types.ExternalFunction("numba_xxgemm", numba.types.intc(
-    *(numba.types.char,) * 3, *(numba.types.intp,) * 3, numba.types.voidptr,
-    numba.types.voidptr, numba.types.intp, numba.types.voidptr, numba.types.intp, numba.types.voidptr,
-    numba.types.voidptr, numba.types.intp)))
 
 # Pixels (GEMM rows) per block. 256/128 (forward/backward) ran a ResNet-18 step as fast
 # as 1024/512 (0.172-0.179 s for all of 512/256, 256/256, 256/128, 128/128) and keeps
@@ -45,19 +40,6 @@ ROWS, ROWS_BWD = 256, 128
 TAPS_MIN = 256
 # 1x1 layers (NCHW GEMMs, no im2col): pixels per GEMM.
 ROWS1 = 256
-# BLAS transpose flags of _gemm: 'N' (as stored), 'T' (transposed)
-N_, T_ = np.int8(78), np.int8(84)
-
-
-from ..geometry import ConvShape, out_size, transpose_conv_shape  # noqa: E402,F401 (out_size re-exported)
-
-
-@njit
-def _run(dst, d, src, s, n, step, add):
-    """dst[d + i] = src[s + i*step] + add for i < n, on flat arrays."""
-    u = np.uint64
-    for i in range(n):
-        dst[u(d + i)] = src[u(s + i * step)] + add
 
 
 @njit
@@ -141,17 +123,6 @@ def _im2col(xp, cols, nb, c0, Cg, oh0, noh, OW, KH, KW, sh, sw, dh, dw, to_cols)
                         d += run
 
 
-@njit
-def _gemm(M, N, K, a, lda, ta, b, ldb, tb, c, beta, ldc=0):
-    """c[M, N] = beta*c + op(a) @ op(b) on row-major flat views with leading dims
-    lda, ldb, ldc (ta/tb: 'T' when that operand is stored transposed; ldc 0: N).
-    Numba's own BLAS entry, unlike np.dot, takes beta and strided sub-matrices."""
-    one, bt = np.ones(1, c.dtype), np.full(1, beta, c.dtype)
-    kind = np.int8(115) if c.itemsize == 4 else np.int8(100)  # 's' / 'd'
-    # Row-major C = A B is column-major C^T = B^T A^T.
-    _xxgemm(kind, tb, ta, N, M, K, one.ctypes, b.ctypes, ldb, a.ctypes, lda, bt.ctypes, c.ctypes, ldc or N)
-
-
 def _fwd(x, wt, b, y, KH, KW, OH, OW, sh, sw, ph, pw, dh, dw, B, R, T, nt, xps, colbufs, outfs):
     """y[N, O, OH*OW] = conv(x) + b, with wt[G, KH*KW*C/G, O/G].
     nt = 1: full im2col, one GEMM with K = KH*KW*C/G.
@@ -187,7 +158,7 @@ def _fwd(x, wt, b, y, KH, KW, OH, OW, sh, sw, ph, pw, dh, dw, B, R, T, nt, xps, 
             for g in range(G):
                 _im2col(xp, colbuf, nb, g * Cg, Cg, oh0, noh + ext, OW, kh, KW, sh, sw, dh, dw, True)
                 for k in range(nt):
-                    _gemm(nb * L, Og, K, colbuf[k * dh * OW * K:], K, N_,
+                    gemm(nb * L, Og, K, colbuf[k * dh * OW * K:], K, N_,
                           wf[(g * CKK + k * K) * Og:], Og, N_, outf, 0.0 if k == 0 else 1.0)
                 for bi in range(nb):
                     _transpose(yf, ((n0 + bi) * G + g) * Og * OHW + oh0 * OW, OHW,
@@ -241,13 +212,13 @@ def _bwd(x, wk, gy, gx, gw, H, W, KH, KW, OH, OW, sh, sw, ph, pw, dh, dw, B, R, 
                     if need_gw:
                         _im2col(xp, colbuf, nb, g * Cg, Cg, oh0, noh + ext, OW, kh, KW, sh, sw, dh, dw, True)
                         for k in range(nt):
-                            _gemm(K, Og, nb * L, colbuf[k * dh * OW * K:], K, T_,
+                            gemm(K, Og, nb * L, colbuf[k * dh * OW * K:], K, T_,
                                   gytf, Og, N_, gwf[(g * CKK + k * K) * Og:], 1.0)
                     if need_gx:
                         if nt > 1:  # the taps' row ranges overlap: accumulate
                             colbuf[:(noh + ext) * OW * K] = zero
                         for k in range(nt):
-                            _gemm(nb * L, K, Og, gytf, Og, N_, wf[g * Og * CKK + k * K:], CKK, N_,
+                            gemm(nb * L, K, Og, gytf, Og, N_, wf[g * Og * CKK + k * K:], CKK, N_,
                                   colbuf[k * dh * OW * K:], 0.0 if nt == 1 else 1.0)
                         _im2col(gxp, colbuf, nb, g * Cg, Cg, oh0, noh + ext, OW, kh, KW, sh, sw, dh, dw, False)
             if need_gx:
@@ -297,19 +268,19 @@ def _fwd1(x, w, b, y, sh, sw, OH, OW, B, S, T, colss, outfs):
             for g in range(G):
                 yo = (n0 * G + g) * Og * L
                 if direct:
-                    _gemm(o1 - o0, L, Cg, wf[(g * Og + o0) * Cg:], Cg, N_, xf[(n0 * C + g * Cg) * H * W:], L, N_,
+                    gemm(o1 - o0, L, Cg, wf[(g * Og + o0) * Cg:], Cg, N_, xf[(n0 * C + g * Cg) * H * W:], L, N_,
                           yf[yo + o0 * L:], 0.0)
                 else:
                     _pick(x, n0, nb, g * Cg, Cg, sh, sw, OH, OW, cols, True)
-                    _gemm(o1 - o0, nb * L, Cg, wf[(g * Og + o0) * Cg:], Cg, N_, cols, nb * L, N_,
+                    gemm(o1 - o0, nb * L, Cg, wf[(g * Og + o0) * Cg:], Cg, N_, cols, nb * L, N_,
                           yf[yo + o0 * L:] if nb == 1 else outf[o0 * nb * L:], 0.0)
                 for bi in range(nb):
                     for o in range(o0, o1):
                         d = ((n0 + bi) * G + g) * Og * L + o * L
                         if nb == 1:
-                            _run(yf, d, yf, d, L, 1, b[g * Og + o])
+                            strided_add(yf, d, yf, d, L, 1, b[g * Og + o])
                         else:
-                            _run(yf, d, outf, (o * nb + bi) * L, L, 1, b[g * Og + o])
+                            strided_add(yf, d, outf, (o * nb + bi) * L, L, 1, b[g * Og + o])
     return y
 
 
@@ -344,21 +315,21 @@ def _bwd1(x, w, gy, gx, gw, H, W, sh, sw, OH, OW, B, S, T, need_gx, need_gw, col
                 if nb > 1:      # (then S == 1)
                     for bi in range(nb):
                         for o in range(Og):
-                            _run(gyb, (o * nb + bi) * L, gyf, ((n0 + bi) * O + g * Og + o) * L, L, 1, zero)
+                            strided_add(gyb, (o * nb + bi) * L, gyf, ((n0 + bi) * O + g * Og + o) * L, L, 1, zero)
                 gya = gyf[go:] if nb == 1 else gyb
                 xo = (n0 * C + g * Cg) * H * W
                 if need_gw and o1 > o0:
                     if direct:
-                        _gemm(o1 - o0, Cg, P, gya[o0 * P:], P, N_, x.reshape(-1)[xo:], P, T_,
+                        gemm(o1 - o0, Cg, P, gya[o0 * P:], P, N_, x.reshape(-1)[xo:], P, T_,
                               gwf[(g * Og + o0) * Cg:], acc)
                     else:
                         _pick(x, n0, nb, g * Cg, Cg, sh, sw, OH, OW, cols, True)
-                        _gemm(o1 - o0, Cg, P, gya[o0 * P:], P, N_, cols, P, T_, gwf[(g * Og + o0) * Cg:], acc)
+                        gemm(o1 - o0, Cg, P, gya[o0 * P:], P, N_, cols, P, T_, gwf[(g * Og + o0) * Cg:], acc)
                 if need_gx and c1 > c0:
                     if direct:
-                        _gemm(c1 - c0, P, Og, wf[g * Og * Cg + c0:], Cg, T_, gya, P, N_, gxf[xo + c0 * P:], 0.0)
+                        gemm(c1 - c0, P, Og, wf[g * Og * Cg + c0:], Cg, T_, gya, P, N_, gxf[xo + c0 * P:], 0.0)
                     else:
-                        _gemm(c1 - c0, P, Og, wf[g * Og * Cg + c0:], Cg, T_, gya, P, N_, cols[c0 * P:], 0.0)
+                        gemm(c1 - c0, P, Og, wf[g * Og * Cg + c0:], Cg, T_, gya, P, N_, cols[c0 * P:], 0.0)
                         _pick(gx, n0, nb, g * Cg + c0, c1 - c0, sh, sw, OH, OW, cols[c0 * P:], False)
     return gx
 
@@ -596,5 +567,3 @@ def conv_transpose2d_backward(x, w, gy, stride=1, pad=0, output_padding=0, dilat
     gw = _backward(gy, gy.shape, w, x, g, False, True)[1] if need_gw else None
     return gx, gw, gy.sum(axis=(0, 2, 3))
 
-
-from . import conv_small  # noqa: E402  (it uses _gemm above)

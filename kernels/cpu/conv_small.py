@@ -22,7 +22,7 @@ import functools
 import numpy as np
 
 from . import U, kernel, njit, out_array, prange
-from .conv import N_, T_, _gemm, _run
+from .gemm import N_, T_, gemm, strided_add
 
 
 def usable(g) -> bool:
@@ -110,7 +110,7 @@ def _fwd(x, w, b, y, ids, starts, outs, ins, T, a, prod, wts):
             s, e = starts[t], starts[t + 1]
             _slice(w, ids[t], o0, o1, 0, C, wt)
             # prod[rows of t, o0:o1] = a[rows of t] @ w[o0:o1, :, tap]^T
-            _gemm(N * (e - s), o1 - o0, C, af[N * s * C:], C, N_, wt, C, T_, prod[N * s * O + o0:], 0.0, O)
+            gemm(N * (e - s), o1 - o0, C, af[N * s * C:], C, N_, wt, C, T_, prod[N * s * O + o0:], 0.0, O)
             _scatter(prod, N, s, e, outs, o0, o1, y)
     return y
 
@@ -139,13 +139,13 @@ def _bwd(x, w, gy, gx, gw, ids, starts, outs, ins, T, need_gx, need_gw, g, a, pr
             s, e = starts[t], starts[t + 1]
             m = N * (e - s)
             if need_gw:     # gw[o0:o1, :, tap] = g[rows of t, o0:o1]^T @ a[rows of t]
-                _gemm(o1 - o0, C, m, gf[N * s * O + o0:], O, T_, af[N * s * C:], C, N_, tmp, 0.0, C)
+                gemm(o1 - o0, C, m, gf[N * s * O + o0:], O, T_, af[N * s * C:], C, N_, tmp, 0.0, C)
                 for o in range(o0, o1):
                     for c in range(C):
                         gwf[U((o * C + c) * KK + ids[t])] = tmp[U((o - o0) * C + c)]
             if need_gx:     # prod[rows of t, c0:c1] = g[rows of t] @ w[:, c0:c1, tap]
                 _slice(w, ids[t], 0, O, c0, c1, tmp)
-                _gemm(m, c1 - c0, O, gf[N * s * O:], O, N_, tmp, c1 - c0, N_, prod[N * s * C + c0:], 0.0, C)
+                gemm(m, c1 - c0, O, gf[N * s * O:], O, N_, tmp, c1 - c0, N_, prod[N * s * C + c0:], 0.0, C)
                 _scatter(prod, N, s, e, ins, c0, c1, gx)
     return gx
 
@@ -199,9 +199,9 @@ def _fwd_nat(x, w, b, y, KH, KW, sh, sw, ph, pw, dh, dw, OH, OW, T, cols):
             _cols(x, n, t * C // T, (t + 1) * C // T, KH, KW, sh, sw, ph, pw, dh, dw, OH, OW, cols, True)
         for t in prange(T):
             o0, o1 = t * O // T, (t + 1) * O // T
-            _gemm(o1 - o0, P, CKK, wf[o0 * CKK:], CKK, N_, cols, P, N_, yf[(n * O + o0) * P:], 0.0)
+            gemm(o1 - o0, P, CKK, wf[o0 * CKK:], CKK, N_, cols, P, N_, yf[(n * O + o0) * P:], 0.0)
             for o in range(o0, o1):
-                _run(yf, (n * O + o) * P, yf, (n * O + o) * P, P, 1, b[o])
+                strided_add(yf, (n * O + o) * P, yf, (n * O + o) * P, P, 1, b[o])
     return y
 
 
@@ -220,12 +220,12 @@ def _bwd_nat(x, w, gy, gx, gw, KH, KW, sh, sw, ph, pw, dh, dw, OH, OW, T, need_g
                 _cols(x, n, t * C // T, (t + 1) * C // T, KH, KW, sh, sw, ph, pw, dh, dw, OH, OW, cols, True)
             for t in prange(T):
                 o0, o1 = t * O // T, (t + 1) * O // T
-                _gemm(o1 - o0, CKK, P, gyf[(n * O + o0) * P:], P, N_, cols, P, T_, gwf[o0 * CKK:],
+                gemm(o1 - o0, CKK, P, gyf[(n * O + o0) * P:], P, N_, cols, P, T_, gwf[o0 * CKK:],
                       0.0 if n == 0 else 1.0)
         if need_gx:
             for t in prange(T):
                 c0, c1 = t * C // T, (t + 1) * C // T
-                _gemm((c1 - c0) * KK, P, O, wf[c0 * KK:], CKK, T_, gyf[n * O * P:], P, N_,
+                gemm((c1 - c0) * KK, P, O, wf[c0 * KK:], CKK, T_, gyf[n * O * P:], P, N_,
                       cols.reshape(-1)[c0 * KK * P:], 0.0)
                 _cols(gx, n, c0, c1, KH, KW, sh, sw, ph, pw, dh, dw, OH, OW, cols, False)
     return gx

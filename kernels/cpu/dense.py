@@ -2,7 +2,7 @@
 import numpy as np
 
 from . import as_float, kernel, prange
-from .conv import N_, T_, _gemm
+from .gemm import N_, T_, gemm as _gemm
 
 
 def _fwd(x, w, b, y, T):
