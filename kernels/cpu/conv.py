@@ -9,8 +9,8 @@ runs gx as a forward conv and gw as a band-split pass) and, per block:
      group, else of C) with no bounds checks;
   2. builds cols[P, KH*KW*C], one row per output pixel (P = B*R*OW);
   3. runs serial sgemm cols @ Wt[KH*KW*C, O] -> out[P, O]. The pixel count
-     is GEMM's long M dimension: OpenBLAS ran this ~2x faster than the
-     transposed W[O, CKK] @ cols[CKK, P] for O = 64..128. For stride-1 layers
+     is GEMM's long M dimension: OpenBLAS ran this faster than the
+     transposed W[O, CKK] @ cols[CKK, P]. For stride-1 layers
      cols spans kj only and each ki is a row-shifted view of it (see _fwd);
   4. transposes out into NCHW y, adding the bias.
 The backward rebuilds cols for gw += cols^T @ gy^T, and scatter-adds the
@@ -19,7 +19,7 @@ gradient columns gy^T @ W into a padded NHWC buffer (col2im) for gx.
 1x1 layers with no padding (ResNet shortcuts) skip all of that: in NCHW they are
 plain GEMMs w @ x[n] (_fwd1/_bwd1). Stride 1 reads x and writes y in place; a
 strided one gathers only the pixels it samples, where the NHWC copy transposed
-the whole input (1x1 s2 layers ran 2-2.5x faster fwd+bwd this way). With fewer
+the whole input. With fewer
 images than threads, the threads split each image's channels instead.
 """
 import functools
@@ -31,10 +31,8 @@ from . import as_float, conv_small, kernel, njit, out_array, pair, prange
 from .gemm import N_, T_, gemm, strided_add
 from .scratch import SCRATCH
 
-# Pixels (GEMM rows) per block. 256/128 (forward/backward) ran a ResNet-18 step as fast
-# as 1024/512 (0.172-0.179 s for all of 512/256, 256/256, 256/128, 128/128) and keeps
-# the columns well inside a core's 2 MiB L2; the per-thread buffers are workspace at the
-# step's peak memory (1024/512 -> 256/128: ~10 MiB less).
+# Pixels (GEMM rows) per block: as fast as larger blocks, with the columns inside a core's
+# L2 and less per-thread workspace at the step's peak memory.
 # Per-tap GEMMs (K = KW*C) only pay off on images of >= TAPS_MIN pixels.
 ROWS, ROWS_BWD = 256, 128
 TAPS_MIN = 256
@@ -56,7 +54,7 @@ def _transpose(dst, d, ldd, src, s, lds, rows, cols, bias):
     """dst[d + j*ldd + i] = src[s + i*lds + j] + bias[j] for i < rows, j < cols, on
     flat arrays, in small tiles that sweep the side with the long stride last:
     a sweep across 64 rows 4 KiB apart (NCHW planes of 32x32) evicts each cache
-    line before its second half is written. Measured 3-4x over a plain loop."""
+    line before its second half is written."""
     if ldd > lds:
         for j0 in range(0, cols, 8):
             for i0 in range(0, rows, 16):
@@ -104,7 +102,7 @@ def _im2col(xp, cols, nb, c0, Cg, oh0, noh, OW, KH, KW, sh, sw, dh, dw, to_cols)
     CKK = KH * KW * Cg
     u = np.uint64
     # With dilation 1 and one group, a row's KW taps are adjacent in xp as in cols: one
-    # run of KW*C per row instead of KW runs of C (the RGB stem's runs of 3: ~2x faster)
+    # run of KW*C per row instead of KW runs of C (the RGB stem's runs of 3)
     runs, run = (1, KW * Cg) if dw * C == Cg else (KW, Cg)
     for b in range(nb):
         for oh in range(noh):
@@ -290,7 +288,7 @@ def _bwd1(x, w, gy, gx, gw, H, W, sh, sw, OH, OW, B, S, T, need_gx, need_gw, col
     _fwd1: slice s takes rows s/S of gw (output channels) and of gx (input channels);
     gw may hold one array for all threads (then each slice's items must stay on one thread).
     With one image each row of gw is written once: = rather than +=, so gw need not be
-    zeroed first (ResNet-50 at batch 1: 60 MB of zeros a step)."""
+    zeroed first (at batch 1, zeroing was a large share of the pass)."""
     N = gy.shape[0]
     G, Og, Cg = w.shape
     C, O = G * Cg, G * Og
@@ -375,8 +373,7 @@ class _Geom(ConvShape):
             B, R, nt = min(-(-rows // ohw), -(-self.N // T)), self.OH, 1
         if (k is _fwd or not need_gx) and self.N < threads and B == 1:
             # one image's row bands are all the threads' items: share them out evenly
-            # (28 rows in bands of 9 gave 2 threads 18 and 10; ResNet-50's batch-1 step
-            # ran ~2% faster)
+            # (28 rows in bands of 9 gave 2 threads 18 and 10)
             R = _balanced_rows(self.OH, R, threads // self.N)
         if k is _fwd or not need_gx:   # (image group, row band) items
             T = max(1, min(threads, -(-self.N // B) * -(-self.OH // R)))
@@ -498,7 +495,7 @@ def _backward_in(x, xshape, w, gy, g, need_gx, need_gw, gw_out, gx_out, s):
     if need_gx and g.gx_as_conv():
         # gx is the correlation of gy with the flipped, transposed kernel: a forward conv
         # whose GEMM has K = KH*KW*O, where the backward's has K = O (64-128 on ResNet's
-        # small images) and scatters its columns back (col2im): ~20% faster on 4x4 images
+        # small images) and scatters its columns back (col2im)
         G, Og, Cg = g.G, g.O // g.G, g.C // g.G
         with s.frame():     # the flipped kernel's scratch is free again for the gw pass
             wf = s.take((g.C, Og, g.KH, g.KW), w.dtype)

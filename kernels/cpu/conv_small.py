@@ -15,7 +15,7 @@ One or two images of more than 4 pixels (ResNet-50's 14x14 and 7x7 layers at bat
 of their pixel-tap pairs inside: there skipping taps saves little, and repacking the
 weights tap by tap (strided reads of all of them) cost more than the GEMMs. Those run
 as y[n] = w[O, C*KH*KW] @ cols(x[n]) with the weights in their own layout (_fwd_nat,
-_bwd_nat): 2-2.5x faster at batch 1 (ResNet-50's layer4 3x3 conv: 4.3 -> 2.0 ms forward).
+_bwd_nat), which is faster there.
 """
 import functools
 
@@ -27,8 +27,8 @@ from .gemm import N_, T_, gemm, strided_add
 
 def usable(g) -> bool:
     """One group, and at most 4 output pixels, or a spatial kernel whose weights outweigh
-    the output pixels 256:1 (ResNet-50's 14x14 and 7x7 layers at small batches: 2-3x
-    faster than im2col there, whose weight transposes dominate). ResNet-18's 4x4 layers
+    the output pixels 256:1 (ResNet-50's 14x14 and 7x7 layers at small batches: faster
+    than im2col there, whose weight transposes dominate). ResNet-18's 4x4 layers
     at batch 64 and 28x28 ones at batch 1 ran faster with im2col."""
     return g.G == 1 and (g.OH * g.OW <= 4 or
                          (g.KH * g.KW > 1 and g.N * g.OH * g.OW * 256 <= g.O * g.C * g.KH * g.KW))
@@ -248,8 +248,8 @@ def _threads(k, g):
 
 def _natural(g) -> bool:
     """w @ cols in the weights' layout (see the module doc): images of more than 4 pixels,
-    one or two at a time. With more images the tap GEMMs batch them and win (8 images of
-    512 channels at 7x7: 13 vs 17 ms forward); at 1-2 the natural path is 1.3-2.3x faster."""
+    one or two at a time. With more images the tap GEMMs batch them and win; at 1-2 the
+    natural path does."""
     return g.OH * g.OW > 4 and g.N <= 2
 
 

@@ -13,10 +13,9 @@ def pages(nbytes: int, huge: bool = False) -> np.ndarray:
     last view of it dies; only the pages written count as resident.
 
     huge: in huge pages where the kernel offers them (transparent huge pages in
-    "madvise" mode), for buffers that are written whole (parameters, gradients):
-    ResNet-50's cost 9K page faults each in 4 KiB pages. Not for partly used ones,
-    whose untouched pages khugepaged may fill in (a benchmark round's step memory
-    once grew by 38 MiB that way)."""
+    "madvise" mode), for buffers that are written whole (parameters, gradients), which
+    otherwise fault in a page at a time. Not for partly used ones, whose untouched pages
+    khugepaged may fill in (and count as step memory)."""
     m = mmap.mmap(-1, max(nbytes, 1), flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
     if huge and hasattr(mmap, "MADV_HUGEPAGE"):      # Linux
         try:

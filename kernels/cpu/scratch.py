@@ -2,7 +2,7 @@
 carved from one buffer kept across calls.
 
 From malloc, each call's workspace was freed between long-lived activations, and the
-holes it left did not fit the next call's: on a ResNet-18 step the heap grew ~10 MiB
+holes it left did not fit the next call's: on a ResNet-18 step the heap grew well
 past what was live. Here a call takes its buffers at the top of a stack (`frame`
 gives them back on return, so nested calls stack). A take that does not fit maps a
 buffer twice as large (or as large as needed) and goes on there; the old one is

@@ -3,7 +3,7 @@ gets an offset in one workspace, and values whose lifetimes do not overlap share
 
 Released arrays go back to malloc, which then has to fit the next step's differently
 sized tensors around whatever small objects outlived a step: on ResNet-18 that heap
-grew 10-15 MiB past the planned peak. Offsets fixed at plan time reuse exactly the
+grew well past the planned peak. Offsets fixed at plan time reuse exactly the
 same bytes every step, so a step's activations cost the planned peak and no more.
 
 Placement is greedy by size (as TFLite's arena planner): largest value first, each at
