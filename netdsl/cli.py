@@ -109,7 +109,7 @@ def cmd_ops(args):
 
 def cmd_run(args):
     from .kernels import native
-    from .lang.training import TrainCall, check_setting
+    from .lang.training import TrainCall
     from .runtime.train import Trainer
     if args.device == "cuda":
         from .runtime.cuda import require_gpu
@@ -130,30 +130,73 @@ def cmd_run(args):
         if not args.lr > 0:
             raise NetdslError(f"--lr must be positive, got {args.lr}")
         cfg["optimizer"] = TrainCall(cfg["optimizer"].name, dict(cfg["optimizer"].kwargs, lr=args.lr))
-    if args.data:   # checked like the train section's own `data = ...`, defaults filled in
-        name, _, path = args.data.partition(":")
-        cfg["data"] = check_setting("data", TrainCall(name, {"path": path} if path else {}), None, None)
-    out = args.out or os.path.join("runs", os.path.splitext(os.path.basename(args.spec))[0])
+    if args.data:
+        cfg["data"] = data_flag(args.data)
+    out = run_dir(args.out or os.path.join("runs", os.path.splitext(os.path.basename(args.spec))[0]),
+                  "--out" if args.out else "the run directory")
     spec_text = "".join(args._sources.values())
-    t = Trainer(g, cfg, out, spec_text, log=lambda s: print(s, flush=True), device=args.device)
+    t = Trainer(g, cfg, out, spec_text, log=lambda s: print(s, flush=True), device=args.device,
+                training=not (args.eval or args.predict))
     if args.resume or args.eval or args.predict:
         ckpt = args.weights or t.ckpt_path
         if not os.path.exists(ckpt):
             raise NetdslError(f"no checkpoint at '{ckpt}'", hint="train first, or give --weights FILE")
         t.resume(ckpt)
     if args.predict:
-        dest = os.path.join(out, "predictions.json")
-        preds = t.predict(args.predict, dest)
-        print(f"{len(preds)} predictions written to {dest}: {preds[:20]}{' ...' if len(preds) > 20 else ''}")
+        result = t.predict(args.predict, out)
+        classes = [k for k in result if k.endswith("_classes") and result[k].ndim == 1]
+        n = len(next(iter(result.values())))
+        print(f"{n} predictions written to {out}/predictions.npz ({', '.join(result)})")
+        if len(classes) == 1:
+            preds = result[classes[0]].tolist()
+            print(f"{out}/predictions.json: {preds[:20]}{' ...' if len(preds) > 20 else ''}")
         return 0
     if args.eval:
         print("  ".join(f"{k} {v:.4f}" for k, v in t.evaluate().items()))
         return 0
-    print(f"training {g.name} on {t.data.name}: {len(t.data.x_train)} train / {len(t.data.x_test)} test, "
+    print(f"training {g.name} on {t.data.name}: {t.data.size('train')} train / {t.data.size('test')} test, "
           f"{cfg['epochs']} epochs of batch {cfg['batch']}, {native.get_num_threads()} threads -> {out}", flush=True)
     t.fit(progress=not args.no_progress)
     print(f"wrote {out}/metrics.jsonl, {out}/metrics.png, {out}/checkpoint.npz")
     return 0
+
+
+def data_flag(text: str):
+    """--data NAME or NAME:ARG, checked like the train section's `data = NAME(...)`:
+    ARG is the source's first argument (a path; synthetic's size)."""
+    from .lang.training import CONSTRUCTORS, TrainCall, check_setting
+    name, colon, arg = text.partition(":")
+    spec = CONSTRUCTORS["data"].get(name)
+    kwargs = {}
+    if colon and spec is not None:
+        if not spec:
+            raise NetdslError(f"--data {text}: {name} takes no argument after ':'")
+        key, (kind, _) = next(iter(spec.items()))
+        if kind == "integer":
+            try:
+                kwargs[key] = int(arg)
+            except ValueError:
+                raise NetdslError(f"--data {text}: {name}'s {key} must be an integer, got '{arg}'",
+                                  hint=f"e.g. --data {name}:256") from None
+        else:
+            kwargs[key] = arg
+    try:
+        return check_setting("data", TrainCall(name, kwargs), None, None)
+    except NetdslError as e:
+        raise NetdslError(f"--data {text}: {e.message}", hint=e.hint) from None
+
+
+def run_dir(path: str, what: str) -> str:
+    """The run directory, created if need be; anything that cannot hold a run is an error."""
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise NetdslError(f"{what} {path} exists and is not a directory", hint="give a directory for the run's files")
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError as e:
+        raise NetdslError(f"{what} {path} cannot be created: {e.strerror}") from None
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise NetdslError(f"{what} {path} is not writable")
+    return path
 
 
 def build_parser():
@@ -196,7 +239,8 @@ def build_parser():
     t.add_argument("--epochs", type=int)
     t.add_argument("--batch", type=int)
     t.add_argument("--lr", type=float, help="learning rate (the optimizer's lr)")
-    t.add_argument("--data", help="data source, NAME or NAME:PATH (digits, mnist, fashion_mnist, cifar10, npz, synthetic)")
+    t.add_argument("--data", help="data source, NAME or NAME:PATH (digits, mnist, fashion_mnist, cifar10, npz), "
+                                   "or synthetic:SIZE")
     t.add_argument("--threads", type=int, help="CPU threads (default: all cores)")
     t.add_argument("--seed", type=int)
     t.add_argument("--out", help="run directory (default runs/SPEC)")
@@ -204,7 +248,8 @@ def build_parser():
     t.add_argument("--resume", action="store_true", help="continue from the run directory's checkpoint")
     t.add_argument("--weights", help="checkpoint to resume/evaluate/predict from")
     t.add_argument("--eval", action="store_true", help="evaluate the checkpoint on the test split")
-    t.add_argument("--predict", metavar="FILE", help="predict classes for images in a .npy/.npz file")
+    t.add_argument("--predict", metavar="FILE",
+                   help="run the outputs on a .npy (one input) or .npz (an array per input, named after it)")
     t.add_argument("--no-progress", action="store_true", help="no progress bar")
     t.set_defaults(fn=cmd_run)
 

@@ -186,7 +186,7 @@ OPT_DAMAGE = [
 
 
 def _refused_opt(path, tmp_path, phrases, mode="--eval"):
-    """Like _refused, without requiring the file name (see the xfail below)."""
+    """Like _refused, without requiring the file name."""
     r = cli("run", SPEC, "--out", tmp_path / "run", "--weights", path, mode, "--epochs", "1")
     assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
     assert "(optimiser state) is damaged" in r.stderr or "optimiser state is damaged" in r.stderr, r.stderr
@@ -200,15 +200,11 @@ def test_damaged_optimiser_state(trained, tmp_path, damage, phrases):
     _refused_opt(_damage(trained, tmp_path, arrays=damage), tmp_path, phrases, mode="--resume")
 
 
-@pytest.mark.xfail(strict=True, reason="Trainer.resume must pass source=f'checkpoint {c.path}' to "
-                                       "opt.load_state_dict (train.py, the lead's); then drop this mark")
 def test_damaged_optimiser_state_names_the_file(trained, tmp_path):
     bad = _damage(trained, tmp_path, arrays=OPT_DAMAGE[0][1])
     assert f"checkpoint {bad} (optimiser state) is damaged" in _refused_opt(bad, tmp_path, [])
 
 
-@pytest.mark.xfail(strict=True, reason="Trainer.resume must restore the RNG with c.restore_rng(self.rng) "
-                                       "(train.py, the lead's); then drop this mark")
 def test_checkpoint_of_another_bit_generator(trained, tmp_path):
     bad = _damage(trained, tmp_path, meta=_mt19937_state)
     _refused(bad, tmp_path, "holds a MT19937 random-generator state; this run draws from PCG64")

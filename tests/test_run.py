@@ -89,12 +89,14 @@ def test_non_finite_loss_names_the_operator_and_line(tmp_path):
     (["--epochs", "0"], "--epochs must be positive"),
     (["--data", "digitz"], "did you mean 'digits'"),
     (["--data", "mnist:/nonexistent/mnist"], "/nonexistent/mnist"),
-    (["--data", "fashion_mnist"], "has images of shape [1, 28, 28]"),
+    (["--data", "fashion_mnist"], "holds examples of shape [1, 28, 28]"),
     (["--device", "cuda"], "cuda"),
     (["--eval"], "no checkpoint"),
     (["--threads", "0"], "--threads"),
-    (["--set", "clases=3"], "no parameter or dimension 'clases'"),
-    (["--data", "digits:/tmp"], "digits() has no argument 'path'"),
+    (["--set", "clases=3"], "no parameter, dimension or top-level const 'clases'"),
+    (["--data", "digits:/tmp"], "--data digits:/tmp: digits takes no argument after ':'"),
+    (["--data", "synthetic:many"], "synthetic's size must be an integer"),
+    (["--data", "synthetic:0"], "synthetic data needs at least 1 example"),
 ])
 def test_bad_run_flags_are_clear_errors(tmp_path, args, message):
     r = cli("run", SPECS / "digits_cnn.net", "--out", tmp_path / "run", "--no-progress", *args)

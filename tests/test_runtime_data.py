@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 
 from netdsl.errors import NetdslError
-from netdsl.runtime.data import FASHION_MNIST_DIR, Loader, channel_stats, make_source, random_crop, read_idx
+from netdsl.runtime.data import FASHION_MNIST_DIR, make_source, read_idx
+from netdsl.runtime.loader import Loader, channel_stats, random_crop
 
 
 # ---------------------------------------------------------------- digits
@@ -209,23 +210,23 @@ def _toy(n=10):
 
 def test_batches_cover_epoch_and_drop_last():
     x, y = _toy(10)
-    full = Loader(x, y, 4, rng=np.random.default_rng(0), shuffle=True)
+    full = Loader({"image": x, "label": y}, 4, rng=np.random.default_rng(0), shuffle=True)
     batches = list(full)
-    assert len(full) == 3 and [len(b[1]) for b in batches] == [4, 4, 2]
-    assert sorted(np.concatenate([b[1] for b in batches])) == list(range(10))
-    for xb, yb in batches:  # images travel with their labels
-        np.testing.assert_array_equal(xb, x[yb])
-    dropped = Loader(x, y, 4, drop_last=True)
-    assert len(dropped) == 2 and [len(b[1]) for b in dropped] == [4, 4]
+    assert len(full) == 3 and [len(b["label"]) for b in batches] == [4, 4, 2]
+    assert sorted(np.concatenate([b["label"] for b in batches])) == list(range(10))
+    for b in batches:  # images travel with their labels
+        np.testing.assert_array_equal(b["image"], x[b["label"]])
+    dropped = Loader({"image": x, "label": y}, 4, drop_last=True)
+    assert len(dropped) == 2 and [len(b["label"]) for b in dropped] == [4, 4]
 
 
 def test_augmentation_is_deterministic_given_seed():
     x, y = _toy(16)
 
     def epochs(seed):
-        loader = Loader(x, y, 5, rng=np.random.default_rng(seed), shuffle=True, crop_padding=2, flip=True,
-                        mean=[1.0, 2.0], std=[3.0, 4.0])
-        return [b for _ in range(2) for b in loader]
+        loader = Loader({"image": x, "label": y}, 5, rng=np.random.default_rng(seed), shuffle=True, crop_padding=2,
+                        flip=True, mean=[1.0, 2.0], std=[3.0, 4.0])
+        return [(b["image"], b["label"]) for _ in range(2) for b in loader]
 
     a, b, c = epochs(7), epochs(7), epochs(8)
     for (xa, ya), (xb, yb) in zip(a, b):
@@ -238,8 +239,8 @@ def test_augmentation_is_deterministic_given_seed():
 
 def test_flip_and_normalise_values():
     x, y = _toy(64)
-    out = np.concatenate([b[0] for b in Loader(x, y, 64, rng=np.random.default_rng(0), flip=True,
-                                                   mean=[1.0, 2.0], std=[2.0, 4.0])])
+    out = np.concatenate([b["image"] for b in Loader({"image": x, "label": y}, 64, rng=np.random.default_rng(0),
+                                                         flip=True, mean=[1.0, 2.0], std=[2.0, 4.0])])
     raw = out * np.array([2.0, 4.0], np.float32)[:, None, None] + np.array([1.0, 2.0], np.float32)[:, None, None]
     flipped = [not np.array_equal(raw[i], x[i]) for i in range(64)]
     for i in range(64):
@@ -263,10 +264,10 @@ def test_random_crop_is_a_shifted_window():
 def test_channel_stats_and_bad_normalisation():
     x, y = _toy(8)
     mean, std = channel_stats(x)
-    out = np.concatenate([b[0] for b in Loader(x, y, 3, mean=mean, std=std)])
+    out = np.concatenate([b["image"] for b in Loader({"image": x, "label": y}, 3, mean=mean, std=std)])
     np.testing.assert_allclose(out.mean(axis=(0, 2, 3)), 0, atol=1e-5)
     np.testing.assert_allclose(out.std(axis=(0, 2, 3)), 1, atol=1e-5)
     with pytest.raises(NetdslError, match="3 values, the images have 2 channels"):
-        Loader(x, y, 3, mean=[0, 0, 0])
+        Loader({"image": x}, 3, mean=[0, 0, 0])
     with pytest.raises(NetdslError, match="positive"):
-        Loader(x, y, 3, std=[1, 0])
+        Loader({"image": x}, 3, std=[1, 0])

@@ -66,6 +66,8 @@ CONSTRUCTORS = {
         "crop": {"pad": (_INT, 4)},
         "flip": {},
     },
+    # runtime/metrics.py computes them (its METRICS has these names)
+    "metrics": {"accuracy": {}, "top5": {}, "pixel_accuracy": {}, "miou": {}, "loss_per_token": {}},
 }
 
 # key -> (type, default); a type naming a CONSTRUCTORS group takes one of its calls
@@ -80,6 +82,7 @@ KEYS = {
     "bptt": ("bptt", "full"),
     "seed": (_INT, 0),
     "augment": ("augment list", []),
+    "metrics": ("metrics list", None),     # none given: chosen from the losses' tasks
     "normalize": (_BOOL, True),
     "eval_every": (_INT, 1),
 }
@@ -95,11 +98,12 @@ def check_setting(key: str, value, pos: Pos | None, vpos: Pos | None):
         raise NetdslError(f"unknown training setting '{key}'", pos,
                           hint=did_you_mean(key, KEYS) or "settings: " + ", ".join(KEYS))
     kind, _ = KEYS[key]
-    if kind in CONSTRUCTORS or kind == "augment list":
-        group = "augment" if kind == "augment list" else kind
-        items = value if kind == "augment list" and isinstance(value, (list, tuple)) else [value]
+    group = kind.removesuffix(" list")
+    if group in CONSTRUCTORS:
+        listed = kind.endswith(" list")
+        items = value if listed and isinstance(value, (list, tuple)) else [value]
         out = [_check_call(group, key, v, vpos) for v in items]
-        return out if kind == "augment list" else out[0]
+        return out if listed else out[0]
     return _check_type(key, kind, value, vpos)
 
 

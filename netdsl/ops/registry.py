@@ -51,6 +51,9 @@ class OpDef:
     # A function of the node says it for some uses only (e.g. an optional input given).
     pending: str | Callable[[Any], str | None] | None = None
     inits: tuple[str, ...] = ()      # every initialiser `params` names (ops/inits.py), checked on import
+    # Integer inputs that are indices: ids(ctx) -> {input index: (count, ignored value or None)};
+    # valid values are 0..count-1 (and the ignored one). Data loading checks labels with it.
+    ids: Callable[["Ctx"], dict] | None = None
 
     @property
     def variadic(self) -> bool:

@@ -220,7 +220,8 @@ def zeros(ctx: Ctx):
 
 
 @defop("embedding", ["ids"], (Attr("vocab", "int", check=positive), Attr("dim", "int", check=positive)),
-       params=lambda ctx: {"weight": ((ctx.vocab, ctx.dim), "normal1", "weight")}, inits=("normal1",), vjp="kernel")
+       params=lambda ctx: {"weight": ((ctx.vocab, ctx.dim), "normal1", "weight")}, inits=("normal1",), vjp="kernel",
+       ids=lambda ctx: {0: (ctx.vocab, None)})
 def embedding(ctx: Ctx):
     """Look up a learned vector per integer id: [...] -> [..., dim]."""
     if ctx.x().dtype != "i64":
@@ -228,7 +229,8 @@ def embedding(ctx: Ctx):
     return [((*ctx.x().shape, ctx.dim), "f32")]
 
 
-@defop("one_hot", ["ids"], (Attr("classes", "int", check=positive),), differentiable=False)
+@defop("one_hot", ["ids"], (Attr("classes", "int", check=positive),), differentiable=False,
+       ids=lambda ctx: {0: (ctx.classes, None)})
 def one_hot(ctx: Ctx):
     """Integer ids to one-hot float vectors."""
     if ctx.x().dtype != "i64":
@@ -259,7 +261,8 @@ def _weighted(node):
 
 
 @defop("cross_entropy", ["logits", "labels"], (Attr("ignore_index", "int", -1),), kind="loss",
-       vjp="kernel", grad_wrt=(0,))
+       vjp="kernel", grad_wrt=(0,),
+       ids=lambda ctx: {1: (ctx.inputs[0].shape[-1 if ctx.inputs[0].rank == 3 else 1], ctx.ignore_index)})
 def cross_entropy(ctx: Ctx):
     """Softmax cross-entropy. logits [N, C] with labels [N]; [N, C, H, W] with [N, H, W]
     (per pixel); [N, T, C] with [N, T] (per step). Labels equal to ignore_index are skipped."""

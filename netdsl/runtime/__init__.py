@@ -8,11 +8,11 @@ checks that resuming gives bit-identical weights):
     ds = make_source("digits")                      # or "fashion_mnist", path=...
     rng = np.random.default_rng(seed)
     mean, std = channel_stats(ds.x_train)
-    train = Loader(ds.x_train, ds.y_train, 64, rng=rng, shuffle=True, mean=mean, std=std,
-                   crop_padding=0, flip=False)
+    train = Loader(ds.train, 64, rng=rng, shuffle=True, mean=mean, std=std,
+                   crop_padding=0, flip=False)   # batches: {"image": ..., "label": ...}
     opt = make_optimizer("sgd", params, lr=0.1, momentum=0.9,
                          schedule=make_schedule("cosine", t_max=epochs * len(train), warmup_steps=100))
-    for xb, yb in train:  ...; clip_grad_norm(grads, 5.0); opt.step(grads)
+    for batch in train:  ...; clip_grad_norm(grads, 5.0); opt.step(grads)
     save_checkpoint(path, params, opt.state_dict(), step=opt.steps, epoch=e, rng=rng, spec_text=src)
     # resume: c = load_checkpoint(path, spec_text=src); load_weights(params, c);
     #         opt.load_state_dict(c.opt_state); rng = c.make_rng()  (checkpoint at epoch ends)
@@ -57,7 +57,8 @@ def construct(what: str, fn, kwargs: dict, *args):
 # overlaps that import).
 _LAZY = {
     "checkpoint": ["Checkpoint", "load_checkpoint", "load_weights", "save_checkpoint", "spec_hash"],
-    "data": ["Dataset", "Loader", "channel_stats", "make_source"],
+    "data": ["Dataset", "make_source"],
+    "loader": ["Loader", "channel_stats"],
     "optim": ["SGD", "Adam", "AdamW", "Optimizer", "clip_grad_norm", "make_optimizer", "make_schedule"],
     "progress": ["MetricsLog", "ProgressBar", "plot_metrics", "read_metrics"],
 }

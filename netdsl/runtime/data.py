@@ -1,6 +1,9 @@
-"""Data sources (train/test splits as numpy arrays) and a batch loader with augmentation.
+"""Data sources: train and test splits as named arrays ("fields"), first axis = examples.
 
-Images are float32 NCHW in [0, 1] (normalisation is the loader's job), labels int64.
+A source fills fields named after what they hold; `runtime/feeds.py` binds them to the
+spec's inputs (by name, or an "image"/"label" field to the spec's one float/int input).
+The classic image sources give "image" (float32 NCHW in [0, 1]; normalisation is the
+loader's job) and "label" (int64 class ids). `npz(path)` gives whatever it holds.
 """
 from __future__ import annotations
 
@@ -19,18 +22,41 @@ from .checkpoint import read_npz
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"  # Debian's dataset-fashion-mnist
 
 
+SPLITS = ("train", "test")
+
+
 @dataclass
 class Dataset:
+    """Named arrays per split; every field of a split has the same length."""
     name: str
-    x_train: np.ndarray
-    y_train: np.ndarray
-    x_test: np.ndarray
-    y_test: np.ndarray
-    num_classes: int
+    source: str                         # the file or directory it came from, for messages
+    train: dict[str, np.ndarray]
+    test: dict[str, np.ndarray]
+
+    def split(self, name: str) -> dict[str, np.ndarray]:
+        return self.train if name == "train" else self.test
+
+    def size(self, split: str) -> int:
+        return len(next(iter(self.split(split).values())))
+
+    def describe(self) -> str:
+        """'image f32 (1, 8, 8), label i64 ()': what each example holds."""
+        return ", ".join(f"{k} {_short(v.dtype)} {tuple(v.shape[1:])}" for k, v in self.train.items())
+
+    # the classic image sources' fields
+    x_train = property(lambda self: self.train["image"])
+    y_train = property(lambda self: self.train["label"])
+    x_test = property(lambda self: self.test["image"])
+    y_test = property(lambda self: self.test["label"])
 
     @property
-    def image_shape(self) -> tuple[int, int, int]:
-        return tuple(self.x_train.shape[1:])
+    def num_classes(self) -> int:
+        return int(max(self.y_train.max(), self.y_test.max())) + 1
+
+
+def _short(dtype) -> str:
+    d = np.dtype(dtype)
+    return {"f": "f", "i": "i", "u": "u", "b": "bool"}.get(d.kind, d.kind) + (str(8 * d.itemsize) if d.kind != "b" else "")
 
 
 def _dataset(name: str, source: str, x_train, y_train, x_test, y_test) -> Dataset:
@@ -47,8 +73,8 @@ def _dataset(name: str, source: str, x_train, y_train, x_test, y_test) -> Datase
             raise NetdslError(f"{source}: {split} labels must be non-negative integers")
     if x_train.shape[1:] != x_test.shape[1:]:
         raise NetdslError(f"{source}: train images are {x_train.shape[1:]} but test images {x_test.shape[1:]}")
-    return Dataset(name, x_train, y_train.astype(np.int64), x_test, y_test.astype(np.int64),
-                   int(max(y_train.max(), y_test.max())) + 1)
+    return Dataset(name, source, {"image": x_train, "label": y_train.astype(np.int64)},
+                   {"image": x_test, "label": y_test.astype(np.int64)})
 
 
 def _images(x: np.ndarray, source: str) -> np.ndarray:
@@ -211,16 +237,60 @@ def load_cifar10(path: str) -> Dataset:
 # ---------------------------------------------------------------- .npz arrays
 
 NPZ_KEYS = ("x_train", "y_train", "x_test", "y_test")
+_NPZ_ROLES = {"x": "image", "y": "label"}     # the classic form's field names
 
 
 def load_npz(path: str) -> Dataset:
-    """Arrays x_train, y_train, x_test, y_test; images (N, C, H, W) or (N, H, W)."""
+    """Arrays named FIELD_train and FIELD_test, one pair per field: FIELD is a spec
+    input's name (image_train, label_train, mask_test ...), or x / y for the classic
+    x_train, y_train, x_test, y_test form (images and labels; (N, H, W) images gain a
+    channel axis). Arrays are converted to their input's dtype when bound (feeds.py):
+    uint8 for a float input is read as pixels, x / 255."""
     arrays = read_npz(path, "data file")
-    if any(k not in arrays for k in NPZ_KEYS):
-        raise NetdslError(f"{path}: expected arrays {', '.join(NPZ_KEYS)}; found "
-                          + (", ".join(arrays) or "no arrays"))
-    xtr, ytr, xte, yte = (arrays[k] for k in NPZ_KEYS)
-    return _dataset("npz", path, _images(xtr, path), ytr, _images(xte, path), yte)
+    fields: dict[str, dict[str, np.ndarray]] = {}
+    stray = []
+    for k, a in arrays.items():
+        base, _, split = k.rpartition("_")
+        if split not in SPLITS or not base:
+            stray.append(k)
+            continue
+        fields.setdefault(base, {})[split] = a
+    if stray or not fields:
+        raise NetdslError(f"{path}: arrays must be named FIELD_train and FIELD_test; found "
+                          + (", ".join(arrays) or "no arrays"),
+                          hint="e.g. image_train, label_train, image_test, label_test (the spec's input names), "
+                               "or x_train, y_train, x_test, y_test")
+    for base, splits in fields.items():
+        for split in SPLITS:
+            if split not in splits:
+                raise NetdslError(f"{path}: '{base}_{next(iter(splits))}' has no '{base}_{split}' beside it",
+                                  hint="every field needs both a _train and a _test array")
+    classic = set(fields) == {"x", "y"}
+    out = {split: {} for split in SPLITS}
+    for base, splits in fields.items():
+        for split, a in splits.items():
+            if a.dtype.kind not in "biuf":
+                raise NetdslError(f"{path}: '{base}_{split}' has dtype {a.dtype}; only numbers are read")
+            if a.ndim == 0:
+                raise NetdslError(f"{path}: '{base}_{split}' is a single number, expected one entry per example")
+            if classic and base == "x":
+                a = _images(a, path)
+            out[split][_NPZ_ROLES[base] if classic else base] = a   # converted for its input by feeds.bind
+    if classic:
+        return _dataset("npz", path, out["train"]["image"], out["train"]["label"],
+                        out["test"]["image"], out["test"]["label"])
+    for split in SPLITS:
+        lengths = {k: len(a) for k, a in out[split].items()}
+        if len(set(lengths.values())) > 1:
+            raise NetdslError(f"{path}: the {split} arrays hold different numbers of examples: "
+                              + ", ".join(f"{k}_{split} {n}" for k, n in lengths.items()))
+        if not max(lengths.values()):
+            raise NetdslError(f"{path}: the {split} split is empty")
+    for k, a in out["train"].items():
+        if a.shape[1:] != out["test"][k].shape[1:]:
+            raise NetdslError(f"{path}: '{k}_train' holds examples of shape {a.shape[1:]} but "
+                              f"'{k}_test' of shape {out['test'][k].shape[1:]}")
+    return Dataset("npz", path, out["train"], out["test"])
 
 
 # ---------------------------------------------------------------- factory
@@ -237,83 +307,3 @@ def make_source(name: str, **kwargs) -> Dataset:
             raise NetdslError(f"data source '{name}': path must be a string, got {kwargs['path']!r}")
         kwargs["path"] = os.path.expanduser(os.fspath(kwargs["path"]))
     return construct(f"data source '{name}'", lookup("data source", name, _SOURCES), kwargs)
-
-
-# ---------------------------------------------------------------- loader
-
-def channel_stats(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Per-channel mean and std of NCHW images (computed in float64 for accuracy)."""
-    return (x.mean(axis=(0, 2, 3), dtype=np.float64).astype(np.float32),
-            x.std(axis=(0, 2, 3), dtype=np.float64).astype(np.float32))
-
-
-class Loader:
-    """Iterates one epoch of (images, labels) batches per `iter()`.
-
-    Per batch: gather, random crop after zero padding, random horizontal flip, then
-    normalise (x - mean) / std per channel, the order torchvision pipelines use.
-    All randomness comes from `rng`, so a run is reproducible from its seed and the
-    Generator's state, which a checkpoint saves.
-    """
-
-    def __init__(self, x: np.ndarray, y: np.ndarray, batch_size: int, *, rng: np.random.Generator | None = None,
-                 shuffle: bool = False, drop_last: bool = False, mean=None, std=None,
-                 crop_padding: int = 0, flip: bool = False):
-        if batch_size < 1:
-            raise NetdslError(f"batch size must be at least 1, got {batch_size}")
-        if crop_padding < 0:
-            raise NetdslError(f"crop padding must not be negative, got {crop_padding}")
-        if (shuffle or crop_padding or flip) and rng is None:
-            raise ValueError("shuffling and augmentation need an rng")
-        self.x, self.y, self.batch_size, self.rng = x, y, batch_size, rng
-        self.shuffle, self.drop_last, self.pad, self.flip = shuffle, drop_last, crop_padding, flip
-        c = x.shape[1]
-        self.mean = None if mean is None else _per_channel(mean, c, "mean")
-        self.std = None if std is None else _per_channel(std, c, "std")
-        if self.std is not None and np.any(self.std <= 0):
-            raise NetdslError("normalisation std must be positive")
-
-    def __len__(self) -> int:
-        n, b = len(self.x), self.batch_size
-        return n // b if self.drop_last else -(-n // b)
-
-    def __iter__(self):
-        n = len(self.x)
-        order = self.rng.permutation(n) if self.shuffle else np.arange(n)
-        for i in range(len(self)):
-            idx = order[i * self.batch_size:(i + 1) * self.batch_size]
-            yield self._augment(self.x[idx]), self.y[idx]
-
-    def _augment(self, xb: np.ndarray) -> np.ndarray:
-        xb = xb.astype(np.float32, copy=False)  # x[idx] is already a private copy
-        if self.pad:
-            xb = random_crop(xb, self.pad, self.rng)
-        if self.flip:
-            flip = self.rng.random(len(xb)) < 0.5
-            xb[flip] = xb[flip, :, :, ::-1]
-        if self.mean is not None:
-            xb -= self.mean[:, None, None]
-        if self.std is not None:
-            xb /= self.std[:, None, None]
-        return xb
-
-
-def random_crop(xb: np.ndarray, pad: int, rng: np.random.Generator) -> np.ndarray:
-    """Zero-pad each side by `pad`, then cut one random same-size window per image."""
-    n, c, h, w = xb.shape
-    padded = np.zeros((n, c, h + 2 * pad, w + 2 * pad), np.float32)
-    padded[:, :, pad:pad + h, pad:pad + w] = xb
-    offsets = rng.integers(0, 2 * pad + 1, size=(n, 2))
-    out = np.empty_like(xb)
-    for i, (dy, dx) in enumerate(offsets):
-        out[i] = padded[i, :, dy:dy + h, dx:dx + w]
-    return out
-
-
-def _per_channel(v, c: int, what: str) -> np.ndarray:
-    a = np.asarray(v, dtype=np.float32).reshape(-1)
-    if a.size == 1:
-        a = np.repeat(a, c)
-    if a.size != c:
-        raise NetdslError(f"normalisation {what} has {a.size} values, the images have {c} channels")
-    return a

@@ -111,19 +111,23 @@ class Model:
     # ---- programs
 
     def _program(self, train: bool, dims: dict, want: tuple) -> Program:
-        key = (train, tuple(sorted(dims.items())), want)
+        """want: names of outputs and losses, or graph values, to keep (with train, the
+        values kept beside the training step's own)."""
+        key = (train, tuple(sorted(dims.items())), tuple(w if isinstance(w, str) else id(w) for w in want))
         if key not in self._programs:
+            extra = [w for w in want if not isinstance(w, str)]
             if train:
-                keep, nodes = self.training_graph.keep(), self.training_graph.nodes
+                keep, nodes = self.training_graph.keep() + extra, self.training_graph.nodes
             else:
                 keep = [self.g.outputs[n] for n in want if n in self.g.outputs] + \
-                       [l.value for l in self.g.losses if l.name in want]
+                       [l.value for l in self.g.losses if l.name in want] + extra
                 nodes = _needed(self.g, keep)
             self._programs[key] = Program(nodes, keep, dims, self.fuse, self.device, self._workspace)
         return self._programs[key]
 
-    def infer(self, feeds: dict, want=None) -> dict[str, np.ndarray]:
-        """Outputs (and all-phase losses whose inputs are fed) in inference mode."""
+    def infer(self, feeds: dict, want=None) -> dict:
+        """Outputs (and all-phase losses whose inputs are fed) in inference mode; `want`
+        names outputs and losses, or gives graph values (returned under themselves)."""
         dims, fv = self.bind(feeds)
         if want is None:
             fed = set(fv)
@@ -132,17 +136,18 @@ class Model:
         prog = self._program(False, dims, tuple(want))
         env = prog.run(RunState(self._run_params(), dims, False, self.seed, self.dtype), fv)
         named = {**self.g.outputs, **{l.name: l.value for l in self.g.losses}}
-        return {n: self.target.download(env[id(named[n])]) for n in want}
+        return {n: self.target.download(env[id(named[n] if isinstance(n, str) else n)]) for n in want}
 
-    def train_step(self, feeds: dict):
+    def train_step(self, feeds: dict, extra=()):
         """Forward and backward; returns (total loss, {loss name: value}, outputs, grads).
-        On the CPU the gradient arrays are buffers that the next step overwrites (as torch
-        reuses .grad): copy them to keep them."""
+        `extra`: graph values to hand back too, in outputs under themselves (a metric's
+        logits that are not an output). On the CPU the gradient arrays are buffers that
+        the next step overwrites (as torch reuses .grad): copy them to keep them."""
         dims, fv = self.bind(feeds)
         missing = [n for n, v in self.g.inputs.items() if id(v) not in fv]
         if missing:
             raise NetdslError(f"training needs data for every input; missing: {', '.join(missing)}", self.g.pos)
-        prog = self._program(True, dims, ())
+        prog = self._program(True, dims, tuple(extra))
         st = RunState(self._run_params(), dims, True, self.seed, self.dtype)
         st.step = self.step
         if self.device == "cpu":    # weight gradients go into buffers kept from step to step
@@ -157,6 +162,7 @@ class Model:
             self._blame(prog, st, fv)
         self.step += 1
         outputs = {n: self.target.download(env[id(v)]) for n, v in self.g.outputs.items() if id(v) in env}
+        outputs.update((v, self.target.download(env[id(v)])) for v in extra)
         return total, losses, outputs, grads
 
     def _blame(self, prog: Program, st: RunState, fv):

@@ -162,17 +162,19 @@ def read_metrics(path: str) -> list[dict]:
 
 
 def plot_metrics(jsonl_path: str, png_path: str) -> None:
-    """Plot every numeric key containing 'loss' and every one containing 'acc' against
-    'step' (or 'epoch', or the record number), in two panels, into a PNG."""
+    """Plot every numeric metric against 'step' (or 'epoch', or the record number) into
+    a PNG: losses in one panel, fractions (accuracies, mIoU) in another, perplexity in
+    a third (metrics.panel says which key goes where)."""
+    from .metrics import panel as panel_of
     records = read_metrics(jsonl_path)
     xkey = next((k for k in ("step", "epoch") if any(k in r for r in records)), None)
-    panels = {"loss": {}, "accuracy": {}}
+    panels = {"loss": {}, "accuracy": {}, "perplexity": {}}
     for i, r in enumerate(records):
         x = r.get(xkey, i) if xkey else i
         for k, v in r.items():
             if k in ("step", "epoch") or not isinstance(v, (int, float)) or isinstance(v, bool):
                 continue
-            panel = "loss" if "loss" in k else "accuracy" if "acc" in k else None
+            panel = panel_of(k)
             if panel:
                 panels[panel].setdefault(k, []).append((x, v))
     if not any(panels.values()):

@@ -6,54 +6,25 @@ directory holds metrics.jsonl, metrics.png and checkpoint.npz (written atomicall
 from __future__ import annotations
 
 import json
+import math
 import os
-from dataclasses import dataclass
-
 import numpy as np
 
 from ..errors import NetdslError
-from ..ir.dims import fmt_shape
 from ..ir.graph import Graph
-from . import (Loader, MetricsLog, ProgressBar, channel_stats, clip_grad_norm, load_checkpoint, load_weights,
-               make_optimizer, make_schedule, make_source, plot_metrics, save_checkpoint)
+from . import (MetricsLog, ProgressBar, clip_grad_norm, load_checkpoint, load_weights, make_optimizer,
+               make_schedule, make_source, plot_metrics, save_checkpoint)
+from . import metrics as task_metrics
 from .data import Dataset
-from .model import Model
+from .feeds import check_shape, convert, bind, describe_inputs, index_rules, synthetic
+from .loader import Loader, channel_stats
+from .model import Model, _inputs_of
 
 
-@dataclass
-class Roles:
-    """Which graph inputs take the images and the labels, and which output is the prediction."""
-    image: str
-    label: str | None
-    logits: str | None
-
-
-def roles(g: Graph) -> Roles:
-    floats = [n for n, v in g.inputs.items() if v.dtype.startswith("f")]
-    ints = [n for n, v in g.inputs.items() if v.dtype.startswith("i")]
-    if len(floats) != 1 or len(ints) > 1:
-        raise NetdslError(f"netdsl run trains networks with one image input and one label input; "
-                          f"'{g.name}' has inputs {', '.join(g.inputs) or 'none'}", g.pos,
-                          hint="detection, captioning and language-model data loaders are not in this version")
-    logits = next((n for n, v in g.outputs.items() if v.rank == 2), None)
-    return Roles(floats[0], ints[0] if ints else None, logits)
-
-
-def synthetic(g: Graph, r: Roles, size: int, seed: int) -> Dataset:
-    """Random images and labels shaped like the spec's inputs: for timing and smoke runs
-    of networks whose real data (ImageNet) does not ship offline."""
-    shape = [int(d) for d in g.inputs[r.image].shape[1:]]
-    classes = int(g.outputs[r.logits].shape[1]) if r.logits else 10
-    rng = np.random.default_rng(seed)
-    x = rng.random((size + size // 4, *shape), dtype=np.float32)
-    y = rng.integers(0, classes, len(x))
-    return Dataset("synthetic", x[:size], y[:size], x[size:], y[size:], classes)
-
-
-def load_data(g: Graph, r: Roles, cfg: dict, seed: int) -> Dataset:
+def load_data(g: Graph, cfg: dict, seed: int) -> Dataset:
     src = cfg["data"]
     if src.name == "synthetic":
-        return synthetic(g, r, src.kwargs["size"], seed)
+        return synthetic(g, src.kwargs["size"], seed)
     if src.name in ("text", "coco"):
         raise NetdslError(f"data = {src.name}() is for recurrent and detection specs, which `netdsl run` "
                           f"does not train in this version", g.train_pos.get("data"))
@@ -80,20 +51,28 @@ def _optimizer(cfg: dict, params: dict, schedule):
 
 
 class Trainer:
-    def __init__(self, g: Graph, cfg: dict, out_dir: str, spec_text: str, log=print, device: str = "cpu"):
+    def __init__(self, g: Graph, cfg: dict, out_dir: str, spec_text: str, log=print, device: str = "cpu",
+                 training: bool = True):
+        """training=False: for evaluation and prediction (the training step's memory is not checked)."""
         self.g, self.cfg, self.out, self.spec_text, self.log = g, cfg, out_dir, spec_text, log
         self.device = device
-        self.r = roles(g)
         self.model = Model(g, seed=cfg["seed"], device=device)
-        self.data = load_data(g, self.r, cfg, cfg["seed"])
-        self._check_data()
+        if training:
+            self.check_memory()     # before the data is loaded
+        self.data = load_data(g, cfg, cfg["seed"])
+        self.fields = bind(g, self.data)                # input name -> data field
+        self.metrics = task_metrics.choose(g, _metric_names(cfg), g.train_pos.get("metrics"))
         self.rng = np.random.default_rng(cfg["seed"])
-        mean, std = channel_stats(self.data.x_train) if cfg["normalize"] else (None, None)
+        images = [f for n, f in self.fields.items() if g.inputs[n].dtype.startswith("f") and g.inputs[n].rank == 4]
+        self.norm = {f: channel_stats(self.data.train[f]) for f in images} if cfg["normalize"] else {}
         crop = next((a.kwargs["pad"] for a in cfg["augment"] if a.name == "crop"), 0)
         flip = any(a.name == "flip" for a in cfg["augment"])
-        self.train_loader = Loader(self.data.x_train, self.data.y_train, cfg["batch"], rng=self.rng, shuffle=True,
-                                   mean=mean, std=std, crop_padding=crop, flip=flip)
-        self.test_loader = Loader(self.data.x_test, self.data.y_test, cfg["batch"], mean=mean, std=std)
+        dense = self._dense_fields(images) if crop or flip else {}
+        used = {f: self.data.train[f] for f in self.fields.values()}
+        self.train_loader = Loader(used, cfg["batch"], rng=self.rng, shuffle=True, images=images, dense=dense,
+                                   mean=_part(self.norm, 0), std=_part(self.norm, 1), crop_padding=crop, flip=flip)
+        self.test_loader = Loader({f: self.data.test[f] for f in self.fields.values()}, cfg["batch"], images=images,
+                                  mean=_part(self.norm, 0), std=_part(self.norm, 1))
         self.opt = _optimizer(cfg, self.model.trainable(), _schedule(cfg, len(self.train_loader)))
         self.clip = clip_grad_norm
         if device == "cuda":   # parameters, gradients and optimiser state stay on the device
@@ -101,14 +80,40 @@ class Trainer:
             self.opt, self.clip = cuda.DeviceOptimizer(self.opt, self.model.trainable()), cuda.clip_grad_norm
         self.epoch = 0
 
-    def _check_data(self):
-        v = self.g.inputs[self.r.image]
-        want = tuple(v.shape[1:])
-        got = tuple(self.data.x_train.shape[1:])
-        if want != got:
-            raise NetdslError(f"the data set '{self.data.name}' has images of shape {fmt_shape(got)} but input "
-                              f"'{self.r.image}' is declared {fmt_shape(v.shape)}", v.pos,
-                              hint="change the input's shape or the train section's data")
+    def _dense_fields(self, images: list[str]) -> dict:
+        """Fields cropped and flipped with the images: [N, H, W] integer maps of the
+        images' size, padded with their loss's ignore index. Any other field that is
+        not one value per example cannot follow a crop or a flip: an error."""
+        sizes = {self.data.train[f].shape[2:] for f in images}
+        ignore = {n: next((i for _, i, _ in r if i is not None), -1) for n, r in index_rules(self.g).items()}
+        dense = {}
+        for name, f in self.fields.items():
+            a = self.data.train[f]
+            if f in images or a.ndim == 1:
+                continue
+            if a.dtype.kind in "iu" and a.ndim == 3 and a.shape[1:] in sizes:
+                dense[f] = ignore.get(name, -1)
+                continue
+            raise NetdslError(f"augment = [crop, flip] cannot transform input '{name}' "
+                              f"({self.g.inputs[name].dtype}{list(a.shape[1:])} per example) with the images",
+                              self.g.train_pos.get("augment"),
+                              hint="crop and flip move images and per-pixel label maps; boxes and keypoints "
+                                   "come with the COCO loader")
+        return dense
+
+    def _feeds(self, batch: dict) -> dict:
+        return {n: batch[f] for n, f in self.fields.items()}
+
+    def _measure(self, batch: dict, values: dict, losses: dict):
+        for m in self.metrics:
+            m.update(values[m.pred], batch[self.fields[m.label]], losses[m.loss])
+
+    def _report(self, prefix: str) -> dict:
+        out = {}
+        for m in self.metrics:
+            out.update({f"{prefix}{k}": v for k, v in m.result().items()})
+            m.reset()
+        return out
 
     @property
     def ckpt_path(self):
@@ -119,9 +124,25 @@ class Trainer:
         host = self.model.host_params()
         load_weights(host, c)
         self.model.params.update({k: self.model.target.upload(v) for k, v in host.items()})
-        self.opt.load_state_dict(c.opt_state)
-        self.rng.bit_generator.state = c.make_rng().bit_generator.state
+        self.opt.load_state_dict(c.opt_state, f"checkpoint {c.path}")
+        c.restore_rng(self.rng)     # in place: the loader holds this generator
         self.epoch, self.model.step = c.epoch, c.step
+
+    def check_memory(self):
+        """Refuse a training step that cannot fit in this machine's memory, before
+        anything is allocated: the planner's peak for the step's intermediates, plus
+        the parameters, their gradients and two optimiser slots per parameter."""
+        from ..plan import BYTES, plan
+        tg = self.model.training_graph
+        peak = plan(tg.nodes, tg.keep(), {"N": self.cfg["batch"]}, self.model.fuse).peak_planned
+        weights = sum(math.prod(p.shape) * BYTES.get(p.dtype, 4) for p in self.g.params.values())
+        need, have = peak + 4 * weights, machine_memory()
+        if need > have:
+            big = max(self.g.inputs.values(), key=lambda v: math.prod(d if isinstance(d, int) else 1 for d in v.shape))
+            raise NetdslError(f"a training step of batch {self.cfg['batch']} needs {_gib(need)} "
+                              f"({_gib(peak)} of intermediates, {_gib(4 * weights)} of weights, gradients and "
+                              f"optimiser state), and this machine has {_gib(have)} of memory", big.pos,
+                              hint="lower the batch (--batch) or the input size")
 
     def fit(self, progress: bool = True, until: int | None = None):
         """Train to the configured epoch count (or stop after epoch `until`, as an
@@ -146,66 +167,105 @@ class Trainer:
         return rec
 
     def train_epoch(self, progress: bool):
-        tot = correct = seen = 0.0
+        tot = seen = 0.0
         bar = ProgressBar(len(self.train_loader), f"epoch {self.epoch + 1}/{self.cfg['epochs']}") if progress else None
-        for xb, yb in self.train_loader:
-            feeds = {self.r.image: xb, **({self.r.label: yb} if self.r.label else {})}
-            total, _, outs, grads = self.model.train_step(feeds)
+        preds = [m.pred for m in self.metrics]
+        for batch in self.train_loader:
+            total, losses, outs, grads = self.model.train_step(self._feeds(batch), extra=preds)
             if self.cfg["clip"]:
                 self.clip(grads, self.cfg["clip"])
             self.opt.step(grads)
             del grads   # not alive while the next step makes its own (torch: zero_grad(set_to_none))
-            tot += total * len(xb)
-            seen += len(xb)
-            if self.r.logits in outs and self.r.label:
-                correct += float((outs[self.r.logits].argmax(1) == yb).sum())
+            n = len(next(iter(batch.values())))
+            tot += total * n
+            seen += n
+            self._measure(batch, outs, losses)
             if bar:
-                bar.update(1, loss=total, images=len(xb))
+                bar.update(1, loss=total, images=n)
         if bar:
             bar.close()
-        rec = {"train_loss": tot / seen}
-        if self.r.logits and self.r.label:
-            rec["train_acc"] = correct / seen
-        return rec
+        return {"train_loss": tot / seen, **self._report("train_")}
 
     def evaluate(self) -> dict:
-        tot = correct = seen = 0.0
+        tot = seen = 0.0
         losses = [l for l in self.g.losses if l.phase == "all"]
-        for xb, yb in self.test_loader:
-            feeds = {self.r.image: xb, **({self.r.label: yb} if self.r.label else {})}
-            out = self.model.infer(feeds, want=[*([self.r.logits] if self.r.logits else []),
-                                                *(l.name for l in losses)])
-            tot += sum(l.weight * float(out[l.name]) for l in losses) * len(xb)
-            if self.r.logits and self.r.label:
-                correct += float((out[self.r.logits].argmax(1) == yb).sum())
-            seen += len(xb)
-        rec = {"test_loss": tot / max(seen, 1)}
-        if self.r.logits and self.r.label:
-            rec["test_acc"] = correct / max(seen, 1)
-        return rec
+        for batch in self.test_loader:
+            out = self.model.infer(self._feeds(batch), want=[*{id(m.pred): m.pred for m in self.metrics}.values(),
+                                                             *(l.name for l in losses)])
+            values = {l.name: float(out[l.name]) for l in losses}
+            n = len(next(iter(batch.values())))
+            tot += sum(l.weight * values[l.name] for l in losses) * n
+            seen += n
+            self._measure(batch, out, values)
+        return {"test_loss": tot / max(seen, 1), **self._report("test_")}
 
-    def predict(self, path: str, out_path: str):
-        try:
-            arr = np.load(path, allow_pickle=False)
-        except (OSError, ValueError) as e:
-            raise NetdslError(f"cannot read '{path}' as .npy/.npz: {e}") from None
-        x = arr[arr.files[0]] if hasattr(arr, "files") else arr
-        x = np.asarray(x, np.float32)
-        want = tuple(int(d) for d in self.g.inputs[self.r.image].shape[1:])
-        if x.shape == want:
-            x = x[None]
-        if tuple(x.shape[1:]) != want:
-            raise NetdslError(f"'{path}' holds images of shape {list(x.shape)}; the network takes "
-                              f"[N, {', '.join(map(str, want))}]")
-        if self.cfg["normalize"]:
-            mean, std = channel_stats(self.data.x_train)
-            x = (x - mean.reshape(1, -1, 1, 1)) / std.reshape(1, -1, 1, 1)
-        preds = []
-        for i in range(0, len(x), self.cfg["batch"]):
-            logits = self.model.infer({self.r.image: x[i:i + self.cfg["batch"]]}, want=[self.r.logits])[self.r.logits]
-            preds += logits.argmax(1).tolist()
-        tmp = out_path + ".tmp"
-        with open(tmp, "w") as f:
-            json.dump({"predictions": preds}, f)
-        os.replace(tmp, out_path)
-        return preds
+    def predict(self, path: str, out_dir: str) -> dict:
+        """Run the outputs on the inputs in `path`: a .npy for a spec whose outputs read
+        one input, or an .npz with an array per input, named after it. Writes every
+        output to predictions.npz (with class ids, argmax over the class axis, for
+        logits) and the class ids of a classifier's logits to predictions.json."""
+        from .checkpoint import atomic_write, read_arrays
+        needed = [n for n, v in self.g.inputs.items()
+                  if any(id(v) in _inputs_of(self.g, o) for o in self.g.outputs.values())]
+        arrays = read_arrays(path)
+        if len(arrays) == 1 and len(needed) == 1:
+            arrays = {needed[0]: next(iter(arrays.values()))}
+        missing = [n for n in needed if n not in arrays]
+        if missing:
+            raise NetdslError(f"{path} has no array for input{'s' if len(missing) > 1 else ''} "
+                              f"{', '.join(missing)}; found {', '.join(arrays) or 'none'}",
+                              hint=f"the outputs read {describe_inputs(self.g)}; give an .npz with arrays named "
+                                   "after the inputs")
+        feeds = {}
+        for n in needed:
+            v, a = self.g.inputs[n], arrays[n]
+            if a.ndim == v.rank - 1:        # one example
+                a = a[None]
+            a = convert(v, n, a, f"{path}: '{n}'")
+            check_shape(self.g, n, a, f"{path}: '{n}'", {})
+            if len(a) == 0:
+                raise NetdslError(f"{path}: '{n}' holds no examples")
+            f = self.fields.get(n)
+            if f in self.norm:
+                mean, std = self.norm[f]
+                a = (a - mean.reshape(1, -1, 1, 1)) / std.reshape(1, -1, 1, 1)
+            feeds[n] = a
+        sizes = {len(a) for a in feeds.values()}
+        if len(sizes) > 1:
+            raise NetdslError(f"{path}: the inputs hold different numbers of examples: "
+                              + ", ".join(f"{n} {len(a)}" for n, a in feeds.items()))
+        total, b = sizes.pop(), self.cfg["batch"]
+        parts: dict[str, list] = {n: [] for n in self.g.outputs}
+        for i in range(0, total, b):
+            out = self.model.infer({n: a[i:i + b] for n, a in feeds.items()}, want=list(self.g.outputs))
+            for n, y in out.items():
+                parts[n].append(y)
+        result = {n: np.concatenate(p) for n, p in parts.items()}
+        classes = {f"{n}_classes": y.argmax(1) for n, y in result.items()
+                   if self.g.outputs[n].dtype.startswith("f") and y.ndim in (2, 4) and y.shape[1] > 1}
+        os.makedirs(out_dir, exist_ok=True)
+        atomic_write(os.path.join(out_dir, "predictions.npz"), lambda f: np.savez(f, **result, **classes))
+        logits = [n for n in result if f"{n}_classes" in classes and result[n].ndim == 2]
+        if len(logits) == 1:
+            preds = classes[f"{logits[0]}_classes"].tolist()
+            atomic_write(os.path.join(out_dir, "predictions.json"),
+                         lambda f: f.write(json.dumps({"predictions": preds}).encode()))
+        return {**result, **classes}
+
+
+def _metric_names(cfg: dict):
+    m = cfg.get("metrics")
+    return None if m is None else [c.name for c in m]
+
+
+def _part(norm: dict, i: int) -> dict:
+    return {f: ms[i] for f, ms in norm.items()}
+
+
+def machine_memory() -> int:
+    """Bytes of physical memory."""
+    return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def _gib(n: int) -> str:
+    return f"{n / 2**30:.1f} GiB" if n >= 2**28 else f"{n / 2**20:.1f} MiB"

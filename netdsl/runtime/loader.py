@@ -1,0 +1,110 @@
+"""Batches of named arrays, with the image augmentations of torchvision's pipelines.
+
+A loader iterates one epoch of batches per `iter()`: a dict holding, for each field,
+the rows of that batch. Per batch: gather, random crop after zero padding, random
+horizontal flip, then normalise (x - mean) / std per channel, the order torchvision
+pipelines use. The crop and the flip are the same for every spatial field of an
+example: images ([C, H, W] floats) and dense label maps ([H, W] integers, padded with
+their `fill`, e.g. the loss's ignore index), so a segmentation label stays aligned
+with its image. All randomness comes from `rng`, so a run is reproducible from its
+seed and the Generator's state, which a checkpoint saves.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from ..errors import NetdslError
+
+
+def channel_stats(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per-channel mean and std of NCHW images (computed in float64 for accuracy)."""
+    return (x.mean(axis=(0, 2, 3), dtype=np.float64).astype(np.float32),
+            x.std(axis=(0, 2, 3), dtype=np.float64).astype(np.float32))
+
+
+class Loader:
+    """fields: name -> array (first axis = examples). images: the fields that are
+    NCHW images (augmented and normalised; default: every float field of rank 4);
+    dense: name -> fill for [N, H, W] label maps cropped and flipped with them;
+    mean, std: per image field, or one pair for every image field."""
+
+    def __init__(self, fields: dict[str, np.ndarray], batch_size: int, *, rng: np.random.Generator | None = None,
+                 shuffle: bool = False, drop_last: bool = False, mean=None, std=None,
+                 crop_padding: int = 0, flip: bool = False, images=None, dense: dict | None = None):
+        if batch_size < 1:
+            raise NetdslError(f"batch size must be at least 1, got {batch_size}")
+        if crop_padding < 0:
+            raise NetdslError(f"crop padding must not be negative, got {crop_padding}")
+        if (shuffle or crop_padding or flip) and rng is None:
+            raise ValueError("shuffling and augmentation need an rng")
+        self.fields, self.batch_size, self.rng = fields, batch_size, rng
+        self.shuffle, self.drop_last, self.pad, self.flip = shuffle, drop_last, crop_padding, flip
+        self.images = [k for k, a in fields.items() if a.dtype.kind == "f" and a.ndim == 4] \
+            if images is None else list(images)
+        self.dense = dict(dense or {})
+        self.mean, self.std = {}, {}
+        for name in self.images:
+            c = fields[name].shape[1]
+            for what, given, into in (("mean", mean, self.mean), ("std", std, self.std)):
+                v = given.get(name) if isinstance(given, dict) else given
+                if v is not None:
+                    into[name] = _per_channel(v, c, what)
+            if name in self.std and np.any(self.std[name] <= 0):
+                raise NetdslError("normalisation std must be positive")
+
+    def __len__(self) -> int:
+        n, b = len(next(iter(self.fields.values()))), self.batch_size
+        return n // b if self.drop_last else -(-n // b)
+
+    def __iter__(self):
+        n = len(next(iter(self.fields.values())))
+        order = self.rng.permutation(n) if self.shuffle else np.arange(n)
+        for i in range(len(self)):
+            idx = order[i * self.batch_size:(i + 1) * self.batch_size]
+            yield self._augment({k: a[idx] for k, a in self.fields.items()})
+
+    def _augment(self, b: dict) -> dict:
+        spatial = {**{k: None for k in self.images}, **self.dense}   # name -> padding value (images: 0)
+        for k in self.images:
+            b[k] = b[k].astype(np.float32, copy=False)   # a[idx] is already a private copy
+        if self.pad and spatial:
+            n = len(next(iter(b.values())))
+            offsets = self.rng.integers(0, 2 * self.pad + 1, size=(n, 2))
+            for k, fill in spatial.items():
+                b[k] = _crop(b[k], self.pad, offsets, 0 if fill is None else fill)
+        if self.flip and spatial:
+            n = len(next(iter(b.values())))
+            flip = self.rng.random(n) < 0.5
+            for k in spatial:
+                b[k][flip] = b[k][flip, ..., ::-1]
+        for k in self.images:
+            if k in self.mean:
+                b[k] -= self.mean[k][:, None, None]
+            if k in self.std:
+                b[k] /= self.std[k][:, None, None]
+        return b
+
+
+def random_crop(xb: np.ndarray, pad: int, rng: np.random.Generator) -> np.ndarray:
+    """Zero-pad each side by `pad`, then cut one random same-size window per image."""
+    return _crop(xb, pad, rng.integers(0, 2 * pad + 1, size=(len(xb), 2)), 0)
+
+
+def _crop(xb: np.ndarray, pad: int, offsets: np.ndarray, fill) -> np.ndarray:
+    """Pad the last two axes by `pad` with `fill`, then cut the window at each example's offset."""
+    h, w = xb.shape[-2:]
+    padded = np.full(xb.shape[:-2] + (h + 2 * pad, w + 2 * pad), fill, xb.dtype)
+    padded[..., pad:pad + h, pad:pad + w] = xb
+    out = np.empty_like(xb)
+    for i, (dy, dx) in enumerate(offsets):
+        out[i] = padded[i, ..., dy:dy + h, dx:dx + w]
+    return out
+
+
+def _per_channel(v, c: int, what: str) -> np.ndarray:
+    a = np.asarray(v, dtype=np.float32).reshape(-1)
+    if a.size == 1:
+        a = np.repeat(a, c)
+    if a.size != c:
+        raise NetdslError(f"normalisation {what} has {a.size} values, the images have {c} channels")
+    return a
