@@ -180,8 +180,8 @@ class Trainer:
             tot += total * n
             seen += n
             self._measure(batch, outs, losses)
-            if bar:
-                bar.update(1, loss=total, images=n)
+            if bar:     # the epoch's metrics so far
+                bar.update(1, loss=total, images=n, **{k: v for m in self.metrics for k, v in m.result().items()})
         if bar:
             bar.close()
         return {"train_loss": tot / seen, **self._report("train_")}
