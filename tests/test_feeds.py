@@ -112,7 +112,7 @@ def test_fcn_trains_from_the_command_line_on_synthetic_data(tmp_path):
     out = tmp_path / "run"
     r = _ok(cli("run", FCN, *SMALL_FCN, "--data", "synthetic:12", "--epochs", "2", "--batch", "4", "--out", out))
     assert "training fcn on synthetic: 12 train / 3 test" in r.stdout
-    assert "epoch 2/2 [" in r.stderr and " pixel_acc 0." in r.stderr and " miou 0." in r.stderr   # the bar
+    assert "epoch 2/2  [" in r.stderr and " pixel_acc 0." in r.stderr and " miou 0." in r.stderr   # the bar
     recs = _records(out)
     assert {"train_loss", "train_pixel_acc", "train_miou", "test_loss", "test_pixel_acc", "test_miou"} <= set(recs[-1])
     assert 0 <= recs[-1]["test_miou"] <= recs[-1]["test_pixel_acc"] <= 1
