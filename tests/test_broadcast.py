@@ -149,7 +149,7 @@ def test_fused_chain_of_broadcasts_with_a_symbolic_batch(tmp_path, N, fuse):
     y = torch.relu(tx * ts.reshape(1, 3, 1, 1) + tc) - tx / 2
     tl = torch.nn.functional.mse_loss(y, torch.tensor(t))
     tl.backward()
-    assert abs(loss - float(tl)) < 1e-12
+    assert abs(loss - float(tl.detach())) < 1e-12
     close(outs["y"], y.detach().numpy(), np.float64, "y")
     close(grads["s.weight"].reshape(3), ts.grad.numpy(), np.float64, "grad s")
     close(grads["c.weight"].reshape(5), tc.grad.numpy(), np.float64, "grad c")
@@ -194,7 +194,7 @@ def test_cuda_simulator_matches_cpu():
                        cwd=HERE.parent.parent, timeout=900)
     assert p.returncode == 0, p.stderr[-3000:]
     errors = json.loads(p.stdout.strip().splitlines()[-1])
-    assert len(errors) == len(SIM_CASES) * len(OPS)
+    assert len(errors) == len(SIM_KERNELS) + 3
     bad = {k: v for k, v in errors.items() if not v < 1e-5}
     assert not bad, bad
 
@@ -222,22 +222,74 @@ def _script_ptx():
             "float64:fwd": f64(compile_kernel(f, np.float64, "cuda").ptx())}
 
 
-# one case per index-run structure (the simulator runs each GPU thread in Python)
-SIM_CASES = [(NCHW, (2, 3, 1, 1)), ((3, 1, 1), NCHW), (NCHW, (2, 1, 4, 5)), ((6, 7), (6, 1)),
-             ((2, 1, 4, 1), (1, 3, 1, 5)), (NCHW, (1,))]
+# One case per index-run structure, CUDA kernels against CPU ones (each launch spawns
+# a Python thread per GPU thread: the whole table takes ~10 minutes).
+SIM_KERNELS = ([(NCHW, (2, 3, 1, 1), op) for op in OPS]
+               + [(sa, sb, op) for sa, sb in [((3, 1, 1), NCHW), (NCHW, (2, 1, 4, 5)), ((6, 7), (6, 1)),
+                                             ((2, 1, 4, 1), (1, 3, 1, 5)), (NCHW, (1,))] for op in "*/"])
+
+# Then through the CUDA runtime: small, as the simulator runs each GPU thread in Python
+# (a reduction block is 128 threads) and a step of the linear-weight operands costs
+# ~50 s at the table's sizes.
+SIM_SPEC = """
+network sim() {
+  input x: f32[2, 3, 2, 2]
+  input t: f32[2, 3, 2, 2]
+  input one: f32[1, 1]
+  s = one -> linear(6, bias=false, name="s") -> reshape([2, 3, 1, 1])
+  c = one -> linear(3, bias=false, name="c") -> reshape([1, 3, 1, 1])
+  m = one -> linear(8, bias=false, name="m") -> reshape([2, 1, 2, 2])
+  y = relu(x * s + c) / (m * c + 4)
+  output y
+  loss l = l2(y, t)
+}
+"""
 
 
 def _script_sim():
+    """Every case's generated kernels (forward, and the backward with each operand's
+    gradient: full for a broadcast operand, summed for a channel or scalar one), CUDA
+    against CPU; then one training step through the CUDA runtime against the CPU's."""
     import tempfile
+    from types import SimpleNamespace
+    from netdsl.kernels.codegen import Fused, backward, compile_kernel, cuda
+    from netdsl.runtime.fused import _layout
     errors = {}
+
+    def err(got, want):
+        return max(float(np.abs(cuda.to_host(x) - w).max() / max(np.abs(w).max(), 1e-30)) for x, w in zip(got, want))
+
+    for sa, sb, op in SIM_KERNELS:
+        out = np.broadcast_shapes(sa, sb)
+        lay = [_layout(SimpleNamespace(shape=v), out) for v in (sa, sb)]
+        if len({ax for l, ax in lay if l == "channel"}) > 1:
+            lay = [("bcast1", 1) if l == "channel" else (l, ax) for l, ax in lay]
+        axis = next((ax for l, ax in lay if l == "channel"), 1)
+        a, b, _ = operands(sa, sb, np.float32)
+        arrays = [v if l == "full" or l.startswith("bcast") else v.reshape(-1) for v, (l, _) in zip((a, b), lay)]
+        gy = np.random.default_rng(9).standard_normal(out).astype(np.float32)
+        f = Fused.build({"a": lay[0][0], "b": lay[1][0]}, [(OPS[op], "a", "b")], [0])
+        shape = None if "full" in (lay[0][0], lay[1][0]) else out
+        cases = ((f, arrays), (backward(f), arrays + [gy]))
+        errors[f"{list(sa)}{op}{list(sb)}"] = max(
+            err(compile_kernel(k, np.float32, "cuda")(*xs, axis=axis, shape=shape),
+                compile_kernel(k, np.float32, "cpu")(*xs, axis=axis, shape=shape)) for k, xs in cases)
     with tempfile.TemporaryDirectory() as tmp:
-        for sa, sb in SIM_CASES:
-            for op in OPS:
-                g = compile_text(tmp, spec(sa, sb, op))
-                a, b, t = operands(sa, sb, np.float32)
-                want, got = step(g, a, b, t, np.float32), step(g, a, b, t, np.float32, device="cuda")
-                errors[f"{list(sa)}{op}{list(sb)}"] = max(
-                    float(np.abs(x - w).max() / max(np.abs(w).max(), 1e-30)) for x, w in zip(got[1:], want[1:]))
+        g = compile_text(tmp, SIM_SPEC)
+    rng = np.random.default_rng(3)
+    feeds = {"x": rng.standard_normal((2, 3, 2, 2)).astype(np.float32), "one": np.ones((1, 1), np.float32),
+             "t": rng.standard_normal((2, 3, 2, 2)).astype(np.float32)}
+    params = {"s.weight": rng.standard_normal((6, 1)), "c.weight": rng.uniform(0.5, 1, (3, 1)),
+              "m.weight": rng.uniform(0.5, 1, (8, 1))}
+    steps = []
+    for device in ("cpu", "cuda"):
+        m = Model(g, params={k: v.astype(np.float32) for k, v in params.items()}, device=device)
+        loss, _, outs, grads = m.train_step(feeds)
+        steps.append((loss, {k: (v.copy_to_host() if device == "cuda" else np.array(v)) for k, v in grads.items()}))
+    (lc, gc), (lg, gg) = steps
+    errors["runtime:loss"] = abs(lg - lc) / abs(lc)
+    for k in ("s.weight", "m.weight"):
+        errors[f"runtime:{k}"] = float(np.abs(gg[k] - gc[k]).max() / np.abs(gc[k]).max())
     return errors
 
 

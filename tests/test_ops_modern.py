@@ -80,11 +80,11 @@ def data(shape, seed=0, spread=4.0):
 
 ACTIVATIONS = {
     # netdsl expression: torch reference
-    "relu6(x)": F.relu6,
-    "hardswish(x)": F.hardswish,
-    "silu(x)": F.silu,
-    "swish(x)": F.silu,
-    "gelu(x)": F.gelu if __name__ != "__main__" else None,       # torch's default: the exact erf form
+    "relu6(x)": lambda x: F.relu6(x),
+    "hardswish(x)": lambda x: F.hardswish(x),
+    "silu(x)": lambda x: F.silu(x),
+    "swish(x)": lambda x: F.silu(x),
+    "gelu(x)": lambda x: F.gelu(x),        # torch's default: the exact erf form
     "clamp(x, -1.5, 2)": lambda x: torch.clamp(x, -1.5, 2.0),
     "x -> clamp(min=0.5)": lambda x: torch.clamp(x, min=0.5),
     "clamp(x, max=-1)": lambda x: torch.clamp(x, max=-1.0),
@@ -236,7 +236,7 @@ SIM_SPEC = """
 network sim() {
   input one: f32[1, 1]
   input t: f32[2, 3]
-  x = one -> linear(120, bias=false, name="x") -> reshape([2, 3, 4, 5])
+  x = one -> linear(24, bias=false, name="x") -> reshape([2, 3, 2, 2])
   a = relu6(x * 2) + hardswish(x) - silu(x) * gelu(x) + clamp(x, -0.5, 0.7)
   b = x + drop_path(a, 0.5)
   s = b -> sum([1, 3], keepdim=true) -> mean([2, 3])
@@ -254,17 +254,17 @@ def test_cuda_simulator_matches_cpu():
     assert p.returncode == 0, p.stderr[-3000:]
     errors = json.loads(p.stdout.strip().splitlines()[-1])
     bad = {k: v for k, v in errors.items() if not v < 1e-5}
-    assert len(errors) == 2 * SIM_STEPS and not bad, errors
+    assert len(errors) == 2 * SIM_STEPS + 6 and not bad, errors
 
 
-SIM_STEPS = 3    # drop_path's draws differ by step
+SIM_STEPS = 2    # drop_path's draws differ by step (the simulator runs each GPU thread in Python: kept small)
 
 
 def _script_sim():
     import tempfile
     with tempfile.TemporaryDirectory() as tmp:
         g = compile_text(tmp, SIM_SPEC)
-    x = data((2, 3, 4, 5), spread=2.0).astype(np.float32)
+    x = data((2, 3, 2, 2), spread=2.0).astype(np.float32)
     t = np.random.default_rng(4).standard_normal((2, 3)).astype(np.float32)
     errors = {}
     for step in range(SIM_STEPS):
@@ -272,6 +272,15 @@ def _script_sim():
         got = run(g, x, t, np.float32, device="cuda", step=step)
         for what, a, b in (("y", got[1], want[1]), ("grad", got[2], want[2])):
             errors[f"{step}:{what}"] = float(np.abs(a - b).max() / max(np.abs(b).max(), 1e-30))
+    from netdsl.kernels import cpu as C, cuda as G     # the same samples dropped for a seed
+    z = data((16, 3, 2), spread=1.0).astype(np.float32)
+    for seed in (1, 2):
+        (cy, ck), (gy, gk) = C.drop_path(z, 0.5, seed), G.drop_path(G.to_device(z), 0.5, seed)
+        assert 0 < ck.sum() < 16
+        errors[f"mask{seed}"] = float(not np.array_equal(gk.copy_to_host(), ck))
+        errors[f"drop_path{seed}"] = float(np.abs(gy.copy_to_host() - cy).max())
+        errors[f"drop_path_grad{seed}"] = float(np.abs(G.drop_path_backward(G.to_device(z), gk, 0.5).copy_to_host()
+                                                       - C.drop_path_backward(z, ck, 0.5)).max())
     return errors
 
 
