@@ -234,33 +234,25 @@ def register(table: dict, K, target: str) -> None:
         a = n.attrs
         return [K.local_response_norm_backward(xin, st.saved[id(n.fwd)], gy, a["size"], a["alpha"], a["beta"])]
 
-    @kernel("dropout")
-    def dropout(n, x, st):
-        if not st.train or n.attrs["p"] == 0:
-            st.saved[id(n)] = None
-            return [x[0]]
-        y, mask = K.dropout(x[0], n.attrs["p"], seed=st.seed_for(n))
-        st.saved[id(n)] = mask
-        return [y]
+    def masked(op, forward, backward):
+        """Dropout and stochastic depth: identity at inference or p = 0; in training a
+        seeded random mask, kept for the backward."""
+        @kernel(op)
+        def fwd(n, x, st):
+            if not st.train or n.attrs["p"] == 0:
+                st.saved[id(n)] = None
+                return [x[0]]
+            y, mask = forward(x[0], n.attrs["p"], seed=st.seed_for(n))
+            st.saved[id(n)] = mask
+            return [y]
 
-    @kernel("dropout_grad")
-    def dropout_grad(n, x, st):
-        mask = st.saved[id(n.fwd)]
-        return [x[0] if mask is None else K.dropout_backward(x[0], mask, n.attrs["p"])]
+        @kernel(f"{op}_grad")
+        def bwd(n, x, st):
+            mask = st.saved[id(n.fwd)]
+            return [x[0] if mask is None else backward(x[0], mask, n.attrs["p"])]
 
-    @kernel("drop_path")
-    def drop_path(n, x, st):
-        if not st.train or n.attrs["p"] == 0:
-            st.saved[id(n)] = None
-            return [x[0]]
-        y, keep = K.drop_path(x[0], n.attrs["p"], seed=st.seed_for(n))
-        st.saved[id(n)] = keep
-        return [y]
-
-    @kernel("drop_path_grad")
-    def drop_path_grad(n, x, st):
-        keep = st.saved[id(n.fwd)]
-        return [x[0] if keep is None else K.drop_path_backward(x[0], keep, n.attrs["p"])]
+    masked("dropout", K.dropout, K.dropout_backward)
+    masked("drop_path", K.drop_path, K.drop_path_backward)
 
     # ---- reductions over an axis or a list of axes
 
