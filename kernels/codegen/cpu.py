@@ -1,10 +1,10 @@
 """CPU renderer: Numba @njit kernels over flat contiguous arrays.
 
 Every kernel is emitted twice from one body, serial and `parallel=True` with
-prange; the launcher picks by size because a parallel launch costs ~3 us, more
-than a small kernel's work. Indices are uint64 (U): with signed ones the prange
-copies kept negative-index wraparound checks that blocked vectorisation, and ran
-5-8x slower than the serial copies (a 1M-element map: 2.4 ms vs 0.4 ms).
+prange; the launcher picks by size because a parallel launch costs more than a
+small kernel's work. Indices are uint64 (U): with signed ones the prange copies
+kept negative-index wraparound checks that blocked vectorisation and ran several
+times slower than the serial copies.
 """
 from __future__ import annotations
 

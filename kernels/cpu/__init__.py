@@ -8,9 +8,8 @@ import os
 # threads both spin-wait, and together they made a conv 24x slower. We
 # parallelise over the batch with prange and keep each BLAS call serial.
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
-# GNU OpenMP's default wait policy made each parallel kernel launch cost ~4 ms here
-# (measured: a 262K-element ReLU, 3.7 ms with prange vs 0.09 ms serial); with a
-# passive policy the launch costs tens of microseconds. Must precede numba's OpenMP load.
+# GNU OpenMP's default wait policy spins, which made each parallel kernel launch cost
+# milliseconds on a 2-core machine; a passive policy does not. Must precede numba's OpenMP load.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import math  # noqa: E402
@@ -98,8 +97,8 @@ def _load_cython_blas():
     Numba's BLAS shim (numba_xxgemm, which conv.py calls) reaches scipy's Fortran
     BLAS through that extension module's C-API table, and imports it by name on
     first use. The ordinary import first runs all of scipy.linalg's Python API and
-    SciPy's array-API layer (which imports numpy.f2py): 0.15-0.25 s of start-up, of
-    which the extension module itself is 0.03 s. A later `import scipy.linalg` still
+    SciPy's array-API layer (which imports numpy.f2py), several times the cost of the
+    extension module itself. A later `import scipy.linalg` still
     works and finds this module in sys.modules. On any surprise (an unusual scipy
     layout) nothing is done and the ordinary import runs.
     """
