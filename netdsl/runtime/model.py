@@ -132,7 +132,7 @@ class Model:
         if want is None:
             fed = set(fv)
             want = list(self.g.outputs) + [l.name for l in self.g.losses
-                                           if l.phase == "all" and _inputs_of(self.g, l.value) <= fed]
+                                           if l.phase == "all" and inputs_of(self.g, l.value) <= fed]
         prog = self._program(False, dims, tuple(want))
         env = prog.run(RunState(self._run_params(), dims, False, self.seed, self.dtype), fv)
         named = {**self.g.outputs, **{l.name: l.value for l in self.g.losses}}
@@ -274,7 +274,7 @@ def _fits(v: Value, shape, dims) -> bool:
     return True
 
 
-def _inputs_of(g: Graph, v: Value) -> set[int]:
+def inputs_of(g: Graph, v: Value) -> set[int]:
     seen, stack, out = set(), [v], set()
     ids = {id(x) for x in g.inputs.values()}
     while stack:

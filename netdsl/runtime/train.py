@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import math
 import os
+
 import numpy as np
 
 from ..errors import NetdslError
@@ -16,9 +17,9 @@ from . import (MetricsLog, ProgressBar, clip_grad_norm, load_checkpoint, load_we
                make_schedule, make_source, plot_metrics, save_checkpoint)
 from . import metrics as task_metrics
 from .data import Dataset
-from .feeds import check_shape, convert, bind, describe_inputs, index_rules, synthetic
+from .feeds import bind, check_shape, convert, describe_inputs, index_rules, synthetic
 from .loader import Loader, channel_stats
-from .model import Model, _inputs_of
+from .model import Model, inputs_of
 
 
 def load_data(g: Graph, cfg: dict, seed: int) -> Dataset:
@@ -206,7 +207,7 @@ class Trainer:
         logits) and the class ids of a classifier's logits to predictions.json."""
         from .checkpoint import atomic_write, read_arrays
         needed = [n for n, v in self.g.inputs.items()
-                  if any(id(v) in _inputs_of(self.g, o) for o in self.g.outputs.values())]
+                  if any(id(v) in inputs_of(self.g, o) for o in self.g.outputs.values())]
         arrays = read_arrays(path)
         if len(arrays) == 1 and len(needed) == 1:
             arrays = {needed[0]: next(iter(arrays.values()))}
