@@ -27,11 +27,22 @@ SPLITS = ("train", "test")
 
 @dataclass
 class Dataset:
-    """Named arrays per split; every field of a split has the same length."""
+    """Named arrays per split; every field of a split has the same length.
+
+    A sequence source (text) also sets `streams`: per split, the one long id sequence
+    its fields are windows of, to be read in order as parallel streams
+    (loader.StreamLoader), each field at its `shifts` offset (chars 0, next 1) and
+    `seq` ids long; and `vocab`, the characters in id order. `by_order`: fields a
+    spec's inputs do not name fill its remaining inputs in declaration order."""
     name: str
     source: str                         # the file or directory it came from, for messages
     train: dict[str, np.ndarray]
     test: dict[str, np.ndarray]
+    vocab: str | None = None
+    streams: dict[str, np.ndarray] | None = None
+    shifts: dict[str, int] | None = None
+    seq: int | None = None
+    by_order: bool = False
 
     def split(self, name: str) -> dict[str, np.ndarray]:
         return self.train if name == "train" else self.test
@@ -295,13 +306,18 @@ def load_npz(path: str) -> Dataset:
 
 # ---------------------------------------------------------------- factory
 
+def load_text(path: str = "pydoc_topics", seq: int = 64) -> Dataset:
+    from .text import load_text
+    return load_text(path, seq)
+
+
 _SOURCES = {"digits": load_digits, "mnist": load_mnist, "fashion_mnist": load_fashion_mnist,
-            "cifar10": load_cifar10, "npz": load_npz}
+            "cifar10": load_cifar10, "npz": load_npz, "text": load_text}
 
 
 def make_source(name: str, **kwargs) -> Dataset:
     """Load a data source by name: digits(test_size, seed), mnist(path),
-    fashion_mnist(path), cifar10(path), npz(path)."""
+    fashion_mnist(path), cifar10(path), npz(path), text(path, seq) (text.py)."""
     if "path" in kwargs:
         if not isinstance(kwargs["path"], (str, os.PathLike)):
             raise NetdslError(f"data source '{name}': path must be a string, got {kwargs['path']!r}")

@@ -7,7 +7,8 @@ input left. It checks every pairing once, when the data is loaded, so a mismatch
 one error listing the spec's inputs beside what the data provides, and a label
 outside the range its consumer accepts (a class id of a cross-entropy, an id of an
 embedding: the operator's `ids` rule) names the file, split, index and value.
-`synthetic` makes random data for every input from its declared type.
+A sequence source (`by_order`: text) fills inputs it does not name in declaration
+order. `synthetic` makes random data for every input from its declared type.
 """
 from __future__ import annotations
 
@@ -40,12 +41,19 @@ def bind(g: Graph, ds: Dataset) -> dict[str, str]:
             if len(fits) == 1:
                 pairs[fits[0]] = field
                 left.remove(fits[0])
+    spare = [f for f in ds.train if f not in pairs.values()]
+    if ds.by_order and left and len(spare) == len(left) and all(
+            (g.inputs[n].dtype[0] == "f") == (ds.train[f].dtype.kind == "f") for n, f in zip(left, spare)):
+        pairs.update(zip(left, spare))      # e.g. text's chars and next, to inputs named otherwise
+        left = []
     both = f"the spec's inputs: {describe_inputs(g)}; the data provides: {ds.describe()} (per example)"
     if left:
         v = g.inputs[left[0]]
         raise NetdslError(f"the data set '{ds.name}' has nothing for input{'s' if len(left) > 1 else ''} "
                           f"{', '.join(repr(n) for n in left)} of '{g.name}'", v.pos,
                           hint=both + ". Name the data's arrays after the inputs (npz: NAME_train, NAME_test)")
+    if ds.streams is not None:
+        _fit_sequence_length(g, ds, pairs)
     dims: dict[str, int] = {}
     for name, field in pairs.items():
         for split in SPLITS:
@@ -54,6 +62,20 @@ def bind(g: Graph, ds: Dataset) -> dict[str, str]:
             check_shape(g, name, arrays[field], f"{ds.source}: {split} '{field}'", dims, both)
     _check_ids(g, ds, pairs)
     return pairs
+
+
+def _fit_sequence_length(g: Graph, ds: Dataset, pairs: dict):
+    """A spec that fixes the length of its sequence inputs (i64[N, 100], or --set T=100)
+    gets windows of that length: the spec's T wins over the source's seq."""
+    from .text import SPLIT_NAMES, windows
+    fixed = {g.inputs[n].shape[1] for n, f in pairs.items()
+             if f in ds.shifts and g.inputs[n].rank == 2 and isinstance(g.inputs[n].shape[1], int)}
+    if len(fixed) == 1 and (seq := fixed.pop()) != ds.seq:
+        ds.seq = seq
+        for split in SPLITS:
+            ids = ds.streams[split]
+            cut = windows(ids, seq, f"{ds.source}: {SPLIT_NAMES[split]}", max(ds.shifts.values()))
+            ds.split(split).update({f: cut[s] for f, s in ds.shifts.items()})
 
 
 def convert(v: Value, name: str, a: np.ndarray, where: str) -> np.ndarray:
@@ -93,8 +115,12 @@ def check_shape(g: Graph, name: str, a: np.ndarray, where: str, dims: dict, hint
 
 def index_rules(g: Graph) -> dict[str, list[tuple[int, object, object]]]:
     """input name -> [(count, ignored value, consuming node)] from the operators'
-    `ids` rules, for each integer input a node reads directly."""
+    `ids` rules, for each integer input a node reads directly or through slices
+    (seq2seq's tgt[:, 1:]: the whole input is checked, a stricter test)."""
     inputs = {id(v): n for n, v in g.inputs.items()}
+    for node in g.nodes:        # in order, so a slice of a slice follows too
+        if node.op == "slice" and id(node.inputs[0]) in inputs:
+            inputs[id(node.outputs[0])] = inputs[id(node.inputs[0])]
     out: dict[str, list] = {}
     for node in g.nodes:
         rule = OPS[node.op].ids if node.op in OPS else None
@@ -111,6 +137,8 @@ def _check_ids(g: Graph, ds: Dataset, pairs: dict):
     for name, rules in index_rules(g).items():
         field = pairs[name]
         for count, ignore, node in rules:
+            if ds.vocab is not None and len(ds.vocab) > count:
+                _too_many_characters(g, ds, name, count, node)
             for split in SPLITS:
                 a = ds.split(split)[field]
                 bad = (a < 0) | (a >= count)
@@ -124,6 +152,18 @@ def _check_ids(g: Graph, ds: Dataset, pairs: dict):
                                       f"{allowed}: input '{name}' feeds {node.op} ({node.path}), which takes "
                                       f"{count} classes", node.pos,
                                       hint=f"{int(bad.sum())} value(s) of the {split} split are outside the range")
+
+
+def _too_many_characters(g: Graph, ds: Dataset, name: str, count: int, node):
+    """A text with more distinct characters than the spec's vocabulary: say so, and
+    which network parameter to raise (one whose value is that count)."""
+    v = len(ds.vocab)
+    params = [k for k, x in g.args.items() if isinstance(x, int) and not isinstance(x, bool) and x == count]
+    fix = (f"--set {params[0]}={v}" if len(params) == 1 else
+           f"a vocabulary of at least {v} ({' or '.join(f'--set {p}={v}' for p in params)})" if params else
+           f"a vocabulary of at least {v}")
+    raise NetdslError(f"the text {ds.source} has {v} distinct characters, but input '{name}' feeds {node.op} "
+                      f"({node.path}), which takes {count}", node.pos, hint=f"run with {fix}")
 
 
 def synthetic(g: Graph, size: int, seed: int) -> Dataset:

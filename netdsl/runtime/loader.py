@@ -8,6 +8,9 @@ example: images ([C, H, W] floats) and dense label maps ([H, W] integers, padded
 their `fill`, e.g. the loss's ignore index), so a segmentation label stays aligned
 with its image. All randomness comes from `rng`, so a run is reproducible from its
 seed and the Generator's state, which a checkpoint saves.
+
+A sequence source (text) is read by `StreamLoader` instead: in order, as parallel
+streams, so that state carried between batches is meaningful.
 """
 from __future__ import annotations
 
@@ -83,6 +86,58 @@ class Loader:
             if k in self.std:
                 b[k] /= self.std[k][:, None, None]
         return b
+
+
+class StreamLoader:
+    """One long id sequence read in order as `n_streams` parallel streams, as PyTorch's
+    word_language_model example does (main.py, `batchify` and `get_batch`): the
+    sequence is cut into n_streams equal streams of L = len // n_streams ids (the
+    remainder dropped), and batch i holds, for each field, columns
+    [i*seq + shift, (i+1)*seq + shift) of every stream: [n_streams, seq]. Row s of
+    batch i + 1 continues row s of batch i, so a recurrent state carried from one
+    batch to the next reads on. The last chunk of a stream, shorter than seq (which
+    get_batch would return shortened), is dropped, so every batch has the same shape.
+    No shuffling, no augmentation, no rng: an epoch is always the same batches."""
+    sequential = True
+
+    def __init__(self, ids: np.ndarray, n_streams: int, seq: int, shifts: dict[str, int],
+                 dtypes: dict | None = None, where: str = "the sequence"):
+        if n_streams < 1 or seq < 1:
+            raise NetdslError(f"streams and their chunk length must be at least 1, got {n_streams} and {seq}")
+        length = len(ids) // n_streams
+        extra = max(shifts.values())
+        if length < seq + extra:
+            raise NetdslError(f"{where} has {len(ids)} ids: {n_streams} streams of {length} are too short for "
+                              f"one chunk of {seq} (+{extra} for the shifted targets)",
+                              hint="lower the batch (--batch: the number of streams) or the sequence length")
+        self.streams = ids[:n_streams * length].reshape(n_streams, length)    # a view
+        self.seq, self.shifts = seq, dict(shifts)
+        self.dtypes = {f: np.dtype((dtypes or {}).get(f, ids.dtype)) for f in shifts}
+        self.batches = (length - extra) // seq
+
+    @classmethod
+    def of(cls, ds, split: str, n_streams: int) -> "StreamLoader":
+        """The stream loader of a sequence Dataset's split (ds.streams set), yielding
+        its fields in the dtypes `feeds.bind` converted them to."""
+        if ds.streams is None:
+            raise ValueError(f"data set '{ds.name}' is not a sequence source")
+        from .text import SPLIT_NAMES
+        arrays = ds.split(split)
+        return cls(ds.streams[split], n_streams, ds.seq, ds.shifts,
+                   {f: arrays[f].dtype for f in ds.shifts if f in arrays}, f"{ds.source}: {SPLIT_NAMES[split]}")
+
+    def __len__(self) -> int:
+        return self.batches
+
+    @property
+    def batch_size(self) -> int:
+        return len(self.streams)
+
+    def __iter__(self):
+        for i in range(self.batches):
+            at = i * self.seq
+            yield {f: self.streams[:, at + s:at + s + self.seq].astype(self.dtypes[f])   # private copies
+                   for f, s in self.shifts.items()}
 
 
 def random_crop(xb: np.ndarray, pad: int, rng: np.random.Generator) -> np.ndarray:
