@@ -11,6 +11,7 @@ backward reads (a norm's apply + ReLU) are recomputed there rather than kept (`r
 """
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass, field
 
 from .errors import NetdslError
@@ -90,7 +91,13 @@ def wrt_inputs(op, node: Node) -> list[int]:
 
 
 def trainable(node: Node):
-    return [(role, p) for role, p in node.params.items() if p.role != "buffer"]
+    """(role, Param) of every parameter node trains: its own, and for a node with a body
+    (scan) every parameter of the body, under its path name as the role."""
+    own = [(role, p) for role, p in node.params.items() if p.role != "buffer"]
+    if node.body is None:
+        return own
+    inner = [(p.name, p) for m in node.body.nodes for _, p in trainable(m)]
+    return own + inner
 
 
 def kernel_vjp(b: GradBuilder, node: Node, gys: list):
@@ -112,37 +119,29 @@ def kernel_vjp(b: GradBuilder, node: Node, gys: list):
     return grads, {role: v for (role, _), v in zip(params, outs[len(wrt):])}
 
 
-def build(g: Graph, recompute: bool = True) -> TrainingGraph:
-    if not g.losses:
-        raise NetdslError(f"network '{g.name}' has no loss, so there is nothing to train", g.pos,
-                          hint="add `loss NAME = cross_entropy(logits, label)`")
-    for n in g.nodes:
-        if n.op == "scan":
-            raise NetdslError("training recurrent networks (scan) is not supported by this version of "
-                              "the CPU runtime yet", n.pos, hint="netdsl compile and render work for it")
-    # which values depend on a trainable parameter through differentiable ops
-    live: set[int] = set()
-    for n in g.nodes:
+def live_values(nodes: list[Node], live: set[int] | None = None) -> set[int]:
+    """Ids of the float values that depend on a trainable parameter (or on a value
+    already in `live`) through differentiable operators: those that get gradients."""
+    live = set() if live is None else set(live)
+    for n in nodes:
         op = OPS[n.op]
         if not op.differentiable:
             continue
         if trainable(n) or any(id(n.inputs[i]) in live for i in wrt_inputs(op, n)):
             live.update(id(v) for v in n.outputs if is_float(v.dtype))
-    b = GradBuilder(live)
-    grads: dict[int, Value] = {}
+    return live
 
+
+def backprop(b: GradBuilder, nodes: list[Node], grads: dict[int, Value]) -> dict[str, Value]:
+    """Reverse pass over `nodes` from the seeded gradients `grads` (value id -> gradient,
+    updated in place with every value's gradient); returns parameter path -> gradient."""
     def accumulate(v: Value, gv: Value, fwd: Node):
         if id(v) in grads:
             gv = b.one("add", [grads[id(v)], gv], {}, fwd)
         grads[id(v)] = gv
 
-    for loss in g.losses:
-        if id(loss.value) in live:
-            seed = b.one("fill", [], {"shape": (), "value": loss.weight, "dtype": loss.value.dtype},
-                         loss.value.producer)
-            accumulate(loss.value, seed, loss.value.producer)
     param_grads: dict[str, Value] = {}
-    for n in reversed(g.nodes):
+    for n in reversed(nodes):
         gys = [grads.get(id(v)) for v in n.outputs]
         if all(gy is None for gy in gys):
             continue
@@ -151,10 +150,87 @@ def build(g: Graph, recompute: bool = True) -> TrainingGraph:
             raise NetdslError(f"operator '{n.op}' has no gradient yet", n.pos)
         gin, gparams = (kernel_vjp if op.vjp == "kernel" else op.vjp)(b, n, list(gys))
         for i, gv in enumerate(gin):
-            if gv is not None and id(n.inputs[i]) in live:
+            if gv is not None and b.needs(n.inputs[i]):
                 accumulate(n.inputs[i], gv, n)
+        params = dict(trainable(n))
         for role, gv in gparams.items():
-            param_grads[n.params[role].name] = gv
+            param_grads[params[role].name] = gv
+    return param_grads
+
+
+def build(g: Graph, recompute: bool = True) -> TrainingGraph:
+    if not g.losses:
+        raise NetdslError(f"network '{g.name}' has no loss, so there is nothing to train", g.pos,
+                          hint="add `loss NAME = cross_entropy(logits, label)`")
+    b = GradBuilder(live_values(g.nodes))
+    grads: dict[int, Value] = {}
+    for loss in g.losses:
+        if b.needs(loss.value):
+            seed = b.one("fill", [], {"shape": (), "value": loss.weight, "dtype": loss.value.dtype},
+                         loss.value.producer)
+            grads[id(loss.value)] = (b.one("add", [grads[id(loss.value)], seed], {}, loss.value.producer)
+                                     if id(loss.value) in grads else seed)
+    param_grads = backprop(b, g.nodes, grads)
     keep = {id(v) for v in list(g.outputs.values()) + [l.value for l in g.losses]}
     backward = remat.recompute(g.nodes, b.nodes, keep) if recompute else b.nodes
     return TrainingGraph(g, list(g.nodes) + backward, param_grads, len(g.nodes))
+
+
+# ---- the backward pass of a recurrence's step
+
+@dataclass(eq=False)
+class StepGrad(Graph):
+    """The VJP of a scan's step graph, run once per time step in reverse.
+
+    Fed each step with the gradients of what the step hands on (`seeds`: one per emit,
+    then one per carry leaving the step) and with the forward values it reads
+    (`residuals`, saved per time step by the forward scan), it gives the gradient of
+    every float input of the step (`input_grads`: sequences' slices, carries entering
+    the step, captured outer tensors; None where none reaches it) and of every body
+    parameter in this one step (`param_grads`, summed over steps by the runtime)."""
+    seeds: list = field(default_factory=list)
+    residuals: list = field(default_factory=list)
+    input_grads: list = field(default_factory=list)
+    param_grads: dict = field(default_factory=dict)
+
+
+def step_inputs(node: Node) -> list[Value]:
+    """A scan's step inputs in the order of the scan node's inputs: each sequence's
+    per-step slice, each carry as it enters the step, then each captured outer tensor."""
+    body = node.body
+    seqs = [body.inputs[n] for n in node.attrs["seq"]]
+    return seqs + [c.step_in for c in body.carries] + list(node.inputs[len(seqs) + len(body.carries):])
+
+
+_STEP_GRADS: "weakref.WeakKeyDictionary[Node, StepGrad]" = weakref.WeakKeyDictionary()
+
+
+def step_grad(node: Node) -> StepGrad:
+    """The backward graph of scan `node`'s step (built once per scan node)."""
+    sg = _STEP_GRADS.get(node)
+    if sg is not None:
+        return sg
+    body = node.body
+    ins = step_inputs(node)
+    b = GradBuilder(live_values(body.nodes, {id(v) for v in ins if is_float(v.dtype)}))
+    outs = list(body.outputs.values()) + [c.step_out for c in body.carries]
+    seeds = [Value(v.shape, v.dtype, name=f"d{v.name or 'out'}", pos=v.pos) for v in outs]
+    grads: dict[int, Value] = {}
+    for v, s in zip(outs, seeds):
+        if not is_float(v.dtype) or not b.needs(v):
+            continue
+        grads[id(v)] = b.one("add", [grads[id(v)], s], {}, node) if id(v) in grads else s
+    param_grads = backprop(b, body.nodes, grads)
+    made = {id(o) for n in b.nodes for o in n.outputs} | {id(s) for s in seeds}
+    outer = {id(v) for v in node.inputs}
+    residuals, seen = [], set()
+    for n in b.nodes:
+        for v in n.inputs:
+            if (v is not None and v.param is None and id(v) not in made and id(v) not in outer
+                    and id(v) not in seen):
+                seen.add(id(v))
+                residuals.append(v)
+    sg = StepGrad(f"{body.name} (backward)", nodes=b.nodes, pos=body.pos, seeds=seeds, residuals=residuals,
+                  input_grads=[grads.get(id(v)) for v in ins], param_grads=param_grads)
+    _STEP_GRADS[node] = sg
+    return sg

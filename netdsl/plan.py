@@ -106,7 +106,8 @@ def plan(nodes: list[Node], keep: list[Value], dims: dict, fuse: bool = True, no
                 if v is not None and id(v) not in made and all(v is not u for u in ins):
                     ins.append(v)
             for v in m.outputs:
-                if id(v) in keep_ids or any(u not in g for u in users.get(id(v), [])):
+                # a kernel of its own returns every output, used or not, in the node's order
+                if len(g) == 1 or id(v) in keep_ids or any(u not in g for u in users.get(id(v), [])):
                     outs.append(v)
         steps.append(Step(list(g), ins, outs))
     return _liveness(steps, keep_ids, dims)
@@ -122,11 +123,13 @@ def _liveness(steps: list[Step], keep_ids: set, dims: dict) -> Plan:
         for v in s.outputs:
             last.setdefault(id(v), i)
             vals[id(v)] = v
+    # only values made here are released (or overwritten): what is fed from outside (inputs,
+    # parameters, a scan step's sequences, carries and captures) belongs to the caller
+    made = {id(v) for s in steps for n in s.nodes for v in n.outputs}
     free = [[] for _ in steps]
     for vid, i in last.items():
-        v = vals[vid]
-        if vid not in keep_ids and v.producer is not None and v.param is None:
-            free[i].append(v)
+        if vid not in keep_ids and vid in made:
+            free[i].append(vals[vid])
     live = peak = naive = 0
     for i, s in enumerate(steps):
         dying = {id(v) for v in free[i]}

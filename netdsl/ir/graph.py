@@ -76,6 +76,15 @@ class Node:
         return f"Node({self.op} {self.path})"
 
 
+def walk(nodes):
+    """Every node of `nodes` and of the step bodies inside them, each body's nodes
+    just before the scan that runs them."""
+    for n in nodes:
+        if n.body is not None:
+            yield from walk(n.body.nodes)
+        yield n
+
+
 @dataclass
 class Loss:
     name: str

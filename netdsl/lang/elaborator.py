@@ -574,10 +574,12 @@ class Elaborator(Expressions):
             raise NetdslError(f"step '{d.name}' neither carries state nor emits anything", pos)
         outs = [((v.shape[0], length, *v.shape[1:]), v.dtype) for v, _ in state.emits]
         outs += [(c.init.shape, c.init.dtype) for _, c, _ in state.carries]
-        inputs = seqs + [c.init for _, c, _ in state.carries]
+        captures = _captures(body, [c.step_in for _, c, _ in state.carries])
+        inputs = seqs + [c.init for _, c, _ in state.carries] + captures
         node = Node("scan", inputs, {"step": d.name, "length": length, "seq": seq_names,
                                      "carries": [n for n, _, _ in state.carries],
-                                     "emits": [v.name for v, _ in state.emits]},
+                                     "emits": [v.name for v, _ in state.emits],
+                                     "captures": [v.name for v in captures]},
                     path, pos, tuple(self.frames), body=body)
         body.outputs = {f"emit{i}": v for i, (v, _) in enumerate(state.emits)}
         body.carries = [c for _, c, _ in state.carries]
@@ -592,6 +594,20 @@ class Elaborator(Expressions):
         self.target.nodes.append(node)
         return ScanResult(node.outputs[:ne], node.outputs[ne:])
 
+
+
+def _captures(body: Graph, carried: list[Value]) -> list[Value]:
+    """The outer tensors a step body reads (not made in it, not its inputs or carries,
+    not parameters), in order of first use: the scan takes them as inputs."""
+    inner = {id(v) for v in list(body.inputs.values()) + carried}
+    inner |= {id(o) for n in _all_nodes(body) for o in n.outputs}
+    out, seen = [], set()
+    for n in _all_nodes(body):
+        for v in n.inputs:
+            if v is not None and v.param is None and id(v) not in inner and id(v) not in seen:
+                seen.add(id(v))
+                out.append(v)
+    return out
 
 
 def _all_nodes(g: Graph):

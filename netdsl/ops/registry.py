@@ -100,16 +100,11 @@ def _check_inits(op: OpDef) -> None:
     op.params = params
 
 
-# Nodes the elaborator makes that are not (yet) registered operators, and why they cannot
-# run: a `scan` applies a step graph over time (the recurrent runtime will register it).
-UNREGISTERED = {"scan": "recurrent steps (scan) have no kernels in this version"}
-
-
 def not_runnable(node) -> str | None:
     """Why `node` cannot run yet (from its operator's entry), or None when it can."""
     d = OPS.get(node.op)
     if d is None:
-        return UNREGISTERED.get(node.op, f"'{node.op}' is not an operator")
+        return f"'{node.op}' is not an operator"
     # a gradient operator inherits its forward's reason, judged on the forward node
     return d.pending(node.fwd or node) if callable(d.pending) else d.pending
 

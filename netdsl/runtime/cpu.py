@@ -13,6 +13,7 @@ import numpy as np
 
 from netdsl.kernels import cpu as K
 
+from . import scan
 from .bindings import register, registrar
 
 KERNELS = {}
@@ -159,6 +160,7 @@ class _Kernels:
 
 
 register(KERNELS, _Kernels(), "CPU")
+scan.bind(KERNELS, "cpu", scan.CpuArrays)
 
 
 # ---- losses (a loss node's output is a 0-d array)

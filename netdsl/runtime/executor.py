@@ -19,7 +19,7 @@ import numpy as np
 
 from ..errors import NetdslError, Note
 from ..ir.dims import subs
-from ..ir.graph import Value
+from ..ir.graph import Value, walk
 from ..ops import not_runnable
 from ..plan import Plan, Step, plan
 from .arena import Layout, Workspace, layout
@@ -34,6 +34,8 @@ class RunState:
         self.params, self.dims, self.train, self.seed, self.dtype = params, dims, train, seed, dtype
         self.saved: dict = {}
         self.step = 0
+        self.fuse = True          # the planner's optimisations (Model(fuse=False) turns them off)
+        self.carry_in: dict = {}  # carry path -> array replacing a scan's initial state (runtime/scan.py)
 
     def shape_of(self, v: Value) -> tuple:
         return tuple(int(subs(d, self.dims)) for d in v.shape)
@@ -73,7 +75,7 @@ class Target:
 def check_runnable(nodes) -> None:
     """A NetdslError at the first node whose operator cannot run yet (its registry entry
     says why: no kernels in this version), before anything is planned or allocated."""
-    for n in nodes:
+    for n in walk(nodes):
         why = not_runnable(n)
         if why is not None:
             calls = [Note(f"in {f.kind} '{f.callee}', called here", f.pos) for f in reversed(n.frames)

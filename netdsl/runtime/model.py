@@ -43,6 +43,7 @@ class Model:
         # the programs' intermediates at planned offsets (arena.py; CPU, with the planner's optimisations)
         self._workspace = Workspace() if fuse else None
         self.step = 0
+        self.carries: dict = {}     # the last run's final recurrent state (carry path -> array)
 
     def _adopt(self, params: dict):
         if self.dtype != np.float32:
@@ -122,23 +123,47 @@ class Model:
                 keep = [self.g.outputs[n] for n in want if n in self.g.outputs] + \
                        [l.value for l in self.g.losses if l.name in want] + extra
                 nodes = _needed(self.g, keep)
+            made = {id(o) for n in nodes for o in n.outputs}
+            keep = keep + [c.final for c in self.g.carries if id(c.final) in made]
             self._programs[key] = Program(nodes, keep, dims, self.fuse, self.device, self._workspace)
         return self._programs[key]
 
-    def infer(self, feeds: dict, want=None) -> dict:
+    def _state(self, dims, train: bool, carry) -> RunState:
+        st = RunState(self._run_params(), dims, train, self.seed, self.dtype)
+        st.fuse = self.fuse
+        if carry:
+            known = {c.name for c in self.g.carries}
+            unknown = sorted(set(carry) - known)
+            if unknown:
+                raise NetdslError(f"no recurrent state named {', '.join(unknown)}; the network carries "
+                                  + (", ".join(sorted(known)) or "none"), self.g.pos)
+            st.carry_in = {k: self.target.upload(np.ascontiguousarray(v, dtype=array_dtype(
+                               next(c.init.dtype for c in self.g.carries if c.name == k), self.dtype)))
+                           for k, v in carry.items()}
+        return st
+
+    def _keep_carries(self, env):
+        """The final recurrent state of the run just made (carry path -> array), for
+        truncated backpropagation through time and for sampling one step at a time."""
+        self.carries = {c.name: env[id(c.final)] for c in self.g.carries if id(c.final) in env}
+
+    def infer(self, feeds: dict, want=None, carry: dict | None = None) -> dict:
         """Outputs (and all-phase losses whose inputs are fed) in inference mode; `want`
-        names outputs and losses, or gives graph values (returned under themselves)."""
+        names outputs and losses, or gives graph values (returned under themselves).
+        `carry` (carry path -> array) starts the recurrences from that state instead of
+        their initial values; the final state is left in `self.carries`."""
         dims, fv = self.bind(feeds)
         if want is None:
             fed = set(fv)
             want = list(self.g.outputs) + [l.name for l in self.g.losses
                                            if l.phase == "all" and inputs_of(self.g, l.value) <= fed]
         prog = self._program(False, dims, tuple(want))
-        env = prog.run(RunState(self._run_params(), dims, False, self.seed, self.dtype), fv)
+        env = prog.run(self._state(dims, False, carry), fv)
+        self._keep_carries(env)
         named = {**self.g.outputs, **{l.name: l.value for l in self.g.losses}}
         return {n: self.target.download(env[id(named[n] if isinstance(n, str) else n)]) for n in want}
 
-    def train_step(self, feeds: dict, extra=()):
+    def train_step(self, feeds: dict, extra=(), carry: dict | None = None):
         """Forward and backward; returns (total loss, {loss name: value}, outputs, grads).
         `extra`: graph values to hand back too, in outputs under themselves (a metric's
         logits that are not an output). On the CPU the gradient arrays are buffers that
@@ -148,13 +173,14 @@ class Model:
         if missing:
             raise NetdslError(f"training needs data for every input; missing: {', '.join(missing)}", self.g.pos)
         prog = self._program(True, dims, tuple(extra))
-        st = RunState(self._run_params(), dims, True, self.seed, self.dtype)
+        st = self._state(dims, True, carry)
         st.step = self.step
         if self.device == "cpu":    # weight gradients go into buffers kept from step to step
             if "_grad_buffers" not in self.__dict__:
                 self._grad_buffers = GradBuffers(self.training_graph.grads)
             st.grad_buffers = self._grad_buffers
         env = prog.run(st, fv)
+        self._keep_carries(env)
         losses = {l.name: float(self.target.download(env[id(l.value)])) for l in self.g.losses}
         total = sum(l.weight * losses[l.name] for l in self.g.losses)
         grads = {n: env[id(v)] for n, v in self.training_graph.grads.items()}

@@ -135,7 +135,10 @@ class Trainer:
         the parameters, their gradients and two optimiser slots per parameter."""
         from ..plan import BYTES, plan
         tg = self.model.training_graph
-        peak = plan(tg.nodes, tg.keep(), {"N": self.cfg["batch"]}, self.model.fuse).peak_planned
+        # dimensions other than the batch (a sequence's T) are known only from the data: a
+        # lower bound at 1 still refuses what cannot fit
+        dims = {**{s: 1 for s in self.g.symbols}, "N": self.cfg["batch"]}
+        peak = plan(tg.nodes, tg.keep(), dims, self.model.fuse).peak_planned
         weights = sum(math.prod(p.shape) * BYTES.get(p.dtype, 4) for p in self.g.params.values())
         need, have = peak + 4 * weights, machine_memory()
         if need > have:

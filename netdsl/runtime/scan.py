@@ -1,0 +1,196 @@
+"""Running `scan` and `scan_grad`: a step's program once per time step, forward, then its
+VJP in reverse over time.
+
+The step graph is planned once as a Program of its own (fused, scheduled, buffers
+released as in any graph) and run T times; sequences are fed a time slice at a time,
+carries go from one step's outputs to the next step's inputs, and emits are written
+into their [N, T, ...] outputs. While training, what the step's backward reads (its
+residuals: autodiff.step_grad) and what its kernels saved (state.saved) are kept for
+every time step. The backward runs the step's VJP program from T-1 down to 0: the
+gradient of the carries entering step t is what flows into step t-1, the sequences'
+gradients are written at t, and parameters' and captured tensors' gradients are summed.
+
+Truncated backpropagation through time feeds a chunk's final carries as the next chunk's
+initial ones: `state.carry_in` (carry path name -> array) replaces a scan's initial
+carries, so no gradient flows into the previous chunk.
+"""
+from __future__ import annotations
+
+import weakref
+import zlib
+
+import numpy as np
+
+from ..autodiff import step_grad, step_inputs, trainable
+from ..ir.dims import subs
+from ..ops.registry import is_float
+from .bindings import array_dtype
+
+
+class StepState:
+    """A time step's view of the run state: the same parameters, dims and phase, its own
+    saved tensors, and seeds that include the time index (dropout draws a new mask at
+    every step)."""
+
+    def __init__(self, st, t: int):
+        self.params, self.dims, self.train, self.seed, self.dtype = st.params, st.dims, st.train, st.seed, st.dtype
+        self.step, self.t, self.fuse = st.step, t, getattr(st, "fuse", True)
+        self.saved: dict = {}
+
+    def shape_of(self, v) -> tuple:
+        return _shape_of(self, v)
+
+    def seed_for(self, node) -> int:
+        return zlib.crc32(f"{self.seed}:{self.step}:t{self.t}:{node.path}".encode())
+
+
+def _shape_of(st, v) -> tuple:
+    return tuple(int(subs(d, st.dims)) for d in v.shape)
+
+
+class CpuArrays:
+    """The few array operations a scan needs, on numpy arrays."""
+
+    @staticmethod
+    def take(a, t):
+        return np.ascontiguousarray(a[:, t])
+
+    @staticmethod
+    def put(out, t, a):
+        out[:, t] = a
+
+    empty = staticmethod(np.empty)
+    zeros = staticmethod(np.zeros)
+
+    @staticmethod
+    def add(acc, a):
+        """acc + a, reusing acc (an array this module made) when it can."""
+        if acc is None:
+            return np.array(a, copy=True)
+        acc += a
+        return acc
+
+
+class _Runner:
+    """One scan node's step programs for one set of dims and phase."""
+
+    def __init__(self, node, dims, train: bool, fuse: bool, target: str):
+        from .executor import Program      # (the executor imports the kernel tables, which import this)
+        body = node.body
+        self.node = node
+        self.ins = step_inputs(node)
+        self.ns, self.nc = len(node.attrs["seq"]), len(body.carries)
+        self.outs = list(body.outputs.values()) + [c.step_out for c in body.carries]
+        self.names = [c.name for c in body.carries]
+        self.sg = step_grad(node) if train else None
+        keep = self.outs + (self.sg.residuals if train else [])
+        self.fwd = Program(body.nodes, keep, dims, fuse, target)
+        self.bwd = None
+        if train:
+            sg = self.sg
+            grads = [g for g in sg.input_grads if g is not None] + list(sg.param_grads.values())
+            self.bwd = Program(sg.nodes, grads, dims, fuse, target)
+
+
+_RUNNERS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def _runner(node, st, target) -> _Runner:
+    fuse = getattr(st, "fuse", True)
+    key = (tuple(sorted(st.dims.items())), bool(st.train), fuse, target)
+    per_node = _RUNNERS.setdefault(node, {})
+    r = per_node.get(key)
+    if r is None:
+        r = per_node[key] = _Runner(node, st.dims, st.train, fuse, target)
+    return r
+
+
+def bind(table: dict, target: str, A) -> None:
+    """Bind scan and scan_grad into a target's kernel table; A holds its array operations."""
+    from .bindings import registrar
+    kernel = registrar(table)
+
+    @kernel("scan", writes="new")
+    def scan(n, ins, st):
+        r = _runner(n, st, target)
+        T = int(subs(n.attrs["length"], st.dims))
+        ns, nc = r.ns, r.nc
+        seqs, carry, caps = ins[:ns], list(ins[ns:ns + nc]), list(ins[ns + nc:])
+        given = getattr(st, "carry_in", None) or {}
+        carry = [given.get(name, c) for name, c in zip(r.names, carry)]
+        ne = len(r.outs) - nc
+        emits = [A.empty(_shape_of(st, v), array_dtype(v.dtype, st.dtype)) for v in n.outputs[:ne]]
+        saved = []
+        for t in range(T):
+            sst = StepState(st, t)
+            env = r.fwd.run(sst, dict(zip(map(id, r.ins), [A.take(s, t) for s in seqs] + carry + caps)))
+            for e, v in zip(emits, r.outs[:ne]):
+                A.put(e, t, env[id(v)])
+            carry = [env[id(v)] for v in r.outs[ne:]]
+            if st.train:
+                saved.append(({id(v): env[id(v)] for v in r.sg.residuals}, sst.saved))
+        if st.train:
+            st.saved[id(n)] = saved
+        return emits + carry
+
+    @kernel("scan_grad", writes="new")
+    def scan_grad(g, ins, st):
+        n = g.fwd
+        r = _runner(n, st, target)
+        sg = r.sg
+        T = int(subs(n.attrs["length"], st.dims))
+        k, nin = g.attrs["ngrads"], len(n.inputs)
+        floats = [i for i, v in enumerate(n.outputs) if is_float(v.dtype)]
+        gy = dict(zip(floats, ins[:k]))
+        fwd_in = ins[k:k + nin]
+        ns, nc = r.ns, r.nc
+        ne = len(r.outs) - nc
+        caps = fwd_in[ns + nc:]
+        like = g.attrs["like"]
+        want = {j - k for j in like if j < k + nin}
+        # gradients of the step's outputs: the emits' time slices, then the carries leaving it
+        gcarry = [gy.get(ne + j) for j in range(nc)]
+        gseq = {i: A.zeros(_shape_of(st, n.inputs[i]), array_dtype(n.inputs[i].dtype, st.dtype))
+                for i in range(ns) if i in want}
+        gcap: dict[int, object] = {}
+        gpar: dict[str, object] = {}
+        saved = st.saved.pop(id(n))
+        for t in range(T - 1, -1, -1):
+            res, kept = saved[t]
+            sst = StepState(st, t)
+            sst.saved = kept
+            feeds = dict(res)
+            for j, s in enumerate(sg.seeds):
+                a = A.take(gy[j], t) if j < ne and j in gy else (gcarry[j - ne] if j >= ne else None)
+                if a is not None:
+                    feeds[id(s)] = a
+            feeds.update(zip(map(id, r.ins[ns + nc:]), caps))
+            env = r.bwd.run(sst, feeds)
+            for i in gseq:
+                if sg.input_grads[i] is not None:
+                    A.put(gseq[i], t, env[id(sg.input_grads[i])])
+            gcarry = [None if sg.input_grads[ns + j] is None else env[id(sg.input_grads[ns + j])]
+                      for j in range(nc)]
+            for j in range(len(caps)):
+                gv = sg.input_grads[ns + nc + j]
+                if ns + nc + j in want and gv is not None:
+                    gcap[j] = A.add(gcap.get(j), env[id(gv)])
+            for name, gv in sg.param_grads.items():
+                gpar[name] = A.add(gpar.get(name), env[id(gv)])
+        roles = [role for role, _ in trainable(n)]
+        out = []
+        for j in like:
+            i = j - k
+            if i < ns:
+                out.append(gseq[i])
+            elif i < ns + nc:
+                c = gcarry[i - ns]
+                out.append(c if c is not None else A.zeros(_shape_of(st, n.inputs[i]), st.dtype))
+            elif i < nin:
+                c = gcap.get(i - ns - nc)
+                out.append(c if c is not None else A.zeros(_shape_of(st, n.inputs[i]), st.dtype))
+            else:
+                name = roles[i - nin]
+                c = gpar.get(name)
+                out.append(c if c is not None else A.zeros(st.params[name].shape, st.dtype))
+        return out
