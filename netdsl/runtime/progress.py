@@ -23,6 +23,7 @@ def _fmt_time(seconds: float) -> str:
 
 class ProgressBar:
     """`update(steps, loss=..., images=...)` after each batch; `close()` at the end.
+    `images` counts what `unit` names (images, or tokens for a sequence source).
 
     On a terminal the line is redrawn in place (at most `redraw_s` apart). Otherwise,
     e.g. into a log file, a full line is printed every `log_every_s` seconds, so the
@@ -31,8 +32,8 @@ class ProgressBar:
 
     def __init__(self, total: int, desc: str = "", *, stream=None, width: int = 24,
                  is_tty: bool | None = None, redraw_s: float = 0.1, log_every_s: float = 10.0,
-                 clock=time.monotonic):
-        self.total, self.desc, self.width = total, desc, width
+                 clock=time.monotonic, unit: str = "img"):
+        self.total, self.desc, self.width, self.unit = total, desc, width, unit
         self.stream = stream if stream is not None else sys.stderr
         self.tty = getattr(self.stream, "isatty", lambda: False)() if is_tty is None else is_tty
         self.interval = redraw_s if self.tty else log_every_s
@@ -66,7 +67,7 @@ class ProgressBar:
             parts.append(f"loss {self.loss:.4f}")
         parts += [f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in self.extra.items()]
         if elapsed > 0 and self.images:
-            parts.append(f"{self.images / elapsed:.0f} img/s")
+            parts.append(f"{self.images / elapsed:.0f} {self.unit}/s")
         if self.count < self.total:
             eta = elapsed / self.count * (self.total - self.count) if self.count else float("inf")
             parts.append(f"ETA {_fmt_time(eta)}")

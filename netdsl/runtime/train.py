@@ -18,7 +18,7 @@ from . import (MetricsLog, ProgressBar, clip_grad_norm, load_checkpoint, load_we
 from . import metrics as task_metrics
 from .data import Dataset
 from .feeds import bind, check_shape, convert, describe_inputs, index_rules, synthetic
-from .loader import Loader, channel_stats
+from .loader import Loader, StreamLoader, channel_stats
 from .model import Model, inputs_of
 
 
@@ -26,10 +26,19 @@ def load_data(g: Graph, cfg: dict, seed: int) -> Dataset:
     src = cfg["data"]
     if src.name == "synthetic":
         return synthetic(g, src.kwargs["size"], seed)
-    if src.name in ("text", "coco"):
-        raise NetdslError(f"data = {src.name}() is for recurrent and detection specs, which `netdsl run` "
+    if src.name == "coco":
+        raise NetdslError(f"data = {src.name}() is for detection specs, which `netdsl run` "
                           f"does not train in this version", g.train_pos.get("data"))
-    return make_source(src.name, **src.kwargs)
+    kwargs = dict(src.kwargs)
+    if src.name == "text" and chunk(cfg):
+        kwargs["seq"] = chunk(cfg)      # truncated BPTT reads the text in chunks of that length
+    return make_source(src.name, **kwargs)
+
+
+def chunk(cfg: dict) -> int | None:
+    """The chunk length of truncated backpropagation through time, or None (full BPTT)."""
+    b = cfg.get("bptt")
+    return b.kwargs.get("chunk") if b is not None and b.name == "truncated" else None
 
 
 def _schedule(cfg: dict, steps_per_epoch: int):
@@ -70,10 +79,17 @@ class Trainer:
         flip = any(a.name == "flip" for a in cfg["augment"])
         dense = self._dense_fields(images) if crop or flip else {}
         used = {f: self.data.train[f] for f in self.fields.values()}
-        self.train_loader = Loader(used, cfg["batch"], rng=self.rng, shuffle=True, images=images, dense=dense,
-                                   mean=_part(self.norm, 0), std=_part(self.norm, 1), crop_padding=crop, flip=flip)
-        self.test_loader = Loader({f: self.data.test[f] for f in self.fields.values()}, cfg["batch"], images=images,
-                                  mean=_part(self.norm, 0), std=_part(self.norm, 1))
+        # truncated BPTT carries the recurrent state from one batch to the next (reset each epoch)
+        self.carry_state = self.data.streams is not None and chunk(cfg) is not None and bool(g.carries)
+        if self.data.streams is not None:     # read in order, as parallel streams
+            self.train_loader = StreamLoader.of(self.data, "train", cfg["batch"])
+            self.test_loader = StreamLoader.of(self.data, "test", cfg["batch"])
+        else:
+            self.train_loader = Loader(used, cfg["batch"], rng=self.rng, shuffle=True, images=images, dense=dense,
+                                       mean=_part(self.norm, 0), std=_part(self.norm, 1), crop_padding=crop,
+                                       flip=flip)
+            self.test_loader = Loader({f: self.data.test[f] for f in self.fields.values()}, cfg["batch"],
+                                      images=images, mean=_part(self.norm, 0), std=_part(self.norm, 1))
         self.opt = _optimizer(cfg, self.model.trainable(), _schedule(cfg, len(self.train_loader)))
         self.clip = clip_grad_norm
         if device == "cuda":   # parameters, gradients and optimiser state stay on the device
@@ -166,16 +182,22 @@ class Trainer:
                 self.log("epoch {epoch}: ".format(**rec) + "  ".join(
                     f"{k} {v:.4f}" for k, v in rec.items() if k not in ("epoch", "step", "lr")))
                 save_checkpoint(self.ckpt_path, self.model.host_params(), self.opt.state_dict(), step=self.model.step,
-                                epoch=self.epoch, rng=self.rng, spec_text=self.spec_text)
+                                epoch=self.epoch, rng=self.rng, spec_text=self.spec_text,
+                                extra={"vocab": self.data.vocab} if self.data.vocab is not None else None)
         plot_metrics(metrics_path, os.path.join(self.out, "metrics.png"))
         return rec
 
     def train_epoch(self, progress: bool):
         tot = seen = 0.0
-        bar = ProgressBar(len(self.train_loader), f"epoch {self.epoch + 1}/{self.cfg['epochs']}") if progress else None
+        seq = self.data.streams is not None
+        bar = ProgressBar(len(self.train_loader), f"epoch {self.epoch + 1}/{self.cfg['epochs']}",
+                          unit="tok" if seq else "img") if progress else None
         preds = [m.pred for m in self.metrics]
+        carry = None
         for batch in self.train_loader:
-            total, losses, outs, grads = self.model.train_step(self._feeds(batch), extra=preds)
+            total, losses, outs, grads = self.model.train_step(self._feeds(batch), extra=preds, carry=carry)
+            if self.carry_state:
+                carry = self.model.carries
             if self.cfg["clip"]:
                 self.clip(grads, self.cfg["clip"])
             self.opt.step(grads)
@@ -185,7 +207,7 @@ class Trainer:
             seen += n
             self._measure(batch, outs, losses)
             if bar:     # the epoch's metrics so far
-                bar.update(1, loss=total, images=n, **{k: v for m in self.metrics for k, v in m.result().items()})
+                bar.update(1, loss=total, images=next(iter(batch.values())).size if seq else n, **{k: v for m in self.metrics for k, v in m.result().items()})
         if bar:
             bar.close()
         return {"train_loss": tot / seen, **self._report("train_")}
@@ -193,9 +215,12 @@ class Trainer:
     def evaluate(self) -> dict:
         tot = seen = 0.0
         losses = [l for l in self.g.losses if l.phase == "all"]
+        carry = None
         for batch in self.test_loader:
             out = self.model.infer(self._feeds(batch), want=[*{id(m.pred): m.pred for m in self.metrics}.values(),
-                                                             *(l.name for l in losses)])
+                                                             *(l.name for l in losses)], carry=carry)
+            if self.carry_state:
+                carry = self.model.carries
             values = {l.name: float(out[l.name]) for l in losses}
             n = len(next(iter(batch.values())))
             tot += sum(l.weight * values[l.name] for l in losses) * n
