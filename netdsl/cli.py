@@ -156,8 +156,55 @@ def cmd_run(args):
         return 0
     print(f"training {g.name} on {t.data.name}: {t.data.size('train')} train / {t.data.size('test')} test, "
           f"{cfg['epochs']} epochs of batch {cfg['batch']}, {native.get_num_threads()} threads -> {out}", flush=True)
+    from .runtime.sample import write_run_file
+    write_run_file(out, args.spec, args.network, parse_sets(args.set))
     t.fit(progress=not args.no_progress)
     print(f"wrote {out}/metrics.jsonl, {out}/metrics.png, {out}/checkpoint.npz")
+    return 0
+
+
+def cmd_data_shapes(args):
+    from .datasets import shapes
+    from .runtime.progress import ProgressBar
+    shapes.check_options(args.images, args.size, args.val_fraction)     # before the bar starts
+    shapes.check_target(args.out)
+    bar = None if args.no_progress else ProgressBar(args.images * len(shapes.SETS), "shapes")
+    try:
+        m = shapes.generate(args.out, images=args.images, size=args.size, seed=args.seed,
+                            val_fraction=args.val_fraction, progress=bar.update if bar else None)
+    finally:
+        if bar:
+            bar.close()
+    print(f"wrote {args.out}: {args.images} images of {args.size}x{args.size} per set ("
+          + ", ".join(f"{n} in {os.path.normpath(os.path.join(args.out, s['root']))}" for n, s in m["sets"].items())
+          + f"); previews in {os.path.join(args.out, 'preview')}")
+    return 0
+
+
+def cmd_sample(args):
+    from .lang.elaborate import elaborate
+    from .runtime.checkpoint import load_checkpoint, load_weights
+    from .runtime.model import Model
+    from .runtime.sample import generate, read_run_file
+    if args.n < 0:
+        raise NetdslError(f"-n must be 0 or more, got {args.n}")
+    info = read_run_file(args.run)
+    sets = dict(info["set"])
+    if args.temperature is not None:
+        sets["temperature"] = args.temperature
+    g, loader = elaborate(info["spec"], info["network"], sets)
+    path = args.weights or os.path.join(args.run, "checkpoint.npz")
+    if not os.path.exists(path):
+        raise NetdslError(f"no checkpoint at '{path}'", hint="train first, or give --weights FILE")
+    ckpt = load_checkpoint(path, spec_text="".join(loader.sources.values()))
+    vocab = ckpt.extra.get("vocab")
+    if not isinstance(vocab, str) or not vocab:
+        raise NetdslError(f"checkpoint {path} holds no vocabulary: it was not trained on text()")
+    m = Model(g, seed=args.seed)
+    host = m.host_params()
+    load_weights(host, ckpt)
+    m.params = host
+    print(generate(m, vocab, args.prime, args.n))
     return 0
 
 
@@ -239,8 +286,9 @@ def build_parser():
     t.add_argument("--epochs", type=int)
     t.add_argument("--batch", type=int)
     t.add_argument("--lr", type=float, help="learning rate (the optimizer's lr)")
-    t.add_argument("--data", help="data source, NAME or NAME:PATH (digits, mnist, fashion_mnist, cifar10, npz), "
-                                   "or synthetic:SIZE")
+    t.add_argument("--data", help="data source, NAME or NAME:ARG: digits, mnist:PATH, fashion_mnist, cifar10:PATH, "
+                                   "npz:PATH, text:PATH, synthetic:SIZE, or a sequence task (digit_rows, polarity, "
+                                   "copy:TASK, echo:DELAY, count_up, translated_digits, recall:DELAY); see docs/cli.md")
     t.add_argument("--threads", type=int, help="CPU threads (default: all cores)")
     t.add_argument("--seed", type=int)
     t.add_argument("--out", help="run directory (default runs/SPEC)")
@@ -252,6 +300,27 @@ def build_parser():
                    help="run the outputs on a .npy (one input) or .npz (an array per input, named after it)")
     t.add_argument("--no-progress", action="store_true", help="no progress bar")
     t.set_defaults(fn=cmd_run)
+
+    d = sub.add_parser("data", help="make data sets in standard formats (see docs/data.md)")
+    dsub = d.add_subparsers(dest="what", required=True, parser_class=_Parser)
+    ds = dsub.add_parser("shapes", help="synthetic COCO-format shapes, single-object and stick-figure pose sets")
+    ds.add_argument("out", help="directory to write (new, empty, or one this command wrote before)")
+    ds.add_argument("--images", type=int, default=300, help="images per set, train and val together (default 300)")
+    ds.add_argument("--size", type=int, default=64, help="image side in pixels (default 64)")
+    ds.add_argument("--seed", type=int, default=0, help="the same seed writes the same bytes (default 0)")
+    ds.add_argument("--val-fraction", type=float, default=0.2, help="share of images in val (default 0.2)")
+    ds.add_argument("--no-progress", action="store_true", help="no progress bar")
+    ds.set_defaults(fn=cmd_data_shapes)
+
+    sm = sub.add_parser("sample", help="generate text from a trained character-level language model")
+    sm.add_argument("run", help="the run directory (netdsl run ... --out DIR)")
+    sm.add_argument("--prime", default="", help="text to read before sampling (default: none)")
+    sm.add_argument("--temperature", type=float, help="below 1 sharpens the distribution, above 1 flattens it "
+                                                      "(sets the spec's temperature)")
+    sm.add_argument("-n", type=int, default=500, help="characters to generate (default 500)")
+    sm.add_argument("--seed", type=int, default=0)
+    sm.add_argument("--weights", help="checkpoint (default: the run's)")
+    sm.set_defaults(fn=cmd_sample)
 
     o = sub.add_parser("ops", help="list operators with their inputs and attributes")
     o.add_argument("name", nargs="*", help="only these operators")

@@ -1,0 +1,13 @@
+"""Data in the field's standard formats (docs/data.md).
+
+- shapes.py:   `netdsl data shapes`, a synthetic COCO-format data set (draw.py draws it)
+- cocofile.py: a COCO annotation file, checked, as pycocotools' COCO index
+- coco.py:     any COCO-format data set as arrays (a runtime Dataset); flips that move
+               boxes, masks and keypoints with the image
+- evaluate.py: mIoU and pixel accuracy, COCOeval's AP tables, PCK
+- results.py:  predictions as a COCO results JSON
+- preview.py:  annotations drawn over images
+
+pycocotools and Pillow are imported inside the functions that need them, so importing
+this package costs nothing until data is read or written.
+"""
