@@ -298,6 +298,14 @@ def _other_cases():
              G.bce_with_logits_backward, tb, {})):
         out += [both(name, gf(d(a), d(tt), **kw), np.array([cf(a, tt, **kw)])),
                 both(name + "_g", gb(d(a), d(tt), d(np.array([1.3], f32)), **kw), cb(a, tt, 1.3, **kw))]
+        # weighted: per row / per element, each norm once, and a weight of all zeros
+        for tag, w, norm in {"l2": (("row_weight", rng.random(4).astype(f32), "weight"),
+                                    ("zero_weight", np.zeros(4, f32), "weight")),
+                             "smooth_l1": (("elem_rows", tb, "rows"),),
+                             "bce": (("row_elements", rng.random(4).astype(f32), "elements"),)}[name]:
+            wc, wg = {**kw, "weight": w, "norm": norm}, {**kw, "weight": d(w), "norm": norm}
+            out += [both(f"{name}_{tag}", gf(d(a), d(tt), **wg), np.array([cf(a, tt, **wc)])),
+                    both(f"{name}_{tag}_g", gb(d(a), d(tt), d(np.array([1.3], f32)), **wg), cb(a, tt, 1.3, **wc))]
     # softmax family and reductions over an inner axis, structural ops: numpy is the CPU kernel
     x = r(2, 5, 3)
     gy = r(2, 5, 3)

@@ -5,7 +5,7 @@ accumulated in float64 on purpose.
 """
 import numpy as np
 
-from ..pointwise import BCE_LOGITS, MSE, SMOOTH_L1, point_loss
+from ..pointwise import BCE_LOGITS, MSE, SMOOTH_L1, loss_divisor, loss_weight, point_loss
 from . import as_float, kernel, njit, prange
 
 
@@ -81,6 +81,9 @@ def softmax_cross_entropy_backward(probs, labels, ignore_index=-1, gloss=1.0):
 
 
 # ---------------------------------------------------------------- pointwise losses
+#
+# sum(w * loss) / divisor, the weight w (optional) per element or per row of the last
+# axis (w[i // D]), the divisor chosen by `norm` (ops/tensor.py: elements, rows or weight).
 
 _point = njit(point_loss)
 
@@ -98,8 +101,23 @@ def _grad(a, b, kind, beta, scale, g):
     return g
 
 
+def _reduce_w(a, b, w, D, kind, beta):
+    s = 0.0
+    for i in prange(a.size):
+        s += w[i // D] * _point(a[i], b[i], kind, beta, a.dtype.type(1))[0]
+    return s
+
+
+def _grad_w(a, b, w, D, kind, beta, scale, g):
+    for i in prange(a.size):
+        g[i] = w[i // D] * _point(a[i], b[i], kind, beta, a.dtype.type(1))[1] * scale
+    return g
+
+
 _reduce = kernel(_reduce)
 _grad = kernel(_grad)
+_reduce_w = kernel(_reduce_w)
+_grad_w = kernel(_grad_w)
 
 
 def _pair(pred, target):
@@ -110,40 +128,59 @@ def _pair(pred, target):
     return a, b
 
 
-def _forward(kind, pred, target, beta=1.0):
-    a, b = _pair(pred, target)
-    s = _reduce(a.size, a.reshape(-1), b.reshape(-1), kind, a.dtype.type(beta))
-    return a.dtype.type(s / a.size)
+def _ratio(s, den):
+    """s / den, 0 for an empty denominator (nothing weighted: nothing to learn)."""
+    return s / den if den != 0 else 0.0
 
 
-def _backward(kind, pred, target, gloss, beta=1.0):
-    """Gradient wrt pred; the gradient wrt target of MSE / smooth-L1 is its negation."""
+def _forward(kind, pred, target, beta=1.0, weight=None, norm="elements"):
     a, b = _pair(pred, target)
+    w, D = loss_weight(a.shape, weight)
+    t = a.dtype.type
+    if w is None:
+        s = _reduce(a.size, a.reshape(-1), b.reshape(-1), kind, t(beta))
+        return t(_ratio(s, loss_divisor(a.shape, norm)))
+    w = np.ascontiguousarray(w, a.dtype).reshape(-1)
+    s = _reduce_w(a.size, a.reshape(-1), b.reshape(-1), w, D, kind, t(beta))
+    return t(_ratio(s, loss_divisor(a.shape, norm, w.sum(dtype=np.float64), D)))
+
+
+def _backward(kind, pred, target, gloss, beta=1.0, weight=None, norm="elements"):
+    """Gradient wrt pred; the gradient wrt target of MSE / smooth-L1 is its negation.
+    The weight gets none."""
+    a, b = _pair(pred, target)
+    w, D = loss_weight(a.shape, weight)
+    t = a.dtype.type
     g = np.empty_like(a)
-    _grad(a.size, a.reshape(-1), b.reshape(-1), kind, a.dtype.type(beta),
-          a.dtype.type(gloss / a.size), g.reshape(-1))
+    if w is None:
+        scale = t(_ratio(float(gloss), loss_divisor(a.shape, norm)))
+        _grad(a.size, a.reshape(-1), b.reshape(-1), kind, t(beta), scale, g.reshape(-1))
+        return g
+    w = np.ascontiguousarray(w, a.dtype).reshape(-1)
+    scale = t(_ratio(float(gloss), loss_divisor(a.shape, norm, w.sum(dtype=np.float64), D)))
+    _grad_w(a.size, a.reshape(-1), b.reshape(-1), w, D, kind, t(beta), scale, g.reshape(-1))
     return g
 
 
-def mse_loss(pred, target):
-    return _forward(MSE, pred, target)
+def mse_loss(pred, target, weight=None, norm="elements"):
+    return _forward(MSE, pred, target, 1.0, weight, norm)
 
 
-def mse_loss_backward(pred, target, gloss=1.0):
-    return _backward(MSE, pred, target, gloss)
+def mse_loss_backward(pred, target, gloss=1.0, weight=None, norm="elements"):
+    return _backward(MSE, pred, target, gloss, 1.0, weight, norm)
 
 
-def smooth_l1_loss(pred, target, beta=1.0):
-    return _forward(SMOOTH_L1, pred, target, beta)
+def smooth_l1_loss(pred, target, beta=1.0, weight=None, norm="elements"):
+    return _forward(SMOOTH_L1, pred, target, beta, weight, norm)
 
 
-def smooth_l1_loss_backward(pred, target, gloss=1.0, beta=1.0):
-    return _backward(SMOOTH_L1, pred, target, gloss, beta)
+def smooth_l1_loss_backward(pred, target, gloss=1.0, beta=1.0, weight=None, norm="elements"):
+    return _backward(SMOOTH_L1, pred, target, gloss, beta, weight, norm)
 
 
-def bce_with_logits(logits, target):
-    return _forward(BCE_LOGITS, logits, target)
+def bce_with_logits(logits, target, weight=None, norm="elements"):
+    return _forward(BCE_LOGITS, logits, target, 1.0, weight, norm)
 
 
-def bce_with_logits_backward(logits, target, gloss=1.0):
-    return _backward(BCE_LOGITS, logits, target, gloss)
+def bce_with_logits_backward(logits, target, gloss=1.0, weight=None, norm="elements"):
+    return _backward(BCE_LOGITS, logits, target, gloss, 1.0, weight, norm)

@@ -1,4 +1,4 @@
-"""Losses (mean reduction) and softmax / log-softmax, with shared-memory reductions.
+"""Losses (mean reductions, weighted or not) and softmax / log-softmax, with shared-memory reductions.
 
 A loss stays on the device as a one-element array: the backward reads the seed
 gradient and the row count from device memory, so a training step never waits
@@ -12,7 +12,7 @@ import math
 import numpy as np
 from numba import cuda
 
-from ..pointwise import BCE_LOGITS, MSE, SMOOTH_L1, point_loss
+from ..pointwise import BCE_LOGITS, MSE, SMOOTH_L1, loss_divisor, loss_weight, point_loss
 from . import TPB_RED, device, empty, flat, full, kernel, launch, launch_rows, tree_max, tree_sum
 
 PART_BLOCKS = 256   # blocks (partial sums) of a whole-array reduction
@@ -123,71 +123,124 @@ def softmax_cross_entropy_backward(probs, labels, count, gloss, ignore_index=-1)
 
 
 # ---------------------------------------------------------------- pointwise losses
+#
+# sum(w * loss) / divisor as on the CPU: the weight w (optional, kinds "a" with D = 0
+# for none) per element or per row (w[i // D]); the divisor is a device scalar (the
+# sum of the weights for norm "weight"), so no step waits for the host.
 
 _point = device(point_loss)
 
 
-@kernel("aaiffa")
-def _point_partial(a, b, kind, beta, one, part):
-    """part[block] = sum of this block's element losses (grid-stride, then a tree)."""
+@device
+def _w(w, i, D, one):
+    return w[i // D] if D > 0 else one
+
+
+@kernel("aaaiiffa")
+def _point_partial(a, b, w, D, kind, beta, one, part):
+    """part[block] = sum of this block's weighted element losses (grid-stride, then a tree)."""
     sh = cuda.shared.array(TPB_RED, a.dtype)
     t = cuda.threadIdx.x
     acc = one - one
     for i in range(cuda.grid(1), a.size, cuda.gridsize(1)):
-        acc += _point(a[i], b[i], kind, beta, one)[0]
+        acc += _w(w, i, D, one) * _point(a[i], b[i], kind, beta, one)[0]
     sh[t] = acc
     tree_sum(sh, t)
     if t == 0:
         part[cuda.blockIdx.x] = sh[0]
 
 
-@kernel("aaiffafa")
-def _point_grad(a, b, kind, beta, one, gl, n, g):
-    scale = gl[0] / n
+@kernel("aaaiiffaaa")
+def _point_grad(a, b, w, D, kind, beta, one, gl, den, g):
+    scale = gl[0] / den[0] if den[0] != one - one else one - one
     for i in range(cuda.grid(1), a.size, cuda.gridsize(1)):
-        g[i] = _point(a[i], b[i], kind, beta, one)[1] * scale
+        g[i] = _w(w, i, D, one) * _point(a[i], b[i], kind, beta, one)[1] * scale
 
 
-def _forward(kind, pred, target, beta=1.0):
+@kernel("aifa")
+def _sum_scaled(x, n, scale, out):
+    """out[0] = sum(x[:n]) * scale (one block)."""
+    T = x.dtype.type
+    sh = cuda.shared.array(TPB_RED, x.dtype)
+    t = cuda.threadIdx.x
+    acc = T(0)
+    for i in range(t, n, TPB_RED):
+        acc += x[i]
+    sh[t] = acc
+    tree_sum(sh, t)
+    if t == 0:
+        out[0] = sh[0] * scale
+
+
+@kernel("aiaa")
+def _ratio_of(part, n, den, out):
+    """out[0] = sum(part[:n]) / den[0], 0 when den[0] is 0 (one block)."""
+    T = part.dtype.type
+    sh = cuda.shared.array(TPB_RED, part.dtype)
+    t = cuda.threadIdx.x
+    acc = T(0)
+    for i in range(t, n, TPB_RED):
+        acc += part[i]
+    sh[t] = acc
+    tree_sum(sh, t)
+    if t == 0:
+        out[0] = sh[0] / den[0] if den[0] != T(0) else T(0)
+
+
+def _weighting(pred, weight, norm):
+    """(weight array, D, divisor as a device scalar): D = 0 without a weight (a one-element
+    placeholder array is passed, never read)."""
+    w, D = loss_weight(pred.shape, weight)
+    if norm == "weight" and w is not None:
+        den = empty(1, pred.dtype)
+        _sum_scaled[1, TPB_RED](flat(w), w.size, np.dtype(pred.dtype).type(D), den)
+    else:
+        den = full(1, loss_divisor(pred.shape, norm), pred.dtype)
+    return (flat(w), D) if w is not None else (den, 0), den
+
+
+def _forward(kind, pred, target, beta=1.0, weight=None, norm="elements"):
     t = np.dtype(pred.dtype).type
+    (w, D), den = _weighting(pred, weight, norm)
     nb = min(PART_BLOCKS, max(1, math.ceil(pred.size / TPB_RED)))
     part = empty(nb, pred.dtype)
-    _point_partial[nb, TPB_RED](flat(pred), flat(target), kind, t(beta), t(1), part)
+    _point_partial[nb, TPB_RED](flat(pred), flat(target), w, D, kind, t(beta), t(1), part)
     out = empty(1, pred.dtype)
-    _mean_of[1, TPB_RED](part, nb, full(1, pred.size, pred.dtype), out)
+    _ratio_of[1, TPB_RED](part, nb, den, out)
     return out
 
 
-def _backward(kind, pred, target, gloss, beta=1.0):
+def _backward(kind, pred, target, gloss, beta=1.0, weight=None, norm="elements"):
     t = np.dtype(pred.dtype).type
+    (w, D), den = _weighting(pred, weight, norm)
     g = empty(pred.shape, pred.dtype)
-    launch(_point_grad, pred.size, flat(pred), flat(target), kind, t(beta), t(1), flat(gloss),
-           t(pred.size), flat(g))
+    launch(_point_grad, pred.size, flat(pred), flat(target), w, D, kind, t(beta), t(1), flat(gloss), den,
+           flat(g))
     return g
 
 
-def mse_loss(pred, target):
-    return _forward(MSE, pred, target)
+def mse_loss(pred, target, weight=None, norm="elements"):
+    return _forward(MSE, pred, target, 1.0, weight, norm)
 
 
-def mse_loss_backward(pred, target, gloss):
-    return _backward(MSE, pred, target, gloss)
+def mse_loss_backward(pred, target, gloss, weight=None, norm="elements"):
+    return _backward(MSE, pred, target, gloss, 1.0, weight, norm)
 
 
-def smooth_l1_loss(pred, target, beta=1.0):
-    return _forward(SMOOTH_L1, pred, target, beta)
+def smooth_l1_loss(pred, target, beta=1.0, weight=None, norm="elements"):
+    return _forward(SMOOTH_L1, pred, target, beta, weight, norm)
 
 
-def smooth_l1_loss_backward(pred, target, gloss, beta=1.0):
-    return _backward(SMOOTH_L1, pred, target, gloss, beta)
+def smooth_l1_loss_backward(pred, target, gloss, beta=1.0, weight=None, norm="elements"):
+    return _backward(SMOOTH_L1, pred, target, gloss, beta, weight, norm)
 
 
-def bce_with_logits(logits, target):
-    return _forward(BCE_LOGITS, logits, target)
+def bce_with_logits(logits, target, weight=None, norm="elements"):
+    return _forward(BCE_LOGITS, logits, target, 1.0, weight, norm)
 
 
-def bce_with_logits_backward(logits, target, gloss):
-    return _backward(BCE_LOGITS, logits, target, gloss)
+def bce_with_logits_backward(logits, target, gloss, weight=None, norm="elements"):
+    return _backward(BCE_LOGITS, logits, target, gloss, 1.0, weight, norm)
 
 
 # ---------------------------------------------------------------- softmax over an axis

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from ..ir.dims import Sym, fmt_shape, is_dim, product
-from .registry import Attr, Ctx, defop, is_float, positive
+from .registry import Attr, Ctx, defop, is_float, nonneg, positive
 
 
 def _axis(ctx: Ctx, axis: int, rank: int, i: int = 0) -> int:
@@ -248,16 +248,26 @@ def _same_shape(ctx: Ctx):
     p, t = ctx.inputs[:2]
     if tuple(p.shape) != tuple(t.shape):
         ctx.fail("prediction and target must have the same shape", 0, 1)
-    if len(ctx.inputs) > 2 and ctx.inputs[2] is not None and tuple(ctx.inputs[2].shape) not in (
-            tuple(p.shape), tuple(p.shape[:-1])):
-        ctx.fail("the weight must have the prediction's shape, or that shape without its last axis", 0, 2)
+    if len(ctx.inputs) > 2 and ctx.inputs[2] is not None:
+        w = ctx.inputs[2]
+        if tuple(w.shape) not in (tuple(p.shape), tuple(p.shape[:-1])):
+            ctx.fail("the weight must have the prediction's shape, or that shape without its last axis", 0, 2)
+        if not is_float(w.dtype):
+            ctx.fail(f"the weight must be floating point, got {w.dtype}", 2)
     return _scalar(ctx)
 
 
-def _weighted(node):
-    """The point losses run unweighted only, so far."""
-    return ("a weighted loss (the optional third input) has no kernels in this version"
-            if len(node.inputs) > 2 and node.inputs[2] is not None else None)
+# The point losses' reduction: sum(w * loss) over every element of pred (the weight of a
+# row applies to each element of the row), divided by
+#   elements  the number of elements of pred: torch's mean of w * loss (the weight=
+#             of binary_cross_entropy_with_logits); unweighted, the plain mean;
+#   rows      the number of rows (elements / the last axis): torchvision's box regression,
+#             summed over a box's 4 numbers and divided by the RoIs or anchors in the batch;
+#   weight    the sum of the weights over the elements: the mean over what is weighted
+#             (pose: over the visible joints' coordinates); 0 where every weight is 0.
+# The weight gets no gradient.
+_NORM = Attr("norm", "str", "elements", choices=("elements", "rows", "weight"),
+             doc="divide sum(weight * loss) by the element count, the row count, or the sum of the weights")
 
 
 @defop("cross_entropy", ["logits", "labels"], (Attr("ignore_index", "int", -1),), kind="loss",
@@ -279,24 +289,25 @@ def cross_entropy(ctx: Ctx):
     return _scalar(ctx)
 
 
-@defop("l2", ["pred", "target", "weight"], kind="loss", optional_inputs=1, vjp="kernel", grad_wrt=(0,),
-       pending=_weighted)
+@defop("l2", ["pred", "target", "weight"], (_NORM,), kind="loss", optional_inputs=1, vjp="kernel",
+       grad_wrt=(0,))
 def l2(ctx: Ctx):
-    """Mean squared error (the notes' L2 loss), optionally weighted per element or per row."""
+    """Mean squared error (the notes' L2 loss), optionally weighted per element or per row
+    (a weight of 0 leaves an element out: pose's invisible joints)."""
     return _same_shape(ctx)
 
 
-@defop("smooth_l1", ["pred", "target", "weight"], (Attr("beta", "float", 1.0),), kind="loss", optional_inputs=1,
-       vjp="kernel", grad_wrt=(0,), pending=_weighted)
+@defop("smooth_l1", ["pred", "target", "weight"], (Attr("beta", "float", 1.0, check=nonneg), _NORM),
+       kind="loss", optional_inputs=1, vjp="kernel", grad_wrt=(0,))
 def smooth_l1(ctx: Ctx):
     """Huber-style box regression loss of Fast R-CNN, optionally weighted (only positives count)."""
     return _same_shape(ctx)
 
 
-@defop("bce", ["logits", "target", "weight"], kind="loss", optional_inputs=1, vjp="kernel", grad_wrt=(0,),
-       pending=_weighted)
+@defop("bce", ["logits", "target", "weight"], (_NORM,), kind="loss", optional_inputs=1, vjp="kernel",
+       grad_wrt=(0,))
 def bce(ctx: Ctx):
-    """Binary cross-entropy on logits (per-pixel masks, objectness)."""
+    """Binary cross-entropy on logits (per-pixel masks, objectness), optionally weighted."""
     return _same_shape(ctx)
 
 

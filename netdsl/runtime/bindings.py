@@ -18,7 +18,6 @@ import math
 import numpy as np
 
 from ..autodiff import trainable
-from ..errors import NetdslError
 from ..ir.dims import Sym
 from ..ops.tensor import reduced_axes
 from .arena import pack
@@ -342,20 +341,19 @@ def register(table: dict, K, target: str) -> None:
     point = {"l2": (K.mse_loss, K.mse_loss_backward), "smooth_l1": (K.smooth_l1_loss, K.smooth_l1_loss_backward),
              "bce": (K.bce_with_logits, K.bce_with_logits_backward)}
 
+    def loss_extra(fwd, weight):
+        """The keyword arguments of a point loss: beta, the weight (optional) and its norm."""
+        extra = {"weight": weight, "norm": fwd.attrs["norm"]}
+        return {**extra, "beta": fwd.attrs["beta"]} if fwd.op == "smooth_l1" else extra
+
     @kernel("l2", "smooth_l1", "bce", writes="new")
     def point_loss(n, x, st):
-        if len(x) > 2:
-            raise NetdslError(f"{n.op} with a weight input is not supported by the {target} runtime yet", n.pos)
-        extra = {"beta": n.attrs["beta"]} if n.op == "smooth_l1" else {}
-        return [point[n.op][0](x[0], x[1], **extra).reshape(())]
+        return [point[n.op][0](x[0], x[1], **loss_extra(n, x[2] if len(x) > 2 else None)).reshape(())]
 
     @kernel("l2_grad", "smooth_l1_grad", "bce_grad", writes="new")
     def point_loss_grad(n, x, st):
-        k = n.attrs["ngrads"]
-        gl, pred, target_ = x[0], x[k], x[k + 1]
-        op = n.fwd.op
-        extra = {"beta": n.attrs["beta"]} if op == "smooth_l1" else {}
-        return [point[op][1](pred, target_, gl, **extra)]
+        (gl,), ins, _, _ = _grads_for(n, x)
+        return [point[n.fwd.op][1](ins[0], ins[1], gl, **loss_extra(n.fwd, ins[2] if len(ins) > 2 else None))]
 
     # ---- structural operators (the CPU's kernels are numpy, under the same names: runtime/cpu.py)
 

@@ -130,7 +130,7 @@ class Model:
 
     def _state(self, dims, train: bool, carry) -> RunState:
         st = RunState(self._run_params(), dims, train, self.seed, self.dtype)
-        st.fuse = self.fuse
+        st.fuse, st.step = self.fuse, self.step
         if carry:
             known = {c.name for c in self.g.carries}
             unknown = sorted(set(carry) - known)
@@ -174,7 +174,6 @@ class Model:
             raise NetdslError(f"training needs data for every input; missing: {', '.join(missing)}", self.g.pos)
         prog = self._program(True, dims, tuple(extra))
         st = self._state(dims, True, carry)
-        st.step = self.step
         if self.device == "cpu":    # weight gradients go into buffers kept from step to step
             if "_grad_buffers" not in self.__dict__:
                 self._grad_buffers = GradBuffers(self.training_graph.grads)
