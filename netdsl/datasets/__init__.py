@@ -11,3 +11,11 @@
 pycocotools and Pillow are imported inside the functions that need them, so importing
 this package costs nothing until data is read or written.
 """
+
+
+def load_coco(path: str, ann: str = "instances", task: str = "", size=0, max_objects: int = 0,
+              train: str = "train", test: str = "val"):
+    """The `coco` data source for runtime/data.py's table: coco.coco (see there),
+    imported on first use (coco.py builds on runtime/data.py's Dataset)."""
+    from .coco import coco
+    return coco(path, ann=ann, task=task, size=size, max_objects=max_objects, train=train, test=test)
