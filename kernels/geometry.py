@@ -33,6 +33,16 @@ def pool_geom(xshape, kernel_size, stride, pad, ceil_mode):
         pool_out_size(xshape[3], k[1], s[1], p[1], ceil_mode)
 
 
+def patch_grid(xshape, k, s, p):
+    """(kh, kw, sh, sw, ph, pw, Ho, Wo) of extract_patches over x[N, C, H, W]: one k x k
+    window per output position at stride s over the input zero-padded by p."""
+    (kh, kw), (sh, sw), (ph, pw) = pair(k), pair(s), pair(p)
+    Ho, Wo = out_size(xshape[2], kh, sh, ph, 1), out_size(xshape[3], kw, sw, pw, 1)
+    if Ho <= 0 or Wo <= 0:
+        raise ValueError(f"extract_patches: a {kh}x{kw} window does not fit {tuple(xshape[2:])} padded by {(ph, pw)}")
+    return kh, kw, sh, sw, ph, pw, Ho, Wo
+
+
 class ConvShape:
     """One convolution's shapes and attributes; each target adds its blocking decisions."""
 

@@ -330,6 +330,13 @@ def _other_cases():
             both("sum_to", G.sum_to(d(x), (5, 1)), x.sum(axis=0).sum(axis=1, keepdims=True)),
             both("pad", G.pad(d(x), -1, 1, 2), np.pad(x, [(0, 0), (0, 0), (1, 2)])),
             both("broadcast_to", G.broadcast_to(d(x[:1, :, :1].copy()), x.shape), np.broadcast_to(x[:1, :, :1], x.shape))]
+    # extract_patches: uneven stride and padding, windows partly outside the image
+    x = r(2, 2, 5, 4)
+    cy = C.extract_patches(x, 3, (2, 1), (1, 2))
+    gy = r(*cy.shape)
+    out += [both("extract_patches", G.extract_patches(d(x), 3, (2, 1), (1, 2)), cy),
+            both("extract_patches_g", G.extract_patches_backward(d(gy), x.shape, 3, (2, 1), (1, 2)),
+                 C.extract_patches_backward(gy, x.shape, 3, (2, 1), (1, 2)))]
     w = r(6, 4)
     ids = np.array([[1, 5, 1], [0, 1, 3]])
     gy = r(2, 3, 4)

@@ -21,8 +21,9 @@ from __future__ import annotations
 from ..ir.dims import fmt_shape, product
 from .registry import Attr, Ctx, conv_out, defop, is_float, nonneg, positive
 
-# No detection operator has kernels yet (the detection issue brings them): networks using
-# them compile and render, and `netdsl run` stops at the first with this reason.
+# The detection operators have no kernels yet (the detection issue brings them; only
+# extract_patches runs): networks using them compile and render, and `netdsl run` stops
+# at the first with this reason.
 PENDING = "detection operators have no kernels in this version"
 DET = dict(kind="detection", differentiable=False, pending=PENDING)
 
@@ -297,7 +298,7 @@ def crop_resize(ctx: Ctx):
 
 @defop("extract_patches", ["x"], (Attr("k", "pair", check=positive), Attr("s", "pair", 1, check=positive),
                                   Attr("p", "pair", 0, check=nonneg)),
-       kind="layer", vjp="kernel", pending=PENDING)
+       kind="layer", vjp="kernel")
 def extract_patches(ctx: Ctx):
     """Every k x k window (stride s, zero padding p) as its own image, in (n, y, x) order:
     [N, C, H, W] -> [N*Ho*Wo, C, kh, kw]. The sliding-window baseline runs a patch

@@ -336,6 +336,16 @@ def register(table: dict, K, target: str) -> None:
             return [K.upsample_nearest2d_backward(x[0], s)]
         return [K.upsample_bilinear2d_backward(x[0], x[1].shape, scale_factor=float(s))]
 
+    @kernel("extract_patches", writes="new")
+    def extract_patches(n, x, st):
+        a = n.attrs
+        return [K.extract_patches(x[0], a["k"], a["s"], a["p"])]
+
+    @kernel("extract_patches_grad", writes="new")
+    def extract_patches_grad(n, x, st):
+        a = n.attrs
+        return [K.extract_patches_backward(x[0], x[1].shape, a["k"], a["s"], a["p"])]
+
     # ---- pointwise losses (the forward's loss is a 0-d array on either target)
 
     point = {"l2": (K.mse_loss, K.mse_loss_backward), "smooth_l1": (K.smooth_l1_loss, K.smooth_l1_loss_backward),
