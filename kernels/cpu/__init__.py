@@ -145,6 +145,11 @@ from .norm import (  # noqa: E402
     dropout, dropout_backward, dropout_mask, drop_path, drop_path_backward,
 )
 from .reduce import reduce_axes, expand_axes  # noqa: E402
+from .recurrent import (  # noqa: E402
+    project, project_backward, cell_step, cell_step_backward, cell_forward, cell_backward,
+    attention_scores, attention_scores_backward, weighted_sum, weighted_sum_backward,
+    gather_location, gather_location_backward, sample_categorical, argmax,
+)
 from .loss import (  # noqa: E402
     softmax_cross_entropy, softmax_cross_entropy_backward,
     mse_loss, mse_loss_backward, smooth_l1_loss, smooth_l1_loss_backward,

@@ -174,4 +174,9 @@ from .tensor import (  # noqa: E402
     reduce_axis, reduce_axes, expand_axes, broadcast_axis, sum_to, transpose, copy_into, concat, split, slice_, slice_backward, pad,
     embedding, embedding_backward, one_hot, broadcast_to, all_finite,
 )
+from .recurrent import (  # noqa: E402
+    project, project_backward, cell_step, cell_step_backward, cell_forward, cell_backward,
+    attention_scores, attention_scores_backward, weighted_sum, weighted_sum_backward,
+    gather_location, gather_location_backward, sample_categorical, argmax,
+)
 from .optim import adam_update, global_norm, scale, sgd_update  # noqa: E402

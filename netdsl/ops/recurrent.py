@@ -17,10 +17,9 @@ import math
 from ..ir.dims import fmt_shape
 from .registry import Attr, Ctx, defop, is_float, need_rank, nonneg, positive
 
-# No recurrent operator has kernels yet (the recurrent issue brings them, and `scan`):
-# networks using them compile and render; `netdsl run` stops at the first with this reason.
-PENDING = "recurrent operators have no kernels in this version"
-RNN = dict(kind="recurrent", pending=PENDING)
+# Kernels: kernels/{cpu,cuda}/recurrent.py, bound once in runtime/bindings.py. The cells,
+# attention scores and the reads have dedicated gradient kernels (`<op>_grad`).
+RNN = dict(kind="recurrent", vjp="kernel")
 
 HIDDEN = Attr("hidden", "int", check=positive, doc="size of the hidden state H")
 BIAS = Attr("bias", "bool", True)
@@ -174,16 +173,18 @@ def _prod3(shape):
     return N * L * D
 
 
-@defop("sample_categorical", ["weights"], differentiable=False, **RNN)
+@defop("sample_categorical", ["weights"], kind="recurrent", differentiable=False)
 def sample_categorical(ctx: Ctx):
     """Draw one index per row from the categorical distribution weights [N, L] (rows sum to 1,
     e.g. a softmax): hard attention's location, or the next token when sampling text.
-    No gradient flows through a sample (Xu et al. train hard attention with REINFORCE)."""
+    No gradient flows through a sample (Xu et al. train hard attention with REINFORCE).
+    Seeded like dropout (run seed, step and node): a run repeats exactly, and the CPU and
+    CUDA draw the same indices for a seed. Entries that are not positive are never drawn."""
     N, _ = _weights(ctx, 0, ctx.x().shape[0])
     return [((N,), "i64")]
 
 
-@defop("gather_location", ["feats", "index"], **RNN)
+@defop("gather_location", ["feats", "index"], grad_wrt=(0,), **RNN)
 def gather_location(ctx: Ctx):
     """Hard attention's read: feats[n, index[n], :]. feats [N, L, D], index i64[N] -> [N, D].
     Differentiable in feats (the gradient goes to the chosen location), not in the index."""
@@ -195,9 +196,10 @@ def gather_location(ctx: Ctx):
     return [((N, D), ctx.inputs[0].dtype)]
 
 
-@defop("argmax", ["x"], (Attr("axis", "int", -1),), kind="structural", differentiable=False, pending=PENDING)
+@defop("argmax", ["x"], (Attr("axis", "int", -1),), kind="structural", differentiable=False)
 def argmax(ctx: Ctx):
-    """Index of the largest entry along an axis (removed): greedy decoding's next token."""
+    """Index of the largest entry along an axis (removed): greedy decoding's next token.
+    The first of equal largest entries; a NaN counts as the largest (as in numpy and torch)."""
     x = ctx.x()
     a = ctx.axis + x.rank if ctx.axis < 0 else ctx.axis
     if not 0 <= a < x.rank:

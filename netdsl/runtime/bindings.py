@@ -450,8 +450,96 @@ def register(table: dict, K, target: str) -> None:
 
     @kernel("fill", writes="new")
     def fill(n, x, st):
-        return [K.full(st.shape_of(n.outputs[0]), n.attrs["value"], st.dtype)]
+        return [K.full(st.shape_of(n.outputs[0]), n.attrs["value"], array_dtype(n.outputs[0].dtype, st.dtype))]
 
     @kernel("detach")
     def detach(n, x, st):
         return [x[0]]
+
+    recurrent(kernel, K)
+
+
+# ---- recurrent cells, attention over locations, discrete choices (kernels/*/recurrent.py)
+
+CELLS = {"rnn_cell": "rnn", "lstm_cell": "lstm", "gru_cell": "gru"}
+CELL_PARAMS = ("weight_ih", "weight_hh", "bias_ih", "bias_hh")
+ATTENTION_PARAMS = ("weight_feat", "weight_query", "bias", "weight_score")
+
+
+def recurrent(kernel, K) -> None:
+    """Bind the operators of ops/recurrent.py with `kernel` (a registrar) to module K."""
+    from ..errors import NetdslError
+
+    @kernel(*CELLS, writes="new")
+    def cell(n, x, st):
+        kind = CELLS[n.op]
+        h, c, acts = K.cell_forward(kind, x[0], x[1], x[2] if kind == "lstm" else None,
+                                    *(_param(n, st, r) for r in CELL_PARAMS), order=n.attrs.get("order", "ifog"))
+        st.saved[id(n)] = acts
+        return [h] if c is None else [h, c]
+
+    @kernel(*(f"{op}_grad" for op in CELLS), writes="new")
+    def cell_grad(n, x, st):
+        gys, ins, _, _ = _grads_for(n, x)
+        lstm = CELLS[n.fwd.op] == "lstm"
+        bufs = {key: v for role, key in (("weight_ih", "gw_ih"), ("weight_hh", "gw_hh"))
+                for v in _grad_out(n, st, role).values()}
+        gx, gh, gc, gwi, gwh, gbi, gbh = K.cell_backward(
+            CELLS[n.fwd.op], st.saved[id(n.fwd)], gys[0], gys[1] if lstm else None, ins[0], ins[1],
+            ins[2] if lstm else None, _param(n.fwd, st, "weight_ih"), _param(n.fwd, st, "weight_hh"),
+            order=n.attrs.get("order", "ifog"), need_gx=_wants(n, 0), **bufs)
+        return _outs(n, {0: gx, 1: gh, 2: gc}, {"weight_ih": gwi, "weight_hh": gwh, "bias_ih": gbi, "bias_hh": gbh})
+
+    @kernel("attention_scores", writes="new")
+    def attention_scores(n, x, st):
+        a, u = K.attention_scores(x[0], x[1], *(_param(n, st, r) for r in ATTENTION_PARAMS))
+        st.saved[id(n)] = (a, u)
+        return [a]
+
+    @kernel("attention_scores_grad", writes="new")
+    def attention_scores_grad(n, x, st):
+        (gy,), (f, q), _, _ = _grads_for(n, x)
+        p = {r: _param(n.fwd, st, r) for r in ATTENTION_PARAMS}
+        gf, gq, gwf, gwq, gb, gws = K.attention_scores_backward(
+            gy, *st.saved[id(n.fwd)], f, q, p["weight_feat"], p["weight_query"], p["weight_score"],
+            need_gfeats=_wants(n, 0), need_gquery=_wants(n, 1))
+        return _outs(n, {0: gf, 1: gq}, dict(zip(ATTENTION_PARAMS, (gwf, gwq, gb, gws))))
+
+    @kernel("weighted_sum", writes="new")
+    def weighted_sum(n, x, st):
+        return [K.weighted_sum(x[0], x[1])]
+
+    @kernel("weighted_sum_grad", writes="new")
+    def weighted_sum_grad(n, x, st):
+        (gy,), (f, w), _, _ = _grads_for(n, x)
+        gf, gw = K.weighted_sum_backward(gy, f, w)
+        return _outs(n, {0: gf, 1: gw}, {})
+
+    def located(n, fn, *args):
+        """fn(*args), a bad index (the CPU's IndexError) reported at the node."""
+        try:
+            return fn(*args)
+        except IndexError as e:
+            raise NetdslError(f"{n.op} ({n.path}): {e}", n.pos) from None
+
+    @kernel("gather_location", writes="new")
+    def gather_location(n, x, st):
+        return [located(n, K.gather_location, x[0], x[1])]
+
+    @kernel("gather_location_grad", writes="new")
+    def gather_location_grad(n, x, st):
+        (gy,), (f, index), _, _ = _grads_for(n, x)
+        return _outs(n, {0: located(n.fwd, K.gather_location_backward, gy, index, f.shape[1])}, {})
+
+    @kernel("sample_categorical", writes="new")
+    def sample_categorical(n, x, st):
+        ix = K.sample_categorical(x[0], st.seed_for(n))
+        if isinstance(ix, np.ndarray) and ix.size and ix.min() < 0:    # (CUDA leaves -1 for gather's NaN)
+            row = int(np.flatnonzero(ix < 0)[0])
+            raise NetdslError(f"sample_categorical ({n.path}): row {row} of the weights has no positive "
+                              f"finite total to draw from", n.pos, hint="pass probabilities, e.g. a softmax")
+        return [ix]
+
+    @kernel("argmax", writes="new")
+    def argmax(n, x, st):
+        return [K.argmax(x[0], n.attrs["axis"])]

@@ -1,0 +1,555 @@
+"""Recurrent cells, attention over locations, sampling and argmax (Numba, CPU).
+
+Arrays are C-contiguous float32 or float64 (the same dtype throughout a call); H is
+the hidden size and G the gate count (KINDS: rnn 1, lstm 4, gru 3). Weights are in
+torch's layout: w_ih [G*H, D], w_hh [G*H, H], b_ih and b_hh [G*H] or None (no bias).
+`order` is lstm_cell's gate order of the weight rows: "ifog" (the notes') or "ifgo"
+(torch's); rnn and gru ignore it.
+
+A cell is split in two so that a time loop can project the input of every step with
+one GEMM before the loop (x [N, T, D] seen as [N*T, D] rows) and run only the
+recurrent part per step:
+
+  project(x[R, D], w_ih, b_ih) -> xp[R, G*H]                  x @ w_ih.T + b_ih
+  project_backward(gxp[R, G*H], x[R, D], w_ih, need_gx=True, gw=None, gb=None,
+                   accumulate=False) -> (gx[R, D] or None, gw_ih, gb_ih)
+
+  cell_step(kind, xp[N, G*H], h[N, H], c, w_hh, b_hh, order="ifog") -> (h', c', acts)
+      one step from the projected input: the GEMM h @ w_hh.T and the gates in one
+      kernel, split over rows. c and c' are None but for lstm. acts is what the
+      backward reads (rnn: h' itself; lstm [N, 5H]: the activated gates in the
+      weights' row order, then tanh(c'); gru [N, 4H]: r, z, n, then w_hn h + b_hn).
+  cell_step_backward(kind, acts, gh'[N, H], gc' or None, h, c, w_hh, order="ifog",
+                     gw_hh=None, gb_hh=None, accumulate=False)
+      -> (gxp[N, G*H], gh[N, H], gc or None, gw_hh, gb_hh)
+      gxp is the gradient of the projected input (feed it to project_backward, one
+      step's rows or all steps' at once). accumulate: add into the given gw_hh and
+      gb_hh (summing over time steps) instead of writing them.
+
+  cell_forward(kind, x, h, c, w_ih, w_hh, b_ih, b_hh, order="ifog") -> (h', c', acts)
+  cell_backward(kind, acts, gh', gc', x, h, c, w_ih, w_hh, order="ifog", need_gx=True,
+                gw_ih=None, gw_hh=None) -> (gx, gh, gc, gw_ih, gw_hh, gb_ih, gb_hh)
+      the whole cell (project + cell_step); gw_ih / gw_hh: buffers to write into.
+
+Attention over L locations of feats [N, L, D] (Xu et al. 2015's f_att):
+
+  attention_scores(feats, query[N, Q], w_feat[A, D], w_query[A, Q], bias[A], w_score[1, A])
+      -> (weights[N, L], u[N*L, A])      u = tanh(W_feat f_l + W_query q + b), kept for:
+  attention_scores_backward(gweights, weights, u, feats, query, w_feat, w_query, w_score,
+                            need_gfeats=True, need_gquery=True)
+      -> (gfeats, gquery, gw_feat, gw_query, gbias, gw_score)
+  weighted_sum(feats, weights[N, L]) -> [N, D];  weighted_sum_backward(gy, feats, weights)
+      -> (gfeats, gweights)
+  gather_location(feats, index i64[N]) -> [N, D];  gather_location_backward(gy, index, L)
+      -> gfeats; an index outside [0, L) raises IndexError (the binding locates it).
+
+Discrete choices (no gradient):
+
+  sample_categorical(weights[N, L], seed) -> i64[N]
+      inverse CDF: row n draws u = (top 24 bits of splitmix64(splitmix64(seed) + n)) / 2**24
+      (dropout's counter hash, rand.py) and picks the first l whose running sum of the
+      positive weights exceeds u * their total, summed in the weights' dtype in IEEE
+      order; so a seed draws the same indices on every run and on CUDA. Non-positive
+      (and NaN) weights are never drawn; a row with no positive finite total gives -1.
+  argmax(x, axis) -> i64: the first largest entry (a NaN counts as the largest, as in
+      numpy and torch).
+"""
+import numpy as np
+
+from . import Kernel, kernel, prange
+from .gemm import N_, T_, gemm as _gemm
+from .rand import mix
+
+KINDS = {"rnn": 1, "lstm": 4, "gru": 3}
+LSTM_BLOCKS = {"ifog": (2, 3), "ifgo": (3, 2)}     # order -> (row block of o, row block of g)
+
+
+# ---------------------------------------------------------------- GEMMs split over threads
+
+def _rows_gemm(g, w, y, add, T):
+    """y[R, K] = g[R, M] @ w[M, K] (+ y when add): thread t takes a share of the rows."""
+    R, M = g.shape
+    K = w.shape[1]
+    gf, wf, yf = g.reshape(-1), w.reshape(-1), y.reshape(-1)
+    for t in prange(T):
+        r0, r1 = t * R // T, (t + 1) * R // T
+        if r1 > r0 and K > 0:
+            _gemm(r1 - r0, K, M, gf[r0 * M:], M, N_, wf, K, N_, yf[r0 * K:], 1.0 if add else 0.0)
+    return y
+
+
+def _wgrad(g, a, gw, gb, accumulate, T):
+    """gw[M, K] (+)= g[R, M].T @ a[R, K] and gb[M] (+)= the column sums of g (gb of size
+    0: not wanted): thread t takes a share of gw's rows, so no two write one element."""
+    R, M = g.shape
+    K = a.shape[1]
+    gf, af, gwf = g.reshape(-1), a.reshape(-1), gw.reshape(-1)
+    beta = 1.0 if accumulate else 0.0
+    for t in prange(T):
+        m0, m1 = t * M // T, (t + 1) * M // T
+        if m1 > m0:
+            if R > 0 and K > 0:
+                _gemm(m1 - m0, K, R, gf[m0:], M, T_, af, K, N_, gwf[m0 * K:], beta)
+            elif not accumulate:
+                gw[m0:m1] = 0
+            if gb.size:
+                for m in range(m0, m1):
+                    s = g.dtype.type(0)
+                    for r in range(R):
+                        s += g[r, m]
+                    gb[m] = gb[m] + s if accumulate else s
+    return gw
+
+
+_rows_gemm = kernel(_rows_gemm)
+_wgrad = kernel(_wgrad)
+
+
+def _threads(k: Kernel, size, rows):
+    fn, T = k.pick(size)
+    return fn, min(T, max(1, rows))
+
+
+def _f(a, dtype):
+    return np.ascontiguousarray(a, dtype=dtype)
+
+
+def _bias(b, n, dtype):
+    return np.zeros(n, dtype) if b is None else _f(b, dtype)
+
+
+def matmul_rows(g, w, out=None, add=False):
+    """g[R, M] @ w[M, K], written into out when given (added to it with add)."""
+    y = np.empty((g.shape[0], w.shape[1]), g.dtype) if out is None else out
+    fn, T = _threads(_rows_gemm, g.size * w.shape[1], g.shape[0])
+    return fn(g, w, y, add, T)
+
+
+def weight_grad(g, a, gw=None, gb=None, need_gb=True, accumulate=False):
+    """(g.T @ a, column sums of g): written into gw / gb when given, or added to them
+    with accumulate (then both must be given)."""
+    M, K = g.shape[1], a.shape[1]
+    gw = np.empty((M, K), g.dtype) if gw is None else gw
+    gb = (np.empty(M, g.dtype) if gb is None else gb) if need_gb else np.empty(0, g.dtype)
+    fn, T = _threads(_wgrad, g.size * K, M)
+    fn(g, a, gw, gb, accumulate, T)
+    return gw, (gb if need_gb else None)
+
+
+# ---------------------------------------------------------------- the input projection
+
+def project(x, w_ih, b_ih=None):
+    """xp[R, G*H] = x[R, D] @ w_ih.T + b_ih."""
+    from .dense import linear
+    return linear(x, w_ih, b_ih)
+
+
+def project_backward(gxp, x, w_ih, need_gx=True, gw=None, gb=None, accumulate=False):
+    """(gx[R, D] or None, gw_ih, gb_ih) of project, given the gradient of its output."""
+    dt = gxp.dtype
+    x, w_ih = _f(x, dt), _f(w_ih, dt)
+    gx = matmul_rows(gxp, w_ih) if need_gx else None
+    gw, gb = weight_grad(gxp, x, gw, gb, True, accumulate)
+    return gx, gw, gb
+
+
+# ---------------------------------------------------------------- one step from the projected input
+
+def _rnn_fwd(xp, h, whh, bhh, hn, T):
+    N, H = h.shape
+    hf, wf, yf = h.reshape(-1), whh.reshape(-1), hn.reshape(-1)
+    for t in prange(T):
+        n0, n1 = t * N // T, (t + 1) * N // T
+        if n1 > n0:
+            _gemm(n1 - n0, H, H, hf[n0 * H:], H, N_, wf, H, T_, yf[n0 * H:], 0.0)
+            for r in range(n0, n1):
+                for j in range(H):
+                    hn[r, j] = np.tanh(hn[r, j] + xp[r, j] + bhh[j])
+    return hn
+
+
+def _rnn_bwd(acts, ghn, gxp, T):
+    """gxp = gh' * (1 - h'^2) (the pre-activation's gradient, input and recurrent alike)."""
+    N, H = acts.shape
+    one = acts.dtype.type(1)
+    for t in prange(T):
+        for r in range(t * N // T, (t + 1) * N // T):
+            for j in range(H):
+                y = acts[r, j]
+                gxp[r, j] = ghn[r, j] * (one - y * y)
+    return gxp
+
+
+def _lstm_fwd(xp, h, c, whh, bhh, acts, hn, cn, bo, bg, T):
+    """acts[:, :4H] = h @ w_hh.T first (the GEMM writes straight into it), then the gates."""
+    N, H = h.shape
+    one = acts.dtype.type(1)
+    W = 5 * H
+    hf, wf, af = h.reshape(-1), whh.reshape(-1), acts.reshape(-1)
+    oo, og = bo * H, bg * H
+    for t in prange(T):
+        n0, n1 = t * N // T, (t + 1) * N // T
+        if n1 > n0:
+            _gemm(n1 - n0, 4 * H, H, hf[n0 * H:], H, N_, wf, H, T_, af[n0 * W:], 0.0, W)
+            for r in range(n0, n1):
+                for j in range(H):
+                    i = one / (one + np.exp(-(acts[r, j] + xp[r, j] + bhh[j])))
+                    f = one / (one + np.exp(-(acts[r, H + j] + xp[r, H + j] + bhh[H + j])))
+                    o = one / (one + np.exp(-(acts[r, oo + j] + xp[r, oo + j] + bhh[oo + j])))
+                    g = np.tanh(acts[r, og + j] + xp[r, og + j] + bhh[og + j])
+                    c2 = f * c[r, j] + i * g
+                    tc = np.tanh(c2)
+                    acts[r, j], acts[r, H + j], acts[r, oo + j], acts[r, og + j] = i, f, o, g
+                    acts[r, 4 * H + j] = tc
+                    cn[r, j] = c2
+                    hn[r, j] = o * tc
+    return hn
+
+
+def _lstm_bwd(acts, c, ghn, gcn, has_gc, gxp, gc, bo, bg, T):
+    N, H = c.shape
+    one = acts.dtype.type(1)
+    oo, og = bo * H, bg * H
+    for t in prange(T):
+        for r in range(t * N // T, (t + 1) * N // T):
+            for j in range(H):
+                i, f, o, g, tc = acts[r, j], acts[r, H + j], acts[r, oo + j], acts[r, og + j], acts[r, 4 * H + j]
+                gh = ghn[r, j]
+                dc = gh * o * (one - tc * tc)
+                if has_gc:
+                    dc += gcn[r, j]
+                gxp[r, j] = dc * g * i * (one - i)
+                gxp[r, H + j] = dc * c[r, j] * f * (one - f)
+                gxp[r, oo + j] = gh * tc * o * (one - o)
+                gxp[r, og + j] = dc * i * (one - g * g)
+                gc[r, j] = dc * f
+    return gxp
+
+
+def _gru_fwd(xp, h, whh, bhh, acts, hn, T):
+    """acts[:, :3H] = h @ w_hh.T first, then r, z, n there and w_hn h + b_hn in acts[:, 3H:]."""
+    N, H = h.shape
+    one = acts.dtype.type(1)
+    W = 4 * H
+    hf, wf, af = h.reshape(-1), whh.reshape(-1), acts.reshape(-1)
+    for t in prange(T):
+        n0, n1 = t * N // T, (t + 1) * N // T
+        if n1 > n0:
+            _gemm(n1 - n0, 3 * H, H, hf[n0 * H:], H, N_, wf, H, T_, af[n0 * W:], 0.0, W)
+            for r in range(n0, n1):
+                for j in range(H):
+                    rr = one / (one + np.exp(-(acts[r, j] + bhh[j] + xp[r, j])))
+                    z = one / (one + np.exp(-(acts[r, H + j] + bhh[H + j] + xp[r, H + j])))
+                    hpn = acts[r, 2 * H + j] + bhh[2 * H + j]
+                    n = np.tanh(xp[r, 2 * H + j] + rr * hpn)
+                    acts[r, j], acts[r, H + j], acts[r, 2 * H + j], acts[r, 3 * H + j] = rr, z, n, hpn
+                    hn[r, j] = (one - z) * n + z * h[r, j]
+    return hn
+
+
+def _gru_bwd(acts, h, ghn, gxp, ghp, gh, T):
+    """gxp (input side) and ghp (recurrent side) differ only in the n block: r * dn_pre.
+    gh gets the direct term z * gh'; the caller adds ghp @ w_hh."""
+    N, H = h.shape
+    one = acts.dtype.type(1)
+    for t in prange(T):
+        for r in range(t * N // T, (t + 1) * N // T):
+            for j in range(H):
+                rr, z, n, hpn = acts[r, j], acts[r, H + j], acts[r, 2 * H + j], acts[r, 3 * H + j]
+                g = ghn[r, j]
+                dn = g * (one - z) * (one - n * n)
+                dr = dn * hpn * rr * (one - rr)
+                dz = g * (h[r, j] - n) * z * (one - z)
+                gxp[r, j], gxp[r, H + j], gxp[r, 2 * H + j] = dr, dz, dn
+                ghp[r, j], ghp[r, H + j], ghp[r, 2 * H + j] = dr, dz, dn * rr
+                gh[r, j] = g * z
+    return gxp
+
+
+_rnn_fwd, _rnn_bwd = kernel(_rnn_fwd), kernel(_rnn_bwd)
+_lstm_fwd, _lstm_bwd = kernel(_lstm_fwd), kernel(_lstm_bwd)
+_gru_fwd, _gru_bwd = kernel(_gru_fwd), kernel(_gru_bwd)
+
+
+def _gates(kind, w_hh):
+    G = KINDS[kind]
+    H = w_hh.shape[1]
+    if w_hh.shape[0] != G * H:
+        raise ValueError(f"{kind}: w_hh has {w_hh.shape[0]} rows, expected {G} x {H}")
+    return G, H
+
+
+def cell_step(kind, xp, h, c, w_hh, b_hh=None, order="ifog"):
+    """(h', c' or None, acts): one step from the projected input xp [N, G*H]."""
+    dt = xp.dtype
+    G, H = _gates(kind, w_hh)
+    xp, h, w_hh, b_hh = _f(xp, dt), _f(h, dt), _f(w_hh, dt), _bias(b_hh, G * H, dt)
+    N = h.shape[0]
+    hn = np.empty((N, H), dt)
+    size = N * G * H * (H + 8)
+    if kind == "rnn":
+        fn, T = _threads(_rnn_fwd, size, N)
+        fn(xp, h, w_hh, b_hh, hn, T)
+        return hn, None, hn
+    if kind == "lstm":
+        acts, cn = np.empty((N, 5 * H), dt), np.empty((N, H), dt)
+        fn, T = _threads(_lstm_fwd, size, N)
+        fn(xp, h, _f(c, dt), w_hh, b_hh, acts, hn, cn, *LSTM_BLOCKS[order], T)
+        return hn, cn, acts
+    acts = np.empty((N, 4 * H), dt)
+    fn, T = _threads(_gru_fwd, size, N)
+    fn(xp, h, w_hh, b_hh, acts, hn, T)
+    return hn, None, acts
+
+
+def cell_step_backward(kind, acts, ghn, gcn, h, c, w_hh, order="ifog", gw_hh=None, gb_hh=None,
+                       accumulate=False, need_gb=True):
+    """(gxp, gh, gc or None, gw_hh, gb_hh) of cell_step; see the module doc."""
+    dt = acts.dtype
+    G, H = _gates(kind, w_hh)
+    ghn, h, w_hh = _f(ghn, dt), _f(h, dt), _f(w_hh, dt)
+    N = h.shape[0]
+    gxp = np.empty((N, G * H), dt)
+    ghp, gc = gxp, None
+    fn, T = _threads(_rnn_bwd if kind == "rnn" else _lstm_bwd if kind == "lstm" else _gru_bwd, N * G * H * 8, N)
+    if kind == "rnn":
+        fn(acts, ghn, gxp, T)
+    elif kind == "lstm":
+        gc = np.empty((N, H), dt)
+        has = gcn is not None
+        fn(acts, _f(c, dt), ghn, _f(gcn, dt) if has else ghn, has, gxp, gc, *LSTM_BLOCKS[order], T)
+    if kind == "gru":
+        ghp, gh = np.empty((N, G * H), dt), np.empty((N, H), dt)
+        fn(acts, h, ghn, gxp, ghp, gh, T)       # gh = z * gh', then
+        matmul_rows(ghp, w_hh, gh, add=True)    # + ghp @ w_hh
+    else:
+        gh = matmul_rows(ghp, w_hh)
+    gw, gb = weight_grad(ghp, h, gw_hh, gb_hh, need_gb, accumulate)
+    return gxp, gh, gc, gw, gb
+
+
+def cell_forward(kind, x, h, c, w_ih, w_hh, b_ih=None, b_hh=None, order="ifog"):
+    """(h', c' or None, acts): the whole cell, the input projection then cell_step."""
+    xp = project(x, w_ih, b_ih)
+    return cell_step(kind, xp, h, c, w_hh, b_hh, order)
+
+
+def cell_backward(kind, acts, ghn, gcn, x, h, c, w_ih, w_hh, order="ifog", need_gx=True, gw_ih=None,
+                  gw_hh=None):
+    """(gx or None, gh, gc or None, gw_ih, gw_hh, gb_ih, gb_hh) of cell_forward."""
+    gxp, gh, gc, gwh, gbh = cell_step_backward(kind, acts, ghn, gcn, h, c, w_hh, order, gw_hh)
+    gx, gwi, gbi = project_backward(gxp, x, w_ih, need_gx, gw_ih)
+    return gx, gh, gc, gwi, gwh, gbi, gbh
+
+
+# ---------------------------------------------------------------- attention over locations
+
+def _att_fwd(f, q, wf, wq, b, ws, u, pq, a, T):
+    """u = tanh(f @ w_feat.T + q @ w_query.T + b) (the GEMMs write u and pq, the loop
+    finishes them), scores e = u . w_score, a = softmax of e over the L locations."""
+    N, L, D = f.shape
+    A, Q = wf.shape[0], q.shape[1]
+    ff, qf, wff, wqf, uf, pqf = f.reshape(-1), q.reshape(-1), wf.reshape(-1), wq.reshape(-1), u.reshape(-1), pq.reshape(-1)
+    zero, low = a.dtype.type(0), a.dtype.type(-np.inf)
+    for t in prange(T):
+        n0, n1 = t * N // T, (t + 1) * N // T
+        if n1 > n0:
+            _gemm(n1 - n0, A, Q, qf[n0 * Q:], Q, N_, wqf, Q, T_, pqf[n0 * A:], 0.0)
+            _gemm((n1 - n0) * L, A, D, ff[n0 * L * D:], D, N_, wff, D, T_, uf[n0 * L * A:], 0.0)
+            for n in range(n0, n1):
+                m = low
+                for l in range(L):
+                    r = n * L + l
+                    e = zero
+                    for k in range(A):
+                        v = np.tanh(u[r, k] + pq[n, k] + b[k])
+                        u[r, k] = v
+                        e += v * ws[k]
+                    a[n, l] = e
+                    m = max(m, e)
+                s = zero
+                for l in range(L):
+                    e = np.exp(a[n, l] - m)
+                    a[n, l] = e
+                    s += e
+                for l in range(L):
+                    a[n, l] /= s
+    return a
+
+
+def _att_bwd(ga, a, u, ws, ge, gpre, gpq, T):
+    """Through the softmax (ge), the score (w_score) and tanh: gpre [N*L, A] is the
+    gradient of W_feat f_l + W_query q + b; gpq its sum over locations."""
+    N, L = a.shape
+    A = u.shape[1]
+    zero, one = a.dtype.type(0), a.dtype.type(1)
+    for t in prange(T):
+        for n in range(t * N // T, (t + 1) * N // T):
+            s = zero
+            for l in range(L):
+                s += ga[n, l] * a[n, l]
+            for k in range(A):
+                gpq[n, k] = zero
+            for l in range(L):
+                r = n * L + l
+                g = a[n, l] * (ga[n, l] - s)
+                ge[r, 0] = g
+                for k in range(A):
+                    v = u[r, k]
+                    d = g * ws[k] * (one - v * v)
+                    gpre[r, k] = d
+                    gpq[n, k] += d
+    return gpre
+
+
+_att_fwd, _att_bwd = kernel(_att_fwd), kernel(_att_bwd)
+
+
+def attention_scores(feats, query, w_feat, w_query, bias, w_score):
+    """(weights [N, L], u [N*L, A]): additive attention, softmax over the L locations."""
+    dt = feats.dtype
+    f, q = _f(feats, dt), _f(query, dt)
+    N, L, _ = f.shape
+    A = w_feat.shape[0]
+    u, pq, a = np.empty((N * L, A), dt), np.empty((N, A), dt), np.empty((N, L), dt)
+    fn, T = _threads(_att_fwd, u.size * (f.shape[2] + 4), N)
+    fn(f, q, _f(w_feat, dt), _f(w_query, dt), _bias(bias, A, dt), _f(w_score, dt).reshape(-1), u, pq, a, T)
+    return a, u
+
+
+def attention_scores_backward(gweights, weights, u, feats, query, w_feat, w_query, w_score,
+                              need_gfeats=True, need_gquery=True):
+    """(gfeats or None, gquery or None, gw_feat, gw_query, gbias, gw_score)."""
+    dt = weights.dtype
+    f, q = _f(feats, dt), _f(query, dt)
+    N, L, D = f.shape
+    A = u.shape[1]
+    ge, gpre, gpq = np.empty((N * L, 1), dt), np.empty((N * L, A), dt), np.empty((N, A), dt)
+    fn, T = _threads(_att_bwd, u.size * 4, N)
+    fn(_f(gweights, dt), weights, u, _f(w_score, dt).reshape(-1), ge, gpre, gpq, T)
+    wf, wq = _f(w_feat, dt), _f(w_query, dt)
+    gf = matmul_rows(gpre, wf).reshape(N, L, D) if need_gfeats else None
+    gq = matmul_rows(gpq, wq) if need_gquery else None
+    gwf, gb = weight_grad(gpre, f.reshape(N * L, D))
+    gwq, _ = weight_grad(gpq, q, need_gb=False)
+    gws, _ = weight_grad(ge, u, need_gb=False)
+    return gf, gq, gwf, gwq, gb, gws
+
+
+# ---------------------------------------------------------------- soft and hard reads
+
+def _wsum(f, w, y, T):
+    N, L, D = f.shape
+    zero = y.dtype.type(0)
+    for t in prange(T):
+        for n in range(t * N // T, (t + 1) * N // T):
+            for d in range(D):
+                y[n, d] = zero
+            for l in range(L):
+                a = w[n, l]
+                for d in range(D):
+                    y[n, d] += a * f[n, l, d]
+    return y
+
+
+def _wsum_bwd(gy, f, w, gf, gw, T):
+    N, L, D = f.shape
+    zero = gy.dtype.type(0)
+    for t in prange(T):
+        for n in range(t * N // T, (t + 1) * N // T):
+            for l in range(L):
+                a = w[n, l]
+                s = zero
+                for d in range(D):
+                    g = gy[n, d]
+                    gf[n, l, d] = a * g
+                    s += f[n, l, d] * g
+                gw[n, l] = s
+    return gf
+
+
+_wsum, _wsum_bwd = kernel(_wsum), kernel(_wsum_bwd)
+
+
+def weighted_sum(feats, weights):
+    """y[n] = sum over l of weights[n, l] * feats[n, l]: [N, L, D], [N, L] -> [N, D]."""
+    dt = feats.dtype
+    f = _f(feats, dt)
+    y = np.empty((f.shape[0], f.shape[2]), dt)
+    fn, T = _threads(_wsum, f.size, f.shape[0])
+    return fn(f, _f(weights, dt), y, T)
+
+
+def weighted_sum_backward(gy, feats, weights):
+    """(gfeats [N, L, D], gweights [N, L])."""
+    dt = feats.dtype
+    f = _f(feats, dt)
+    gf, gw = np.empty(f.shape, dt), np.empty(f.shape[:2], dt)
+    fn, T = _threads(_wsum_bwd, f.size, f.shape[0])
+    fn(_f(gy, dt), f, _f(weights, dt), gf, gw, T)
+    return gf, gw
+
+
+def _check_index(index, L):
+    bad = np.flatnonzero((index < 0) | (index >= L))
+    if bad.size:
+        raise IndexError(f"index[{bad[0]}] = {index[bad[0]]} is not a location in [0, {L})")
+
+
+def gather_location(feats, index):
+    """feats[n, index[n]]: [N, L, D], i64[N] -> [N, D]."""
+    _check_index(index, feats.shape[1])
+    return np.ascontiguousarray(feats[np.arange(feats.shape[0]), index])
+
+
+def gather_location_backward(gy, index, L):
+    """gfeats [N, L, D]: gy at each row's chosen location, zero elsewhere."""
+    _check_index(index, L)
+    gf = np.zeros((gy.shape[0], L, gy.shape[1]), gy.dtype)
+    gf[np.arange(gy.shape[0]), index] = gy
+    return gf
+
+
+# ---------------------------------------------------------------- discrete choices
+
+def _sample(w, seed, out):
+    N, L = w.shape
+    zero, inf = w.dtype.type(0), w.dtype.type(np.inf)
+    base = mix(seed)
+    for n in prange(N):
+        z = mix(base + np.uint64(n))
+        u = w.dtype.type(np.int32(z >> np.uint64(40))) * w.dtype.type(2.0 ** -24)
+        tot = zero
+        for l in range(L):
+            if w[n, l] > zero:
+                tot += w[n, l]
+        pick = -1
+        if tot > zero and tot < inf:
+            thr = u * tot
+            cum = zero
+            for l in range(L):
+                v = w[n, l]
+                if v > zero:
+                    cum += v
+                    pick = l
+                    if cum > thr:
+                        break
+        out[n] = pick
+    return out
+
+
+_sample = kernel(_sample, exact=True)     # IEEE order: the running sums are CUDA's, bit for bit
+
+
+def sample_categorical(weights, seed):
+    """i64[N]: one index per row of weights [N, L] drawn in proportion to its positive
+    entries (see the module doc); -1 for a row with no positive finite total."""
+    w = weights if weights.dtype in (np.float32, np.float64) else weights.astype(np.float32)
+    w = np.ascontiguousarray(w)
+    out = np.empty(w.shape[0], np.int64)
+    return _sample(w.size, w, np.uint64(seed % 2 ** 64), out)
+
+
+def argmax(x, axis=-1):
+    """i64 index of the first largest entry along axis (a NaN is the largest)."""
+    return np.argmax(x, axis=axis).astype(np.int64)
