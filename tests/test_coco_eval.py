@@ -242,6 +242,13 @@ def corrupt(root, what):
     elif what == "bad rle":
         d["annotations"][0]["segmentation"] = {"size": [SIZE, SIZE], "counts": [5, 5]}
         msg = "run lengths adding up to"
+    elif what == "list image_id":
+        d["annotations"][0]["image_id"] = [1]
+        msg = r"image_id \[1\] is not an image of the file"
+    elif what == "far polygon":
+        # pycocotools would rasterise this outline at 5x its span: gigabytes, or a crash
+        d["annotations"][0]["segmentation"] = [[0, 0, 1e12, 0, 0, 5]]
+        msg = "reaches far outside the 48 x 48 image"
     elif what == "missing image":
         os.remove(root / "images" / "train" / d["images"][0]["file_name"])
         msg = "does not exist"
@@ -256,7 +263,8 @@ def corrupt(root, what):
 
 
 @pytest.mark.parametrize("what", ["not json", "list", "no images", "duplicate category", "unknown category",
-                                  "bad bbox", "bad rle", "missing image", "corrupt image", "wrong size"])
+                                  "bad bbox", "bad rle", "list image_id", "far polygon", "missing image",
+                                  "corrupt image", "wrong size"])
 def test_bad_files_name_the_file_and_the_fault(tmp_path, what):
     generate(str(tmp_path / "d"), images=4, size=SIZE, seed=0, val_fraction=0.5)
     path, msg = corrupt(tmp_path / "d", what)
@@ -404,6 +412,8 @@ def test_results_of_resized_arrays_are_in_the_files_pixels(data, tmp_path):
     ('[{"image_id": 1, "category_id": 1, "bbox": [0, 0, 1], "score": 1}]', "'bbox' must be"),
     ('[{"image_id": 1, "category_id": 1, "bbox": [0, 0, 1, 1]}]', "'score' must be a number"),
     ("not json", "is not JSON"),
+    # an integer past 2**53 would reach COCOeval as a numpy object array
+    ('[{"image_id": 1, "category_id": 1, "bbox": [0, 0, 1, 100000000000000000000], "score": 1}]', "'bbox' must be"),
 ])
 def test_bad_results_files(data, tmp_path, content, msg):
     p = tmp_path / "r.json"

@@ -15,6 +15,9 @@ import os
 
 from ..errors import NetdslError
 
+# Larger images are refused: the masks of one would take gigabytes (Pillow, too, refuses
+# images past about 179 million pixels as a likely decompression bomb).
+MAX_PIXELS = 1 << 28
 
 def read_json(path: str, what: str):
     """The parsed JSON at path; a missing, unreadable or non-JSON file is a NetdslError."""
@@ -59,7 +62,8 @@ def _int(v) -> bool:
 
 
 def _num(v) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+    """A finite number numpy reads as one (an int past 2**53 would become an object array)."""
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and abs(v) < 2 ** 53
 
 
 def check(d, path: str) -> None:
@@ -110,6 +114,9 @@ def check(d, path: str) -> None:
         for k in ("width", "height"):
             if not _int(im.get(k)) or im[k] < 1:
                 bad(f"{where} (id {im['id']}): '{k}' must be a positive integer, got {_show(im.get(k))}")
+        if im["width"] * im["height"] > MAX_PIXELS:
+            bad(f"{where} (id {im['id']}): {im['width']} x {im['height']} pixels is more than netdsl reads "
+                f"({MAX_PIXELS:,})")
         images[im["id"]] = (im["height"], im["width"])
     seen = set()
     for i, a in enumerate(d["annotations"]):
@@ -123,9 +130,9 @@ def _check_annotation(a, where, images, cats, seen, bad):
     if a["id"] in seen:
         bad(f"{where}: annotation id {a['id']} appears twice")
     seen.add(a["id"])
-    if a.get("image_id") not in images or not _int(a.get("image_id")):
+    if not _int(a.get("image_id")) or a["image_id"] not in images:
         bad(f"{where}: image_id {_show(a.get('image_id'))} is not an image of the file")
-    if a.get("category_id") not in cats or not _int(a.get("category_id")):
+    if not _int(a.get("category_id")) or a["category_id"] not in cats:
         bad(f"{where}: category_id {_show(a.get('category_id'))} is not a category of the file")
     box = a.get("bbox")
     if not (isinstance(box, list) and len(box) == 4 and all(map(_num, box)) and box[2] >= 0 and box[3] >= 0):
@@ -149,9 +156,15 @@ def _check_annotation(a, where, images, cats, seen, bad):
 
 def _check_segmentation(s, where, hw, bad):
     if isinstance(s, list):
+        if not s:
+            bad(f"{where}: 'segmentation' is an empty list of polygons")
+        h, w = hw
         for p in s:
             if not (isinstance(p, list) and len(p) >= 6 and len(p) % 2 == 0 and all(map(_num, p))):
                 bad(f"{where}: a polygon of 'segmentation' must be x, y pairs of at least 3 points, got {_show(p)}")
+            # pycocotools rasterises the outline at 5x; far-off points would make it huge
+            if not all(-w <= x <= 2 * w for x in p[0::2]) or not all(-h <= y <= 2 * h for y in p[1::2]):
+                bad(f"{where}: a polygon of 'segmentation' reaches far outside the {w} x {h} image: {_show(p)}")
         return
     if not isinstance(s, dict) or "counts" not in s or "size" not in s:
         bad(f"{where}: 'segmentation' must be a list of polygons or an RLE object with 'size' and 'counts', "

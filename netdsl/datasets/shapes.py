@@ -15,8 +15,8 @@ from __future__ import annotations
 import json
 import math
 import os
-import shutil
 import secrets
+import shutil
 
 import numpy as np
 
@@ -137,7 +137,6 @@ def generate(out: str, images: int = 300, size: int = 64, seed: int = 0, val_fra
     """Write the data set to `out` (created; a set this command wrote before is
     replaced, anything else there is refused). `images` per set; progress(n) is called
     after every n images. Returns the manifest written to OUT/dataset.json."""
-    from PIL import Image
     n_train, n_val = check_options(images, size, val_fraction)
     if not isinstance(seed, int) or seed < 0:
         raise NetdslError(f"--seed must be 0 or more, got {seed}")
@@ -160,7 +159,7 @@ def generate(out: str, images: int = 300, size: int = 64, seed: int = 0, val_fra
                 _mkdirs(root, split, labels=name == "shapes")
                 for k in range(count):
                     rng = np.random.default_rng([seed, set_index, first + k])
-                    _write_example(name, root, split, k + 1, rng, size, coco, Image)
+                    _write_example(name, root, split, k + 1, rng, size, coco)
                     if progress:
                         progress(1)
                 files[split] = os.path.join(sub, "annotations", f"{stem}_{split}.json")
@@ -177,7 +176,8 @@ def generate(out: str, images: int = 300, size: int = 64, seed: int = 0, val_fra
     return manifest
 
 
-def _write_example(name, root, split, image_id, rng, size, coco, Image):
+def _write_example(name, root, split, image_id, rng, size, coco):
+    from PIL import Image
     file_name = f"{image_id:06d}.png"
     coco["images"].append({"id": image_id, "file_name": file_name, "width": size, "height": size})
     anns = coco["annotations"]
