@@ -80,10 +80,9 @@ def coco(path: str, ann: str = "instances", task: str = "", size=0, max_objects:
     files = {s: os.path.join(path, "annotations", f"{ann}_{name}.json") for s, name in (("train", train), ("test", test))}
     cocos = {s: cocofile.load(f) for s, f in files.items()}
     ref = cocos["train"]
-    for s in ("test",):
-        if _categories(cocos[s]) != _categories(ref):
-            raise NetdslError(f"{files[s]}: its categories differ from {files['train']}'s",
-                              hint="both splits must list the same categories (ids, names, keypoints)")
+    if _categories(cocos["test"]) != _categories(ref):
+        raise NetdslError(f"{files['test']}: its categories differ from {files['train']}'s",
+                          hint="both splits must list the same categories (ids, names, keypoints)")
     task = task or _default_task(ref)
     cat_ids = sorted(ref.cats)
     kp_cats = [c for c in cat_ids if ref.cats[c].get("keypoints")]
