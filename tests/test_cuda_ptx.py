@@ -35,7 +35,7 @@ def test_every_kernel_compiles_to_ptx(found):
     assert not errors, errors
     # every kernel module is covered, and nothing is compiled twice under one name
     names = set(found["float32"])
-    for family in ("gemm", "pool", "norm", "loss", "tensor", "patches"):
+    for family in ("gemm", "pool", "norm", "loss", "tensor", "patches", "recurrent"):
         assert any(n.startswith(family + ".") for n in names), family
     assert len(names) >= 40
 

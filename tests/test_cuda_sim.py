@@ -71,6 +71,14 @@ def test_small_cnn_training_step_matches_cpu(results):
     assert r["params_on_device"] and r["grads_on_device"]
 
 
+def test_scan_training_step_matches_cpu(results):
+    r = results["train"]["scan"]
+    assert r["grads"] and set(r["grads"]) == set(r["expect_grads"])
+    assert r["loss"] <= TOL and r["logits"] <= TOL, r
+    worst = max(r["grads"], key=r["grads"].get)
+    assert r["grads"][worst] <= TOL, (worst, r["grads"][worst])
+
+
 def test_optimiser_steps_on_device_match_cpu(results):
     errs = results["train"]["optimizer"]
     assert len(errs) == 9 and max(errs.values()) <= 1e-5, errs
@@ -345,6 +353,56 @@ def _other_cases():
     out += [both("embedding", G.embedding(d(w), d(ids)), w[ids]),
             both("embedding_g", G.embedding_backward(d(gy), d(ids), w.shape), gw),
             both("one_hot", G.one_hot(d(ids), 6), np.eye(6, dtype=f32)[ids])]
+    return out + _recurrent_cases(C, G, r, d)
+
+
+def _recurrent_cases(C, G, r, d):
+    """Cells (each kind, both LSTM gate orders), the hoisted step's accumulating backward,
+    attention, the reads, sampling (the same indices) and argmax."""
+    out = []
+    N, D, H = 3, 5, 4
+    x, h, c, gh, gc = r(N, D), r(N, H), r(N, H), r(N, H), r(N, H)
+    for kind, G_, order in (("rnn", 1, "ifog"), ("lstm", 4, "ifog"), ("lstm", 4, "ifgo"), ("gru", 3, "ifog")):
+        lstm = kind == "lstm"
+        w = (r(G_ * H, D), r(G_ * H, H), r(G_ * H), r(G_ * H))
+        cf = C.cell_forward(kind, x, h, c if lstm else None, *w, order)
+        gf = G.cell_forward(kind, d(x), d(h), d(c) if lstm else None, *map(d, w), order)
+        tag = f"{kind}_{order}"
+        out += [both(f"{tag}_{k}", g, cv) for k, g, cv in zip(("h", "c", "acts"), gf, cf) if cv is not None]
+        cb = C.cell_backward(kind, cf[2], gh, gc if lstm else None, x, h, c if lstm else None, w[0], w[1], order)
+        gb = G.cell_backward(kind, gf[2], d(gh), d(gc) if lstm else None, d(x), d(h), d(c) if lstm else None,
+                             d(w[0]), d(w[1]), order)
+        out += [both(f"{tag}_g{k}", g, cv) for k, g, cv in zip(("x", "h", "c", "w_ih", "w_hh", "b_ih", "b_hh"), gb, cb)
+                if cv is not None]
+        # a time loop's step: gradients added to the previous steps' (accumulate)
+        gw0, gb0 = r(G_ * H, H), r(G_ * H)
+        cs = C.cell_step_backward(kind, cf[2], gh, None, h, c if lstm else None, w[1], order, gw0.copy(), gb0.copy(),
+                                  accumulate=True)
+        gs = G.cell_step_backward(kind, gf[2], d(gh), None, d(h), d(c) if lstm else None, d(w[1]), order, d(gw0),
+                                  d(gb0), accumulate=True)
+        out += [both(f"{tag}_step_g{k}", gs[i], cs[i]) for i, k in ((0, "xp"), (3, "w_hh_acc"), (4, "b_hh_acc"))]
+    N, L, D, Q, A = 2, 3, 4, 5, 6
+    f, q, wf, wq, b, ws = r(N, L, D), r(N, Q), r(A, D), r(A, Q), r(A), r(1, A)
+    ca, cu = C.attention_scores(f, q, wf, wq, b, ws)
+    ga, gu = G.attention_scores(d(f), d(q), d(wf), d(wq), d(b), d(ws))
+    gw = r(N, L)
+    out += [both("attention", ga, ca), both("attention_u", gu, cu)]
+    out += [both(f"attention_g{k}", g, cv) for k, g, cv in zip(
+        ("feats", "query", "w_feat", "w_query", "bias", "w_score"),
+        G.attention_scores_backward(d(gw), ga, gu, d(f), d(q), d(wf), d(wq), d(ws)),
+        C.attention_scores_backward(gw, ca, cu, f, q, wf, wq, ws))]
+    gy, ix = r(N, D), np.array([2, 0])
+    out += [both("weighted_sum", G.weighted_sum(d(f), ga), C.weighted_sum(f, ca))]
+    out += [both(f"weighted_sum_g{k}", g, cv) for k, g, cv in zip(
+        ("feats", "weights"), G.weighted_sum_backward(d(gy), d(f), ga), C.weighted_sum_backward(gy, f, ca))]
+    out += [both("gather_location", G.gather_location(d(f), d(ix)), C.gather_location(f, ix)),
+            both("gather_location_g", G.gather_location_backward(d(gy), d(ix), L), C.gather_location_backward(gy, ix, L))]
+    p = np.abs(r(40, 7))
+    p[3], p[4, 2], p[5, :6] = 0, np.nan, 0
+    x = r(3, 4, 5)
+    x[1, 2, 3] = np.nan
+    out += [both("sample_categorical", G.sample_categorical(d(p), 11), C.sample_categorical(p, 11))]
+    out += [both(f"argmax_{a}", G.argmax(d(x), a), C.argmax(x, a)) for a in (0, 1, 2)]
     return out
 
 
@@ -380,6 +438,47 @@ network small(classes = 5) {
 """
 
 
+SMALL_RNN = """
+import "{lib}"
+step mixed(x_t: seq, H) {{
+  carry h = zeros([x_t.N, H]), c = zeros([x_t.N, H]), g = zeros([x_t.N, H])
+  i, f, o, z = split(linear(concat(h, x_t), 4 * H, name="W"), 4)
+  c = sigmoid(f) * c + sigmoid(i) * tanh(z)
+  h = sigmoid(o) * tanh(c)
+  g = gru_cell(h, g, H, name="gru")
+  emit g
+}}
+network small_rnn(V = 5) {{
+  input x: f32[N, T, 3]
+  input y: i64[N, T]
+  hs = scan mixed(x, 4, name="rnn")
+  logits = hs -> linear(V, name="head")
+  output logits
+  loss ce = cross_entropy(logits, y)
+}}
+"""
+
+
+def _scan_step():
+    """One training step of a scan (the notes' LSTM written out, then a fused GRU cell)
+    on both targets: loss, logits and every gradient."""
+    import tempfile
+    from netdsl.lang.elaborate import elaborate
+    from netdsl.runtime.model import Model
+    with tempfile.TemporaryDirectory() as tmp:
+        p = Path(tmp) / "small_rnn.net"
+        p.write_text(SMALL_RNN.format(lib=HERE.parent.parent / "specs" / "lib" / "rnn.net"))
+        g, _ = elaborate(str(p), None, {})
+    cpu_m = Model(g, seed=7)
+    gpu_m = Model(g, params={k: v.copy() for k, v in cpu_m.params.items()}, device="cuda")
+    rng = np.random.default_rng(8)
+    feeds = {"x": rng.standard_normal((2, 3, 3)).astype(np.float32), "y": rng.integers(0, 5, (2, 3))}
+    tc, _, oc, gc = cpu_m.train_step(feeds)
+    tg, _, og, gg = gpu_m.train_step(feeds)
+    return {"loss": abs(tg - tc) / abs(tc), "logits": rel(og["logits"], oc["logits"]),
+            "grads": {k: rel(gg[k], gc[k]) for k in gc}, "expect_grads": sorted(cpu_m.trainable())}
+
+
 def main_train():
     import tempfile
     from netdsl.lang.elaborate import elaborate
@@ -400,7 +499,8 @@ def main_train():
             "grads": {k: rel(gg[k], gc[k]) for k in gc}, "expect_grads": sorted(cpu_m.trainable()),
             "running": max(rel(host[k], cpu_m.params[k]) for k in host if "running" in k),
             "params_on_device": all(hasattr(v, "copy_to_host") for v in gpu_m.params.values()),
-            "grads_on_device": all(hasattr(v, "copy_to_host") for v in gg.values())}
+            "grads_on_device": all(hasattr(v, "copy_to_host") for v in gg.values()),
+            "scan": _scan_step()}
 
 
 def _optimizer_steps(cpu_m, gpu_m, gc, gg):

@@ -15,7 +15,7 @@ import numpy as np
 from numba import cuda, int32, uint64
 
 from . import empty, flat, kernel, launch, zeros
-from .gemm import Operand, gemm, linear
+from .gemm import Operand, _zero, gemm, linear
 from .loss import softmax, softmax_backward
 from .norm import _mix
 from .tensor import reduce_axis
@@ -67,13 +67,6 @@ def weight_grad(g, a, gw=None, gb=None, need_gb=True, accumulate=False):
     gb = empty(M, g.dtype) if gb is None else gb
     _colsum_into(g, gb, accumulate)
     return gw, gb
-
-
-@kernel("a")
-def _zero(y):
-    T = y.dtype.type
-    for i in range(cuda.grid(1), y.size, cuda.gridsize(1)):
-        y[i] = T(0)
 
 
 # ---------------------------------------------------------------- the input projection
