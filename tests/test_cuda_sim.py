@@ -71,6 +71,14 @@ def test_small_cnn_training_step_matches_cpu(results):
     assert r["params_on_device"] and r["grads_on_device"]
 
 
+def test_scan_training_step_matches_cpu(results):
+    r = results["train"]["scan"]
+    assert r["grads"] and set(r["grads"]) == set(r["expect_grads"])
+    assert r["loss"] <= TOL and r["logits"] <= TOL, r
+    worst = max(r["grads"], key=r["grads"].get)
+    assert r["grads"][worst] <= TOL, (worst, r["grads"][worst])
+
+
 def test_optimiser_steps_on_device_match_cpu(results):
     errs = results["train"]["optimizer"]
     assert len(errs) == 9 and max(errs.values()) <= 1e-5, errs
@@ -430,6 +438,47 @@ network small(classes = 5) {
 """
 
 
+SMALL_RNN = """
+import "{lib}"
+step mixed(x_t: seq, H) {{
+  carry h = zeros([x_t.N, H]), c = zeros([x_t.N, H]), g = zeros([x_t.N, H])
+  i, f, o, z = split(linear(concat(h, x_t), 4 * H, name="W"), 4)
+  c = sigmoid(f) * c + sigmoid(i) * tanh(z)
+  h = sigmoid(o) * tanh(c)
+  g = gru_cell(h, g, H, name="gru")
+  emit g
+}}
+network small_rnn(V = 5) {{
+  input x: f32[N, T, 3]
+  input y: i64[N, T]
+  hs = scan mixed(x, 4, name="rnn")
+  logits = hs -> linear(V, name="head")
+  output logits
+  loss ce = cross_entropy(logits, y)
+}}
+"""
+
+
+def _scan_step():
+    """One training step of a scan (the notes' LSTM written out, then a fused GRU cell)
+    on both targets: loss, logits and every gradient."""
+    import tempfile
+    from netdsl.lang.elaborate import elaborate
+    from netdsl.runtime.model import Model
+    with tempfile.TemporaryDirectory() as tmp:
+        p = Path(tmp) / "small_rnn.net"
+        p.write_text(SMALL_RNN.format(lib=HERE.parent.parent / "specs" / "lib" / "rnn.net"))
+        g, _ = elaborate(str(p), None, {})
+    cpu_m = Model(g, seed=7)
+    gpu_m = Model(g, params={k: v.copy() for k, v in cpu_m.params.items()}, device="cuda")
+    rng = np.random.default_rng(8)
+    feeds = {"x": rng.standard_normal((2, 3, 3)).astype(np.float32), "y": rng.integers(0, 5, (2, 3))}
+    tc, _, oc, gc = cpu_m.train_step(feeds)
+    tg, _, og, gg = gpu_m.train_step(feeds)
+    return {"loss": abs(tg - tc) / abs(tc), "logits": rel(og["logits"], oc["logits"]),
+            "grads": {k: rel(gg[k], gc[k]) for k in gc}, "expect_grads": sorted(cpu_m.trainable())}
+
+
 def main_train():
     import tempfile
     from netdsl.lang.elaborate import elaborate
@@ -450,7 +499,8 @@ def main_train():
             "grads": {k: rel(gg[k], gc[k]) for k in gc}, "expect_grads": sorted(cpu_m.trainable()),
             "running": max(rel(host[k], cpu_m.params[k]) for k in host if "running" in k),
             "params_on_device": all(hasattr(v, "copy_to_host") for v in gpu_m.params.values()),
-            "grads_on_device": all(hasattr(v, "copy_to_host") for v in gg.values())}
+            "grads_on_device": all(hasattr(v, "copy_to_host") for v in gg.values()),
+            "scan": _scan_step()}
 
 
 def _optimizer_steps(cpu_m, gpu_m, gc, gg):

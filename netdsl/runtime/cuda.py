@@ -19,11 +19,39 @@ from netdsl.kernels import cuda as K
 
 from ..errors import NetdslError
 from ..ir.dims import subs
+from . import scan
 from .bindings import _rows, register, registrar
 
 KERNELS = {}
 kernel = registrar(KERNELS)
 register(KERNELS, K, "CUDA")
+
+
+class CudaArrays:
+    """The array operations a scan needs (runtime/scan.py), on device arrays."""
+    empty = staticmethod(K.empty)
+    zeros = staticmethod(K.zeros)
+
+    @staticmethod
+    def take(a, t):
+        return K.slice_(a, (slice(None), t))
+
+    @staticmethod
+    def put(out, t, a):
+        from netdsl.kernels.cuda.tensor import _strides, _view, copy_view
+        off, vst, vshape = _view(out.shape, (slice(None), t))
+        copy_view(a, 0, _strides(vshape), out, off, vst, vshape)
+
+    @staticmethod
+    def add(acc, a):
+        from netdsl.kernels.cuda.tensor import _strides, copy_view
+        st = _strides(a.shape)
+        if acc is None:
+            return copy_view(a, 0, st, K.empty(a.shape, a.dtype), 0, st, a.shape)
+        return copy_view(a, 0, st, acc, 0, st, a.shape, accumulate=True)
+
+
+scan.bind(KERNELS, "cuda", CudaArrays)
 
 
 # ---- losses (a loss node's output is a 0-d device array)

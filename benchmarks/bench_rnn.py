@@ -1,0 +1,124 @@
+"""Recurrent training steps, netdsl vs PyTorch 2.13 on the CPU, side by side in one run.
+
+    env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE python benchmarks/bench_rnn.py [CELL ...]
+
+For each cell (lstm, gru, rnn; default all three): a character-level language model
+(embedding 64 -> one recurrent layer of hidden H -> linear over the vocabulary), batch
+N, sequence T, one training step (forward, backward, Adam) on random characters.
+netdsl runs specs/rnn/charlm_<cell>.net twice: with the torch-layout fused cell
+(`fused=true`) and with the notes' written-out equations (`fused=false`); torch runs
+nn.Embedding + nn.LSTM/GRU/RNN + nn.Linear. Each framework runs in its own
+subprocess; BENCH_ROUNDS interleaved rounds of the median of BENCH_STEPS steps.
+Prints training tokens/s (N*T per step) and the ratio to torch.
+Sizes: BENCH_H (512), BENCH_N (64), BENCH_T (100), BENCH_V (100).
+"""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+THREADS = int(os.environ.get("BENCH_THREADS", os.cpu_count() or 2))
+STEPS = int(os.environ.get("BENCH_STEPS", 5))
+ROUNDS = int(os.environ.get("BENCH_ROUNDS", 3))
+H = int(os.environ.get("BENCH_H", 512))
+N = int(os.environ.get("BENCH_N", 64))
+T = int(os.environ.get("BENCH_T", 100))
+V = int(os.environ.get("BENCH_V", 100))
+E = 64
+
+
+def data(seed=0):
+    import numpy as np
+    r = np.random.default_rng(seed)
+    x = r.integers(0, V, (N, T + 1))
+    return x[:, :-1], x[:, 1:]
+
+
+def run_netdsl(cell: str, fused: bool) -> list[float]:
+    sys.path.insert(0, ROOT)
+    from netdsl.kernels import native
+    native.set_num_threads(THREADS)
+    from netdsl.lang.elaborate import elaborate
+    from netdsl.runtime import clip_grad_norm, make_optimizer
+    from netdsl.runtime.model import Model
+    g, _ = elaborate(os.path.join(ROOT, "specs", "rnn", f"charlm_{cell}.net"), None,
+                     {"vocab": V, "embed": E, "hidden": H, "layers": 1, "fused": fused})
+    m = Model(g)
+    opt = make_optimizer("adam", m.trainable(), lr=2e-3)
+    x, y = data()
+    times = []
+    for i in range(STEPS + 1):
+        t0 = time.perf_counter()
+        _, _, _, grads = m.train_step({"chars": x, "next": y})
+        clip_grad_norm(grads, 5.0)
+        opt.step(grads)
+        times.append(time.perf_counter() - t0)
+    return times[1:]
+
+
+def run_torch(cell: str) -> list[float]:
+    import torch
+    torch.set_num_threads(THREADS)
+    rnn = {"lstm": torch.nn.LSTM, "gru": torch.nn.GRU, "rnn": torch.nn.RNN}[cell](E, H, batch_first=True)
+    emb, head = torch.nn.Embedding(V, E), torch.nn.Linear(H, V)
+    params = [*emb.parameters(), *rnn.parameters(), *head.parameters()]
+    opt = torch.optim.Adam(params, lr=2e-3)
+    x, y = (torch.tensor(a) for a in data())
+    times = []
+    for i in range(STEPS + 1):
+        t0 = time.perf_counter()
+        opt.zero_grad(set_to_none=True)
+        hs, _ = rnn(emb(x))
+        loss = torch.nn.functional.cross_entropy(head(hs).reshape(-1, V), y.reshape(-1))
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 5.0)
+        opt.step()
+        times.append(time.perf_counter() - t0)
+    return times[1:]
+
+
+def child(which: str, cell: str) -> float:
+    env = dict(os.environ, OPENBLAS_NUM_THREADS="1", OMP_NUM_THREADS=str(THREADS))
+    r = subprocess.run([sys.executable, __file__, "--child", which, cell], capture_output=True, text=True, env=env)
+    if r.returncode != 0:
+        raise SystemExit(r.stderr[-3000:])
+    return statistics.median(json.loads(r.stdout.strip().splitlines()[-1]))
+
+
+def main(cells):
+    print(f"# {time.strftime('%Y-%m-%d')}  {platform.processor() or platform.machine()}  "
+          f"{_cpu_model()}  threads={THREADS}  H={H} N={N} T={T} V={V} E={E}  "
+          f"rounds={ROUNDS} steps={STEPS}")
+    for cell in cells:
+        best: dict[str, list[float]] = {"netdsl fused": [], "netdsl written-out": [], "torch": []}
+        for _ in range(ROUNDS):
+            best["torch"].append(child("torch", cell))
+            best["netdsl fused"].append(child("fused", cell))
+            best["netdsl written-out"].append(child("written", cell))
+        tok = {k: N * T / statistics.median(v) for k, v in best.items()}
+        print(f"{cell}: " + "  ".join(f"{k} {v:,.0f} tok/s" for k, v in tok.items())
+              + f"  | fused/torch {tok['netdsl fused'] / tok['torch']:.2f}x"
+              + f"  written-out/torch {tok['netdsl written-out'] / tok['torch']:.2f}x", flush=True)
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next(l.split(":", 1)[1].strip() for l in f if l.startswith("model name"))
+    except (OSError, StopIteration):
+        return "?"
+
+
+if __name__ == "__main__":
+    if len(sys.argv) > 1 and sys.argv[1] == "--child":
+        which, cell = sys.argv[2], sys.argv[3]
+        times = run_torch(cell) if which == "torch" else run_netdsl(cell, which == "fused")
+        print(json.dumps(times))
+    else:
+        main(sys.argv[1:] or ["lstm", "gru", "rnn"])
