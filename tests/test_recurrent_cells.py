@@ -448,6 +448,23 @@ def test_a_location_outside_the_grid_is_a_located_error(tmp_path):
     assert e.value.pos is not None and e.value.pos.line == 10
 
 
+def test_an_integer_fill_is_an_index(tmp_path):
+    """fill(..., dtype="i64") makes integers (a decoder's first token, a fixed location),
+    whatever the run's float type."""
+    g = compile_text(tmp_path, """
+network fixed() {
+  input one: f32[1, 1]
+  feats = one -> linear(60, bias=false, name="f") -> reshape([3, 5, 4])
+  y = gather_location(feats, fill([3], 2, dtype="i64"))
+  output y
+}
+""")
+    f = np.random.default_rng(0).standard_normal((3, 5, 4))
+    for dt in (np.float32, np.float64):
+        m = Model(g, params={"f.weight": f.reshape(-1, 1).astype(dt)}, dtype=dt)
+        np.testing.assert_array_equal(m.infer({"one": np.ones((1, 1), dt)})["y"], f[:, 2].astype(dt))
+
+
 # ---------------------------------------------------------------- sampling and argmax
 
 @pytest.mark.parametrize("dt", [np.float32, np.float64], ids=["f32", "f64"])
