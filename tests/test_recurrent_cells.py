@@ -12,7 +12,6 @@ written here; sampling against its distribution (chi-square) and argmax. The CUD
 runtime under the simulator against the CPU (this file run as a script `sim`).
 """
 import json
-import math
 import os
 import subprocess
 import sys
@@ -443,7 +442,8 @@ def test_attention_in_a_network_matches_torch(tmp_path, dt):
 def test_a_location_outside_the_grid_is_a_located_error(tmp_path):
     g = compile_text(tmp_path, ATTENTION)
     m = Model(g, seed=1)
-    with pytest.raises(NetdslError, match=r"gather_location \(gather_location1\): index\[1\] = 5 is not a location in \[0, 5\)") as e:
+    msg = r"gather_location \(gather_location1\): index\[1\] = 5 is not a location in \[0, 5\)"
+    with pytest.raises(NetdslError, match=msg) as e:
         m.infer({"one": np.ones((1, 1), np.float32), "where": np.array([0, 5, 1])})
     assert e.value.pos is not None and e.value.pos.line == 10
 
@@ -600,7 +600,8 @@ def _script_sim():
         g = compile_text(tmp, SIM_SPEC)
     cpu = Model(g, seed=3)
     gpu = Model(g, params={k: v.copy() for k, v in cpu.params.items()}, device="cuda", seed=3)
-    feeds = {"one": np.ones((1, 1), np.float32), "t": np.random.default_rng(0).standard_normal((2, 3)).astype(np.float32)}
+    t = np.random.default_rng(0).standard_normal((2, 3)).astype(np.float32)
+    feeds = {"one": np.ones((1, 1), np.float32), "t": t}
     lc, _, oc, gc = cpu.train_step(feeds)
     lg, _, og, gg = gpu.train_step(feeds)
     host = lambda a: a.copy_to_host() if hasattr(a, "copy_to_host") else np.asarray(a)

@@ -349,7 +349,8 @@ def _att_fwd(f, q, wf, wq, b, ws, u, pq, a, T):
     finishes them), scores e = u . w_score, a = softmax of e over the L locations."""
     N, L, D = f.shape
     A, Q = wf.shape[0], q.shape[1]
-    ff, qf, wff, wqf, uf, pqf = f.reshape(-1), q.reshape(-1), wf.reshape(-1), wq.reshape(-1), u.reshape(-1), pq.reshape(-1)
+    ff, qf, wff, wqf = f.reshape(-1), q.reshape(-1), wf.reshape(-1), wq.reshape(-1)
+    uf, pqf = u.reshape(-1), pq.reshape(-1)
     zero, low = a.dtype.type(0), a.dtype.type(-np.inf)
     for t in prange(T):
         n0, n1 = t * N // T, (t + 1) * N // T
