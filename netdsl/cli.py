@@ -298,6 +298,9 @@ def build_parser():
     t.add_argument("--eval", action="store_true", help="evaluate the checkpoint on the test split")
     t.add_argument("--predict", metavar="FILE",
                    help="run the outputs on a .npy (one input) or .npz (an array per input, named after it)")
+    t.add_argument("--grad-flow", action="store_true",
+                   help="record the norm of dL/dh_t for every recurrent state and time step; "
+                        "writes grad_flow.json and grad_flow.png")
     t.add_argument("--no-progress", action="store_true", help="no progress bar")
     t.set_defaults(fn=cmd_run)
 

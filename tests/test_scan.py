@@ -249,3 +249,41 @@ def test_dropout_in_a_step_draws_a_new_mask_at_every_step(tmp_path):
     zero = outs["hs"] == 0
     assert 0.3 < zero.mean() < 0.7
     assert any(not np.array_equal(zero[:, 0], zero[:, t]) for t in range(1, 6))
+
+
+def test_grad_flow_is_the_gradient_reaching_each_state_from_later_steps(tmp_path):
+    """|dL/dh_t| through the recurrence only (what flows back from steps t+1..T-1), per
+    layer, against torch: the state handed to the next step is a separate tensor."""
+    g = compile_text(tmp_path, STACK.replace("{cell}", "rnn"))
+    m = Model(g, dtype=np.float64, seed=9)
+    x, y = data(T=6)
+    m.train_step({"x": x, "y": y}, grad_flow=True)
+    P = {k: torch.tensor(v, requires_grad=True) for k, v in m.host_params().items()}
+    inp, passes = torch.tensor(x), {}
+    for l in (1, 2):
+        h, hs = torch.zeros(2, 5, dtype=torch.float64), []
+        for t in range(6):
+            (h,) = torch_cell("rnn", P, f"layer{l}.rnn", inp[:, t], (h,))
+            hs.append(h)
+            h = h + 0           # the state as the next step reads it
+            h.retain_grad()
+            passes[(l, t)] = h
+        inp = torch.stack(hs, 1)
+    torch_loss(inp @ P["head.weight"].T + P["head.bias"], torch.tensor(y)).backward()
+    for l in (1, 2):
+        want = [0.0 if passes[(l, t)].grad is None else passes[(l, t)].grad.norm().item() for t in range(6)]
+        np.testing.assert_allclose(m.grad_flow[f"layer{l}.rnn.h"], want, rtol=1e-10, atol=1e-15)
+    assert m.grad_flow["layer1.rnn.h"][5] == 0.0 and m.grad_flow["layer1.rnn.h"][0] > 0
+
+
+def test_grad_flow_from_the_cli_writes_its_plot(tmp_path):
+    from helpers import cli
+    r = cli("run", SPECS / "rnn/vanilla_rnn.net", "--data", "synthetic:8", "--set", "T=7", "--epochs", "2",
+            "--batch", "4", "--grad-flow", "--out", tmp_path, "--no-progress")
+    assert r.returncode == 0, r.stderr[-2000:]
+    import json
+    rec = json.loads((tmp_path / "grad_flow.json").read_text())["epochs"]
+    assert [e["epoch"] for e in rec] == [1, 2] and len(rec[1]["norms"]["rnn1.h"]) == 7
+    assert (tmp_path / "grad_flow.png").read_bytes()[:4] == b"\x89PNG"
+    r = cli("run", SPECS / "digits_cnn.net", "--epochs", "1", "--grad-flow", "--out", tmp_path / "cnn")
+    assert r.returncode == 2 and "has no recurrent state" in r.stderr

@@ -37,6 +37,10 @@ class CudaArrays:
         return K.slice_(a, (slice(None), t))
 
     @staticmethod
+    def norm(a) -> float:
+        return float(np.linalg.norm(a.copy_to_host()))
+
+    @staticmethod
     def put(out, t, a):
         from netdsl.kernels.cuda.tensor import _strides, _view, copy_view
         off, vst, vshape = _view(out.shape, (slice(None), t))

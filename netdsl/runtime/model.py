@@ -44,6 +44,7 @@ class Model:
         self._workspace = Workspace() if fuse else None
         self.step = 0
         self.carries: dict = {}     # the last run's final recurrent state (carry path -> array)
+        self.grad_flow: dict = {}   # train_step(grad_flow=True): carry path -> [|dL/dh_t| for each t]
 
     def _adopt(self, params: dict):
         if self.dtype != np.float32:
@@ -163,17 +164,22 @@ class Model:
         named = {**self.g.outputs, **{l.name: l.value for l in self.g.losses}}
         return {n: self.target.download(env[id(named[n] if isinstance(n, str) else n)]) for n in want}
 
-    def train_step(self, feeds: dict, extra=(), carry: dict | None = None):
+    def train_step(self, feeds: dict, extra=(), carry: dict | None = None, grad_flow: bool = False):
         """Forward and backward; returns (total loss, {loss name: value}, outputs, grads).
         `extra`: graph values to hand back too, in outputs under themselves (a metric's
         logits that are not an output). On the CPU the gradient arrays are buffers that
-        the next step overwrites (as torch reuses .grad): copy them to keep them."""
+        the next step overwrites (as torch reuses .grad): copy them to keep them.
+        `carry` starts the recurrences from a given state (truncated BPTT: the previous
+        chunk's `self.carries`; no gradient flows into it); grad_flow=True records, in
+        `self.grad_flow`, the norm of the gradient reaching each recurrent state at each t."""
         dims, fv = self.bind(feeds)
         missing = [n for n, v in self.g.inputs.items() if id(v) not in fv]
         if missing:
             raise NetdslError(f"training needs data for every input; missing: {', '.join(missing)}", self.g.pos)
         prog = self._program(True, dims, tuple(extra))
         st = self._state(dims, True, carry)
+        if grad_flow:   # the scans' backward records |dL/dh_t| for every carry and t
+            st.grad_flow = self.grad_flow = {}
         if self.device == "cpu":    # weight gradients go into buffers kept from step to step
             if "_grad_buffers" not in self.__dict__:
                 self._grad_buffers = GradBuffers(self.training_graph.grads)

@@ -12,7 +12,10 @@ gradients are written at t, and parameters' and captured tensors' gradients are 
 
 Truncated backpropagation through time feeds a chunk's final carries as the next chunk's
 initial ones: `state.carry_in` (carry path name -> array) replaces a scan's initial
-carries, so no gradient flows into the previous chunk.
+carries, so no gradient flows into the previous chunk. `state.grad_flow` (a dict) asks
+the backward to record, for every carry, the norm of the gradient reaching the state
+leaving each step t from the steps after it: the notes' vanishing and exploding
+gradients, made visible (`netdsl run --grad-flow`).
 """
 from __future__ import annotations
 
@@ -61,6 +64,10 @@ class CpuArrays:
 
     empty = staticmethod(np.empty)
     zeros = staticmethod(np.zeros)
+
+    @staticmethod
+    def norm(a) -> float:
+        return float(np.sqrt(np.vdot(a, a)))
 
     @staticmethod
     def add(acc, a):
@@ -155,7 +162,13 @@ def bind(table: dict, target: str, A) -> None:
         gcap: dict[int, object] = {}
         gpar: dict[str, object] = {}
         saved = st.saved.pop(id(n))
+        flow = getattr(st, "grad_flow", None)     # carry path -> |dL/dh_t| per t (--grad-flow)
+        if flow is not None:
+            flow.update({name: [0.0] * T for name in r.names})
         for t in range(T - 1, -1, -1):
+            if flow is not None:    # what reaches the state leaving step t from the steps after it
+                for name, c in zip(r.names, gcarry):
+                    flow[name][t] = A.norm(c) if c is not None else 0.0
             res, kept = saved[t]
             sst = StepState(st, t)
             sst.saved = kept

@@ -96,6 +96,15 @@ class Trainer:
             from . import cuda
             self.opt, self.clip = cuda.DeviceOptimizer(self.opt, self.model.trainable()), cuda.clip_grad_norm
         self.epoch = 0
+        self.grad_flow = None       # record_grad_flow() turns it on (--grad-flow)
+
+    def record_grad_flow(self):
+        """Record |dL/dh_t| per recurrent state and time step each epoch (gradflow.py)."""
+        if not self.g.carries:
+            raise NetdslError(f"--grad-flow: network '{self.g.name}' has no recurrent state (no scan carries)",
+                              self.g.pos)
+        from .gradflow import GradFlow
+        self.grad_flow = GradFlow(self.out)
 
     def _dense_fields(self, images: list[str]) -> dict:
         """Fields cropped and flipped with the images: [N, H, W] integer maps of the
@@ -195,9 +204,12 @@ class Trainer:
         preds = [m.pred for m in self.metrics]
         carry = None
         for batch in self.train_loader:
-            total, losses, outs, grads = self.model.train_step(self._feeds(batch), extra=preds, carry=carry)
+            total, losses, outs, grads = self.model.train_step(self._feeds(batch), extra=preds, carry=carry,
+                                                               grad_flow=self.grad_flow is not None)
             if self.carry_state:
                 carry = self.model.carries
+            if self.grad_flow is not None:
+                self.grad_flow.add(self.model.grad_flow)
             if self.cfg["clip"]:
                 self.clip(grads, self.cfg["clip"])
             self.opt.step(grads)
@@ -210,6 +222,8 @@ class Trainer:
                 bar.update(1, loss=total, images=next(iter(batch.values())).size if seq else n, **{k: v for m in self.metrics for k, v in m.result().items()})
         if bar:
             bar.close()
+        if self.grad_flow is not None:
+            self.grad_flow.end_epoch(self.epoch + 1)
         return {"train_loss": tot / seen, **self._report("train_")}
 
     def evaluate(self) -> dict:
