@@ -57,6 +57,7 @@ Discrete choices (no gradient):
 import numpy as np
 
 from . import Kernel, kernel, prange
+from .dense import linear
 from .gemm import N_, T_, gemm as _gemm
 from .rand import mix
 
@@ -92,12 +93,12 @@ def _wgrad(g, a, gw, gb, accumulate, T):
                 _gemm(m1 - m0, K, R, gf[m0:], M, T_, af, K, N_, gwf[m0 * K:], beta)
             elif not accumulate:
                 gw[m0:m1] = 0
-            if gb.size:
-                for m in range(m0, m1):
-                    s = g.dtype.type(0)
-                    for r in range(R):
-                        s += g[r, m]
-                    gb[m] = gb[m] + s if accumulate else s
+            if gb.size:     # rows outer: the inner loop runs along memory
+                if not accumulate:
+                    gb[m0:m1] = 0
+                for r in range(R):
+                    for m in range(m0, m1):
+                        gb[m] += g[r, m]
     return gw
 
 
@@ -129,6 +130,8 @@ def weight_grad(g, a, gw=None, gb=None, need_gb=True, accumulate=False):
     """(g.T @ a, column sums of g): written into gw / gb when given, or added to them
     with accumulate (then both must be given)."""
     M, K = g.shape[1], a.shape[1]
+    if accumulate and (gw is None or (need_gb and gb is None)):
+        raise ValueError("weight_grad: accumulate needs the gradients to add to")
     gw = np.empty((M, K), g.dtype) if gw is None else gw
     gb = (np.empty(M, g.dtype) if gb is None else gb) if need_gb else np.empty(0, g.dtype)
     fn, T = _threads(_wgrad, g.size * K, M)
@@ -140,7 +143,6 @@ def weight_grad(g, a, gw=None, gb=None, need_gb=True, accumulate=False):
 
 def project(x, w_ih, b_ih=None):
     """xp[R, G*H] = x[R, D] @ w_ih.T + b_ih."""
-    from .dense import linear
     return linear(x, w_ih, b_ih)
 
 

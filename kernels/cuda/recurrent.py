@@ -56,6 +56,8 @@ def weight_grad(g, a, gw=None, gb=None, need_gb=True, accumulate=False):
     """(g.T @ a, column sums of g), written into or (accumulate) added to gw / gb."""
     R, M = g.shape
     K = a.shape[1]
+    if accumulate and (gw is None or (need_gb and gb is None)):
+        raise ValueError("weight_grad: accumulate needs the gradients to add to")
     gw = empty((M, K), g.dtype) if gw is None else gw
     if R == 0:
         if not accumulate:
