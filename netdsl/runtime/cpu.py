@@ -192,4 +192,24 @@ def cross_entropy_grad(n, x, st):
         gz = np.ascontiguousarray(gz.reshape(nhwc).transpose(0, 3, 1, 2))
     return [gz.reshape(logits.shape)]
 
+# ---- REINFORCE (ops/policy.py): a surrogate loss from host scalars
+
+@kernel("reinforce", writes="new")
+def reinforce(n, x, st):
+    logp, reward = x
+    b = st.params[n.params["baseline"].name]
+    R = -float(reward)
+    adv = R - float(b[0])
+    st.saved[id(n)] = adv
+    if st.train:
+        d = n.attrs["decay"]
+        b[0] = d * b[0] + (1 - d) * R
+    return [np.asarray(-adv * logp.mean(dtype=np.float64), dtype=logp.dtype)]
+
+
+@kernel("reinforce_grad", writes="new")
+def reinforce_grad(n, x, st):
+    g, logp = x[0], x[1]
+    return [np.full(logp.shape, -st.saved[id(n.fwd)] * float(g) / logp.size, logp.dtype)]
+
 

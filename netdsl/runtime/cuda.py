@@ -58,6 +58,29 @@ class CudaArrays:
 scan.bind(KERNELS, "cuda", CudaArrays)
 
 
+# ---- REINFORCE (ops/policy.py): host scalars, as on the CPU ([N, T] log-probabilities come down)
+
+@kernel("reinforce")
+def reinforce(n, x, st):
+    logp, reward = x[0].copy_to_host(), x[1].copy_to_host()
+    b = st.params[n.params["baseline"].name]
+    bh = b.copy_to_host()
+    R = -float(reward)
+    adv = R - float(bh[0])
+    st.saved[id(n)] = adv
+    if st.train:
+        d = n.attrs["decay"]
+        bh[0] = d * bh[0] + (1 - d) * R
+        b.copy_to_device(bh)
+    return [K.to_device(np.asarray(-adv * logp.mean(dtype=np.float64), dtype=logp.dtype))]
+
+
+@kernel("reinforce_grad")
+def reinforce_grad(n, x, st):
+    g, logp = float(x[0].copy_to_host()), x[1]
+    return [K.full(logp.shape, -st.saved[id(n.fwd)] * g / logp.size, logp.dtype)]
+
+
 # ---- losses (a loss node's output is a 0-d device array)
 
 def _ce_2d(logits, labels):
