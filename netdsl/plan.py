@@ -101,9 +101,10 @@ def plan(nodes: list[Node], keep: list[Value], dims: dict, fuse: bool = True, no
         seen.add(id(n))
         made = {id(v) for m in g for v in m.outputs}
         ins, outs = [], []
+        own = len(g) == 1 and not is_elementwise(n)     # a kernel bound to the node: its inputs as given
         for m in g:
             for v in m.inputs:
-                if v is not None and id(v) not in made and all(v is not u for u in ins):
+                if v is not None and id(v) not in made and (own or all(v is not u for u in ins)):
                     ins.append(v)
             for v in m.outputs:
                 # a kernel of its own returns every output, used or not, in the node's order

@@ -136,3 +136,24 @@ def test_exposed_maxpool_switches_are_int64_and_route_the_gradient(tmp_path):
     loss = torch.nn.functional.cross_entropy(u.flatten(1) @ w.T + b, torch.tensor(y))
     loss.backward()
     np.testing.assert_allclose(grads["linear1.weight"], w.grad.numpy(), rtol=1e-5, atol=1e-6)
+
+
+def test_a_node_reading_one_value_twice_gets_it_twice(tmp_path):
+    """concat(x, x): a kernel of its own is handed its inputs as the node lists them
+    (the planner once passed each value once, shifting the inputs after a repeat)."""
+    from helpers import compile_text
+    g = compile_text(tmp_path, """
+network n() {
+  input x: f32[N, 3]
+  input t: f32[N, 4]
+  y = concat(x, x) -> linear(4)
+  output y
+  loss l = l2(y, t)
+}""")
+    m = Model(g, dtype=np.float64)
+    x, t = np.random.default_rng(0).standard_normal((2, 3)), np.zeros((2, 4))
+    _, _, out, grads = m.train_step({"x": x, "t": t})
+    xx = np.concatenate([x, x], 1)
+    y = xx @ m.params["linear1.weight"].T + m.params["linear1.bias"]
+    np.testing.assert_allclose(out["y"], y, rtol=1e-12)
+    np.testing.assert_allclose(grads["linear1.weight"], (2 * (y - t) / y.size).T @ xx, rtol=1e-12)
