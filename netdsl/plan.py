@@ -157,6 +157,27 @@ def replays(p: Plan) -> list[Node]:
     return [n for s in p.steps for n in s.nodes if n.path.endswith(REPLAY)]
 
 
+def loops(p: Plan) -> list[dict]:
+    """Each scan of the plan as the loop it runs: T steps of its step's own plan, and the
+    values its backward reads, saved at every step (bytes per step and over T)."""
+    from .autodiff import step_grad
+    out = []
+    for s in p.steps:
+        n = s.nodes[0]
+        if n.op != "scan":
+            continue
+        T = int(subs(n.attrs["length"], p.dims))
+        body = n.body.nodes
+        train = any(m.op == "scan_grad" and m.fwd is n for t in p.steps for m in t.nodes)
+        residuals = step_grad(n).residuals if train else []
+        saved = sum(nbytes(v, p.dims) for v in residuals)
+        inner = plan(body, list(n.body.outputs.values()) + [c.step_out for c in n.body.carries] + residuals,
+                     p.dims)
+        out.append({"path": n.path, "steps": T, "nodes": len(body), "kernels": len(inner.steps),
+                    "saved_per_step": saved, "saved": saved * T})
+    return out
+
+
 def explain(p: Plan) -> str:
     lines = []
     fused = [s for s in p.steps if len(s.nodes) > 1]
@@ -168,6 +189,13 @@ def explain(p: Plan) -> str:
     lines.append(f"in place     {len(inpl)} steps write into a dying input")
     again = replays(p)
     lines.append(f"recomputed   {len(again)} forward nodes replayed in the backward instead of kept (remat.py)")
+    held = 0
+    for l in loops(p):
+        lines.append(f"loop         {l['path']}: {l['steps']} steps of a {l['nodes']}-node step ({l['kernels']} kernels)"
+                     + (f"; saves {l['saved_per_step'] / 2**10:.1f} KiB per step for the backward "
+                        f"({l['saved'] / 2**20:.1f} MiB over the sequence)" if l["saved"] else ""))
+        held += l["saved"]
     lines.append(f"peak memory  {p.peak_naive / 2**20:.1f} MiB with every intermediate kept; "
-                 f"{p.peak_planned / 2**20:.1f} MiB planned")
+                 f"{p.peak_planned / 2**20:.1f} MiB planned"
+                 + (f", plus {held / 2**20:.1f} MiB the loops keep for their backward" if held else ""))
     return "\n".join(lines)

@@ -106,7 +106,8 @@ def _dims(g: Graph, batch: int | None):
     n = batch if batch is not None else g.train.get("batch", 1)
     if n < 1:
         raise NetdslError(f"--batch must be positive, got {n}")
-    free = [s for s in g.symbols if s != "N"]
+    free = sorted({name for v in g.inputs.values() for d in v.shape if isinstance(d, Sym)
+                   for term in d.terms for name in term} - {"N"})
     if free:
         raise NetdslError(f"memory figures need every dimension fixed; give {', '.join(free)} with --set",
                           g.pos, hint=f"e.g. --set {free[0]}=32")
@@ -141,10 +142,10 @@ def explain(g: Graph, batch: int | None) -> str:
 
 
 def plan_json(g: Graph, batch: int | None) -> dict:
-    from .plan import replays
+    from .plan import loops, replays
     tg, p, n = _plan(g, batch)
     return {"batch": n, "backward_nodes": len(tg.nodes) - tg.n_forward, "steps": len(p.steps),
             "fused": [{"at": s.nodes[-1].path, "ops": s.name} for s in p.steps if len(s.nodes) > 1],
             "inplace_steps": sum(1 for s in p.steps if s.inplace),
             "recomputed": [n.fwd.path for n in replays(p)],
-            "peak_bytes_unplanned": p.peak_naive, "peak_bytes_planned": p.peak_planned}
+            "peak_bytes_unplanned": p.peak_naive, "peak_bytes_planned": p.peak_planned, "loops": loops(p)}

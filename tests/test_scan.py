@@ -287,3 +287,29 @@ def test_grad_flow_from_the_cli_writes_its_plot(tmp_path):
     assert (tmp_path / "grad_flow.png").read_bytes()[:4] == b"\x89PNG"
     r = cli("run", SPECS / "digits_cnn.net", "--epochs", "1", "--grad-flow", "--out", tmp_path / "cnn")
     assert r.returncode == 2 and "has no recurrent state" in r.stderr
+
+
+def test_explain_shows_each_scan_as_a_loop_with_its_saved_values(capsys):
+    """`netdsl compile --explain` reports the loop and what it keeps per step for the backward,
+    and counts it in the peak; the JSON plan has the same figures."""
+    import json
+    from netdsl.cli import main
+    from netdsl.autodiff import step_grad
+    spec = SPECS / "rnn/charlm_gru.net"
+    assert main(["compile", str(spec), "--explain", "--set", "T=10", "--batch", "4"]) == 0
+    out = capsys.readouterr().out
+    assert "loop         layer1.rnn: 10 steps of a" in out and "loop         layer2.rnn: 10 steps" in out
+    assert "the loops keep for their backward" in out
+    assert main(["compile", str(spec), "--explain", "--json", "--set", "T=10", "--batch", "4"]) == 0
+    loops = json.loads(capsys.readouterr().out)["plan"]["loops"]
+    g = compile_spec_rnn("charlm_gru", T=10)
+    scan = next(n for n in g.nodes if n.op == "scan" and n.path == "layer1.rnn")
+    per_step = sum(4 * int(np.prod([4 if not isinstance(d, int) else d for d in v.shape]))
+                   for v in step_grad(scan).residuals)
+    assert loops[0]["path"] == "layer1.rnn" and loops[0]["steps"] == 10
+    assert loops[0]["saved_per_step"] == per_step and loops[0]["saved"] == 10 * per_step
+
+
+def compile_spec_rnn(name, **kw):
+    from helpers import compile_spec
+    return compile_spec(f"rnn/{name}.net", **kw)
