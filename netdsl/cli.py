@@ -181,6 +181,24 @@ def cmd_data_shapes(args):
     return 0
 
 
+def cmd_data_shapes_captions(args):
+    from .datasets import shapes, shapes_captions
+    from .runtime.progress import ProgressBar
+    shapes.check_options(args.images, args.size, args.val_fraction)     # before the bar starts
+    shapes_captions.check_target(args.out)
+    bar = None if args.no_progress else ProgressBar(args.images, "shapes-captions")
+    try:
+        m = shapes_captions.generate(args.out, images=args.images, size=args.size, seed=args.seed,
+                                     val_fraction=args.val_fraction, progress=bar.update if bar else None)
+    finally:
+        if bar:
+            bar.close()
+    print(f"wrote {args.out}: {args.images} images of {args.size}x{args.size} with captions "
+          f"({', '.join(m['annotations'].values())}, instances beside them); preview "
+          f"{os.path.join(args.out, 'preview', 'captions.png')}")
+    return 0
+
+
 def cmd_sample(args):
     from .lang.elaborate import elaborate
     from .runtime.checkpoint import load_checkpoint, load_weights
@@ -314,6 +332,15 @@ def build_parser():
     ds.add_argument("--val-fraction", type=float, default=0.2, help="share of images in val (default 0.2)")
     ds.add_argument("--no-progress", action="store_true", help="no progress bar")
     ds.set_defaults(fn=cmd_data_shapes)
+    dc = dsub.add_parser("shapes-captions", help="synthetic COCO captions: one or two coloured shapes per image, "
+                                                 "captions such as 'a red circle left of a blue square'")
+    dc.add_argument("out", help="directory to write (new, empty, or one this command wrote before)")
+    dc.add_argument("--images", type=int, default=1000, help="images, train and val together (default 1000)")
+    dc.add_argument("--size", type=int, default=64, help="image side in pixels (default 64)")
+    dc.add_argument("--seed", type=int, default=0, help="the same seed writes the same bytes (default 0)")
+    dc.add_argument("--val-fraction", type=float, default=0.2, help="share of images in val (default 0.2)")
+    dc.add_argument("--no-progress", action="store_true", help="no progress bar")
+    dc.set_defaults(fn=cmd_data_shapes_captions)
 
     sm = sub.add_parser("sample", help="generate text from a trained character-level language model")
     sm.add_argument("run", help="the run directory (netdsl run ... --out DIR)")

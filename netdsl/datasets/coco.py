@@ -112,20 +112,20 @@ def coco(path: str, ann: str = "instances", task: str = "", size=0, max_objects:
     return ds
 
 
-def _size(size) -> tuple[int, int]:
+def _size(size, what: str = "coco") -> tuple[int, int]:
     hw = (size, size) if isinstance(size, int) and not isinstance(size, bool) else tuple(size) \
         if isinstance(size, (list, tuple)) else None
     if hw is None or len(hw) != 2 or not all(isinstance(v, int) and not isinstance(v, bool) and 1 <= v <= 8192
                                              for v in hw):
-        raise NetdslError(f"coco: size must be an integer from 1 to 8192 or a [height, width] pair, got {size!r}")
+        raise NetdslError(f"{what}: size must be an integer from 1 to 8192 or a [height, width] pair, got {size!r}")
     return hw
 
 
-def _common_size(cocos, files) -> tuple[int, int]:
+def _common_size(cocos, files, what: str = "coco") -> tuple[int, int]:
     sizes = {(im["height"], im["width"]): (s, im["id"]) for s, c in cocos.items() for im in c.dataset["images"]}
     if len(sizes) > 1:
         (a, (sa, ia)), (b, (sb, ib)) = list(sizes.items())[:2]
-        raise NetdslError(f"coco: the images differ in size (image {ia} of {files[sa]} is {a[1]}x{a[0]}, image {ib} "
+        raise NetdslError(f"{what}: the images differ in size (image {ia} of {files[sa]} is {a[1]}x{a[0]}, image {ib} "
                           f"of {files[sb]} {b[1]}x{b[0]}), so they need a common size",
                           hint="give size=S (or [height, width]) to resize them all")
     return next(iter(sizes), (1, 1))

@@ -100,8 +100,17 @@ def check(d, path: str) -> None:
                 bad(f"{where} ('{c['name']}'): 'skeleton' must be pairs of 1-based joint numbers up to {k}, "
                     f"got {_show(sk)}")
         cats[c["id"]] = len(kp or [])
+    images = check_images(d["images"], bad)
+    seen = set()
+    for i, a in enumerate(d["annotations"]):
+        _check_annotation(a, f"annotations[{i}]", images, cats, seen, bad)
+
+
+def check_images(records: list, bad) -> dict:
+    """image id -> (height, width) of a file's 'images' list; bad(message) on a bad record
+    (shared with the captions files, captions.py)."""
     images = {}
-    for i, im in enumerate(d["images"]):
+    for i, im in enumerate(records):
         where = f"images[{i}]"
         if not isinstance(im, dict) or not _int(im.get("id")):
             bad(f"{where} needs an integer 'id', got {_show(im)}")
@@ -118,9 +127,7 @@ def check(d, path: str) -> None:
             bad(f"{where} (id {im['id']}): {im['width']} x {im['height']} pixels is more than netdsl reads "
                 f"({MAX_PIXELS:,})")
         images[im["id"]] = (im["height"], im["width"])
-    seen = set()
-    for i, a in enumerate(d["annotations"]):
-        _check_annotation(a, f"annotations[{i}]", images, cats, seen, bad)
+    return images
 
 
 def _check_annotation(a, where, images, cats, seen, bad):

@@ -210,8 +210,8 @@ def _write_json(path, obj, indent=None):
         f.write("\n")
 
 
-def check_target(out: str) -> None:
-    """A NetdslError unless `out` can be created, is empty, or holds a set this command wrote."""
+def check_target(out: str, generator: str = GENERATOR) -> None:
+    """A NetdslError unless `out` can be created, is empty, or holds a set `generator` wrote."""
     out = os.path.abspath(os.path.expanduser(os.fspath(out)))
     if not os.path.exists(out):
         parent = os.path.dirname(out)
@@ -220,15 +220,15 @@ def check_target(out: str) -> None:
         return
     if not os.path.isdir(out):
         raise NetdslError(f"{out} exists and is not a directory")
-    if os.listdir(out) and not _ours(out):
-        raise NetdslError(f"{out} is not empty and was not written by `{GENERATOR}`",
+    if os.listdir(out) and not _ours(out, generator):
+        raise NetdslError(f"{out} is not empty and was not written by `{generator}`",
                           hint="give a new or empty directory; a set this command wrote is replaced")
 
 
-def _ours(out: str) -> bool:
+def _ours(out: str, generator: str) -> bool:
     try:
         with open(os.path.join(out, "dataset.json"), encoding="utf-8") as f:
-            return json.load(f).get("generator") == GENERATOR
+            return json.load(f).get("generator") == generator
     except (OSError, ValueError, AttributeError):
         return False
 
