@@ -11,6 +11,8 @@ nn.Embedding + nn.LSTM/GRU/RNN + nn.Linear. Each framework runs in its own
 subprocess; BENCH_ROUNDS interleaved rounds of the median of BENCH_STEPS steps.
 Prints training tokens/s (N*T per step) and the ratio to torch.
 Sizes: BENCH_H (512), BENCH_N (64), BENCH_T (100), BENCH_V (100).
+BENCH_DEVICE=cuda runs both on the GPU (torch's nn.LSTM is cuDNN's there; netdsl's
+parameters, gradients and Adam state stay on the device); scripts/gpu-check does.
 """
 from __future__ import annotations
 
@@ -31,6 +33,7 @@ N = int(os.environ.get("BENCH_N", 64))
 T = int(os.environ.get("BENCH_T", 100))
 V = int(os.environ.get("BENCH_V", 100))
 E = 64
+DEVICE = os.environ.get("BENCH_DEVICE", "cpu")
 
 
 def data(seed=0):
@@ -49,15 +52,19 @@ def run_netdsl(cell: str, fused: bool) -> list[float]:
     from netdsl.runtime.model import Model
     g, _ = elaborate(os.path.join(ROOT, "specs", "rnn", f"charlm_{cell}.net"), None,
                      {"vocab": V, "embed": E, "hidden": H, "layers": 1, "fused": fused})
-    m = Model(g)
-    opt = make_optimizer("adam", m.trainable(), lr=2e-3)
+    m = Model(g, device=DEVICE)
+    opt, clip, sync = make_optimizer("adam", m.trainable(), lr=2e-3), clip_grad_norm, lambda: None
+    if DEVICE == "cuda":
+        from netdsl.runtime import cuda
+        opt, clip, sync = cuda.DeviceOptimizer(opt, m.trainable()), cuda.clip_grad_norm, cuda.synchronize
     x, y = data()
     times = []
     for i in range(STEPS + 1):
         t0 = time.perf_counter()
         _, _, _, grads = m.train_step({"chars": x, "next": y})
-        clip_grad_norm(grads, 5.0)
+        clip(grads, 5.0)
         opt.step(grads)
+        sync()
         times.append(time.perf_counter() - t0)
     return times[1:]
 
@@ -67,9 +74,13 @@ def run_torch(cell: str) -> list[float]:
     torch.set_num_threads(THREADS)
     rnn = {"lstm": torch.nn.LSTM, "gru": torch.nn.GRU, "rnn": torch.nn.RNN}[cell](E, H, batch_first=True)
     emb, head = torch.nn.Embedding(V, E), torch.nn.Linear(H, V)
+    if DEVICE == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+        rnn, emb, head = rnn.cuda(), emb.cuda(), head.cuda()
     params = [*emb.parameters(), *rnn.parameters(), *head.parameters()]
     opt = torch.optim.Adam(params, lr=2e-3)
-    x, y = (torch.tensor(a) for a in data())
+    x, y = (torch.tensor(a, device=DEVICE) for a in data())
+    sync = torch.cuda.synchronize if DEVICE == "cuda" else (lambda: None)
     times = []
     for i in range(STEPS + 1):
         t0 = time.perf_counter()
@@ -79,6 +90,7 @@ def run_torch(cell: str) -> list[float]:
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 5.0)
         opt.step()
+        sync()
         times.append(time.perf_counter() - t0)
     return times[1:]
 
@@ -93,7 +105,7 @@ def child(which: str, cell: str) -> float:
 
 def main(cells):
     print(f"# {time.strftime('%Y-%m-%d')}  {platform.processor() or platform.machine()}  "
-          f"{_cpu_model()}  threads={THREADS}  H={H} N={N} T={T} V={V} E={E}  "
+          f"{_cpu_model()}  device={DEVICE}  threads={THREADS}  H={H} N={N} T={T} V={V} E={E}  "
           f"rounds={ROUNDS} steps={STEPS}")
     for cell in cells:
         best: dict[str, list[float]] = {"netdsl fused": [], "netdsl written-out": [], "torch": []}
