@@ -192,6 +192,7 @@ def cross_entropy_grad(n, x, st):
         gz = np.ascontiguousarray(gz.reshape(nhwc).transpose(0, 3, 1, 2))
     return [gz.reshape(logits.shape)]
 
+
 # ---- REINFORCE (ops/policy.py): a surrogate loss from host scalars
 
 @kernel("reinforce", writes="new")
@@ -211,5 +212,4 @@ def reinforce(n, x, st):
 def reinforce_grad(n, x, st):
     g, logp = x[0], x[1]
     return [np.full(logp.shape, -st.saved[id(n.fwd)] * float(g) / logp.size, logp.dtype)]
-
 
