@@ -1,0 +1,97 @@
+"""Captions for an image from a trained captioning spec, and where it looked.
+
+The training spec is enough: its decoder is a scan over the caption's words (teacher
+forcing), so decoding runs it one word at a time: `<start>` first, then each chosen
+word fed back, the scan's state (its carries) handed from one call to the next, until
+`<end>` or the caption length the data allowed. Greedy decoding takes the most likely
+word; sampling draws from the softmax (seeded). A spec that also outputs attention
+weights over L locations (`alphas: [N, T, L]`) gives, for each word, the weights of the
+step that chose it: an attention map over the sqrt(L) x sqrt(L) grid of the image.
+"""
+from __future__ import annotations
+
+import math
+import os
+
+import numpy as np
+
+from ..errors import NetdslError
+from .model import Model
+
+START, END, PAD = "<start>", "<end>", "<pad>"
+
+
+def _io(g):
+    """(image input, captions input, logits output, alphas output or None)."""
+    ids = [n for n, v in g.inputs.items() if v.dtype in ("i64", "i32") and v.rank == 2]
+    imgs = [n for n, v in g.inputs.items() if v.dtype.startswith("f")]
+    logits = [n for n, v in g.outputs.items() if v.dtype.startswith("f") and v.rank == 3
+              and "alpha" not in n]
+    if len(ids) != 1 or len(imgs) != 1 or len(logits) != 1:
+        raise NetdslError(f"network '{g.name}' is not a captioning network: it needs one image input, one "
+                          "[N, T] input of word ids and one [N, T, vocab] output of word scores", g.pos)
+    alphas = next((n for n, v in g.outputs.items() if n != logits[0] and v.rank == 3), None)
+    return imgs[0], ids[0], logits[0], alphas
+
+
+def decode(model: Model, vocab: list[str], image: np.ndarray, max_len: int, sample: bool = False,
+           temperature: float = 1.0, seed: int = 0):
+    """(words, attention weights per word [len, L] or None) for one image [C, H, W]."""
+    img_in, ids_in, logits_out, alphas_out = _io(model.g)
+    index = {w: i for i, w in enumerate(vocab)}
+    if START not in index or END not in index:
+        raise NetdslError(f"the vocabulary has no {START} or {END}: it is not a captioning vocabulary")
+    want = [logits_out] + ([alphas_out] if alphas_out else [])
+    rng = np.random.default_rng(seed)
+    word, carry, words, maps = index[START], None, [], []
+    pad = index.get(PAD, 0)
+    for _ in range(max_len + 1):
+        out = model.infer({img_in: image[None], ids_in: np.array([[word, pad]], np.int64)}, want=want, carry=carry)
+        carry = model.carries
+        scores = out[logits_out][0, 0].astype(np.float64)
+        if sample:
+            p = np.exp((scores - scores.max()) / temperature)
+            word = int(rng.choice(len(p), p=p / p.sum()))
+        else:
+            word = int(scores.argmax())
+        if word >= len(vocab):
+            raise NetdslError(f"the model chose word id {word}, outside the run's vocabulary of {len(vocab)} words",
+                              hint="the spec's vocab is larger than the data's: train with --set vocab=...")
+        if vocab[word] == END:
+            break
+        words.append(vocab[word])
+        if alphas_out:
+            maps.append(out[alphas_out][0, 0])
+    return words, (np.array(maps) if alphas_out else None)
+
+
+def attention_png(path: str, image: np.ndarray, words: list[str], maps: np.ndarray) -> None:
+    """The image once per word with that word's attention weights over it (brighter =
+    more weight), as Xu et al. show them; written atomically."""
+    from PIL import Image, ImageDraw
+    from .checkpoint import atomic_write
+    L = maps.shape[1]
+    side = math.isqrt(L)
+    if side * side != L:
+        raise NetdslError(f"{L} attention locations are not a square grid; cannot draw them over the image")
+    rgb = (np.clip(image.transpose(1, 2, 0), 0, 1) * 255).astype(np.uint8)
+    h, w = rgb.shape[:2]
+    scale = max(1, 128 // max(h, w))
+    tiles = []
+    for word, a in zip(words, maps):
+        m = np.asarray(Image.fromarray((a.reshape(side, side) / max(a.max(), 1e-12) * 255).astype(np.uint8))
+                       .resize((w, h), Image.BILINEAR), np.float32)[..., None] / 255
+        tile = Image.fromarray((rgb * (0.25 + 0.75 * m)).astype(np.uint8)).resize((w * scale, h * scale))
+        canvas = Image.new("RGB", (tile.width, tile.height + 14), "white")
+        canvas.paste(tile, (0, 14))
+        ImageDraw.Draw(canvas).text((2, 1), word, fill="black")
+        tiles.append(canvas)
+    if not tiles:
+        raise NetdslError("the caption is empty: no word to draw attention for")
+    sheet = Image.new("RGB", (sum(t.width for t in tiles) + 2 * (len(tiles) - 1), tiles[0].height), "white")
+    x = 0
+    for t in tiles:
+        sheet.paste(t, (x, 0))
+        x += t.width + 2
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    atomic_write(path, lambda f: sheet.save(f, format="PNG"))
