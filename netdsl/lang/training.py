@@ -55,6 +55,8 @@ CONSTRUCTORS = {
         "cifar10": {"path": (_STR, None)},
         "npz": {"path": (_STR, None)},
         "text": {"path": (_STR, "pydoc_topics"), "seq": (_INT, 64)},
+        "coco_captions": {"path": (_STR, None), "size": (_INT, 0), "max_len": (_INT, 0), "min_count": (_INT, 1),
+                          "ann": (_STR, "captions"), "train": (_STR, "train"), "test": (_STR, "val")},
         "coco": {"path": (_STR, None)},
         "synthetic": {"size": (_INT, 256)},
     },

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ..datasets import load_coco_captions   # COCO captions (datasets/captions.py, imported on use)
 from ..errors import NetdslError
 from . import construct, lookup
 from .checkpoint import read_npz
@@ -313,6 +314,7 @@ def load_text(path: str = "pydoc_topics", seq: int = 64) -> Dataset:
 
 _SOURCES = {"digits": load_digits, "mnist": load_mnist, "fashion_mnist": load_fashion_mnist,
             "cifar10": load_cifar10, "npz": load_npz, "text": load_text}
+_SOURCES["coco_captions"] = load_coco_captions     # image captioning (datasets/captions.py)
 
 
 def make_source(name: str, **kwargs) -> Dataset:

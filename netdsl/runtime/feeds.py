@@ -155,15 +155,18 @@ def _check_ids(g: Graph, ds: Dataset, pairs: dict):
 
 
 def _too_many_characters(g: Graph, ds: Dataset, name: str, count: int, node):
-    """A text with more distinct characters than the spec's vocabulary: say so, and
-    which network parameter to raise (one whose value is that count)."""
+    """A text with more distinct characters (or captions with more words) than the
+    spec's vocabulary: say so, and which network parameter to raise (one whose value
+    is that count)."""
     v = len(ds.vocab)
     params = [k for k, x in g.args.items() if isinstance(x, int) and not isinstance(x, bool) and x == count]
     fix = (f"--set {params[0]}={v}" if len(params) == 1 else
            f"a vocabulary of at least {v} ({' or '.join(f'--set {p}={v}' for p in params)})" if params else
            f"a vocabulary of at least {v}")
-    raise NetdslError(f"the text {ds.source} has {v} distinct characters, but input '{name}' feeds {node.op} "
-                      f"({node.path}), which takes {count}", node.pos, hint=f"run with {fix}")
+    what = f"the text {ds.source} has {v} distinct characters" if isinstance(ds.vocab, str) else \
+        f"the vocabulary of {ds.source} has {v} words (with <pad>, <start>, <end>, <unk>)"
+    raise NetdslError(f"{what}, but input '{name}' feeds {node.op} ({node.path}), which takes {count}", node.pos,
+                      hint=f"run with {fix}")
 
 
 def synthetic(g: Graph, size: int, seed: int) -> Dataset:

@@ -30,6 +30,9 @@ def load_data(g: Graph, cfg: dict, seed: int) -> Dataset:
         raise NetdslError(f"data = {src.name}() is for detection specs, which `netdsl run` "
                           f"does not train in this version", g.train_pos.get("data"))
     kwargs = dict(src.kwargs)
+    if src.name == "coco_captions":
+        from ..datasets.captions import fit_to_spec
+        kwargs = fit_to_spec(g, kwargs)     # the image size and caption length a spec fixes
     if src.name == "text" and chunk(cfg):
         kwargs["seq"] = chunk(cfg)      # truncated BPTT reads the text in chunks of that length
     return make_source(src.name, **kwargs)

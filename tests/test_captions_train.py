@@ -1,0 +1,63 @@
+"""The coco_captions data source in training: it binds to captioning.net's inputs at the
+spec's image size (feeds.bind), names the --set a too-small vocabulary needs, and
+`netdsl run` trains captioning.net and captioning_attention_small.net from the CLI."""
+import json
+
+import numpy as np
+import pytest
+
+from helpers import SPECS, cli
+from netdsl.datasets import captions as cap
+from netdsl.datasets.shapes_captions import generate
+from netdsl.errors import NetdslError
+from netdsl.lang.elaborate import elaborate
+from netdsl.runtime.data import make_source
+from netdsl.runtime.feeds import bind
+
+SIZE = 32
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    out = tmp_path_factory.mktemp("captions") / "set"
+    generate(str(out), images=40, size=SIZE, seed=5, val_fraction=0.25)
+    return out
+
+
+def test_binds_to_captioning_net_at_the_specs_size(data):
+    from netdsl.datasets.captions import fit_to_spec
+    g, _ = elaborate(str(SPECS / "rnn/captioning.net"), None, {"vocab": 19, "H": 16, "embed": 8})
+    kwargs = fit_to_spec(g, {"path": str(data), "size": 0, "max_len": 0})
+    assert kwargs["size"] == [224, 224] and kwargs["max_len"] == 0      # captions: i64[N, T], T free
+    ds = make_source("coco_captions", **kwargs)
+    assert bind(g, ds) == {"image": "image", "captions": "captions"}
+    assert ds.train["image"].shape[1:] == (3, 224, 224)
+    g, _ = elaborate(str(SPECS / "rnn/captioning.net"), None, {"vocab": 12, "H": 16, "embed": 8})
+    with pytest.raises(NetdslError, match=r"has 19 words .* takes 12") as e:
+        bind(g, make_source("coco_captions", **fit_to_spec(g, {"path": str(data)})))
+    assert "--set vocab=19" in e.value.hint
+
+
+def test_captioning_trains_one_epoch_from_the_cli(data, tmp_path):
+    """The spec's 224 x 224 VGG trunk is the slow part: 3 training images."""
+    small = tmp_path / "small"
+    generate(str(small), images=4, size=SIZE, seed=1)
+    vocab = len(cap.coco_captions(str(small)).vocab)
+    out = tmp_path / "run"
+    r = cli("run", SPECS / "rnn/captioning.net", "--data", f"coco_captions:{small}", "--set", f"vocab={vocab}",
+            "--set", "H=16", "--set", "embed=8", "--epochs", "1", "--batch", "8", "--out", out, "--no-progress")
+    assert r.returncode == 0, r.stderr[-3000:]
+    rec = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])
+    assert np.isfinite(rec["train_loss"]) and np.isfinite(rec["test_loss"])
+    from netdsl.runtime.checkpoint import load_checkpoint
+    assert load_checkpoint(str(out / "checkpoint.npz")).extra["vocab"] == cap.coco_captions(str(small)).vocab
+
+
+def test_attention_from_images_trains_from_the_cli(data, tmp_path):
+    out = tmp_path / "run"
+    r = cli("run", SPECS / "rnn/captioning_attention_small.net", "--data", f"coco_captions:{data}",
+            "--set", f"size={SIZE}", "--set", "width=4", "--set", "H=16", "--set", "A=8", "--set", "embed=8",
+            "--epochs", "2", "--batch", "16", "--out", out, "--no-progress")
+    assert r.returncode == 0, r.stderr[-3000:]
+    recs = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
+    assert len(recs) == 2 and recs[1]["train_loss"] < recs[0]["train_loss"] < np.log(19) + 0.5
