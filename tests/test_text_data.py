@@ -171,8 +171,11 @@ def test_the_charlm_specs_bind_and_a_fixed_length_wins(small_text):
     assert b["chars"].shape == (4, 10)
 
 
-def test_cli_missing_text_file_exits_2_without_a_traceback():
-    # charlm_lstm's scan has no kernels yet: whichever error comes first, it is clean
-    r = cli("run", "specs/rnn/charlm_lstm.net", "--data", "text:/nonexistent", "--out", "/tmp/netdsl-text-test")
-    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
-    assert "text file /nonexistent not found" in r.stderr or "cannot run yet" in r.stderr, r.stderr
+def test_cli_missing_or_non_utf8_text_exits_2_without_a_traceback(tmp_path):
+    bad = tmp_path / "bad.txt"
+    bad.write_bytes(b"fine\nfine\n\xc3(")
+    for data, message in ((f"text:{tmp_path}/nonexistent", f"error: text file {tmp_path}/nonexistent not found"),
+                          (f"text:{bad}", f"error: {bad} is not UTF-8 text: byte offset 10 (line 3) holds c3")):
+        r = cli("run", "specs/rnn/charlm_lstm.net", "--data", data, "--out", tmp_path / "run")
+        assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+        assert message in r.stderr, r.stderr

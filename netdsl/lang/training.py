@@ -59,6 +59,14 @@ CONSTRUCTORS = {
                           "ann": (_STR, "captions"), "train": (_STR, "train"), "test": (_STR, "val")},
         "coco": {"path": (_STR, None)},
         "synthetic": {"size": (_INT, 256)},
+        # the sequence tasks of runtime/tasks.py; the first argument is --data NAME:ARG's
+        "digit_rows": {},
+        "polarity": {"length": (_INT, 20), "size": (_INT, 4000), "seed": (_INT, 0)},
+        "copy": {"task": (_STR, "copy"), "length": (_INT, 10), "size": (_INT, 8000), "seed": (_INT, 0)},
+        "echo": {"delay": (_INT, 2), "length": (_INT, 20), "size": (_INT, 4000), "seed": (_INT, 0)},
+        "count_up": {"length": (_INT, 8), "size": (_INT, 4000), "seed": (_INT, 0)},
+        "translated_digits": {"canvas": (_INT, 64), "scale": (_INT, 4), "seed": (_INT, 0)},
+        "recall": {"delay": (_INT, 1), "length": (_INT, 8), "size": (_INT, 2000), "seed": (_INT, 0)},
     },
     "bptt": {
         "full": {},
@@ -69,7 +77,8 @@ CONSTRUCTORS = {
         "flip": {},
     },
     # runtime/metrics.py computes them (its METRICS has these names)
-    "metrics": {"accuracy": {}, "top5": {}, "pixel_accuracy": {}, "miou": {}, "loss_per_token": {}},
+    "metrics": {"accuracy": {}, "top5": {}, "pixel_accuracy": {}, "miou": {}, "loss_per_token": {},
+                "sequence_accuracy": {}, "onehot_accuracy": {}},
 }
 
 # key -> (type, default); a type naming a CONSTRUCTORS group takes one of its calls

@@ -319,9 +319,12 @@ _SOURCES["coco_captions"] = load_coco_captions     # image captioning (datasets/
 
 def make_source(name: str, **kwargs) -> Dataset:
     """Load a data source by name: digits(test_size, seed), mnist(path),
-    fashion_mnist(path), cifar10(path), npz(path), text(path, seq) (text.py)."""
+    fashion_mnist(path), cifar10(path), npz(path), text(path, seq) (text.py), and the
+    sequence tasks of tasks.py (digit_rows, polarity, copy, echo, count_up,
+    translated_digits, recall)."""
     if "path" in kwargs:
         if not isinstance(kwargs["path"], (str, os.PathLike)):
             raise NetdslError(f"data source '{name}': path must be a string, got {kwargs['path']!r}")
         kwargs["path"] = os.path.expanduser(os.fspath(kwargs["path"]))
-    return construct(f"data source '{name}'", lookup("data source", name, _SOURCES), kwargs)
+    from .tasks import SOURCES as tasks     # sequence tasks (tasks.py), made from digits or at random
+    return construct(f"data source '{name}'", lookup("data source", name, {**_SOURCES, **tasks}), kwargs)

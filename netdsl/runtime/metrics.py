@@ -4,8 +4,12 @@ Each cross-entropy loss that runs at inference tells the task by its logits' ran
 [N, C] with labels [N] is classification (accuracy, and top-5 past 5 classes);
 [N, C, H, W] with labels [N, H, W] is dense labelling (pixel accuracy and mean IoU
 over the classes present in prediction or truth, as FCN reports them); [N, T, C] with
-[N, T] is a sequence (loss per token and perplexity). Labels equal to the loss's
-ignore index count nowhere. The segmentation, recurrent and detection issues add
+[N, T] is a sequence (accuracy per token, loss per token and perplexity; exact match of
+whole sequences when declared). Labels may be an input or a slice of one (seq2seq's
+tgt[:, 1:]): the metric applies the same slice to the input's batch. An L2 loss of a
+prediction against a one-hot target input of its shape (vanilla_rnn's recall task)
+offers `onehot_accuracy` when declared. Labels equal to the loss's ignore index count
+nowhere. The segmentation, recurrent and detection issues add
 their metrics to METRICS.
 
 A metric accumulates over an epoch: `update(batch)` per batch, `result()` at the end,
@@ -31,9 +35,13 @@ class Metric:
     keys: tuple[str, ...] = ()
     default = True
 
-    def __init__(self, pred: Value, label: str, loss: str, ignore: int, classes: int):
+    def __init__(self, pred: Value, label: str, loss: str, ignore: int, classes: int, index: tuple | None = None):
         self.pred, self.label, self.loss, self.ignore, self.classes = pred, label, loss, ignore, classes
+        self.index = index      # the slice of the label input the loss reads, or None: all of it
         self.reset()
+
+    def update(self, logits, labels, loss):
+        self.add(logits, labels if self.index is None else labels[self.index], loss)
 
     def reset(self):
         self.num = self.den = 0.0
@@ -46,22 +54,23 @@ class Metric:
 
 
 class Accuracy(Metric):
-    tasks, keys = ("classification",), ("acc",)
+    """Top-k accuracy per example, or per token of a sequence ([N, T, C] logits)."""
+    tasks, keys = ("classification", "sequence"), ("acc",)
     k = 1
 
-    def update(self, logits, labels, loss):
+    def add(self, logits, labels, loss):
         keep = labels != self.ignore
         if self.k == 1:
-            hit = logits.argmax(1) == labels
+            hit = logits.argmax(-1) == labels
         else:
-            top = np.argpartition(-logits, self.k - 1, axis=1)[:, :self.k]
-            hit = (top == labels[:, None]).any(1)
+            top = np.argpartition(-logits, self.k - 1, axis=-1)[..., :self.k]
+            hit = (top == labels[..., None]).any(-1)
         self.num += float((hit & keep).sum())
         self.den += float(keep.sum())
 
 
 class Top5(Accuracy):
-    keys, k = ("top5",), 5
+    tasks, keys, k = ("classification",), ("top5",), 5
 
     @property
     def default(self):
@@ -71,7 +80,7 @@ class Top5(Accuracy):
 class PixelAccuracy(Metric):
     tasks, keys = ("dense",), ("pixel_acc",)
 
-    def update(self, logits, labels, loss):
+    def add(self, logits, labels, loss):
         keep = labels != self.ignore
         self.num += float(((logits.argmax(1) == labels) & keep).sum())
         self.den += float(keep.sum())
@@ -83,7 +92,7 @@ class MeanIoU(Metric):
     def reset(self):
         self.confusion = np.zeros((self.classes, self.classes), np.int64)   # [truth, prediction]
 
-    def update(self, logits, labels, loss):
+    def add(self, logits, labels, loss):
         keep = labels != self.ignore
         t, p = labels[keep], logits.argmax(1)[keep]
         self.confusion += np.bincount(t * self.classes + p, minlength=self.classes ** 2).reshape(self.confusion.shape)
@@ -100,7 +109,7 @@ class LossPerToken(Metric):
     loss weighted by its token count), and its exponential, the perplexity."""
     tasks, keys = ("sequence",), ("loss_per_token", "perplexity")
 
-    def update(self, logits, labels, loss):
+    def add(self, logits, labels, loss):
         n = float((labels != self.ignore).sum())
         self.num += loss * n
         self.den += n
@@ -110,26 +119,56 @@ class LossPerToken(Metric):
         return per, math.exp(min(per, 700.0))
 
 
+class SequenceAccuracy(Metric):
+    """Exact match: the fraction of sequences whose every scored token is right
+    (copy/reverse, captions). Declared only: for a language model's long chunks it is ~0."""
+    tasks, keys, default = ("sequence",), ("seq_acc",), False
+
+    def add(self, logits, labels, loss):
+        wrong = (logits.argmax(-1) != labels) & (labels != self.ignore)
+        scored = (labels != self.ignore).any(1)
+        self.num += float((~wrong.any(1) & scored).sum())
+        self.den += float(scored.sum())
+
+
+class OneHotAccuracy(Metric):
+    """An L2 loss's prediction read as scores against a one-hot target: a step counts
+    as right when its largest output is where the target's 1 is; all-zero targets
+    are not scored. Declared only: an L2 target is not one-hot in general."""
+    tasks, keys, default = ("onehot",), ("acc",), False
+
+    def add(self, pred, target, loss):
+        keep = target.any(-1)
+        self.num += float(((pred.argmax(-1) == target.argmax(-1)) & keep).sum())
+        self.den += float(keep.sum())
+
+
 # name in `train { metrics = [...] }` -> class
 METRICS = {"accuracy": Accuracy, "top5": Top5, "pixel_accuracy": PixelAccuracy, "miou": MeanIoU,
-           "loss_per_token": LossPerToken}
+           "loss_per_token": LossPerToken, "sequence_accuracy": SequenceAccuracy, "onehot_accuracy": OneHotAccuracy}
 
 
 def choose(g: Graph, declared: list | None = None, pos=None) -> list[Metric]:
     """The metrics of g's inference-time cross-entropy losses: the declared ones, or
     every default metric of each loss's task."""
-    inputs = {id(v): n for n, v in g.inputs.items()}
     heads = []
     for l in g.losses:
         node = l.value.producer
-        if l.phase != "all" or node is None or node.op != "cross_entropy":
+        if l.phase != "all" or node is None or node.op not in ("cross_entropy", "l2"):
             continue
-        logits, labels = node.inputs
-        if id(labels) not in inputs or logits.rank not in TASKS:
+        logits, labels = node.inputs[:2]
+        label, index = _label_input(g, labels)
+        if node.op == "l2":
+            if label is None or len(node.inputs) > 2 or logits.rank not in (2, 3) or logits.shape != labels.shape:
+                continue
+            task, ignore = "onehot", None
+        elif label is None or logits.rank not in TASKS:
             continue
-        classes = logits.shape[-1 if logits.rank == 3 else 1]
+        else:
+            task, ignore = TASKS[logits.rank], node.attrs["ignore_index"]
+        classes = logits.shape[-1 if logits.rank in (2, 3) else 1]
         if isinstance(classes, int):
-            heads.append((l.name, TASKS[logits.rank], logits, inputs[id(labels)], node.attrs["ignore_index"], classes))
+            heads.append((l.name, task, logits, label, ignore, classes, index))
     out = []
     for name in declared or []:
         cls = METRICS[name]
@@ -138,15 +177,33 @@ def choose(g: Graph, declared: list | None = None, pos=None) -> list[Metric]:
             raise NetdslError(f"metric '{name}' is for {' or '.join(cls.tasks)} losses, and this spec has "
                               + (", ".join(f"a {h[1]} loss '{h[0]}'" for h in heads) or "no cross-entropy loss "
                                  "that runs at inference"), pos)
-        out += [cls(logits, label, loss, ignore, classes) for loss, _, logits, label, ignore, classes in fits]
+        out += [cls(logits, label, loss, ignore, classes, index) for loss, _, logits, label, ignore, classes, index
+                in fits]
     if declared is None:
-        for loss, task, logits, label, ignore, classes in heads:
-            out += [m for m in (cls(logits, label, loss, ignore, classes) for cls in METRICS.values()
+        for loss, task, logits, label, ignore, classes, index in heads:
+            out += [m for m in (cls(logits, label, loss, ignore, classes, index) for cls in METRICS.values()
                                 if task in cls.tasks) if m.default]
     if len({m.loss for m in out}) > 1:
         for m in out:
             m.keys = tuple(f"{m.loss}_{k}" for k in m.keys)
     return out
+
+
+def _label_input(g: Graph, v: Value) -> tuple[str | None, tuple | None]:
+    """(the input v is, or is a fixed slice of, and that numpy index); (None, None) otherwise."""
+    inputs = {id(x): n for n, x in g.inputs.items()}
+    if id(v) in inputs:
+        return inputs[id(v)], None
+    node = v.producer
+    if node is None or node.op != "slice" or id(node.inputs[0]) not in inputs:
+        return None, None
+    index = []
+    for ix in node.attrs["index"]:
+        parts = ix if isinstance(ix, tuple) else (ix,)
+        if not all(p is None or (isinstance(p, int) and not isinstance(p, bool)) for p in parts):
+            return None, None   # a symbolic bound: not reproducible on the batch here
+        index.append(slice(*ix) if isinstance(ix, tuple) else ix)
+    return inputs[id(node.inputs[0])], tuple(index)
 
 
 def panel(key: str) -> str | None:
