@@ -445,8 +445,9 @@ step mixed(x_t: seq, H) {{
   i, f, o, z = split(linear(concat(h, x_t), 4 * H, name="W"), 4)
   c = sigmoid(f) * c + sigmoid(i) * tanh(z)
   h = sigmoid(o) * tanh(c)
-  g = gru_cell(h, g, H, name="gru")
-  emit g
+  g = gru_cell(x_t, g, H, name="gru")     # reads the sequence: its projection is hoisted out of the loop
+  o = g * h
+  emit o
 }}
 network small_rnn(V = 5) {{
   input x: f32[N, T, 3]
@@ -460,8 +461,8 @@ network small_rnn(V = 5) {{
 
 
 def _scan_step():
-    """One training step of a scan (the notes' LSTM written out, then a fused GRU cell)
-    on both targets: loss, logits and every gradient."""
+    """One training step of a scan (the notes' LSTM written out beside a fused GRU cell
+    whose input projection is hoisted) on both targets: loss, logits and every gradient."""
     import tempfile
     from netdsl.lang.elaborate import elaborate
     from netdsl.runtime.model import Model

@@ -313,3 +313,64 @@ def test_explain_shows_each_scan_as_a_loop_with_its_saved_values(capsys):
 def compile_spec_rnn(name, **kw):
     from helpers import compile_spec
     return compile_spec(f"rnn/{name}.net", **kw)
+
+
+FUSED = net("""  hs = stacked(x, {cell}, H, 2, fused=true, name="")
+  logits = hs -> linear(V, name="head")
+  output logits
+  loss ce = cross_entropy(logits, y)""")
+
+
+@pytest.mark.parametrize("kind", ["rnn", "lstm", "gru"])
+def test_fused_cell_stacks_match_torch_num_layers(tmp_path, kind):
+    """The torch-layout cells in a 2-layer stack (input projections hoisted out of the time
+    loop, runtime/scan.py) against torch.nn.RNN/LSTM/GRU(num_layers=2): outputs, final
+    states and every gradient."""
+    g = compile_text(tmp_path, FUSED.replace("{cell}", kind))
+    m = Model(g, dtype=np.float64, seed=11)
+    x, y = data(N=3, T=5)
+    total, _, outs, grads = m.train_step({"x": x, "y": y})
+    ref = {"rnn": torch.nn.RNN, "lstm": torch.nn.LSTM, "gru": torch.nn.GRU}[kind](3, 5, num_layers=2,
+                                                                               batch_first=True).double()
+    P = m.host_params()
+    with torch.no_grad():
+        for l in range(2):
+            for role in ("weight_ih", "weight_hh", "bias_ih", "bias_hh"):
+                w = P[f"layer{l + 1}.rnn.cell.{role}"]
+                if kind == "lstm":      # the notes' gate rows i, f, o, g -> torch's i, f, g, o
+                    i, f, o, gg = np.split(w, 4)
+                    w = np.concatenate([i, f, gg, o])
+                getattr(ref, f"{role}_l{l}").copy_(torch.tensor(w))
+    head_w = torch.tensor(P["head.weight"], requires_grad=True)
+    head_b = torch.tensor(P["head.bias"], requires_grad=True)
+    hs, finals = ref(torch.tensor(x))
+    logits = hs @ head_w.T + head_b
+    loss = torch_loss(logits, torch.tensor(y))
+    loss.backward()
+    assert abs(total - loss.item()) < 1e-12
+    np.testing.assert_allclose(outs["logits"], logits.detach().numpy(), rtol=1e-10, atol=1e-12)
+    hT = (finals[0] if kind == "lstm" else finals)[1].detach().numpy()
+    np.testing.assert_allclose(m.carries["layer2.rnn.h"], hT, rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(grads["head.weight"], head_w.grad.numpy(), rtol=1e-9)
+    for l in range(2):
+        for role in ("weight_ih", "weight_hh", "bias_ih", "bias_hh"):
+            want = getattr(ref, f"{role}_l{l}").grad.numpy()
+            if kind == "lstm":
+                i, f, gg, o = np.split(want, 4)
+                want = np.concatenate([i, f, o, gg])
+            np.testing.assert_allclose(grads[f"layer{l + 1}.rnn.cell.{role}"], want, rtol=1e-9, atol=1e-12,
+                                       err_msg=(l, role))
+
+
+def test_hoisted_projection_equals_the_cell_run_step_by_step(tmp_path, monkeypatch):
+    """The same step with the projection hoisted out of the loop and without it: equal."""
+    from netdsl.runtime import scan as rscan
+    g = compile_text(tmp_path, FUSED.replace("{cell}", "lstm"))
+    x, y = data(N=2, T=4)
+    a = Model(g, dtype=np.float64, seed=12).train_step({"x": x, "y": y})
+    monkeypatch.setattr(rscan, "_hoists", lambda node: [])
+    g2 = compile_text(tmp_path, FUSED.replace("{cell}", "lstm"), name="u.net")
+    b = Model(g2, dtype=np.float64, seed=12).train_step({"x": x, "y": y})
+    assert abs(a[0] - b[0]) < 1e-13
+    for k in a[3]:
+        np.testing.assert_allclose(a[3][k], b[3][k], rtol=1e-11, atol=1e-14, err_msg=k)

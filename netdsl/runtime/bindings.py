@@ -470,11 +470,21 @@ def recurrent(kernel, K) -> None:
     """Bind the operators of ops/recurrent.py with `kernel` (a registrar) to module K."""
     from ..errors import NetdslError
 
+    # Inside a scan whose sequence is the cell's input, the input projection of every time
+    # step is one GEMM before the loop (runtime/scan.py): the step gets its rows in
+    # st.hoisted and runs only the recurrent part; its backward leaves the projection's
+    # gradient in st.hoisted_grad for one GEMM after the loop, and gives zeros for x,
+    # weight_ih and bias_ih here.
     @kernel(*CELLS, writes="new")
     def cell(n, x, st):
-        kind = CELLS[n.op]
-        h, c, acts = K.cell_forward(kind, x[0], x[1], x[2] if kind == "lstm" else None,
-                                    *(_param(n, st, r) for r in CELL_PARAMS), order=n.attrs.get("order", "ifog"))
+        kind, order = CELLS[n.op], n.attrs.get("order", "ifog")
+        c0 = x[2] if kind == "lstm" else None
+        xp = getattr(st, "hoisted", {}).get(id(n))
+        if xp is not None:
+            h, c, acts = K.cell_step(kind, xp, x[1], c0, _param(n, st, "weight_hh"), _param(n, st, "bias_hh"),
+                                     order=order)
+        else:
+            h, c, acts = K.cell_forward(kind, x[0], x[1], c0, *(_param(n, st, r) for r in CELL_PARAMS), order=order)
         st.saved[id(n)] = acts
         return [h] if c is None else [h, c]
 
@@ -482,6 +492,16 @@ def recurrent(kernel, K) -> None:
     def cell_grad(n, x, st):
         gys, ins, _, _ = _grads_for(n, x)
         lstm = CELLS[n.fwd.op] == "lstm"
+        hoisted = getattr(st, "hoisted_grad", None)
+        if hoisted is not None and id(n.fwd) in hoisted:
+            gxp, gh, gc, gwh, gbh = K.cell_step_backward(
+                CELLS[n.fwd.op], st.saved[id(n.fwd)], gys[0], gys[1] if lstm else None, ins[1],
+                ins[2] if lstm else None, _param(n.fwd, st, "weight_hh"), order=n.attrs.get("order", "ifog"))
+            hoisted[id(n.fwd)] = gxp
+            wi, bi = _param(n.fwd, st, "weight_ih"), _param(n.fwd, st, "bias_ih")
+            return _outs(n, {0: K.zeros(ins[0].shape, ins[0].dtype), 1: gh, 2: gc},
+                         {"weight_ih": K.zeros(wi.shape, wi.dtype), "weight_hh": gwh,
+                          "bias_ih": None if bi is None else K.zeros(bi.shape, bi.dtype), "bias_hh": gbh})
         bufs = {key: v for role, key in (("weight_ih", "gw_ih"), ("weight_hh", "gw_hh"))
                 for v in _grad_out(n, st, role).values()}
         gx, gh, gc, gwi, gwh, gbi, gbh = K.cell_backward(

@@ -29,6 +29,7 @@ register(KERNELS, K, "CUDA")
 
 class CudaArrays:
     """The array operations a scan needs (runtime/scan.py), on device arrays."""
+    kernels = K
     empty = staticmethod(K.empty)
     zeros = staticmethod(K.zeros)
 

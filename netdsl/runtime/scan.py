@@ -52,7 +52,8 @@ def _shape_of(st, v) -> tuple:
 
 
 class CpuArrays:
-    """The few array operations a scan needs, on numpy arrays."""
+    """The few array operations a scan needs, on numpy arrays (and the kernels it calls)."""
+    from netdsl.kernels import cpu as kernels
 
     @staticmethod
     def take(a, t):
@@ -78,6 +79,38 @@ class CpuArrays:
         return acc
 
 
+CELLS = ("rnn_cell", "lstm_cell", "gru_cell")
+
+
+class _Hoist:
+    """A fused cell whose input is one of the scanned sequences: its input projection
+    x W_ih^T + b_ih for all T steps is one GEMM before the loop (and its gradient one
+    GEMM after), and each step runs only the recurrent GEMM and the gates."""
+
+    def __init__(self, cell, seq: int):
+        self.cell, self.seq = cell, seq
+        self.w, self.b = cell.params["weight_ih"].name, cell.params.get("bias_ih")
+        self.b = self.b.name if self.b is not None else None
+
+    def project(self, K, st, x):
+        N, T, D = x.shape
+        xp = K.project(x.reshape(N * T, D), st.params[self.w], st.params[self.b] if self.b else None)
+        return xp.reshape(N, T, xp.shape[1])
+
+    def backward(self, K, st, x, gxp, need_gx: bool):
+        """(gx [N, T, D] or None, gw_ih, gb_ih or None) from every step's gradient of the projection."""
+        N, T, D = x.shape
+        gx, gw, gb = K.project_backward(gxp.reshape(N * T, gxp.shape[2]), x.reshape(N * T, D), st.params[self.w],
+                                        need_gx=need_gx)
+        return (gx.reshape(N, T, D) if gx is not None else None), gw, gb
+
+
+def _hoists(node) -> list[_Hoist]:
+    seqs = [node.body.inputs[n] for n in node.attrs["seq"]]
+    return [_Hoist(m, next(i for i, v in enumerate(seqs) if v is m.inputs[0]))
+            for m in node.body.nodes if m.op in CELLS and any(m.inputs[0] is v for v in seqs)]
+
+
 class _Runner:
     """One scan node's step programs for one set of dims and phase."""
 
@@ -89,6 +122,7 @@ class _Runner:
         self.ns, self.nc = len(node.attrs["seq"]), len(body.carries)
         self.outs = list(body.outputs.values()) + [c.step_out for c in body.carries]
         self.names = [c.name for c in body.carries]
+        self.hoists = _hoists(node)
         self.sg = step_grad(node) if train else None
         keep = self.outs + (self.sg.residuals if train else [])
         self.fwd = Program(body.nodes, keep, dims, fuse, target)
@@ -127,9 +161,11 @@ def bind(table: dict, target: str, A) -> None:
         carry = [given.get(name, c) for name, c in zip(r.names, carry)]
         ne = len(r.outs) - nc
         emits = [A.empty(_shape_of(st, v), array_dtype(v.dtype, st.dtype)) for v in n.outputs[:ne]]
+        projected = [h.project(A.kernels, st, seqs[h.seq]) for h in r.hoists]
         saved = []
         for t in range(T):
             sst = StepState(st, t)
+            sst.hoisted = {id(h.cell): A.take(xp, t) for h, xp in zip(r.hoists, projected)}
             env = r.fwd.run(sst, dict(zip(map(id, r.ins), [A.take(s, t) for s in seqs] + carry + caps)))
             for e, v in zip(emits, r.outs[:ne]):
                 A.put(e, t, env[id(v)])
@@ -162,6 +198,8 @@ def bind(table: dict, target: str, A) -> None:
         gcap: dict[int, object] = {}
         gpar: dict[str, object] = {}
         saved = st.saved.pop(id(n))
+        gxp = [A.empty(_shape_of(st, n.inputs[h.seq])[:2] + (st.params[h.w].shape[0],), st.dtype)
+               for h in r.hoists]
         flow = getattr(st, "grad_flow", None)     # carry path -> |dL/dh_t| per t (--grad-flow)
         if flow is not None:
             flow.update({name: [0.0] * T for name in r.names})
@@ -172,6 +210,7 @@ def bind(table: dict, target: str, A) -> None:
             res, kept = saved[t]
             sst = StepState(st, t)
             sst.saved = kept
+            sst.hoisted_grad = {id(h.cell): None for h in r.hoists}
             feeds = dict(res)
             for j, s in enumerate(sg.seeds):
                 a = A.take(gy[j], t) if j < ne and j in gy else (gcarry[j - ne] if j >= ne else None)
@@ -190,6 +229,15 @@ def bind(table: dict, target: str, A) -> None:
                     gcap[j] = A.add(gcap.get(j), env[id(gv)])
             for name, gv in sg.param_grads.items():
                 gpar[name] = A.add(gpar.get(name), env[id(gv)])
+            for h, g in zip(r.hoists, gxp):
+                A.put(g, t, sst.hoisted_grad[id(h.cell)])
+        for h, g in zip(r.hoists, gxp):     # the projections' gradients: one GEMM each over all steps
+            gx, gw, gb = h.backward(A.kernels, st, fwd_in[h.seq], g, h.seq in gseq)
+            if gx is not None:
+                gseq[h.seq] = A.add(gseq[h.seq], gx)
+            gpar[h.w] = A.add(gpar.get(h.w), gw)
+            if h.b:
+                gpar[h.b] = A.add(gpar.get(h.b), gb)
         roles = [role for role, _ in trainable(n)]
         out = []
         for j in like:
