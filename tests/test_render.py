@@ -252,6 +252,143 @@ def test_collapsed_scan_is_one_box(charlm, tmp_path):
     assert "constraint=false" not in dot
 
 
+# ---- the backward of a recurrence (render --backward)
+
+DEEP = """
+step rnn(x_t: seq, H) {
+  carry h = zeros([x_t.N, H])
+  h = tanh(linear(h, H, bias=false, name="W_hh") + linear(x_t, H, bias=false, name="W_xh"))
+  emit h
+}
+block layer(x, H) {
+  return scan rnn(x, H, name="rnn")
+}
+network deep(H = 32) {
+  input x: f32[N, T, 32]
+  input target: f32[N, T, 32]
+  y = x -> layer(H) -> layer(H)
+  output y
+  loss l2 = l2(y, target)
+}
+"""
+
+
+def training(g):
+    from netdsl.autodiff import build
+    return build(g).as_graph()
+
+
+def clusters(dot):
+    """Each cluster's label line and the ids of the boxes inside it (nested clusters included)."""
+    out = []
+    for m in re.finditer(r"subgraph cluster_\d+ \{\n\s*(.*)\n", dot):
+        depth, i = 1, m.end()
+        while depth:
+            depth += {"{": 1, "}": -1}.get(dot[i], 0)
+            i += 1
+        out.append((m.group(1), set(dict(NODE.findall(dot[m.end():i])))))
+    return out
+
+
+def box(boxes, text):
+    found = [k for k, a in boxes.items() if text in a]
+    assert len(found) == 1, (text, found)
+    return found[0]
+
+
+def test_backward_of_a_recurrence_is_a_loop_box(tmp_path):
+    dot = dot_text(training(compile_spec("rnn/vanilla_rnn.net")), tmp_path)
+    boxes, edges = nodes(dot), EDGE.findall(dot)
+    loops = clusters(dot)
+    assert len(loops) == 2
+    (fwd_label, fwd), (bwd_label, bwd) = sorted(loops, key=lambda c: "backward" in c[0])
+    assert "↻ rnn over T" in fwd_label and "state h" in fwd_label
+    assert "↺ rnn backward over T, reversed" in bwd_label and "rnn1 · state gradient dh" in bwd_label
+    assert "reads h, x_t saved per step" in bwd_label
+    assert "#6741b0" in bwd_label and "#1f6fb2" in fwd_label           # violet beside the forward's blue
+    assert not any("scan_grad" in a for a in boxes.values())            # no opaque node left
+    # the step's VJP, inside the backward loop: dh_t + dh, then tanh's and both linears' gradients
+    state = box(boxes, "<b>state dh</b>")
+    add = box(boxes, "label=<add>")
+    tanh_g = box(boxes, "tanh1.ew_grad: ew_grad")
+    whh_g, wxh_g = box(boxes, "W_hh.linear_grad"), box(boxes, "W_xh.linear_grad")
+    assert bwd == {state, add, tanh_g, whh_g, wxh_g}
+    assert "128 · t+1" in boxes[state] and "#e4dcf6" in boxes[state]
+    assert not bwd & fwd
+    # the state's gradient goes round: W_hh's input gradient is dh for the step before
+    tanh, h_state, x = next(k for k in fwd if "tanh" in boxes[k]), box(boxes, "<b>state h</b>"), box(boxes, "<b>x</b>")
+    back = [(s, d, a) for s, d, a in edges if "constraint=false" in a]
+    assert {(s, d, re.search(r"label=(\w+)", a).group(1)) for s, d, a in back} == {
+        (tanh, h_state, "h"), (whh_g, state, "dh")}
+    assert all(("#6741b0" in a) == (d == state) for _, d, a in back)
+    by_pair = {(s, d): a for s, d, a in edges}
+    assert 'label="dh_t 128"' in by_pair[(box(boxes, "W_hy.linear_grad"), add)]     # dL/dh_t's slice comes in
+    # what the backward reads from the forward step, saved per step: dotted
+    saved = {(s, d) for s, d, a in edges if "style=dotted" in a}
+    assert saved == {(tanh, tanh_g), (h_state, whh_g), (x, wxh_g)}
+    assert 'label="x_t 64"' in by_pair[(x, wxh_g)]
+    # the parameters' gradients, summed over the steps, leave the loop for the outputs
+    assert 'label="Σt 128×128"' in by_pair[(whh_g, box(boxes, "output grad rnn1.W_hh.weight"))]
+    assert 'label="Σt 128×64"' in by_pair[(wxh_g, box(boxes, "output grad rnn1.W_xh.weight"))]
+    assert "Σt: summed over the steps" in dot and "violet arrow" in dot
+
+
+def test_backward_loop_of_an_lstm(charlm, tmp_path):
+    dot = dot_text(training(charlm), tmp_path)
+    boxes, edges = nodes(dot), EDGE.findall(dot)
+    bwd_label, bwd = next(c for c in clusters(dot) if "backward" in c[0])
+    assert "↺ lstm backward over T, reversed" in bwd_label and "state gradient dh, dc" in bwd_label
+    back = {re.search(r"label=(\w+)", a).group(1): d for s, d, a in edges if "constraint=false" in a}
+    assert set(back) == {"h", "c", "dh", "dc"}
+    assert "<b>state dh</b>" in boxes[back["dh"]] and "<b>state dc</b>" in boxes[back["dc"]]
+    assert back["dh"] in bwd and back["dc"] in bwd
+    w_g = box(boxes, "W.linear_grad")
+    assert w_g in bwd
+    outs = {re.search(r"output grad ([\w.]+)", boxes[d]).group(1): a for s, d, a in edges if s == w_g
+            and "output grad" in boxes[d]}
+    assert set(outs) == {"rnn.W.weight", "rnn.W.bias"}
+    assert 'label="Σt 512×192"' in outs["rnn.W.weight"] and 'label="Σt 512"' in outs["rnn.W.bias"]
+
+
+def test_backward_loop_collapses_and_folds(tmp_path):
+    g = training(compile_spec("rnn/vanilla_rnn.net"))
+    dot = dot_text(g, tmp_path, depth=0)
+    boxes = nodes(dot)
+    assert not CLUSTER.findall(dot) and "constraint=false" not in dot
+    rnn, rnn_b = box(boxes, "<b>rnn</b>"), box(boxes, "<b>rnn backward</b>")
+    assert "Σt 128×128, Σt 128×64" in boxes[rnn_b] and "#6741b0" in boxes[rnn_b]
+    assert any(s == rnn and d == rnn_b and "style=dotted" in a for s, d, a in EDGE.findall(dot))
+    # two chained calls of a block holding a scan fold, backward loops included
+    deep = training(compile_text(tmp_path, DEEP))
+    folded = dot_text(deep, tmp_path, "f.dot")
+    labels = CLUSTER.findall(folded)
+    assert sum("layer ×2" in l for l in labels) == 1
+    assert sum("↻ rnn over T" in l for l in labels) == 1 and sum("↺ rnn backward" in l for l in labels) == 1
+    expanded = CLUSTER.findall(dot_text(deep, tmp_path, "e.dot", expand=True))
+    assert sum("↻ rnn over T" in l for l in expanded) == 2 and sum("↺ rnn backward" in l for l in expanded) == 2
+
+
+def test_forward_unchanged_by_backward_support(charlm, tmp_path):
+    """The forward loop draws the same inside the training graph as alone."""
+    fwd = clusters(dot_text(charlm, tmp_path))[0]
+    trained = next(c for c in clusters(dot_text(training(charlm), tmp_path, "t.dot")) if "↻" in c[0])
+    assert fwd[0] == trained[0]
+
+
+def test_cli_renders_backward_of_stacked_lstm(tmp_path):
+    out = tmp_path / "lstm.png"
+    r = cli("render", SPECS / "rnn/charlm_lstm.net", "--backward", "-o", out)
+    assert r.returncode == 0, r.stderr
+    assert out.read_bytes().startswith(b"\x89PNG\r\n\x1a\n")
+    dot = dot_text(training(compile_spec("rnn/charlm_lstm.net")), tmp_path)
+    assert sum("↻ lstm over T" in l for l, _ in clusters(dot)) == 2                # two layers
+    bwd = {re.search(r"(layer\d)\.rnn · state gradient dh, dc", l).group(1): ids
+           for l, ids in clusters(dot) if "↺ lstm backward over T, reversed" in l}
+    assert sorted(bwd) == ["layer1", "layer2"]
+    # layer 2's backward hands dL/dh_t of layer 1's output, a step at a time, to layer 1's backward
+    assert any(s in bwd["layer2"] and d in bwd["layer1"] and 'label="dh_t 256"' in a for s, d, a in EDGE.findall(dot))
+
+
 # ---- real files
 
 def test_svg_is_well_formed(resnet18, tmp_path):

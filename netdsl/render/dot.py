@@ -32,8 +32,14 @@ def to_dot(scene: Scene, rankdir: str = "TB", legend: bool = True) -> str:
     _fill(d, scene.root, by_parent, itertools.count())
     for e in scene.edges:
         if e.back:
-            d.edge(e.src.id, e.dst.id, label=esc(e.label), color=style.BACK_EDGE, fontcolor=style.BACK_EDGE,
-                   penwidth="1.8", constraint="false", tooltip=f"carried state {e.label}: step t to t+1")
+            colour = style.GRAD_EDGE if e.reverse else style.BACK_EDGE
+            d.edge(e.src.id, e.dst.id, label=esc(e.label), color=colour, fontcolor=colour,
+                   penwidth="1.8", constraint="false",
+                   tooltip=f"gradient {e.label} of a carried state: step t+1 back to t" if e.reverse
+                   else f"carried state {e.label}: step t to t+1")
+        elif e.saved:
+            d.edge(e.src.id, e.dst.id, label=esc(e.label), style="dotted", color=style.SAVED_EDGE,
+                   fontcolor=style.SAVED_EDGE, tooltip="a forward value of the step, saved at every step for the backward")
         else:
             d.edge(e.src.id, e.dst.id, label=esc(e.label),
                    style="dashed" if e.src.train_only or e.dst.train_only else "solid")
@@ -62,12 +68,17 @@ def _fill(d, cluster: Cluster, by_parent, ids):
 
 # ------------------------------------------------------------ clusters
 
+def _name(c: Cluster) -> str:
+    return c.frame.callee + (" backward" if c.backward else "")
+
+
 def _title(c: Cluster) -> str:
     f = c.frame
     n = len(c.instances)
     if c.kind == "step":
         length = c.scan.attrs.get("length") if c.scan is not None else None
-        return f"↻ {f.callee}" + (f" over {style.dim(length)}" if length is not None else "")
+        over = f" over {style.dim(length)}" if length is not None else ""
+        return f"↺ {_name(c)}{over}, reversed" if c.backward else f"↻ {f.callee}{over}"
     if c.kind == "loop":
         return f.scope
     return f.callee + (f" ×{n}" if n > 1 else "")
@@ -82,7 +93,12 @@ def _where(c: Cluster) -> str:
 
 def _cluster_label(c: Cluster) -> str:
     bits = [b for b in (_where(c) if c.kind != "loop" else "",) if b]
-    if c.kind == "step" and c.scan is not None and c.scan.attrs.get("carries"):
+    if c.backward:
+        states = [it.carry.name.rsplit(".", 1)[-1] for it in c.children if not isinstance(it, Cluster) and it.carry]
+        if states:
+            bits.append("state gradient " + ", ".join(states))
+        bits.append(f"reads {_saved(c.scan)} saved per step")
+    elif c.kind == "step" and c.scan is not None and c.scan.attrs.get("carries"):
         bits.append("state " + ", ".join(c.scan.attrs["carries"]))
     if c.params:
         bits.append(f"{c.params:,} params" + (" in all" if len(c.instances) > 1 else ""))
@@ -100,12 +116,25 @@ def _cluster_style(c: Cluster) -> dict:
         st.update(style="rounded,dotted", color="#888888", fillcolor="#ffffff")
     if c.kind == "step":
         st.update(color=style.BACK_EDGE, fillcolor="#eef6fb", penwidth="1.5")
+    if c.backward:
+        st.update(color=style.GRAD_EDGE, fillcolor=style.GRAD_LOOP)
     if len(c.instances) > 1:           # a folded run: a heavier frame, like a stack of cards
         st.update(penwidth="2.5", color="#5b6f8e")
     if c.train_only:
         st.update(style="rounded,dashed,filled", color=style.TRAIN_GREY, fontcolor="#666666")
-    st["tooltip"] = f"{c.kind} {c.frame.callee} at {c.frame.pos}" if c.frame.pos else c.kind
+    st["tooltip"] = f"{c.kind} {_name(c)} at {c.frame.pos}" if c.frame.pos else c.kind
     return st
+
+
+def _saved(g) -> str:
+    """What a backward step reads from its forward step: `h, x_t and 5 more`."""
+    from ..autodiff import step_grad
+    res = step_grad(g.fwd).residuals
+    named = list(dict.fromkeys(v.name for v in res if v.name))
+    more = sum(not v.name for v in res)
+    if not named:
+        return f"{more} values"
+    return ", ".join(named) + (f" and {more} more" if more else "")
 
 
 # ------------------------------------------------------------ boxes
@@ -126,11 +155,13 @@ def _node(d, b: Box):
     elif b.kind == "block":
         _block_node(d, b)
     elif b.kind == "state":
-        c = b.items[0].carry
+        c, rev = b.items[0].carry, b.items[0].backward
+        colours = style.GRAD_STATE if rev else style.STATE
         d.node(b.id, label=_lines(f"<b>state {esc(c.name.rsplit('.', 1)[-1])}</b>",
-                                  style.shape_label(c.step_in.shape, c.step_in.dtype) + " · t−1"),
-               fillcolor=style.STATE[0], color=style.STATE[1], style="rounded,filled,bold",
-               tooltip=f"carried state {c.name}: its value from the previous step")
+                                  style.shape_label(c.step_in.shape, c.step_in.dtype) + (" · t+1" if rev else " · t−1")),
+               fillcolor=colours[0], color=colours[1], style="rounded,filled,bold",
+               tooltip=f"gradient of carried state {c.name}: what reaches it from the step after" if rev
+               else f"carried state {c.name}: its value from the previous step")
     elif b.loss is not None:
         _loss_node(d, b, _loss_text(b.loss) + [style.op_text(b.items[0].node)])
     else:
@@ -165,10 +196,10 @@ def _ops_node(d, b: Box, header: Cluster | None = None):
             if params else []) + flags
     small = f'<font point-size="{SMALL - 1}" color="#555555">{{}}</font>'
     if len(b.items) == 1 and header is None:
-        text = esc(style.op_text(b.items[0].node)) + "".join(f"<br/>{small.format(esc(f))}" for f in foot)
+        text = esc(style.op_text(b.items[0].node, b.items[0].frames)) + "".join(f"<br/>{small.format(esc(f))}" for f in foot)
         d.node(b.id, label=f"<{text}>", fillcolor=fill, **common)
         return
-    rows = "".join(f'<tr><td bgcolor="{style.FAMILIES[f][0]}" align="left">{esc(style.op_text(it.node))}</td></tr>'
+    rows = "".join(f'<tr><td bgcolor="{style.FAMILIES[f][0]}" align="left">{esc(style.op_text(it.node, it.frames))}</td></tr>'
                    for f, it in zip(fams, b.items))
     if header is not None:
         rows = (f'<tr><td align="left"><b>{esc(_title(header))}</b> '
@@ -197,13 +228,14 @@ def _loss_node(d, b: Box, rest: list[str]):
 def _block_node(d, b: Box):
     c = b.block
     n = len(c.instances)
-    title = f"<b>{esc(c.frame.callee)}{f' ×{n}' if n > 1 else ''}</b>"
+    title = f"<b>{esc(_name(c))}{f' ×{n}' if n > 1 else ''}</b>"
     rest = [_where(c)] + (["→ " + ", ".join(b.out_shapes)] if b.out_shapes else [])
     rest += ([f"{b.params:,} params" + (" in all" if n > 1 else "")] if b.params else []) + _flags(b)
+    fill, line = (style.GRAD_LOOP, style.GRAD_EDGE) if c.backward else style.BLOCK
     d.node(b.id, label=_lines(title, *rest), shape="box3d" if n > 1 else "box",
-           style=_border(b, "filled" if n > 1 else "rounded,filled"), fillcolor=style.BLOCK[0],
-           color=style.BLOCK[1], penwidth="1.5" if n > 1 else "1",
-           tooltip=f"{c.kind} {c.frame.callee} ({_where(c)}), drawn as one box")
+           style=_border(b, "filled" if n > 1 else "rounded,filled"), fillcolor=fill,
+           color=line, penwidth="1.5" if n > 1 else "1",
+           tooltip=f"{c.kind} {_name(c)} ({_where(c)}), drawn as one box")
 
 
 # ------------------------------------------------------------ legend and title
@@ -230,8 +262,14 @@ def _legend(scene: Scene) -> str:
     if any(len(c.instances) > 1 for c in scene.clusters()) or any(
             b.kind == "block" and len(b.block.instances) > 1 for b in scene.boxes):
         notes.append("×n: n identical block calls folded")
-    if any(b.kind == "state" for b in scene.boxes):
+    if any(b.kind == "state" and not b.items[0].backward for b in scene.boxes):
         notes.append("blue arrow: state carried to the next step")
+    if any(b.kind == "state" and b.items[0].backward for b in scene.boxes):
+        notes.append("violet arrow: a state's gradient, handed back to the step before")
+    if any(e.saved for e in scene.edges):
+        notes.append("dotted violet: a forward value saved at each step for the backward")
+    if any(e.label.startswith("Σt") for e in scene.edges):
+        notes.append("Σt: summed over the steps")
     rows += [f'<tr><td colspan="2" align="left"><font point-size="{SMALL}">{esc(n)}</font></td></tr>' for n in notes]
     return ('<<table border="1" color="#bbbbbb" cellborder="0" cellspacing="2" cellpadding="2">'
             f'<tr><td colspan="2"><b>legend</b></td></tr>{"".join(rows)}</table>>')

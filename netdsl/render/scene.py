@@ -9,6 +9,10 @@ simplified for reading:
   - collapse: blocks nested deeper than `depth` become one box each;
   - stack: a norm / activation / dropout that is the only reader of the layer before
     it joins that layer's box (conv -> bn -> relu is one box of three rows).
+A recurrence's backward (`scan_grad`, in a training graph) is drawn like its scan: a
+loop holding the step's VJP nodes (autodiff.step_grad), the carries' gradients as its
+states (handed from step t+1 to t), edges from the forward step's values it reads
+(saved per step), and its parameter gradients, summed over the steps, leaving it.
 dot.py turns the result into Graphviz; nothing here knows about DOT.
 """
 from __future__ import annotations
@@ -18,6 +22,7 @@ from dataclasses import dataclass, field
 
 from ..ir.dims import product
 from ..ir.graph import Carry, Frame, Graph, Loss, Node, Value
+from ..ops.registry import is_float
 from . import style
 
 CLUSTER_KINDS = ("block", "step")     # the frames that count for --depth and can collapse
@@ -32,10 +37,13 @@ class Item:
     carry: Carry | None = None
     cluster: "Cluster | None" = None
     runs: list = field(default_factory=list)   # (folded run's first cluster, which call) per run it is in
+    backward: bool = False        # in a recurrence's backward step (a state: a gradient carried t+1 -> t)
 
     @property
     def inputs(self) -> list:
-        return [self.carry.init] if self.carry else list(self.node.inputs)
+        if self.carry:
+            return [self.carry.init] if self.carry.init is not None else []
+        return list(self.node.inputs)
 
     @property
     def params(self) -> int:
@@ -53,11 +61,16 @@ class Cluster:
     subs: dict = field(default_factory=dict)        # id(frame) -> Cluster
     instances: list = field(default_factory=list)   # the calls folded into this one, itself first
     collapsed: bool = False
-    scan: Node | None = None      # for a step: the scan node that runs it
+    scan: Node | None = None      # for a step: the scan node that runs it (or its scan_grad)
 
     @property
     def kind(self) -> str:
         return self.frame.kind if self.frame else "network"
+
+    @property
+    def backward(self) -> bool:
+        """A recurrence's backward: the step's VJP, run from the last step to the first."""
+        return self.scan is not None and self.scan.op == "scan_grad"
 
     @property
     def path(self) -> str:
@@ -124,11 +137,23 @@ class Edge:
     src: Box
     dst: Box
     label: str
-    back: bool = False            # a carried state going round to the next step
+    back: bool = False            # a carried state going round to the next step (backward: the step before)
+    reverse: bool = False         # back edge of a backward loop: a state's gradient, step t+1 to t
+    saved: bool = False           # a forward step's value, saved per step, read by its backward
 
 
 def _below_network(frames) -> tuple:
     return tuple(frames[1:]) if frames and frames[0].kind == "network" else tuple(frames)
+
+
+def _drawn_at(n: Node) -> tuple:
+    """The frames a node is drawn in: its own, but a carry's initial value written in the
+    step (`carry h = init_h(mean(feats))`) is drawn in the forward loop while its gradient,
+    computed once after the backward loop, is drawn beside the loops."""
+    if n.fwd is None:
+        return tuple(n.frames)
+    steps = [i for i, f in enumerate(n.frames) if f.kind == "step"]
+    return tuple(n.frames[:steps[0]] if steps else n.frames)
 
 
 def _step_frame(scan: Node) -> Frame:
@@ -148,10 +173,12 @@ class Scene:
         self.item_of: dict[int, Item] = {}   # id(value) -> the item producing it (carry state: its state)
         self.alias: dict[int, Value] = {}    # step input -> outer sequence; scan output -> value in the body
         self.steps: dict[int, Node] = {}     # id(step frame) -> scan node
-        self.step_inputs: set[int] = set()   # the per-step slices (x_t) of scanned sequences
+        self.step_inputs: dict[int, str] = {}   # per-step slice (x_t, dh_t) -> the name it is shown by
+        self.saved: set[int] = set()         # forward step values a backward step reads (residuals)
+        self.summed: set[int] = set()        # scan_grad outputs summed over the steps (params, captures)
         self.uses: Counter = Counter()       # id(value) -> readers (scan nodes included)
         self.exported = {id(v) for v in g.outputs.values()} | {id(l.value) for l in g.losses}
-        self._flatten(g, g.phase_of_nodes())
+        self._flatten(g.nodes, g.phase_of_nodes())
         self.root = Cluster(None, (), 0, instances=[])
         self.root.instances = [self.root]
         for it in self.items:
@@ -169,13 +196,19 @@ class Scene:
         self._connect()
 
     # ------------------------------------------------------------ flatten and group
-    def _flatten(self, g: Graph, phases: dict, phase: str | None = None):
-        for n in g.nodes:
+    def _flatten(self, nodes: list, phases: dict, phase: str | None = None, where=None, backward=False):
+        """Items for `nodes`; `where` gives the frames a node is drawn in (inside a backward
+        step, the step's VJP nodes carry the forward step's frames)."""
+        where = where or _drawn_at
+        for n in nodes:
             for v in n.inputs:
                 self.uses[id(v)] += 1
             ph = phase or phases.get(id(n), "all")
+            if n.op == "scan_grad" and n.fwd is not None and n.fwd.body is not None:
+                self._flatten_backward(n, phases, ph, where)
+                continue
             if n.body is None:
-                it = Item(n, _below_network(n.frames), ph)
+                it = Item(n, _below_network(where(n)), ph, backward=backward)
                 self.items.append(it)
                 for o in n.outputs:
                     self.item_of[id(o)] = it
@@ -184,16 +217,59 @@ class Scene:
             self.steps[id(step)] = n
             for name, outer in zip(n.attrs.get("seq", []), n.inputs):
                 self.alias[id(body.inputs[name])] = outer
-                self.step_inputs.add(id(body.inputs[name]))
+                self.step_inputs[id(body.inputs[name])] = body.inputs[name].name
             emits = list(body.outputs.values())
             for o, inner in zip(n.outputs, emits + [c.step_out for c in body.carries]):
                 self.alias[id(o)] = inner
             self.exported |= {id(v) for v in emits} | {id(c.step_out) for c in body.carries}
             for c in body.carries:
-                it = Item(None, _below_network(n.frames) + (step,), ph, carry=c)
+                it = Item(None, _below_network(where(n)) + (step,), ph, carry=c)
                 self.items.append(it)
                 self.item_of[id(c.step_in)] = it
-            self._flatten(body, phases, ph)
+            self._flatten(body.nodes, phases, ph, where, backward)
+
+    def _flatten_backward(self, g: Node, phases: dict, ph: str, where):
+        """A scan_grad as a loop of its own: the step's VJP nodes, moved from the forward
+        step's frame into a backward step frame beside it."""
+        from ..autodiff import step_grad, trainable
+        scan, sg = g.fwd, step_grad(g.fwd)
+        fstep = _step_frame(scan)
+        step = Frame(fstep.scope, "step", fstep.callee, fstep.pos)
+        self.steps[id(step)] = g
+        outer, depth = where(g) + (step,), len(scan.frames)
+
+        def inside(m: Node) -> tuple:   # the backward step, then what lies below the forward step
+            return outer + tuple(m.frames[depth + 1:])
+
+        body = scan.body
+        ns, nc, ne, k = len(scan.attrs["seq"]), len(body.carries), len(body.outputs), g.attrs["ngrads"]
+        gy = dict(zip([i for i, v in enumerate(scan.outputs) if is_float(v.dtype)], g.inputs[:k]))
+        for j, s in enumerate(sg.seeds[:ne]):      # each emit's gradient, one time slice per step
+            if j in gy:
+                self.alias[id(s)] = gy[j]
+                self.step_inputs[id(s)] = f"{s.name}_t"
+        read = {id(v) for m in sg.nodes for v in m.inputs}
+        for j, c in enumerate(body.carries):        # each carry's gradient goes round, t+1 -> t
+            seed, out = sg.seeds[ne + j], sg.input_grads[ns + j]
+            if out is None and id(seed) not in read:
+                continue
+            head, _, tail = c.name.rpartition(".")
+            dc = Carry(f"{head}.d{tail}" if head else f"d{tail}", gy.get(ne + j), seed, out)
+            it = Item(None, _below_network(outer), ph, carry=dc, backward=True)
+            self.items.append(it)
+            self.item_of[id(seed)] = it
+        self.saved |= {id(v) for v in sg.residuals}
+        params, nin = trainable(scan), len(scan.inputs)
+        for o, j in zip(g.outputs, g.attrs["like"]):     # as runtime/scan.py hands them out
+            i = j - k
+            inner = sg.input_grads[i] if i < nin else sg.param_grads.get(params[i - nin][1].name)
+            if inner is None:
+                continue
+            self.alias[id(o)] = inner
+            self.exported.add(id(inner))
+            if i >= ns + nc:
+                self.summed.add(id(o))     # captures' and parameters' gradients: summed over the steps
+        self._flatten(sg.nodes, phases, ph, inside, backward=True)
 
     def _place(self, it: Item):
         cur = self.root
@@ -313,13 +389,16 @@ class Scene:
             return
         label = dst_item.carry.name.rsplit(".", 1)[-1] if back else style.shape_label(v.shape, v.dtype)
         if id(v) in self.step_inputs:
-            label = f"{v.name} {label}"      # one step's slice of the sequence
+            label = f"{self.step_inputs[id(v)]} {label}"      # one step's slice of the sequence
+        elif id(v) in self.summed:
+            label = f"Σt {label}"
         if src.kind == "block" and not back and label not in src.out_shapes:
             src.out_shapes.append(label)
+        saved = not back and id(v) in self.saved and dst_item is not None and dst_item.backward
         key = (src.id, dst.id, back)
         if key not in self._seen:
             self._seen.add(key)
-            self.edges.append(Edge(src, dst, label, back))
+            self.edges.append(Edge(src, dst, label, back, back and dst_item.backward, saved))
 
     def _connect(self):
         for it in self.items:

@@ -31,6 +31,11 @@ BLOCK = ("#eef2f8", "#5b6f8e")          # a block drawn as one box (--depth)
 STATE = ("#cfe8f9", "#1f6fb2")          # a recurrence's carried state
 INPUT = ("#ffffff", "#333333")
 BACK_EDGE = "#1f6fb2"
+# a recurrence's backward: the loop's violet to the forward's blue
+GRAD_STATE = ("#e4dcf6", "#6741b0")     # a carried state's gradient
+GRAD_EDGE = "#6741b0"
+GRAD_LOOP = "#f5f2fc"
+SAVED_EDGE = "#9a86c8"                  # a forward value saved per step, read by the backward
 TRAIN_GREY = "#8a8a8a"
 
 _BY_OP = {
@@ -107,8 +112,9 @@ def _window(a, default_s=1) -> str:
     return out
 
 
-def op_text(node: Node) -> str:
-    """A few words saying what the operator does: `conv 3×3 s2 p1 · 64`."""
+def op_text(node: Node, frames=None) -> str:
+    """A few words saying what the operator does: `conv 3×3 s2 p1 · 64`. `frames`: where it
+    is drawn, when not its own (a recurrence's backward nodes sit in the backward step)."""
     from ..ops import OPS
     op, a = node.op, node.attrs
     if op in ("conv", "conv_transpose"):
@@ -135,7 +141,7 @@ def op_text(node: Node) -> str:
         extra = [f"{k}={_short(v)}" for k, v in a.items()
                  if k in defaults and v != defaults[k] and _short(v)]
         t = " ".join([op] + extra)
-    local = local_name(node)
+    local = local_name(node, frames)
     if local != op and not _auto_name(local, op):
         t = f"{local}: {t}"
     return t if len(t) <= 40 else t[:39] + "…"
@@ -159,9 +165,9 @@ def _short(v) -> str:
     return s if len(s) <= 12 else ""
 
 
-def local_name(node: Node) -> str:
+def local_name(node: Node, frames=None) -> str:
     """The node's name within its block: its path less the block's (`downsample.0`)."""
-    scope = ".".join(f.scope for f in node.frames if f.scope)
+    scope = ".".join(f.scope for f in (node.frames if frames is None else frames) if f.scope)
     return node.path[len(scope) + 1:] if scope and node.path.startswith(scope + ".") else node.path
 
 
