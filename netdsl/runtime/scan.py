@@ -116,8 +116,7 @@ class _Runner:
 
     def __init__(self, node, dims, train: bool, fuse: bool, target: str):
         from .executor import Program      # (the executor imports the kernel tables, which import this)
-        body = node.body
-        self.node = node
+        body = node.body     # (no reference to the node itself: it is the cache's weak key)
         self.ins = step_inputs(node)
         self.ns, self.nc = len(node.attrs["seq"]), len(body.carries)
         self.outs = list(body.outputs.values()) + [c.step_out for c in body.carries]
