@@ -39,13 +39,14 @@ def test_binds_to_captioning_net_at_the_specs_size(data):
 
 
 def test_captioning_trains_one_epoch_from_the_cli(data, tmp_path):
-    """The spec's 224 x 224 VGG trunk is the slow part: 3 training images."""
+    """At a small size and width of the spec's VGG trunk (its parameters): 3 training images."""
     small = tmp_path / "small"
     generate(str(small), images=4, size=SIZE, seed=1)
     vocab = len(cap.coco_captions(str(small)).vocab)
     out = tmp_path / "run"
     r = cli("run", SPECS / "rnn/captioning.net", "--data", f"coco_captions:{small}", "--set", f"vocab={vocab}",
-            "--set", "H=16", "--set", "embed=8", "--epochs", "1", "--batch", "8", "--out", out, "--no-progress")
+            "--set", "H=16", "--set", "embed=8", "--set", "size=32", "--set", "width=4", "--epochs", "1",
+            "--batch", "8", "--out", out, "--no-progress")
     assert r.returncode == 0, r.stderr[-3000:]
     rec = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])
     assert np.isfinite(rec["train_loss"]) and np.isfinite(rec["test_loss"])
