@@ -107,6 +107,8 @@ def test_missing_unreadable_and_non_utf8_files_are_named(tmp_path):
         make_source("text", path=str(tmp_path / "nope.txt"))
     with pytest.raises(NetdslError, match="is a directory"):
         make_source("text", path=str(tmp_path))
+    with pytest.raises(NetdslError, match="text file /dev/zero is not a regular file"):
+        make_source("text", path="/dev/zero")
     bad = tmp_path / "latin1.txt"
     bad.write_bytes("ab\ncaf".encode() + "é".encode("latin1") + b" au lait\n")
     with pytest.raises(NetdslError, match=rf"{bad} is not UTF-8 text: byte offset 6 \(line 2\) holds e9"):

@@ -22,6 +22,7 @@ version, which is why a run stores the vocabulary it trained with.
 from __future__ import annotations
 
 import os
+import stat
 
 import numpy as np
 
@@ -47,8 +48,10 @@ def read_text(path: str) -> str:
     """The file decoded as strict UTF-8; a bad byte is an error naming its offset."""
     try:
         with open(path, "rb") as f:
-            size = os.fstat(f.fileno()).st_size
-            _check_memory(path, size)
+            st = os.fstat(f.fileno())
+            if not stat.S_ISREG(st.st_mode):    # a device or pipe could be endless
+                raise NetdslError(f"text file {path} is not a regular file")
+            _check_memory(path, st.st_size)
             data = f.read()
     except FileNotFoundError:
         raise NetdslError(f"text file {path} not found") from None
@@ -136,7 +139,7 @@ def load_text(path: str = DEFAULT, seq: int = 64):
     streams = {"train": ids[:cut], "test": ids[cut:]}
     fields = {}
     for split, a in streams.items():
-        cut = windows(a, seq, f"{source}: {SPLIT_NAMES[split]}")
-        fields[split] = {f: cut[s] for f, s in FIELDS.items()}
+        by_shift = windows(a, seq, f"{source}: {SPLIT_NAMES[split]}")
+        fields[split] = {f: by_shift[shift] for f, shift in FIELDS.items()}
     return Dataset("text", source, fields["train"], fields["test"], vocab=vocab, streams=streams,
                    shifts=dict(FIELDS), seq=seq, by_order=True)
