@@ -57,7 +57,8 @@ CONSTRUCTORS = {
         "text": {"path": (_STR, "pydoc_topics"), "seq": (_INT, 64)},
         "coco_captions": {"path": (_STR, None), "size": (_INT, 0), "max_len": (_INT, 0), "min_count": (_INT, 1),
                           "ann": (_STR, "captions"), "train": (_STR, "train"), "test": (_STR, "val")},
-        "coco": {"path": (_STR, None)},
+        "coco": {"path": (_STR, None), "ann": (_STR, "instances"), "task": (_STR, ""), "size": (_INT, 0),
+                 "max_objects": (_INT, 0), "train": (_STR, "train"), "test": (_STR, "val")},
         "synthetic": {"size": (_INT, 256)},
         # the sequence tasks of runtime/tasks.py; the first argument is --data NAME:ARG's
         "digit_rows": {},
@@ -78,7 +79,7 @@ CONSTRUCTORS = {
     },
     # runtime/metrics.py computes them (its METRICS has these names)
     "metrics": {"accuracy": {}, "top5": {}, "pixel_accuracy": {}, "miou": {}, "loss_per_token": {},
-                "sequence_accuracy": {}, "onehot_accuracy": {}},
+                "sequence_accuracy": {}, "onehot_accuracy": {}, "box_iou": {}, "pck": {}},
 }
 
 # key -> (type, default); a type naming a CONSTRUCTORS group takes one of its calls

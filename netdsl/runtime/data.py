@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ..datasets import load_coco      # COCO-format data (datasets/coco.py, imported on use)
 from ..datasets import load_coco_captions   # COCO captions (datasets/captions.py, imported on use)
 from ..errors import NetdslError
 from . import construct, lookup
@@ -313,7 +314,7 @@ def load_text(path: str = "pydoc_topics", seq: int = 64) -> Dataset:
 
 
 _SOURCES = {"digits": load_digits, "mnist": load_mnist, "fashion_mnist": load_fashion_mnist,
-            "cifar10": load_cifar10, "npz": load_npz, "text": load_text}
+            "cifar10": load_cifar10, "npz": load_npz, "text": load_text, "coco": load_coco}
 _SOURCES["coco_captions"] = load_coco_captions     # image captioning (datasets/captions.py)
 
 

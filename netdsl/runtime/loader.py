@@ -29,11 +29,13 @@ class Loader:
     """fields: name -> array (first axis = examples). images: the fields that are
     NCHW images (augmented and normalised; default: every float field of rank 4);
     dense: name -> fill for [N, H, W] label maps cropped and flipped with them;
-    mean, std: per image field, or one pair for every image field."""
+    mean, std: per image field, or one pair for every image field. mirror: a function
+    (batch, which) -> batch that flips the chosen examples of every field (a COCO data
+    set's flip, which moves boxes and joints too), used for the flip instead."""
 
     def __init__(self, fields: dict[str, np.ndarray], batch_size: int, *, rng: np.random.Generator | None = None,
                  shuffle: bool = False, drop_last: bool = False, mean=None, std=None,
-                 crop_padding: int = 0, flip: bool = False, images=None, dense: dict | None = None):
+                 crop_padding: int = 0, flip: bool = False, images=None, dense: dict | None = None, mirror=None):
         if batch_size < 1:
             raise NetdslError(f"batch size must be at least 1, got {batch_size}")
         if crop_padding < 0:
@@ -45,6 +47,7 @@ class Loader:
         self.images = [k for k, a in fields.items() if a.dtype.kind == "f" and a.ndim == 4] \
             if images is None else list(images)
         self.dense = dict(dense or {})
+        self.mirror = mirror
         self.mean, self.std = {}, {}
         for name in self.images:
             c = fields[name].shape[1]
@@ -75,11 +78,14 @@ class Loader:
             offsets = self.rng.integers(0, 2 * self.pad + 1, size=(n, 2))
             for k, fill in spatial.items():
                 b[k] = _crop(b[k], self.pad, offsets, 0 if fill is None else fill)
-        if self.flip and spatial:
+        if self.flip and (spatial or self.mirror):
             n = len(next(iter(b.values())))
             flip = self.rng.random(n) < 0.5
-            for k in spatial:
-                b[k][flip] = b[k][flip, ..., ::-1]
+            if self.mirror is not None:
+                b.update(self.mirror(b, flip))
+            else:
+                for k in spatial:
+                    b[k][flip] = b[k][flip, ..., ::-1]
         for k in self.images:
             if k in self.mean:
                 b[k] -= self.mean[k][:, None, None]

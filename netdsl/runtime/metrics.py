@@ -34,6 +34,10 @@ class Metric:
     tasks: tuple[str, ...] = ()
     keys: tuple[str, ...] = ()
     default = True
+    # what else `update` reads from a batch: these data fields by name (PCK's "box"), and
+    # as `weight=` the input holding the loss's weight (pose's visible), when it has one
+    fields: tuple[str, ...] = ()
+    weight: str | None = None
 
     def __init__(self, pred: Value, label: str, loss: str, ignore: int, classes: int, index: tuple | None = None):
         self.pred, self.label, self.loss, self.ignore, self.classes = pred, label, loss, ignore, classes
@@ -143,14 +147,43 @@ class OneHotAccuracy(Metric):
         self.den += float(keep.sum())
 
 
+class BoxIoU(Metric):
+    """Mean IoU of each example's predicted box with its true one (x1, y1, x2, y2): an
+    L2 loss of a [N, 4] prediction against an input named `box` (cls_loc's box head)."""
+    tasks, keys = ("box",), ("box_iou",)
+
+    def add(self, pred, box, loss):
+        from ..datasets.evaluate import box_iou
+        self.num += float(box_iou(pred, box).sum())
+        self.den += len(box)
+
+
+class PCK(Metric):
+    """PCK@0.2: the share of labelled joints (weight > 0) predicted within 0.2 times the
+    person's size, the larger side of its ground-truth box, of the truth, as
+    datasets/evaluate.py's pck: an L2 loss of [N, K, 2] against an input named `joints`
+    (pose.net). The box is the data's `box` field (the COCO reader's pose data has it)."""
+    tasks, keys, fields = ("joints",), ("pck",), ("box",)
+    alpha = 0.2
+
+    def update(self, pred, joints, loss, box=None, weight=None):
+        from ..datasets.evaluate import pck
+        seen = np.ones(joints.shape[:2], bool) if weight is None else weight > 0
+        self.num += pck(pred, joints, seen, box, self.alpha) * float(seen.sum())
+        self.den += float(seen.sum())
+
+
 # name in `train { metrics = [...] }` -> class
 METRICS = {"accuracy": Accuracy, "top5": Top5, "pixel_accuracy": PixelAccuracy, "miou": MeanIoU,
-           "loss_per_token": LossPerToken, "sequence_accuracy": SequenceAccuracy, "onehot_accuracy": OneHotAccuracy}
+           "loss_per_token": LossPerToken, "sequence_accuracy": SequenceAccuracy, "onehot_accuracy": OneHotAccuracy,
+           "box_iou": BoxIoU, "pck": PCK}
 
 
-def choose(g: Graph, declared: list | None = None, pos=None) -> list[Metric]:
+def choose(g: Graph, declared: list | None = None, pos=None, fields=None) -> list[Metric]:
     """The metrics of g's inference-time cross-entropy losses: the declared ones, or
-    every default metric of each loss's task."""
+    every default metric of each loss's task. `fields`: the data's field names, when
+    known (a metric that needs a field the data lacks is left out, or is an error when
+    declared)."""
     heads = []
     for l in g.losses:
         node = l.value.producer
@@ -169,6 +202,7 @@ def choose(g: Graph, declared: list | None = None, pos=None) -> list[Metric]:
         classes = logits.shape[-1 if logits.rank in (2, 3) else 1]
         if isinstance(classes, int):
             heads.append((l.name, task, logits, label, ignore, classes, index))
+    heads += _regression_heads(g)
     out = []
     for name in declared or []:
         cls = METRICS[name]
@@ -183,10 +217,66 @@ def choose(g: Graph, declared: list | None = None, pos=None) -> list[Metric]:
         for loss, task, logits, label, ignore, classes, index in heads:
             out += [m for m in (cls(logits, label, loss, ignore, classes, index) for cls in METRICS.values()
                                 if task in cls.tasks) if m.default]
+    out = _with_fields(g, out, fields, declared, pos)
     if len({m.loss for m in out}) > 1:
-        for m in out:
-            m.keys = tuple(f"{m.loss}_{k}" for k in m.keys)
+        for m in out:       # cls_loc's box loss: box_iou, not box_box_iou
+            m.keys = tuple(k if k.startswith(f"{m.loss}_") else f"{m.loss}_{k}" for k in m.keys)
     return out
+
+
+def _regression_heads(g: Graph) -> list[tuple]:
+    """The L2 heads of box and joint regression (regression_head)."""
+    heads = []
+    for l in g.losses:
+        node = l.value.producer
+        if l.phase != "all" or node is None:
+            continue
+        head = regression_head(g, node)
+        if head is not None:
+            task, pred, label = head
+            heads.append((l.name, task, pred, label, None, 4 if task == "box" else pred.shape[1], None))
+    return heads
+
+
+def regression_head(g: Graph, node) -> tuple[str, Value, str] | None:
+    """(task, prediction, label input) of an L2 loss node that regresses boxes or joints,
+    by the names the COCO reader gives its fields: a [N, 4] prediction against an input
+    named `box` ("box"), [N, K, 2] against `joints` ("joints"). Both sides may be scaled
+    by the same factor (cls_loc's l2(coords / size, box / size), a loss in fractions of
+    the image): the metric reads the unscaled prediction and the input."""
+    if node.op != "l2":
+        return None
+    pred, target = node.inputs[:2]
+    p, t = pred.producer, target.producer
+    if p is not None and t is not None and p.op == t.op == "scale" and p.attrs["factor"] == t.attrs["factor"]:
+        pred, target = p.inputs[0], t.inputs[0]
+    label, index = _label_input(g, target)
+    if index is not None or pred.shape != target.shape:
+        return None
+    if label == "box" and pred.rank == 2 and pred.shape[1] == 4:
+        return "box", pred, label
+    if label == "joints" and pred.rank == 3 and pred.shape[2] == 2:
+        return "joints", pred, label
+    return None
+
+
+def _with_fields(g: Graph, out: list, fields, declared, pos) -> list:
+    """Give each metric its loss's weight input; leave out (or, declared, refuse) one
+    that needs a data field the data lacks."""
+    kept = []
+    for m in out:
+        node = next(l.value.producer for l in g.losses if l.name == m.loss)
+        if m.tasks == ("joints",) and node.op == "l2" and len(node.inputs) > 2:
+            m.weight = _label_input(g, node.inputs[2])[0]
+        lacking = [f for f in m.fields if fields is not None and f not in fields]
+        if lacking and declared is not None:
+            name = next(n for n, c in METRICS.items() if isinstance(m, c))
+            raise NetdslError(f"metric '{name}' needs the data field '{lacking[0]}', which this data set does not "
+                              f"have (it has {', '.join(fields)})", pos,
+                              hint="the COCO reader's pose data (coco(task='pose')) has it")
+        if not lacking:
+            kept.append(m)
+    return kept
 
 
 def _label_input(g: Graph, v: Value) -> tuple[str | None, tuple | None]:
@@ -212,6 +302,6 @@ def panel(key: str) -> str | None:
         return "perplexity"
     if "loss" in key:
         return "loss"
-    if any(k in key for k in ("acc", "top5", "miou")):
+    if any(k in key for k in ("acc", "top5", "iou", "pck")):
         return "accuracy"
     return None

@@ -26,9 +26,6 @@ def load_data(g: Graph, cfg: dict, seed: int) -> Dataset:
     src = cfg["data"]
     if src.name == "synthetic":
         return synthetic(g, src.kwargs["size"], seed)
-    if src.name == "coco":
-        raise NetdslError(f"data = {src.name}() is for detection specs, which `netdsl run` "
-                          f"does not train in this version", g.train_pos.get("data"))
     kwargs = dict(src.kwargs)
     if src.name == "coco_captions":
         from ..datasets.captions import fit_to_spec
@@ -36,6 +33,21 @@ def load_data(g: Graph, cfg: dict, seed: int) -> Dataset:
     if src.name == "text" and chunk(cfg):
         kwargs["seq"] = chunk(cfg)      # truncated BPTT reads the text in chunks of that length
     return make_source(src.name, **kwargs)
+
+
+def _bind(g: Graph, ds: Dataset) -> dict[str, str]:
+    """feeds.bind, its error naming the COCO task when the data is COCO-format (a spec
+    for one task given another task's data)."""
+    try:
+        return bind(g, ds)
+    except NetdslError as e:
+        task = getattr(ds, "task", None)
+        if not task:
+            raise
+        raise NetdslError(f"{e.message} (the COCO data at {ds.source} is read as task '{task}': "
+                          f"{', '.join(ds.train)})", e.pos,
+                          hint="coco(task = ...) chooses the task; segmentation specs read a set's root, "
+                               "cls_loc its single/, pose its pose/ with ann = \"person_keypoints\"") from None
 
 
 def chunk(cfg: dict) -> int | None:
@@ -73,15 +85,18 @@ class Trainer:
         if training:
             self.check_memory()     # before the data is loaded
         self.data = load_data(g, cfg, cfg["seed"])
-        self.fields = bind(g, self.data)                # input name -> data field
-        self.metrics = task_metrics.choose(g, _metric_names(cfg), g.train_pos.get("metrics"))
+        self.fields = _bind(g, self.data)               # input name -> data field
+        self.metrics = task_metrics.choose(g, _metric_names(cfg), g.train_pos.get("metrics"),
+                                           fields=list(self.data.train))
         self.rng = np.random.default_rng(cfg["seed"])
         images = [f for n, f in self.fields.items() if g.inputs[n].dtype.startswith("f") and g.inputs[n].rank == 4]
         self.norm = {f: channel_stats(self.data.train[f]) for f in images} if cfg["normalize"] else {}
         crop = next((a.kwargs["pad"] for a in cfg["augment"] if a.name == "crop"), 0)
         flip = any(a.name == "flip" for a in cfg["augment"])
-        dense = self._dense_fields(images) if crop or flip else {}
-        used = {f: self.data.train[f] for f in self.fields.values()}
+        dense, mirror = self._dense_fields(images, crop) if crop or flip else ({}, None)
+        # the bound fields, and the fields metrics read besides (PCK's box)
+        self.used = [*dict.fromkeys([*self.fields.values(), *(f for m in self.metrics for f in m.fields)])]
+        used = {f: self.data.train[f] for f in self.used}
         # truncated BPTT carries the recurrent state from one batch to the next (reset each epoch)
         self.carry_state = self.data.streams is not None and chunk(cfg) is not None and bool(g.carries)
         if self.data.streams is not None:     # read in order, as parallel streams
@@ -90,8 +105,8 @@ class Trainer:
         else:
             self.train_loader = Loader(used, cfg["batch"], rng=self.rng, shuffle=True, images=images, dense=dense,
                                        mean=_part(self.norm, 0), std=_part(self.norm, 1), crop_padding=crop,
-                                       flip=flip)
-            self.test_loader = Loader({f: self.data.test[f] for f in self.fields.values()}, cfg["batch"],
+                                       flip=flip, mirror=mirror)
+            self.test_loader = Loader({f: self.data.test[f] for f in self.used}, cfg["batch"],
                                       images=images, mean=_part(self.norm, 0), std=_part(self.norm, 1))
         self.opt = _optimizer(cfg, self.model.trainable(), _schedule(cfg, len(self.train_loader)))
         self.clip = clip_grad_norm
@@ -109,13 +124,15 @@ class Trainer:
         from .gradflow import GradFlow
         self.grad_flow = GradFlow(self.out)
 
-    def _dense_fields(self, images: list[str]) -> dict:
-        """Fields cropped and flipped with the images: [N, H, W] integer maps of the
-        images' size, padded with their loss's ignore index. Any other field that is
-        not one value per example cannot follow a crop or a flip: an error."""
+    def _dense_fields(self, images: list[str], crop: int) -> tuple[dict, object]:
+        """(fields cropped and flipped with the images: [N, H, W] integer maps of the
+        images' size, padded with their loss's ignore index; the flip that also moves a
+        COCO data set's boxes and joints, or None). Any other field that is not one
+        value per example cannot follow a crop or a flip: an error (synthetic data's
+        are random, and stay as they are)."""
         sizes = {self.data.train[f].shape[2:] for f in images}
         ignore = {n: next((i for _, i, _ in r if i is not None), -1) for n, r in index_rules(self.g).items()}
-        dense = {}
+        dense, moved = {}, []
         for name, f in self.fields.items():
             a = self.data.train[f]
             if f in images or a.ndim == 1:
@@ -123,19 +140,27 @@ class Trainer:
             if a.dtype.kind in "iu" and a.ndim == 3 and a.shape[1:] in sizes:
                 dense[f] = ignore.get(name, -1)
                 continue
-            raise NetdslError(f"augment = [crop, flip] cannot transform input '{name}' "
+            if not crop and f in MIRRORED and hasattr(self.data, "flip"):
+                moved.append(f)
+                continue
+            if self.data.name == "synthetic":
+                continue        # random numbers that describe nothing: left as they are
+            raise NetdslError(f"augment = [{'crop' if crop else 'flip'}] cannot transform input '{name}' "
                               f"({self.g.inputs[name].dtype}{list(a.shape[1:])} per example) with the images",
                               self.g.train_pos.get("augment"),
-                              hint="crop and flip move images and per-pixel label maps; boxes and keypoints "
-                                   "come with the COCO loader")
-        return dense
+                              hint="crop and flip move images and per-pixel label maps; flip also moves the boxes "
+                                   "and joints of coco() data, which crop does not")
+        return dense, (self.data.flip if moved else None)
 
     def _feeds(self, batch: dict) -> dict:
         return {n: batch[f] for n, f in self.fields.items()}
 
     def _measure(self, batch: dict, values: dict, losses: dict):
         for m in self.metrics:
-            m.update(values[m.pred], batch[self.fields[m.label]], losses[m.loss])
+            extra = {f: batch[f] for f in m.fields}
+            if m.weight is not None:
+                extra["weight"] = batch[self.fields[m.weight]]
+            m.update(values[m.pred], batch[self.fields[m.label]], losses[m.loss], **extra)
 
     def _report(self, prefix: str) -> dict:
         out = {}
@@ -297,6 +322,10 @@ class Trainer:
             atomic_write(os.path.join(out_dir, "predictions.json"),
                          lambda f: f.write(json.dumps({"predictions": preds}).encode()))
         return {**result, **classes}
+
+
+# the fields a COCO data set's flip moves with the images (datasets/coco.py, flip_horizontal)
+MIRRORED = ("box", "boxes", "joints", "visible")
 
 
 def _metric_names(cfg: dict):
