@@ -111,6 +111,7 @@ def cmd_run(args):
     from .kernels import native
     from .lang.training import TrainCall
     from .runtime.train import Trainer
+    from .runtime.vision import is_image_path, predict_images
     if args.device == "cuda":
         from .runtime.cuda import require_gpu
         require_gpu()   # no GPU: a clear error before any work
@@ -131,7 +132,7 @@ def cmd_run(args):
             raise NetdslError(f"--lr must be positive, got {args.lr}")
         cfg["optimizer"] = TrainCall(cfg["optimizer"].name, dict(cfg["optimizer"].kwargs, lr=args.lr))
     if args.data:
-        cfg["data"] = data_flag(args.data)
+        cfg["data"] = data_flag(args.data, cfg["data"])
     out = run_dir(args.out or os.path.join("runs", os.path.splitext(os.path.basename(args.spec))[0]),
                   "--out" if args.out else "the run directory")
     spec_text = "".join(args._sources.values())
@@ -142,6 +143,11 @@ def cmd_run(args):
         if not os.path.exists(ckpt):
             raise NetdslError(f"no checkpoint at '{ckpt}'", hint="train first, or give --weights FILE")
         t.resume(ckpt)
+    if args.predict and is_image_path(args.predict):
+        written = predict_images(t, args.predict, out)
+        print(f"{len(written)} overlay(s) written to {os.path.dirname(written[0])}: "
+              + ", ".join(os.path.basename(w) for w in written[:10]) + (" ..." if len(written) > 10 else ""))
+        return 0
     if args.predict:
         result = t.predict(args.predict, out)
         classes = [k for k in result if k.endswith("_classes") and result[k].ndim == 1]
@@ -156,8 +162,10 @@ def cmd_run(args):
         return 0
     print(f"training {g.name} on {t.data.name}: {t.data.size('train')} train / {t.data.size('test')} test, "
           f"{cfg['epochs']} epochs of batch {cfg['batch']}, {native.get_num_threads()} threads -> {out}", flush=True)
+    if args.grad_flow:
+        t.record_grad_flow()
     from .runtime.sample import write_run_file
-    write_run_file(out, args.spec, args.network, parse_sets(args.set))
+    write_run_file(out, args.spec, args.network, parse_sets(args.set), data_record(args.data))
     t.fit(progress=not args.no_progress)
     print(f"wrote {out}/metrics.jsonl, {out}/metrics.png, {out}/checkpoint.npz")
     return 0
@@ -226,9 +234,56 @@ def cmd_sample(args):
     return 0
 
 
-def data_flag(text: str):
+def cmd_eval(args):
+    from .kernels import native
+    from .lang.elaborate import elaborate
+    from .runtime.sample import read_run_file
+    from .runtime.train import Trainer
+    from .runtime.vision import evaluate_run
+    if args.threads is not None:
+        if not 1 <= args.threads <= native.max_threads():
+            raise NetdslError(f"--threads must be between 1 and {native.max_threads()}")
+        native.set_num_threads(args.threads)
+    info = read_run_file(args.run)
+    g, loader = elaborate(info["spec"], info["network"], {**info["set"], **parse_sets(args.set)})
+    args._sources = loader.sources
+    cfg = dict(g.train)
+    if args.batch is not None:
+        if args.batch < 1:
+            raise NetdslError(f"--batch must be positive, got {args.batch}")
+        cfg["batch"] = args.batch
+    data = args.data or info.get("data")
+    if data:
+        cfg["data"] = data_flag(data, cfg["data"])
+    path = args.weights or os.path.join(args.run, "checkpoint.npz")
+    if not os.path.exists(path):
+        raise NetdslError(f"no checkpoint at '{path}'", hint="train first, or give --weights FILE")
+    t = Trainer(g, cfg, args.run, "".join(loader.sources.values()), training=False)
+    t.resume(path)
+    _, report = evaluate_run(t, args.run)
+    print(report)
+    print(f"wrote {os.path.join(args.run, 'eval.json')}")
+    return 0
+
+
+def data_record(text: str | None) -> str | None:
+    """--data as run.json keeps it: a source's path made absolute, so `netdsl eval`
+    finds the data from any directory."""
+    from .lang.training import CONSTRUCTORS
+    if not text:
+        return None
+    name, colon, arg = text.partition(":")
+    spec = CONSTRUCTORS["data"].get(name) or {}
+    if colon and next(iter(spec), None) == "path" and not arg.startswith("~"):
+        return f"{name}:{os.path.abspath(arg)}"
+    return text
+
+
+def data_flag(text: str, base=None):
     """--data NAME or NAME:ARG, checked like the train section's `data = NAME(...)`:
-    ARG is the source's first argument (a path; synthetic's size)."""
+    ARG is the source's first argument (a path; synthetic's size). `base`, the spec's
+    own data call: --data coco:DIR keeps its other arguments (ann, size, task, ...), so
+    pose.net's coco(ann = "person_keypoints", size = size) reads another directory alike."""
     from .lang.training import CONSTRUCTORS, TrainCall, check_setting
     name, colon, arg = text.partition(":")
     spec = CONSTRUCTORS["data"].get(name)
@@ -245,6 +300,8 @@ def data_flag(text: str):
                                   hint=f"e.g. --data {name}:256") from None
         else:
             kwargs[key] = arg
+        if name == "coco" and base is not None and base.name == name:
+            kwargs = {**{k: v for k, v in base.kwargs.items() if k != key}, **kwargs}
     try:
         return check_setting("data", TrainCall(name, kwargs), None, None)
     except NetdslError as e:
@@ -306,7 +363,7 @@ def build_parser():
     t.add_argument("--lr", type=float, help="learning rate (the optimizer's lr)")
     t.add_argument("--data", help="data source, NAME or NAME:ARG: digits, mnist:PATH, fashion_mnist, cifar10:PATH, "
                                    "npz:PATH, text:PATH, synthetic:SIZE, or a sequence task (digit_rows, polarity, "
-                                   "copy:TASK, echo:DELAY, count_up, translated_digits, recall:DELAY); see docs/cli.md")
+                                   "copy:TASK, echo:DELAY, count_up, translated_digits, recall:DELAY), coco:DIR; see docs/cli.md")
     t.add_argument("--threads", type=int, help="CPU threads (default: all cores)")
     t.add_argument("--seed", type=int)
     t.add_argument("--out", help="run directory (default runs/SPEC)")
@@ -315,7 +372,8 @@ def build_parser():
     t.add_argument("--weights", help="checkpoint to resume/evaluate/predict from")
     t.add_argument("--eval", action="store_true", help="evaluate the checkpoint on the test split")
     t.add_argument("--predict", metavar="FILE",
-                   help="run the outputs on a .npy (one input) or .npz (an array per input, named after it)")
+                   help="run the outputs on a .npy (one input) or .npz (an array per input, named after it); "
+                        "on an image or a directory of images, draw the predictions over them (overlay PNGs)")
     t.add_argument("--grad-flow", action="store_true",
                    help="record the norm of dL/dh_t for every recurrent state and time step; "
                         "writes grad_flow.json and grad_flow.png")
@@ -341,6 +399,17 @@ def build_parser():
     dc.add_argument("--val-fraction", type=float, default=0.2, help="share of images in val (default 0.2)")
     dc.add_argument("--no-progress", action="store_true", help="no progress bar")
     dc.set_defaults(fn=cmd_data_shapes_captions)
+
+    ev = sub.add_parser("eval", help="evaluate a run's checkpoint on its data's test split (COCO: COCOeval, mIoU, "
+                                     "PCK; predictions as a COCO results file)")
+    ev.add_argument("run", help="the run directory (netdsl run ... --out DIR)")
+    ev.add_argument("--data", help="data source NAME or NAME:ARG (default: the run's)")
+    ev.add_argument("--set", action="append", metavar="NAME=VALUE",
+                    help="override a network parameter of the run's (e.g. sliding_window's stride=1)")
+    ev.add_argument("--weights", help="checkpoint (default: the run's)")
+    ev.add_argument("--batch", type=int, help="examples per inference batch (default: the train section's)")
+    ev.add_argument("--threads", type=int, help="CPU threads (default: all cores)")
+    ev.set_defaults(fn=cmd_eval)
 
     sm = sub.add_parser("sample", help="generate text from a trained character-level language model")
     sm.add_argument("run", help="the run directory (netdsl run ... --out DIR)")

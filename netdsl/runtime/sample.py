@@ -18,12 +18,12 @@ from ..errors import NetdslError
 from ..ir.graph import Graph
 from .model import Model, inputs_of
 
-RUN_FILE = "run.json"     # what `netdsl run` trained: the spec, its network and --set overrides
+RUN_FILE = "run.json"     # what `netdsl run` trained: the spec, its network, --set overrides and --data
 
 
-def write_run_file(out: str, spec: str, network: str | None, sets: dict) -> None:
+def write_run_file(out: str, spec: str, network: str | None, sets: dict, data: str | None = None) -> None:
     from .checkpoint import atomic_write
-    info = {"spec": os.path.abspath(spec), "network": network, "set": sets}
+    info = {"spec": os.path.abspath(spec), "network": network, "set": sets, "data": data}
     atomic_write(os.path.join(out, RUN_FILE), lambda f: f.write(json.dumps(info, indent=1).encode()))
 
 
@@ -42,9 +42,11 @@ def read_run_file(run: str) -> dict:
         raise NetdslError(f"{path} is damaged: {e}") from None
     ok = (isinstance(info, dict) and isinstance(info.get("spec"), str)
           and isinstance(info.get("network"), (str, type(None))) and isinstance(info.get("set"), dict)
-          and all(isinstance(k, str) and isinstance(v, (int, float, str, bool)) for k, v in info["set"].items()))
+          and all(isinstance(k, str) and isinstance(v, (int, float, str, bool)) for k, v in info["set"].items())
+          and isinstance(info.get("data"), (str, type(None))))
     if not ok:
-        raise NetdslError(f"{path} is damaged: expected spec (a path), network and set (name -> value)")
+        raise NetdslError(f"{path} is damaged: expected spec (a path), network, set (name -> value) and data "
+                          f"(--data, or null)")
     return info
 
 
