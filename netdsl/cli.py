@@ -143,6 +143,12 @@ def cmd_run(args):
         if not os.path.exists(ckpt):
             raise NetdslError(f"no checkpoint at '{ckpt}'", hint="train first, or give --weights FILE")
         t.resume(ckpt)
+    from .runtime.caption import is_captioner, predict_captions
+    if args.predict and is_image_path(args.predict) and is_captioner(g):
+        for rec in predict_captions(t, args.predict, out, sample=args.sample, seed=cfg["seed"]):
+            print(f"{rec['file']}: {rec['caption']}" + (f"  (attention: {rec['attention']})" if "attention" in rec
+                                                       else ""))
+        return 0
     if args.predict and is_image_path(args.predict):
         written = predict_images(t, args.predict, out)
         print(f"{len(written)} overlay(s) written to {os.path.dirname(written[0])}: "
@@ -370,6 +376,8 @@ def build_parser():
     t.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     t.add_argument("--resume", action="store_true", help="continue from the run directory's checkpoint")
     t.add_argument("--weights", help="checkpoint to resume/evaluate/predict from")
+    t.add_argument("--sample", action="store_true",
+                   help="with --predict on a captioning spec: sample each word instead of the most likely")
     t.add_argument("--eval", action="store_true", help="evaluate the checkpoint on the test split")
     t.add_argument("--predict", metavar="FILE",
                    help="run the outputs on a .npy (one input) or .npz (an array per input, named after it); "

@@ -42,3 +42,29 @@ def test_sampling_is_seeded_and_the_attention_sheet_is_drawn(tmp_path):
     from PIL import Image
     im = Image.open(tmp_path / "att.png")
     assert im.height > 16 and im.width >= len(words) * 16
+
+
+def test_predict_captions_from_the_cli(tmp_path):
+    """netdsl run CAPTIONING_SPEC --predict DIR [--sample]: a caption per image, captions.json,
+    and an attention sheet per image."""
+    import json
+    from helpers import SPECS, cli
+    data, run = tmp_path / "caps", tmp_path / "run"
+    r = cli("data", "shapes-captions", data, "--images", "12", "--size", "32", "--no-progress")
+    assert r.returncode == 0, r.stderr
+    args = ["--data", f"coco_captions:{data}", "--set", "size=32", "--set", "width=4", "--set", "H=16",
+            "--set", "A=8", "--set", "embed=8", "--out", run, "--no-progress"]
+    spec = SPECS / "rnn/captioning_attention_small.net"
+    r = cli("run", spec, *args, "--epochs", "1")
+    assert r.returncode == 0, r.stderr[-2000:]
+    images = sorted((data / "images" / "val").glob("*.png"))
+    for extra in ([], ["--sample"]):
+        r = cli("run", spec, *args, "--predict", data / "images" / "val", *extra)
+        assert r.returncode == 0, r.stderr[-2000:]
+        assert len(r.stdout.strip().splitlines()) == len(images)
+        recs = json.loads((run / "predict" / "captions.json").read_text())
+        assert [rec["file"] for rec in recs] == [str(p) for p in images]
+        assert all((run / "predict").joinpath(p.stem + "_attention.png").exists()
+                   for p, rec in zip(images, recs) if rec["caption"])
+    r = cli("run", spec, *args, "--predict", tmp_path / "nothing.png")
+    assert r.returncode == 2 and "no such file" in r.stderr

@@ -95,3 +95,46 @@ def attention_png(path: str, image: np.ndarray, words: list[str], maps: np.ndarr
         x += t.width + 2
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     atomic_write(path, lambda f: sheet.save(f, format="PNG"))
+
+
+def is_captioner(g) -> bool:
+    try:
+        _io(g)
+        return True
+    except NetdslError:
+        return False
+
+
+def predict_captions(t, path: str, out_dir: str, sample: bool = False, seed: int = 0) -> list[dict]:
+    """`netdsl run CAPTIONING_SPEC --predict IMAGE|DIR [--sample]`: a caption per image (printed
+    and in out_dir/predict/captions.json), and for a spec with attention an attention
+    sheet per image (out_dir/predict/NAME_attention.png)."""
+    import json
+    from .checkpoint import atomic_write
+    from .vision import _image_files, _read, _resize
+    img_in, ids_in, _, alphas_out = _io(t.g)
+    vocab = getattr(t.data, "vocab", None)
+    if not isinstance(vocab, list) or START not in vocab:
+        raise NetdslError(f"--predict {path}: the data of this run has no caption vocabulary (coco_captions)",
+                          hint="captioning runs read their words from --data coco_captions:DIR")
+    v = t.g.inputs[img_in]
+    if v.rank != 4 or not all(isinstance(d, int) for d in v.shape[1:]):
+        raise NetdslError(f"--predict {path}: '{img_in}' is not an image input of a fixed size", v.pos)
+    T = t.g.inputs[ids_in].shape[1]
+    max_len = T - 2 if isinstance(T, int) else getattr(t.data, "max_len", None) or 16
+    out_dir = os.path.join(out_dir, "predict")
+    os.makedirs(out_dir, exist_ok=True)
+    norm = t.norm.get(t.fields.get(img_in))
+    records = []
+    for f in _image_files(path):
+        raw = _resize(_read(f), v.shape[2], v.shape[3])
+        x = raw if norm is None else (raw - norm[0].reshape(-1, 1, 1)) / norm[1].reshape(-1, 1, 1)
+        words, maps = decode(t.model, vocab, x.astype(np.float32), max_len, sample=sample, seed=seed)
+        rec = {"file": f, "caption": " ".join(words)}
+        if maps is not None and words:
+            png = os.path.join(out_dir, os.path.splitext(os.path.basename(f))[0] + "_attention.png")
+            attention_png(png, raw, words, maps)
+            rec["attention"] = png
+        records.append(rec)
+    atomic_write(os.path.join(out_dir, "captions.json"), lambda fh: fh.write(json.dumps(records, indent=1).encode()))
+    return records
