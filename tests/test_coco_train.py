@@ -106,7 +106,7 @@ def test_predict_draws_an_overlay_of_the_image(runs, shapes, name, tmp_path):
     assert r.returncode == 0, r.stdout + r.stderr[-3000:]
     pic = Image.open(out / "predict" / (one.stem + ".png"))
     k = math.ceil(320 / SIZE)                 # enlarged to at least 320 pixels wide
-    legend = 18 if name == "fcn" else 0       # segmentation: the class legend under the image
+    legend = 0 if name == "pose" else 18      # the class legend (segmentation) or the class's name under it
     assert pic.size == (SIZE * k, SIZE * k + legend)
     rec = json.loads((out / "predict" / "predictions.json").read_text())
     assert rec[0]["file"] == str(one)
@@ -195,3 +195,15 @@ def test_declared_pck_needs_the_box_field():
         choose(g, ["pck"], fields=["image", "joints", "visible"])
     g = compile_spec("det/cls_loc.net", size=64, width=8, classes=4)
     assert [k for m in choose(g) for k in m.keys] == ["cls_acc", "box_iou"]
+
+
+def test_eval_of_a_run_on_other_data_gives_its_training_time_figures(tmp_path):
+    run = tmp_path / "run"
+    r = cli("run", SPECS / "digits_cnn.net", "--epochs", 1, "--out", run, "--no-progress")
+    assert r.returncode == 0, r.stderr[-2000:]
+    r = cli("eval", run)
+    assert r.returncode == 0, r.stderr[-2000:]
+    rec = json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])
+    figures = json.loads((run / "eval.json").read_text())
+    assert figures == {k: pytest.approx(v, abs=1e-12) for k, v in rec.items() if k.startswith("test_")}
+    assert not (run / "results.json").exists()

@@ -21,15 +21,15 @@ def colour(index: int) -> tuple[int, int, int]:
 
 
 def overlay(img: np.ndarray, *, masks=(), boxes=(), labels=(), names=(), keypoints=None, joint_names=(),
-            skeleton=(), scale: int = 1):
+            skeleton=(), scale: int = 1, alpha: float = 0.55):
     """A PIL image: `img` (uint8 [H, W, 3]) enlarged `scale` times, with each mask
-    (bool [H, W]) tinted in its label's colour, each box (x1, y1, x2, y2 in image
+    (bool [H, W]) tinted in its label's colour (`alpha` of it), each box (x1, y1, x2, y2 in image
     pixels) outlined and named, and keypoints ([K, 3]: x, y, visibility) joined by the
     1-based `skeleton` pairs, left joints red, right blue, others white."""
     from PIL import Image, ImageDraw
     base = img.astype(np.float32)
     for m, lab in zip(masks, labels):
-        base[m] = 0.45 * base[m] + 0.55 * np.array(colour(lab), np.float32)
+        base[m] = (1 - alpha) * base[m] + alpha * np.array(colour(lab), np.float32)
     h, w = img.shape[:2]
     im = Image.fromarray(base.astype(np.uint8), "RGB").resize((w * scale, h * scale), Image.NEAREST)
     d = ImageDraw.Draw(im)

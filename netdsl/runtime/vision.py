@@ -29,6 +29,8 @@ from ..errors import NetdslError
 
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
 MIN_WIDTH = 320     # overlays of small images are enlarged by a whole factor to at least this width
+MASK_ALPHA = 0.8    # predicted classes tint the pixels strongly: the shapes' own colours vary
+CAPTION = 18        # the strip under a classifier's overlay (as tall as preview.grid's legend)
 
 
 def is_image_path(path: str) -> bool:
@@ -251,7 +253,7 @@ def _draw(t, h, out, im, hw, names):
             label = np.asarray(Image.fromarray(label.astype(np.int32)).resize((W, H), Image.NEAREST))
         present = [int(c) for c in np.unique(label) if c > 0]
         rec["pixels"] = {names[c - 1]: int((label == c).sum()) for c in present}
-        pic = overlay(im, masks=[label == c for c in present], labels=present, scale=scale)
+        pic = overlay(im, masks=[label == c for c in present], labels=present, scale=scale, alpha=MASK_ALPHA)
         return grid([pic], columns=1, legend=names), rec
     boxes, labels, kp, joint_names, skeleton = [], [], None, (), ()
     if "classify" in h:
@@ -271,4 +273,17 @@ def _draw(t, h, out, im, hw, names):
         skeleton = list(getattr(t.data, "skeleton", []) or [])
     pic = overlay(im, boxes=boxes, labels=labels, names=names if "classify" in h else (), keypoints=kp,
                   joint_names=joint_names, skeleton=skeleton, scale=scale)
+    if "classify" in h:
+        pic = _caption(pic, f"{rec['label']} {rec['score']:.2f}", labels[0] if labels else c + 1)
     return pic, rec
+
+
+def _caption(pic, text: str, label: int):
+    """The picture with a strip under it naming the predicted class (in its colour)."""
+    from PIL import Image, ImageDraw
+    from ..datasets.preview import colour
+    w, h = pic.size
+    out = Image.new("RGB", (w, h + CAPTION), (32, 32, 32))
+    out.paste(pic, (0, 0))
+    ImageDraw.Draw(out).text((4, h + 3), text, fill=colour(label))
+    return out
