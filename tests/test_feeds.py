@@ -215,9 +215,14 @@ network boxes() {
   y = image -> flatten -> linear(4)
   output y
   loss l = l2(y, box)
-  train { data = synthetic(size = 8) augment = [flip] epochs = 1 }
+  train { augment = [flip] epochs = 1 }
 }""")
-    _user_error(cli("run", spec, "--out", tmp_path / "run"), "cannot transform input 'box'", "boxes.net:")
+    r = np.random.default_rng(0)
+    data = tmp_path / "boxes.npz"       # a user's boxes (synthetic data's random ones need no moving)
+    np.savez(data, image_train=r.random((8, 1, 8, 8), np.float32), box_train=r.random((8, 4), np.float32),
+             image_test=r.random((2, 1, 8, 8), np.float32), box_test=r.random((2, 4), np.float32))
+    _user_error(cli("run", spec, "--data", f"npz:{data}", "--out", tmp_path / "run"), "cannot transform input 'box'",
+                "boxes.net:")
 
 
 # ---------------------------------------------------------------- bad places and files

@@ -121,5 +121,5 @@ def test_synthetic_data_from_the_command_line(tmp_path):
 
 
 def test_networks_run_does_not_train_say_so(tmp_path):
-    r = cli("run", SPECS / "rnn" / "charlm_lstm.net", "--out", tmp_path / "run")
-    assert r.returncode == 2 and "Traceback" not in r.stderr
+    r = cli("run", SPECS / "det" / "faster_rcnn.net", "--out", tmp_path / "run")     # detection ops pending
+    assert r.returncode == 2 and "Traceback" not in r.stderr and "cannot run yet" in r.stderr
