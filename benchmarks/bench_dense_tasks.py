@@ -31,8 +31,9 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 # spec -> (subdirectory of the data, the small variant's --set)
 TASKS = {
     "fcn": ("", {"size": 64, "classes": 5, "width": 16, "skips": "true"}),
-    "cls_loc": ("single", {"size": 64, "classes": 4, "width": 8, "batch_norm": "true", "box_weight": 30}),
-    "pose": ("pose", {"size": 64, "width": 8, "batch_norm": "true"}),
+    "cls_loc": ("single", {"size": 64, "classes": 4, "width": 8, "batch_norm": "true", "dropout": 0,
+                           "box_weight": 30}),
+    "pose": ("pose", {"size": 64, "width": 8, "batch_norm": "true", "dropout": 0}),
     "sliding_window": ("", {"size": 64, "classes": 5, "patch": 17, "stride": 4}),
 }
 # what each task's acceptance reads from eval.json
@@ -60,7 +61,7 @@ def main():
     from bench_sliding_window import compare, machine, report
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--data", default="data/shapes")
-    p.add_argument("--images", type=int, default=3000, help="images per set when the data is generated")
+    p.add_argument("--images", type=int, default=5000, help="images per set when the data is generated")
     p.add_argument("--only", default=",".join(TASKS))
     p.add_argument("--runs", default="runs/bench")
     p.add_argument("--out", help="also write the report to this file")
