@@ -207,3 +207,13 @@ def test_eval_of_a_run_on_other_data_gives_its_training_time_figures(tmp_path):
     figures = json.loads((run / "eval.json").read_text())
     assert figures == {k: pytest.approx(v, abs=1e-12) for k, v in rec.items() if k.startswith("test_")}
     assert not (run / "results.json").exists()
+
+
+def test_data_shapes_makes_the_directories_above_its_target(tmp_path):
+    """The documented `netdsl data shapes data/shapes` works in a checkout without data/."""
+    r = cli("data", "shapes", tmp_path / "data" / "shapes", "--images", 2, "--size", 32, "--no-progress")
+    assert r.returncode == 0, r.stderr
+    assert (tmp_path / "data" / "shapes" / "dataset.json").is_file()
+    (tmp_path / "file").write_text("")
+    r = cli("data", "shapes", tmp_path / "file" / "shapes", "--images", 2, "--size", 32, "--no-progress")
+    assert r.returncode == 2 and "is not a directory" in r.stderr, r.stderr

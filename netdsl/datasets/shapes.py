@@ -215,6 +215,8 @@ def check_target(out: str, generator: str = GENERATOR) -> None:
     out = os.path.abspath(os.path.expanduser(os.fspath(out)))
     if not os.path.exists(out):
         parent = os.path.dirname(out)
+        while not os.path.exists(parent):       # missing directories above are made (data/shapes)
+            parent = os.path.dirname(parent)
         if not os.path.isdir(parent):
             raise NetdslError(f"cannot create {out}: {parent} is not a directory")
         return
