@@ -368,8 +368,9 @@ def build_parser():
     t.add_argument("--batch", type=int)
     t.add_argument("--lr", type=float, help="learning rate (the optimizer's lr)")
     t.add_argument("--data", help="data source, NAME or NAME:ARG: digits, mnist:PATH, fashion_mnist, cifar10:PATH, "
-                                   "npz:PATH, text:PATH, synthetic:SIZE, or a sequence task (digit_rows, polarity, "
-                                   "copy:TASK, echo:DELAY, count_up, translated_digits, recall:DELAY), coco:DIR; see docs/cli.md")
+                                   "npz:PATH, text:PATH, coco:DIR, synthetic:SIZE, or a sequence task (digit_rows, "
+                                   "polarity, copy:TASK, echo:DELAY, count_up, translated_digits, recall:DELAY); see "
+                                   "docs/cli.md")
     t.add_argument("--threads", type=int, help="CPU threads (default: all cores)")
     t.add_argument("--seed", type=int)
     t.add_argument("--out", help="run directory (default runs/SPEC)")
