@@ -217,3 +217,30 @@ def test_data_shapes_makes_the_directories_above_its_target(tmp_path):
     (tmp_path / "file").write_text("")
     r = cli("data", "shapes", tmp_path / "file" / "shapes", "--images", 2, "--size", 32, "--no-progress")
     assert r.returncode == 2 and "is not a directory" in r.stderr, r.stderr
+
+
+def test_eval_of_a_model_that_sees_only_background(runs, tmp_path):
+    """No pixel predicted as an object: no results file (COCO results cannot say "nothing"),
+    the figures from the label maps: every object pixel missed."""
+    import shutil
+
+    from netdsl.cli import data_flag
+    from netdsl.lang.elaborate import elaborate
+    from netdsl.runtime.sample import read_run_file
+    from netdsl.runtime.train import Trainer
+    from netdsl.runtime.vision import evaluate_run
+    run = tmp_path / "run"
+    shutil.copytree(runs["fcn"][0], run)
+    info = read_run_file(str(run))
+    g, loader = elaborate(info["spec"], None, info["set"])
+    cfg = dict(g.train)
+    cfg["data"] = data_flag(info["data"], cfg["data"])
+    t = Trainer(g, cfg, str(run), "".join(loader.sources.values()), log=lambda s: None, training=False)
+    t.resume(str(run / "checkpoint.npz"))
+    t.model.params["classifier.bias"][...] = [1e4, 0, 0, 0, 0]
+    figures, report = evaluate_run(t, str(run))
+    truth = t.data.test["label"]
+    assert figures["pixel_accuracy"] == pytest.approx((truth == 0).mean())
+    present = len(set(np.unique(truth).tolist()) | {0})      # classes in truth or prediction
+    assert figures["miou"] == pytest.approx((truth == 0).mean() / present)    # background's IoU, others 0
+    assert not (run / "results.json").exists() and "no pixel was predicted" in report

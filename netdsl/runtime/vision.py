@@ -105,6 +105,8 @@ def evaluate_run(t, run_dir: str) -> tuple[dict, str]:
             coco_results.write(path, res)
             scores, table = evaluate(gt, path, kind)
         else:       # every pixel predicted background: nothing to write, and the truth is all missed
+            if os.path.exists(path):
+                os.remove(path)     # an earlier evaluation's, which these figures do not describe
             c = confusion(maps, ds.test["label"], ds.num_classes)
             scores = segmentation_scores(c, ["background", *ds.categories])
             table = "no pixel was predicted as an object: no results file (scored on the arrays)\n"
