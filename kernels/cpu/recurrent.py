@@ -19,6 +19,10 @@ recurrent part per step:
       kernel, split over rows. c and c' are None but for lstm. acts is what the
       backward reads (rnn: h' itself; lstm [N, 5H]: the activated gates in the
       weights' row order, then tanh(c'); gru [N, 4H]: r, z, n, then w_hn h + b_hn).
+  cell_step_grads(kind, acts, gh', gc' or None, h, c, w_hh, order="ifog")
+      -> (gxp, ghp, gh, gc or None): the same without the weight gradients; ghp is the
+      gradient of h @ w_hh.T + b_hh (gxp but for gru), for w_hh's gradient of all time
+      steps as one weight_grad(ghp rows, h rows) after the loop.
   cell_step_backward(kind, acts, gh'[N, H], gc' or None, h, c, w_hh, order="ifog",
                      gw_hh=None, gb_hh=None, accumulate=False)
       -> (gxp[N, G*H], gh[N, H], gc or None, gw_hh, gb_hh)
@@ -56,10 +60,11 @@ Discrete choices (no gradient):
 """
 import numpy as np
 
-from . import Kernel, kernel, prange
+from . import Kernel, kernel, njit, prange
 from .dense import linear
 from .gemm import N_, T_, gemm as _gemm
 from .rand import mix
+from .vmath import vsigmoid, vtanh
 
 KINDS = {"rnn": 1, "lstm": 4, "gru": 3}
 LSTM_BLOCKS = {"ifog": (2, 3), "ifgo": (3, 2)}     # order -> (row block of o, row block of g)
@@ -68,14 +73,21 @@ LSTM_BLOCKS = {"ifog": (2, 3), "ifgo": (3, 2)}     # order -> (row block of o, r
 # ---------------------------------------------------------------- GEMMs split over threads
 
 def _rows_gemm(g, w, y, add, T):
-    """y[R, K] = g[R, M] @ w[M, K] (+ y when add): thread t takes a share of the rows."""
+    """y[R, K] = g[R, M] @ w[M, K] (+ y when add): thread t takes a share of the rows,
+    or of the columns when there are more of those (then each streams only its part of w)."""
     R, M = g.shape
     K = w.shape[1]
     gf, wf, yf = g.reshape(-1), w.reshape(-1), y.reshape(-1)
+    beta = 1.0 if add else 0.0
     for t in prange(T):
-        r0, r1 = t * R // T, (t + 1) * R // T
-        if r1 > r0 and K > 0:
-            _gemm(r1 - r0, K, M, gf[r0 * M:], M, N_, wf, K, N_, yf[r0 * K:], 1.0 if add else 0.0)
+        if R >= K:
+            r0, r1 = t * R // T, (t + 1) * R // T
+            if r1 > r0 and K > 0:
+                _gemm(r1 - r0, K, M, gf[r0 * M:], M, N_, wf, K, N_, yf[r0 * K:], beta)
+        else:
+            k0, k1 = t * K // T, (t + 1) * K // T
+            if k1 > k0 and R > 0:
+                _gemm(R, k1 - k0, M, gf, M, N_, wf[k0:], K, N_, yf[k0:], beta, K)
     return y
 
 
@@ -157,16 +169,28 @@ def project_backward(gxp, x, w_ih, need_gx=True, gw=None, gb=None, accumulate=Fa
 
 # ---------------------------------------------------------------- one step from the projected input
 
+@njit
+def _hh_share(t, T, cols):
+    """Thread t's columns of the step's GEMM h @ w_hh.T: with a batch of tens of rows, a
+    share of the rows would make every thread stream all of w_hh."""
+    return t * cols // T, (t + 1) * cols // T
+
+
 def _rnn_fwd(xp, h, whh, bhh, hn, T):
     N, H = h.shape
     hf, wf, yf = h.reshape(-1), whh.reshape(-1), hn.reshape(-1)
+    for t in prange(T):     # h @ w_hh.T, split over columns: see _hh_share
+        c0, c1 = _hh_share(t, T, 1 * H)
+        if c1 > c0:
+            _gemm(N, c1 - c0, H, hf, H, N_, wf[c0 * H:], H, T_, yf[c0:], 0.0, H)
     for t in prange(T):
         n0, n1 = t * N // T, (t + 1) * N // T
         if n1 > n0:
-            _gemm(n1 - n0, H, H, hf[n0 * H:], H, N_, wf, H, T_, yf[n0 * H:], 0.0)
+            ki = np.empty(2 * H, np.int32)
             for r in range(n0, n1):
                 for j in range(H):
-                    hn[r, j] = np.tanh(hn[r, j] + xp[r, j] + bhh[j])
+                    hn[r, j] += xp[r, j] + bhh[j]
+                vtanh(yf, r * H, H, ki)
     return hn
 
 
@@ -183,28 +207,34 @@ def _rnn_bwd(acts, ghn, gxp, T):
 
 
 def _lstm_fwd(xp, h, c, whh, bhh, acts, hn, cn, bo, bg, T):
-    """acts[:, :4H] = h @ w_hh.T first (the GEMM writes straight into it), then the gates."""
+    """acts[:, :4H] = h @ w_hh.T first (the GEMM writes straight into it), then the gates
+    a row at a time, each activation one vectorised pass (vmath.py)."""
     N, H = h.shape
-    one = acts.dtype.type(1)
     W = 5 * H
     hf, wf, af = h.reshape(-1), whh.reshape(-1), acts.reshape(-1)
     oo, og = bo * H, bg * H
+    for t in prange(T):     # h @ w_hh.T, split over columns: see _hh_share
+        c0, c1 = _hh_share(t, T, 4 * H)
+        if c1 > c0:
+            _gemm(N, c1 - c0, H, hf, H, N_, wf[c0 * H:], H, T_, af[c0:], 0.0, W)
     for t in prange(T):
         n0, n1 = t * N // T, (t + 1) * N // T
         if n1 > n0:
-            _gemm(n1 - n0, 4 * H, H, hf[n0 * H:], H, N_, wf, H, T_, af[n0 * W:], 0.0, W)
+            ki = np.empty(4 * H, np.int32)
             for r in range(n0, n1):
+                b = r * W
+                for k in range(4 * H):
+                    af[b + k] += xp[r, k] + bhh[k]
+                vsigmoid(af, b, 2 * H, ki)          # i, f
+                vsigmoid(af, b + oo, H, ki)         # o
+                vtanh(af, b + og, H, ki)            # g
                 for j in range(H):
-                    i = one / (one + np.exp(-(acts[r, j] + xp[r, j] + bhh[j])))
-                    f = one / (one + np.exp(-(acts[r, H + j] + xp[r, H + j] + bhh[H + j])))
-                    o = one / (one + np.exp(-(acts[r, oo + j] + xp[r, oo + j] + bhh[oo + j])))
-                    g = np.tanh(acts[r, og + j] + xp[r, og + j] + bhh[og + j])
-                    c2 = f * c[r, j] + i * g
-                    tc = np.tanh(c2)
-                    acts[r, j], acts[r, H + j], acts[r, oo + j], acts[r, og + j] = i, f, o, g
-                    acts[r, 4 * H + j] = tc
+                    c2 = acts[r, H + j] * c[r, j] + acts[r, j] * acts[r, og + j]
                     cn[r, j] = c2
-                    hn[r, j] = o * tc
+                    acts[r, 4 * H + j] = c2
+                vtanh(af, b + 4 * H, H, ki)         # tanh(c')
+                for j in range(H):
+                    hn[r, j] = acts[r, oo + j] * acts[r, 4 * H + j]
     return hn
 
 
@@ -234,18 +264,27 @@ def _gru_fwd(xp, h, whh, bhh, acts, hn, T):
     one = acts.dtype.type(1)
     W = 4 * H
     hf, wf, af = h.reshape(-1), whh.reshape(-1), acts.reshape(-1)
+    for t in prange(T):     # h @ w_hh.T, split over columns: see _hh_share
+        c0, c1 = _hh_share(t, T, 3 * H)
+        if c1 > c0:
+            _gemm(N, c1 - c0, H, hf, H, N_, wf[c0 * H:], H, T_, af[c0:], 0.0, W)
     for t in prange(T):
         n0, n1 = t * N // T, (t + 1) * N // T
         if n1 > n0:
-            _gemm(n1 - n0, 3 * H, H, hf[n0 * H:], H, N_, wf, H, T_, af[n0 * W:], 0.0, W)
+            ki = np.empty(4 * H, np.int32)
             for r in range(n0, n1):
+                b = r * W
+                for k in range(2 * H):
+                    af[b + k] += bhh[k] + xp[r, k]
+                vsigmoid(af, b, 2 * H, ki)          # r, z
                 for j in range(H):
-                    rr = one / (one + np.exp(-(acts[r, j] + bhh[j] + xp[r, j])))
-                    z = one / (one + np.exp(-(acts[r, H + j] + bhh[H + j] + xp[r, H + j])))
                     hpn = acts[r, 2 * H + j] + bhh[2 * H + j]
-                    n = np.tanh(xp[r, 2 * H + j] + rr * hpn)
-                    acts[r, j], acts[r, H + j], acts[r, 2 * H + j], acts[r, 3 * H + j] = rr, z, n, hpn
-                    hn[r, j] = (one - z) * n + z * h[r, j]
+                    acts[r, 3 * H + j] = hpn
+                    acts[r, 2 * H + j] = xp[r, 2 * H + j] + acts[r, j] * hpn
+                vtanh(af, b + 2 * H, H, ki)         # n
+                for j in range(H):
+                    z = acts[r, H + j]
+                    hn[r, j] = (one - z) * acts[r, 2 * H + j] + z * h[r, j]
     return hn
 
 
@@ -304,9 +343,10 @@ def cell_step(kind, xp, h, c, w_hh, b_hh=None, order="ifog"):
     return hn, None, acts
 
 
-def cell_step_backward(kind, acts, ghn, gcn, h, c, w_hh, order="ifog", gw_hh=None, gb_hh=None,
-                       accumulate=False, need_gb=True):
-    """(gxp, gh, gc or None, gw_hh, gb_hh) of cell_step; see the module doc."""
+def cell_step_grads(kind, acts, ghn, gcn, h, c, w_hh, order="ifog"):
+    """(gxp, ghp, gh, gc or None) of cell_step without its weight gradients: ghp is the
+    gradient of the recurrent pre-activation h @ w_hh.T + b_hh (gxp itself but for gru),
+    so that a time loop can form w_hh's gradient of all steps as one GEMM."""
     dt = acts.dtype
     G, H = _gates(kind, w_hh)
     ghn, h, w_hh = _f(ghn, dt), _f(h, dt), _f(w_hh, dt)
@@ -326,7 +366,14 @@ def cell_step_backward(kind, acts, ghn, gcn, h, c, w_hh, order="ifog", gw_hh=Non
         matmul_rows(ghp, w_hh, gh, add=True)    # + ghp @ w_hh
     else:
         gh = matmul_rows(ghp, w_hh)
-    gw, gb = weight_grad(ghp, h, gw_hh, gb_hh, need_gb, accumulate)
+    return gxp, ghp, gh, gc
+
+
+def cell_step_backward(kind, acts, ghn, gcn, h, c, w_hh, order="ifog", gw_hh=None, gb_hh=None,
+                       accumulate=False, need_gb=True):
+    """(gxp, gh, gc or None, gw_hh, gb_hh) of cell_step; see the module doc."""
+    gxp, ghp, gh, gc = cell_step_grads(kind, acts, ghn, gcn, h, c, w_hh, order)
+    gw, gb = weight_grad(ghp, _f(h, acts.dtype), gw_hh, gb_hh, need_gb, accumulate)
     return gxp, gh, gc, gw, gb
 
 

@@ -175,7 +175,8 @@ from .tensor import (  # noqa: E402
     embedding, embedding_backward, one_hot, broadcast_to, all_finite,
 )
 from .recurrent import (  # noqa: E402
-    project, project_backward, cell_step, cell_step_backward, cell_forward, cell_backward,
+    project, project_backward, cell_step, cell_step_grads, cell_step_backward, cell_forward, cell_backward,
+    matmul_rows, weight_grad,
     attention_scores, attention_scores_backward, weighted_sum, weighted_sum_backward,
     gather_location, gather_location_backward, sample_categorical, argmax,
 )

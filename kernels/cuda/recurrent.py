@@ -226,9 +226,9 @@ def cell_step(kind, xp, h, c, w_hh, b_hh=None, order="ifog"):
     return hn, None, acts
 
 
-def cell_step_backward(kind, acts, ghn, gcn, h, c, w_hh, order="ifog", gw_hh=None, gb_hh=None,
-                       accumulate=False, need_gb=True):
-    """(gxp, gh, gc or None, gw_hh, gb_hh) of cell_step."""
+def cell_step_grads(kind, acts, ghn, gcn, h, c, w_hh, order="ifog"):
+    """(gxp, ghp, gh, gc or None) of cell_step without its weight gradients (ghp: the
+    recurrent pre-activation's gradient, gxp itself but for gru)."""
     G, H = _gates(kind, w_hh)
     N = h.shape[0]
     dt = acts.dtype
@@ -247,6 +247,13 @@ def cell_step_backward(kind, acts, ghn, gcn, h, c, w_hh, order="ifog", gw_hh=Non
         matmul_rows(ghp, w_hh, gh, add=True)
     else:
         gh = matmul_rows(ghp, w_hh)
+    return gxp, ghp, gh, gc
+
+
+def cell_step_backward(kind, acts, ghn, gcn, h, c, w_hh, order="ifog", gw_hh=None, gb_hh=None,
+                       accumulate=False, need_gb=True):
+    """(gxp, gh, gc or None, gw_hh, gb_hh) of cell_step."""
+    gxp, ghp, gh, gc = cell_step_grads(kind, acts, ghn, gcn, h, c, w_hh, order)
     gw, gb = weight_grad(ghp, h, gw_hh, gb_hh, need_gb, accumulate)
     return gxp, gh, gc, gw, gb
 

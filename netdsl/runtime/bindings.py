@@ -472,9 +472,10 @@ def recurrent(kernel, K) -> None:
 
     # Inside a scan whose sequence is the cell's input, the input projection of every time
     # step is one GEMM before the loop (runtime/scan.py): the step gets its rows in
-    # st.hoisted and runs only the recurrent part; its backward leaves the projection's
-    # gradient in st.hoisted_grad for one GEMM after the loop, and gives zeros for x,
-    # weight_ih and bias_ih here.
+    # st.hoisted and runs only the recurrent part. In a scan's backward, a cell listed in
+    # st.hoisted_grad (True: its projection was hoisted) leaves its gates' gradients and
+    # the h (and x) they multiply there, for the weight gradients of all steps as one GEMM
+    # each after the loop, and gives no weight gradients here.
     @kernel(*CELLS, writes="new")
     def cell(n, x, st):
         kind, order = CELLS[n.op], n.attrs.get("order", "ifog")
@@ -494,14 +495,16 @@ def recurrent(kernel, K) -> None:
         lstm = CELLS[n.fwd.op] == "lstm"
         hoisted = getattr(st, "hoisted_grad", None)
         if hoisted is not None and id(n.fwd) in hoisted:
-            gxp, gh, gc, gwh, gbh = K.cell_step_backward(
+            gxp, ghp, gh, gc = K.cell_step_grads(
                 CELLS[n.fwd.op], st.saved[id(n.fwd)], gys[0], gys[1] if lstm else None, ins[1],
                 ins[2] if lstm else None, _param(n.fwd, st, "weight_hh"), order=n.attrs.get("order", "ifog"))
-            hoisted[id(n.fwd)] = gxp
-            wi, bi = _param(n.fwd, st, "weight_ih"), _param(n.fwd, st, "bias_ih")
-            return _outs(n, {0: K.zeros(ins[0].shape, ins[0].dtype), 1: gh, 2: gc},
-                         {"weight_ih": K.zeros(wi.shape, wi.dtype), "weight_hh": gwh,
-                          "bias_ih": None if bi is None else K.zeros(bi.shape, bi.dtype), "bias_hh": gbh})
+            if hoisted[id(n.fwd)]:      # x's gradient comes from the projection's GEMM after the loop
+                gx = K.zeros(ins[0].shape, ins[0].dtype)
+                hoisted[id(n.fwd)] = (gxp, ghp, ins[1], None)
+            else:
+                gx = K.matmul_rows(gxp, _param(n.fwd, st, "weight_ih")) if _wants(n, 0) else None
+                hoisted[id(n.fwd)] = (gxp, ghp, ins[1], ins[0])
+            return _outs(n, {0: gx, 1: gh, 2: gc}, dict.fromkeys(CELL_PARAMS))
         bufs = {key: v for role, key in (("weight_ih", "gw_ih"), ("weight_hh", "gw_hh"))
                 for v in _grad_out(n, st, role).values()}
         gx, gh, gc, gwi, gwh, gbi, gbh = K.cell_backward(

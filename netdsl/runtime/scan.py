@@ -83,32 +83,70 @@ CELLS = ("rnn_cell", "lstm_cell", "gru_cell")
 
 
 class _Hoist:
-    """A fused cell whose input is one of the scanned sequences: its input projection
-    x W_ih^T + b_ih for all T steps is one GEMM before the loop (and its gradient one
-    GEMM after), and each step runs only the recurrent GEMM and the gates."""
+    """A fused cell of the step whose weight gradients are formed once for all T steps:
+    the step's backward leaves the gates' gradients (and the h, x they multiply) in
+    st.hoisted_grad, and after the loop w_hh's and w_ih's gradients are one GEMM each
+    over N*T rows instead of T accumulating GEMMs over N. When the cell's input is one
+    of the scanned sequences (`seq` its index), its input projection x W_ih^T + b_ih is
+    one GEMM before the loop too, and each step runs only the recurrent GEMM and gates."""
 
-    def __init__(self, cell, seq: int):
+    def __init__(self, cell, seq):
         self.cell, self.seq = cell, seq
-        self.w, self.b = cell.params["weight_ih"].name, cell.params.get("bias_ih")
-        self.b = self.b.name if self.b is not None else None
+        names = {r: (p.name if (p := cell.params.get(r)) is not None else None)
+                 for r in ("weight_ih", "bias_ih", "weight_hh", "bias_hh")}
+        self.w, self.b, self.wh, self.bh = (names[r] for r in ("weight_ih", "bias_ih", "weight_hh", "bias_hh"))
+        self.names = {n for n in names.values() if n}
 
     def project(self, K, st, x):
         N, T, D = x.shape
         xp = K.project(x.reshape(N * T, D), st.params[self.w], st.params[self.b] if self.b else None)
         return xp.reshape(N, T, xp.shape[1])
 
-    def backward(self, K, st, x, gxp, need_gx: bool):
-        """(gx [N, T, D] or None, gw_ih, gb_ih or None) from every step's gradient of the projection."""
-        N, T, D = x.shape
-        gx, gw, gb = K.project_backward(gxp.reshape(N * T, gxp.shape[2]), x.reshape(N * T, D), st.params[self.w],
-                                        need_gx=need_gx)
-        return (gx.reshape(N, T, D) if gx is not None else None), gw, gb
+    @staticmethod
+    def keep(A, bufs, t, T, got):
+        """Put step t's (gxp, ghp, h, x) rows into [N, T, ...] buffers, made at the first
+        step the backward runs; ghp is kept only where it is not gxp (gru), x only where
+        it is not a sequence of the scan (the binding passes None)."""
+        if bufs is None:
+            gxp, ghp = got[0], got[1]
+            bufs = [None if a is None or (i == 1 and a is gxp) else A.empty((a.shape[0], T) + a.shape[1:], a.dtype)
+                    for i, a in enumerate(got)]
+        for b, a in zip(bufs, got):
+            if b is not None:
+                A.put(b, t, a)
+        return bufs
+
+    def backward(self, K, st, x, bufs, need_gx: bool):
+        """{param name: gradient} of the cell over all steps, and gx [N, T, D] of a
+        sequence input (or None)."""
+        gxp, ghp, h, xs = bufs
+        N, T, G = gxp.shape
+        rows = lambda a: a.reshape(N * T, a.shape[2])      # noqa: E731
+        out, gx = {}, None
+        if self.seq is not None:
+            gx, out[self.w], gb = K.project_backward(rows(gxp), rows(x), st.params[self.w], need_gx=need_gx)
+            gx = gx.reshape(N, T, x.shape[2]) if gx is not None else None
+        else:
+            out[self.w], gb = K.weight_grad(rows(gxp), rows(xs), need_gb=self.b is not None)
+        if self.b:
+            out[self.b] = gb
+        out[self.wh], gbh = K.weight_grad(rows(ghp if ghp is not None else gxp), rows(h), need_gb=self.bh is not None)
+        if self.bh:
+            out[self.bh] = gbh
+        return out, gx
 
 
-def _hoists(node) -> list[_Hoist]:
+def _hoists(node, sg) -> list[_Hoist]:
+    """The step's fused cells whose parameters are used by nothing else in the step."""
     seqs = [node.body.inputs[n] for n in node.attrs["seq"]]
-    return [_Hoist(m, next(i for i, v in enumerate(seqs) if v is m.inputs[0]))
-            for m in node.body.nodes if m.op in CELLS and any(m.inputs[0] is v for v in seqs)]
+    out = []
+    for m in node.body.nodes:
+        if m.op not in CELLS:
+            continue
+        h = _Hoist(m, next((i for i, v in enumerate(seqs) if m.inputs[0] is v), None))
+        if sg is None or all(sg.param_grads[n].producer.fwd is m for n in h.names if n in sg.param_grads):
+            out.append(h)
+    return out
 
 
 class _Runner:
@@ -121,8 +159,8 @@ class _Runner:
         self.ns, self.nc = len(node.attrs["seq"]), len(body.carries)
         self.outs = list(body.outputs.values()) + [c.step_out for c in body.carries]
         self.names = [c.name for c in body.carries]
-        self.hoists = _hoists(node)
         self.sg = step_grad(node) if train else None
+        self.hoists = _hoists(node, self.sg)
         keep = self.outs + (self.sg.residuals if train else [])
         self.fwd = Program(body.nodes, keep, dims, fuse, target)
         self.bwd = None
@@ -160,11 +198,11 @@ def bind(table: dict, target: str, A) -> None:
         carry = [given.get(name, c) for name, c in zip(r.names, carry)]
         ne = len(r.outs) - nc
         emits = [A.empty(_shape_of(st, v), array_dtype(v.dtype, st.dtype)) for v in n.outputs[:ne]]
-        projected = [h.project(A.kernels, st, seqs[h.seq]) for h in r.hoists]
+        projected = [(h, h.project(A.kernels, st, seqs[h.seq])) for h in r.hoists if h.seq is not None]
         saved = []
         for t in range(T):
             sst = StepState(st, t)
-            sst.hoisted = {id(h.cell): A.take(xp, t) for h, xp in zip(r.hoists, projected)}
+            sst.hoisted = {id(h.cell): A.take(xp, t) for h, xp in projected}
             env = r.fwd.run(sst, dict(zip(map(id, r.ins), [A.take(s, t) for s in seqs] + carry + caps)))
             for e, v in zip(emits, r.outs[:ne]):
                 A.put(e, t, env[id(v)])
@@ -197,8 +235,8 @@ def bind(table: dict, target: str, A) -> None:
         gcap: dict[int, object] = {}
         gpar: dict[str, object] = {}
         saved = st.saved.pop(id(n))
-        gxp = [A.empty(_shape_of(st, n.inputs[h.seq])[:2] + (st.params[h.w].shape[0],), st.dtype)
-               for h in r.hoists]
+        per_cell = [None] * len(r.hoists)     # each hoisted cell's [N, T, ...] rows for its weight GEMMs
+        deferred = {name for h in r.hoists for name in h.names}
         flow = getattr(st, "grad_flow", None)     # carry path -> |dL/dh_t| per t (--grad-flow)
         if flow is not None:
             flow.update({name: [0.0] * T for name in r.names})
@@ -209,7 +247,7 @@ def bind(table: dict, target: str, A) -> None:
             res, kept = saved[t]
             sst = StepState(st, t)
             sst.saved = kept
-            sst.hoisted_grad = {id(h.cell): None for h in r.hoists}
+            sst.hoisted_grad = {id(h.cell): h.seq is not None for h in r.hoists}
             feeds = dict(res)
             for j, s in enumerate(sg.seeds):
                 a = A.take(gy[j], t) if j < ne and j in gy else (gcarry[j - ne] if j >= ne else None)
@@ -227,16 +265,21 @@ def bind(table: dict, target: str, A) -> None:
                 if ns + nc + j in want and gv is not None:
                     gcap[j] = A.add(gcap.get(j), env[id(gv)])
             for name, gv in sg.param_grads.items():
-                gpar[name] = A.add(gpar.get(name), env[id(gv)])
-            for h, g in zip(r.hoists, gxp):
-                A.put(g, t, sst.hoisted_grad[id(h.cell)])
-        for h, g in zip(r.hoists, gxp):     # the projections' gradients: one GEMM each over all steps
-            gx, gw, gb = h.backward(A.kernels, st, fwd_in[h.seq], g, h.seq in gseq)
+                if name not in deferred:
+                    gpar[name] = A.add(gpar.get(name), env[id(gv)])
+            for i, h in enumerate(r.hoists):
+                got = sst.hoisted_grad[id(h.cell)]
+                if isinstance(got, tuple):      # (a cell no loss depends on has no backward)
+                    per_cell[i] = h.keep(A, per_cell[i], t, T, got)
+        for h, bufs in zip(r.hoists, per_cell):     # the cells' weight gradients: one GEMM each over all steps
+            if bufs is None:
+                continue
+            x = fwd_in[h.seq] if h.seq is not None else None
+            grads, gx = h.backward(A.kernels, st, x, bufs, h.seq in gseq)
             if gx is not None:
                 gseq[h.seq] = A.add(gseq[h.seq], gx)
-            gpar[h.w] = A.add(gpar.get(h.w), gw)
-            if h.b:
-                gpar[h.b] = A.add(gpar.get(h.b), gb)
+            for name, gv in grads.items():
+                gpar[name] = A.add(gpar.get(name), gv)
         roles = [role for role, _ in trainable(n)]
         out = []
         for j in like:
