@@ -21,9 +21,9 @@ from __future__ import annotations
 from ..ir.dims import fmt_shape, product
 from .registry import Attr, Ctx, conv_out, defop, is_float, nonneg, positive
 
-# The detection operators have no kernels yet (the detection issue brings them; only
-# extract_patches runs): networks using them compile and render, and `netdsl run` stops
-# at the first with this reason.
+# The detection operators marked with it have no kernels yet (the detection issue brings
+# them; extract_patches, the RoI features, l2norm and select_class run): networks using
+# them compile and render, and `netdsl run` stops at the first with this reason.
 PENDING = "detection operators have no kernels in this version"
 DET = dict(kind="detection", differentiable=False, pending=PENDING)
 
@@ -263,11 +263,11 @@ def _roi_size(default):
     return Attr("out", "pair", default, check=positive, doc="output size (h, w)")
 
 
-@defop("roi_pool", ["features", "rois"], (_roi_size(7), ROI_SCALE), kind="detection", vjp="kernel", grad_wrt=(0,),
-       pending=PENDING)
+@defop("roi_pool", ["features", "rois"], (_roi_size(7), ROI_SCALE), kind="detection", vjp="kernel", grad_wrt=(0,))
 def roi_pool(ctx: Ctx):
     """Fast R-CNN's RoI max pooling (torchvision.ops.roi_pool): each RoI, scaled by `scale`
-    and snapped to cells, is split into out x out bins, each max-pooled: [R, C, oh, ow]."""
+    and snapped to cells, is split into out x out bins, each max-pooled (0 for a bin off the
+    map): [R, C, oh, ow]. The gradient goes to each bin's argmax."""
     R, C, (oh, ow) = _roi_out(ctx)
     return [((R, C, oh, ow), ctx.x().dtype)]
 
@@ -276,21 +276,24 @@ def roi_pool(ctx: Ctx):
        (_roi_size(14), ROI_SCALE,
         Attr("sampling", "int", 2, check=positive, doc="bilinear samples per bin along each axis"),
         Attr("aligned", "bool", False, doc="shift by half a pixel (Detectron2's aligned=True)")),
-       kind="detection", vjp="kernel", grad_wrt=(0,), pending=PENDING,
+       kind="detection", vjp="kernel", grad_wrt=(0,),
        macs=lambda ctx: product(ctx.outputs[0].shape) * ctx.sampling ** 2 * 4)
 def roi_align(ctx: Ctx):
     """Mask R-CNN's RoIAlign (torchvision.ops.roi_align): no snapping; every bin averages
-    sampling x sampling bilinear samples (4 multiply-adds each): [R, C, oh, ow]."""
+    sampling x sampling bilinear samples (4 multiply-adds each), a sample more than a cell
+    off the map counting 0: [R, C, oh, ow]. The gradient spreads over the samples' cells."""
     R, C, (oh, ow) = _roi_out(ctx)
     return [((R, C, oh, ow), ctx.x().dtype)]
 
 
 @defop("crop_resize", ["image", "boxes"], (Attr("size", "pair", 224, check=positive),),
-       kind="detection", vjp="kernel", grad_wrt=(0,), pending=PENDING,
+       kind="detection", vjp="kernel", grad_wrt=(0,),
        macs=lambda ctx: product(ctx.outputs[0].shape) * 4)
 def crop_resize(ctx: Ctx):
     """R-CNN's warp: crop each RoI [R, 5] out of the image and resize it bilinearly to
-    size x size, ignoring its aspect ratio: [R, C, h, w]. No gradient to the boxes."""
+    size x size, ignoring its aspect ratio: [R, C, h, w]. Exactly roi_align(out=size,
+    scale=1, sampling=1, aligned=true): one sample at the centre of each output pixel, as
+    F.interpolate(bilinear, align_corners=False) resizes an image. No gradient to the boxes."""
     N, C, H, W = _features(ctx)
     R = _rois(ctx, 1)
     return [((R, C, *ctx.size), ctx.x().dtype)]
@@ -312,21 +315,25 @@ def extract_patches(ctx: Ctx):
     return [((N * ho * wo, C, *ctx.k), ctx.x().dtype)]
 
 
-@defop("l2norm", ["x"], (Attr("scale", "float", 20.0, doc="initial per-channel scale"),),
-       kind="layer", vjp="kernel", pending=PENDING, inits=("constant",),
+@defop("l2norm", ["x"], (Attr("scale", "float", 20.0, doc="initial per-channel scale"),
+                         Attr("eps", "float", 1e-10, check=lambda v: None if v > 0 else "must be positive",
+                              doc="added to the sum of squares (Caffe SSD's Normalize)")),
+       kind="layer", vjp="kernel", inits=("constant",),
        params=lambda ctx: {"weight": ((ctx.x().shape[1],), f"constant({ctx.scale!r})", "scale")})
 def l2norm(ctx: Ctx):
     """SSD's L2Norm on conv4_3: normalise each position's channel vector, then scale it by
-    a learned per-channel weight (initialised to `scale`)."""
+    a learned per-channel weight (initialised to `scale`):
+    y[n, c] = x[n, c] / sqrt(sum_c x[n, c]^2 + eps) * weight[c]. Gradients to x and weight."""
     _features(ctx)
     return [(ctx.x().shape, ctx.x().dtype)]
 
 
-@defop("select_class", ["x", "labels"], kind="layer", vjp="kernel", grad_wrt=(0,), pending=PENDING)
+@defop("select_class", ["x", "labels"], kind="layer", vjp="kernel", grad_wrt=(0,))
 def select_class(ctx: Ctx):
     """Per row, the slice of the labelled class: x [R, classes, ...] with labels [R] ->
-    [R, ...]. Class-specific box deltas and Mask R-CNN's per-class masks are trained only
-    for the ground-truth class of their RoI."""
+    [R, ...] (zeros for label -1, ignored). Class-specific box deltas and Mask R-CNN's
+    per-class masks are trained only for the ground-truth class of their RoI: the gradient
+    goes to that slice, none to the labels."""
     x, lb = ctx.inputs
     _ids(ctx, 1, "labels")
     if x.rank < 2 or tuple(lb.shape) != (x.shape[0],):

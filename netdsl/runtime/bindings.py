@@ -457,6 +457,7 @@ def register(table: dict, K, target: str) -> None:
         return [x[0]]
 
     recurrent(kernel, K)
+    detection(kernel, K)
 
 
 # ---- recurrent cells, attention over locations, discrete choices (kernels/*/recurrent.py)
@@ -566,3 +567,67 @@ def recurrent(kernel, K) -> None:
     @kernel("argmax", writes="new")
     def argmax(n, x, st):
         return [K.argmax(x[0], n.attrs["axis"])]
+
+# ---- RoI features and the detection heads' layers (kernels/*/roi.py)
+
+def detection(kernel, K) -> None:
+    """Bind roi_pool, roi_align, crop_resize, l2norm and select_class with `kernel` to K.
+    RoI gradients go to the feature map only (grad_wrt=(0,)); l2norm's also to its weight."""
+    from ..errors import NetdslError
+
+    def located(n, fn, *args):
+        """fn(*args), a RoI's image or a label out of range (the CPU's IndexError) reported at the node."""
+        try:
+            return fn(*args)
+        except IndexError as e:
+            raise NetdslError(f"{n.op} ({n.path}): {e}", n.pos) from None
+
+    @kernel("roi_pool", writes="new")
+    def roi_pool(n, x, st):
+        y, argmax = located(n, K.roi_pool, x[0], x[1], n.attrs["out"], n.attrs["scale"])
+        st.saved[id(n)] = argmax
+        return [y]
+
+    @kernel("roi_pool_grad", writes="new")
+    def roi_pool_grad(n, x, st):
+        (gy,), (f, rois), _, _ = _grads_for(n, x)
+        return [located(n.fwd, K.roi_pool_backward, gy, st.saved[id(n.fwd)], rois, f.shape)]
+
+    @kernel("roi_align", writes="new")
+    def roi_align(n, x, st):
+        a = n.attrs
+        return [located(n, K.roi_align, x[0], x[1], a["out"], a["scale"], a["sampling"], a["aligned"])]
+
+    @kernel("roi_align_grad", writes="new")
+    def roi_align_grad(n, x, st):
+        (gy,), (f, rois), _, _ = _grads_for(n, x)
+        a = n.attrs
+        return [located(n.fwd, K.roi_align_backward, gy, rois, f.shape, a["scale"], a["sampling"], a["aligned"])]
+
+    @kernel("crop_resize", writes="new")
+    def crop_resize(n, x, st):
+        return [located(n, K.crop_resize, x[0], x[1], n.attrs["size"])]
+
+    @kernel("crop_resize_grad", writes="new")
+    def crop_resize_grad(n, x, st):
+        (gy,), (image, rois), _, _ = _grads_for(n, x)
+        return [located(n.fwd, K.crop_resize_backward, gy, rois, image.shape)]
+
+    @kernel("l2norm", writes="new")
+    def l2norm(n, x, st):
+        return [K.l2norm(x[0], _param(n, st, "weight"), n.attrs["eps"])]
+
+    @kernel("l2norm_grad", writes="new")
+    def l2norm_grad(n, x, st):
+        (gy,), (xin,), _, _ = _grads_for(n, x)
+        gx, gw = K.l2norm_backward(gy, xin, _param(n.fwd, st, "weight"), n.attrs["eps"], need_gx=_wants(n, 0))
+        return _outs(n, {0: gx}, {"weight": gw})
+
+    @kernel("select_class", writes="new")
+    def select_class(n, x, st):
+        return [located(n, K.select_class, x[0], x[1])]
+
+    @kernel("select_class_grad", writes="new")
+    def select_class_grad(n, x, st):
+        (gy,), (xin, labels), _, _ = _grads_for(n, x)
+        return [located(n.fwd, K.select_class_backward, gy, labels, xin.shape[1])]
