@@ -362,15 +362,17 @@ def test_fused_cell_stacks_match_torch_num_layers(tmp_path, kind):
                                        err_msg=(l, role))
 
 
-def test_hoisted_projection_equals_the_cell_run_step_by_step(tmp_path, monkeypatch):
+@pytest.mark.parametrize("spec", [FUSED.replace("{cell}", "lstm"), FUSED.replace("{cell}", "gru"),
+                                  STACK.replace("{cell}", "gru")], ids=["fused-lstm", "fused-gru", "written-gru"])
+def test_hoisted_projection_equals_the_cell_run_step_by_step(tmp_path, monkeypatch, spec):
     """The same step with the projection and the weight gradients hoisted out of the loop
     and without: equal."""
     from netdsl.runtime import scan as rscan
-    g = compile_text(tmp_path, FUSED.replace("{cell}", "lstm"))
+    g = compile_text(tmp_path, spec)
     x, y = data(N=2, T=4)
     a = Model(g, dtype=np.float64, seed=12).train_step({"x": x, "y": y})
     monkeypatch.setattr(rscan, "_hoists", lambda node, sg: [])
-    g2 = compile_text(tmp_path, FUSED.replace("{cell}", "lstm"), name="u.net")
+    g2 = compile_text(tmp_path, spec, name="u.net")
     b = Model(g2, dtype=np.float64, seed=12).train_step({"x": x, "y": y})
     assert abs(a[0] - b[0]) < 1e-13
     for k in a[3]:

@@ -13,7 +13,8 @@ import numpy as np
 from .. import native
 from .render import header, indent, row_loop_body
 
-PAR_MIN = 1 << 16     # elements; below this the serial variant runs
+PAR_MIN = 1 << 16     # elements (times COST); below this the serial variant runs
+MATH_COST = 8         # a math.* call per element counts as this many elements
 INDEX = np.uint64     # broadcast geometry arguments: the loop index's type (uint64 with int64 is float64)
 
 # Not fastmath=True: that implies 'nnan'/'ninf', which folds isnan() to False.
@@ -33,6 +34,9 @@ def render(low, dtype) -> str:
     full = [o for o in low.outputs if o[2] == "full"]
     red = [o for o in low.outputs if o[2] != "full"]
     lines = header(low, dtype, "cpu")
+    # An element costs about one cheap op, or tens of them per math call (exp, tanh: a
+    # scalar libm call each): the launcher weighs the size by this to pick parallel.
+    lines.append(f"COST = {1 + MATH_COST * sum(line.count('math.') for line in low.body)}")
     if not red:
         def flat(loop):
             store = [f"{p}[i] = {v}" for p, v, _ in full]
@@ -106,7 +110,7 @@ def _pick(module, name, size):
 
 
 def launch(module, rows, size, args):
-    _pick(module, "kernel", size)(*args)
+    _pick(module, "kernel", size * getattr(module, "COST", 1))(*args)
 
 
 def channel_sum(module, x, P, C, Q, out):

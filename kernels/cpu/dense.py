@@ -1,4 +1,4 @@
-"""Fully connected layer y = x @ w.T + b, threads split the batch rows."""
+"""Fully connected layer y = x @ w.T + b, threads split the batch rows (or the columns)."""
 import numpy as np
 
 from . import as_float, kernel, prange
@@ -6,30 +6,50 @@ from .gemm import N_, T_, gemm as _gemm
 
 
 def _fwd(x, w, b, y, T):
-    N = x.shape[0]
+    """Thread t takes a share of the batch rows, or of the output columns when there are
+    fewer rows than columns (a batch of tens: a row share would make every thread stream
+    all of w)."""
+    N, K = x.shape
+    M = w.shape[0]
+    xf, wf, yf = x.reshape(-1), w.reshape(-1), y.reshape(-1)
     for t in prange(T):
-        n0, n1 = t * N // T, (t + 1) * N // T
-        if n1 > n0:
-            yt = y[n0:n1]
-            np.dot(x[n0:n1], w.T, yt)
-            for i in range(n1 - n0):
-                yt[i] += b
+        if N >= M:
+            n0, n1 = t * N // T, (t + 1) * N // T
+            if n1 > n0:
+                yt = y[n0:n1]
+                np.dot(x[n0:n1], w.T, yt)
+                for i in range(n1 - n0):
+                    yt[i] += b
+        else:
+            m0, m1 = t * M // T, (t + 1) * M // T
+            if m1 > m0:
+                _gemm(N, m1 - m0, K, xf, K, N_, wf[m0 * K:], K, T_, yf[m0:], 0.0, M)
+                for i in range(N):
+                    for m in range(m0, m1):
+                        y[i, m] += b[m]
     return y
 
 
 def _bwd(x, w, gy, gx, gw, T, need_gx):
-    """gw[m0:m1] = gy[:, m0:m1].T @ x and gx[n0:n1] = gy[n0:n1] @ w for thread t's share
-    of gw's rows and of the batch: no two threads write the same element."""
+    """gw[m0:m1] = gy[:, m0:m1].T @ x and gx = gy @ w for thread t's share of gw's rows
+    and of gx's rows (or columns, with fewer rows than columns): no two threads write the
+    same element."""
     N, K = x.shape
     M = w.shape[0]
-    gyf, xf, gwf = gy.reshape(-1), x.reshape(-1), gw.reshape(-1)
+    gyf, xf, gwf, wf = gy.reshape(-1), x.reshape(-1), gw.reshape(-1), w.reshape(-1)
     for t in prange(T):
         m0, m1 = t * M // T, (t + 1) * M // T
         if m1 > m0:
             _gemm(m1 - m0, K, N, gyf[m0:], M, T_, xf, K, N_, gwf[m0 * K:], 0.0)
-        n0, n1 = t * N // T, (t + 1) * N // T
-        if need_gx and n1 > n0:
-            np.dot(gy[n0:n1], w, gx[n0:n1])
+        if need_gx:
+            if N >= K:
+                n0, n1 = t * N // T, (t + 1) * N // T
+                if n1 > n0:
+                    np.dot(gy[n0:n1], w, gx[n0:n1])
+            else:
+                k0, k1 = t * K // T, (t + 1) * K // T
+                if k1 > k0:
+                    _gemm(N, k1 - k0, M, gyf, M, N_, wf[k0:], K, N_, gx.reshape(-1)[k0:], 0.0, K)
     return gx
 
 
@@ -44,7 +64,7 @@ def linear(x, w, b=None):
     b = np.zeros(w.shape[0], x.dtype) if b is None else np.ascontiguousarray(b, dtype=x.dtype)
     y = np.empty((x.shape[0], w.shape[0]), x.dtype)
     fn, T = _fwd.pick(x.shape[0] * w.size)
-    return fn(x, w, b, y, min(T, max(1, x.shape[0])))
+    return fn(x, w, b, y, min(T, max(1, x.shape[0], w.shape[0])))
 
 
 def linear_backward(x, w, gy, need_gx=True, gw_out=None):

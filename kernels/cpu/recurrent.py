@@ -133,14 +133,17 @@ def _bias(b, n, dtype):
 
 def matmul_rows(g, w, out=None, add=False):
     """g[R, M] @ w[M, K], written into out when given (added to it with add)."""
+    g = _f(g, g.dtype)
+    w = _f(w, g.dtype)
     y = np.empty((g.shape[0], w.shape[1]), g.dtype) if out is None else out
-    fn, T = _threads(_rows_gemm, g.size * w.shape[1], g.shape[0])
+    fn, T = _threads(_rows_gemm, g.size * w.shape[1], max(g.shape[0], w.shape[1]))
     return fn(g, w, y, add, T)
 
 
 def weight_grad(g, a, gw=None, gb=None, need_gb=True, accumulate=False):
     """(g.T @ a, column sums of g): written into gw / gb when given, or added to them
     with accumulate (then both must be given)."""
+    g, a = _f(g, g.dtype), _f(a, g.dtype)
     M, K = g.shape[1], a.shape[1]
     if accumulate and (gw is None or (need_gb and gb is None)):
         raise ValueError("weight_grad: accumulate needs the gradients to add to")

@@ -192,6 +192,12 @@ def register(table: dict, K, target: str) -> None:
     @kernel("linear_grad", writes="new")
     def linear_grad(n, x, st):
         (gy,), (xin,), _, _ = _grads_for(n, x)
+        hoisted = getattr(st, "hoisted_grad", None)
+        if hoisted is not None and id(n.fwd) in hoisted:   # in a scan: weights after the loop (runtime/scan.py)
+            g2 = _rows(gy)
+            gx = K.matmul_rows(g2, _param(n.fwd, st, "weight")).reshape(xin.shape) if _wants(n, 0) else None
+            hoisted[id(n.fwd)] = (g2, _rows(xin))
+            return _outs(n, {0: gx}, {"weight": None, "bias": None})
         gx, gw, gb = K.linear_backward(_rows(xin), _param(n.fwd, st, "weight"), _rows(gy), need_gx=_wants(n, 0),
                                        **_grad_out(n, st, "weight"))
         return _outs(n, {0: None if gx is None else gx.reshape(xin.shape)}, {"weight": gw, "bias": gb})
@@ -501,10 +507,10 @@ def recurrent(kernel, K) -> None:
                 ins[2] if lstm else None, _param(n.fwd, st, "weight_hh"), order=n.attrs.get("order", "ifog"))
             if hoisted[id(n.fwd)]:      # x's gradient comes from the projection's GEMM after the loop
                 gx = K.zeros(ins[0].shape, ins[0].dtype)
-                hoisted[id(n.fwd)] = (gxp, ghp, ins[1], None)
+                hoisted[id(n.fwd)] = (gxp, None if ghp is gxp else ghp, ins[1], None)
             else:
                 gx = K.matmul_rows(gxp, _param(n.fwd, st, "weight_ih")) if _wants(n, 0) else None
-                hoisted[id(n.fwd)] = (gxp, ghp, ins[1], ins[0])
+                hoisted[id(n.fwd)] = (gxp, None if ghp is gxp else ghp, ins[1], ins[0])
             return _outs(n, {0: gx, 1: gh, 2: gc}, dict.fromkeys(CELL_PARAMS))
         bufs = {key: v for role, key in (("weight_ih", "gw_ih"), ("weight_hh", "gw_hh"))
                 for v in _grad_out(n, st, role).values()}

@@ -82,68 +82,97 @@ class CpuArrays:
 CELLS = ("rnn_cell", "lstm_cell", "gru_cell")
 
 
-class _Hoist:
-    """A fused cell of the step whose weight gradients are formed once for all T steps:
-    the step's backward leaves the gates' gradients (and the h, x they multiply) in
-    st.hoisted_grad, and after the loop w_hh's and w_ih's gradients are one GEMM each
-    over N*T rows instead of T accumulating GEMMs over N. When the cell's input is one
-    of the scanned sequences (`seq` its index), its input projection x W_ih^T + b_ih is
-    one GEMM before the loop too, and each step runs only the recurrent GEMM and gates."""
+class _Deferred:
+    """A node of the step whose weight gradients are formed once for all T steps: the
+    step's backward leaves, per step, the gradient rows and the input rows they multiply
+    in st.hoisted_grad (see the cell and linear bindings), and after the loop each weight
+    gradient is one GEMM over N*T rows instead of T GEMMs over N rows adding into it."""
+    seq = None
+
+    def __init__(self, node, roles):
+        self.node = node
+        self.p = {r: (q.name if (q := node.params.get(r)) is not None else None) for r in roles}
+        self.names = {n for n in self.p.values() if n}
+
+    @staticmethod
+    def keep(A, bufs, t, T, got):
+        """Put step t's rows into [R, T, ...] buffers, made at the first step the backward
+        runs (a None row is not kept)."""
+        if bufs is None:
+            bufs = [None if a is None else A.empty((a.shape[0], T) + a.shape[1:], a.dtype) for a in got]
+        for b, a in zip(bufs, got):
+            if b is not None:
+                A.put(b, t, a)
+        return bufs
+
+    @staticmethod
+    def rows(a):
+        return a.reshape(a.shape[0] * a.shape[1], a.shape[2])
+
+
+class _Linear(_Deferred):
+    """A linear layer of the step (the notes' written-out cells: linear(concat(h, x_t)))."""
+
+    def __init__(self, node):
+        super().__init__(node, ("weight", "bias"))
+
+    def backward(self, K, st, x, bufs, need_gx: bool):
+        gy, xs = bufs
+        w, b = self.p["weight"], self.p["bias"]
+        out = {}
+        out[w], gb = K.weight_grad(self.rows(gy), self.rows(xs), need_gb=b is not None)
+        if b:
+            out[b] = gb
+        return out, None
+
+
+class _Cell(_Deferred):
+    """A fused cell of the step (keeps gxp, ghp unless it is gxp (not gru), h, and x unless
+    it is a sequence of the scan). When its input is one of the
+    scanned sequences (`seq` its index), its input projection x W_ih^T + b_ih is also one
+    GEMM before the loop, and each step runs only the recurrent GEMM and the gates."""
 
     def __init__(self, cell, seq):
-        self.cell, self.seq = cell, seq
-        names = {r: (p.name if (p := cell.params.get(r)) is not None else None)
-                 for r in ("weight_ih", "bias_ih", "weight_hh", "bias_hh")}
-        self.w, self.b, self.wh, self.bh = (names[r] for r in ("weight_ih", "bias_ih", "weight_hh", "bias_hh"))
-        self.names = {n for n in names.values() if n}
+        super().__init__(cell, ("weight_ih", "bias_ih", "weight_hh", "bias_hh"))
+        self.seq = seq
+        self.w, self.b = self.p["weight_ih"], self.p["bias_ih"]
 
     def project(self, K, st, x):
         N, T, D = x.shape
         xp = K.project(x.reshape(N * T, D), st.params[self.w], st.params[self.b] if self.b else None)
         return xp.reshape(N, T, xp.shape[1])
 
-    @staticmethod
-    def keep(A, bufs, t, T, got):
-        """Put step t's (gxp, ghp, h, x) rows into [N, T, ...] buffers, made at the first
-        step the backward runs; ghp is kept only where it is not gxp (gru), x only where
-        it is not a sequence of the scan (the binding passes None)."""
-        if bufs is None:
-            gxp, ghp = got[0], got[1]
-            bufs = [None if a is None or (i == 1 and a is gxp) else A.empty((a.shape[0], T) + a.shape[1:], a.dtype)
-                    for i, a in enumerate(got)]
-        for b, a in zip(bufs, got):
-            if b is not None:
-                A.put(b, t, a)
-        return bufs
-
     def backward(self, K, st, x, bufs, need_gx: bool):
         """{param name: gradient} of the cell over all steps, and gx [N, T, D] of a
         sequence input (or None)."""
         gxp, ghp, h, xs = bufs
-        N, T, G = gxp.shape
-        rows = lambda a: a.reshape(N * T, a.shape[2])      # noqa: E731
-        out, gx = {}, None
+        rows, out, gx = self.rows, {}, None
         if self.seq is not None:
             gx, out[self.w], gb = K.project_backward(rows(gxp), rows(x), st.params[self.w], need_gx=need_gx)
-            gx = gx.reshape(N, T, x.shape[2]) if gx is not None else None
+            gx = gx.reshape(x.shape) if gx is not None else None
         else:
             out[self.w], gb = K.weight_grad(rows(gxp), rows(xs), need_gb=self.b is not None)
         if self.b:
             out[self.b] = gb
-        out[self.wh], gbh = K.weight_grad(rows(ghp if ghp is not None else gxp), rows(h), need_gb=self.bh is not None)
-        if self.bh:
-            out[self.bh] = gbh
+        wh, bh = self.p["weight_hh"], self.p["bias_hh"]
+        out[wh], gbh = K.weight_grad(rows(ghp if ghp is not None else gxp), rows(h), need_gb=bh is not None)
+        if bh:
+            out[bh] = gbh
         return out, gx
 
 
-def _hoists(node, sg) -> list[_Hoist]:
-    """The step's fused cells whose parameters are used by nothing else in the step."""
+def _hoists(node, sg) -> list[_Deferred]:
+    """The step's fused cells and linear layers whose parameters nothing else in the step
+    uses (and, training, whose parameter gradients are their own grad node's)."""
     seqs = [node.body.inputs[n] for n in node.attrs["seq"]]
     out = []
     for m in node.body.nodes:
-        if m.op not in CELLS:
+        if m.op in CELLS:
+            h = _Cell(m, next((i for i, v in enumerate(seqs) if m.inputs[0] is v), None))
+        elif m.op == "linear" and sg is not None:
+            h = _Linear(m)
+        else:
             continue
-        h = _Hoist(m, next((i for i, v in enumerate(seqs) if m.inputs[0] is v), None))
         if sg is None or all(sg.param_grads[n].producer.fwd is m for n in h.names if n in sg.param_grads):
             out.append(h)
     return out
@@ -202,7 +231,7 @@ def bind(table: dict, target: str, A) -> None:
         saved = []
         for t in range(T):
             sst = StepState(st, t)
-            sst.hoisted = {id(h.cell): A.take(xp, t) for h, xp in projected}
+            sst.hoisted = {id(h.node): A.take(xp, t) for h, xp in projected}
             env = r.fwd.run(sst, dict(zip(map(id, r.ins), [A.take(s, t) for s in seqs] + carry + caps)))
             for e, v in zip(emits, r.outs[:ne]):
                 A.put(e, t, env[id(v)])
@@ -247,7 +276,7 @@ def bind(table: dict, target: str, A) -> None:
             res, kept = saved[t]
             sst = StepState(st, t)
             sst.saved = kept
-            sst.hoisted_grad = {id(h.cell): h.seq is not None for h in r.hoists}
+            sst.hoisted_grad = {id(h.node): h.seq is not None for h in r.hoists}
             feeds = dict(res)
             for j, s in enumerate(sg.seeds):
                 a = A.take(gy[j], t) if j < ne and j in gy else (gcarry[j - ne] if j >= ne else None)
@@ -268,10 +297,10 @@ def bind(table: dict, target: str, A) -> None:
                 if name not in deferred:
                     gpar[name] = A.add(gpar.get(name), env[id(gv)])
             for i, h in enumerate(r.hoists):
-                got = sst.hoisted_grad[id(h.cell)]
+                got = sst.hoisted_grad[id(h.node)]
                 if isinstance(got, tuple):      # (a cell no loss depends on has no backward)
                     per_cell[i] = h.keep(A, per_cell[i], t, T, got)
-        for h, bufs in zip(r.hoists, per_cell):     # the cells' weight gradients: one GEMM each over all steps
+        for h, bufs in zip(r.hoists, per_cell):     # the weight gradients: one GEMM each over all steps
             if bufs is None:
                 continue
             x = fwd_in[h.seq] if h.seq is not None else None
