@@ -101,3 +101,14 @@ def test_pages_without_transparent_huge_pages(monkeypatch):
     a = memory.pages(3 << 20, huge=True)
     a[:] = 7
     assert a.size == 3 << 20 and a.sum() == 7 * (3 << 20)
+
+
+def test_a_network_without_parameters_runs_and_trains(tmp_path):
+    """Its parameter and gradient buffers are empty (0 bytes: mmap still maps a byte)."""
+    g = compile_text(tmp_path, "network n() {\n  input x: f32[N, 4]\n  input y: f32[N, 4]\n  z = relu(x)\n"
+                               "  output z\n  loss l = l2(z, y)\n}\n")
+    m = Model(g)
+    x, y = np.array([[1, -1, 2, 0]], np.float32), np.zeros((1, 4), np.float32)
+    np.testing.assert_array_equal(m.infer({"x": x, "y": y})["z"], [[1, 0, 2, 0]])
+    total, _, _, grads = m.train_step({"x": x, "y": y})
+    assert grads == {} and np.isfinite(total)

@@ -22,4 +22,4 @@ def pages(nbytes: int, huge: bool = False) -> np.ndarray:
             m.madvise(mmap.MADV_HUGEPAGE)
         except OSError:     # a kernel built without transparent huge pages: EINVAL
             pass
-    return np.frombuffer(m, np.uint8)
+    return np.frombuffer(m, np.uint8)[:nbytes]      # (mmap needs a byte; 0 bytes views as any dtype)
