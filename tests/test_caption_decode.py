@@ -4,7 +4,7 @@ correctly), attention maps come one per word, and they draw over the image."""
 import numpy as np
 
 from helpers import compile_spec
-from netdsl.runtime.caption import attention_png, decode
+from netdsl.runtime.caption import attention_peak_in_box, attention_png, decode, decode_batch
 from netdsl.runtime.model import Model
 
 VOCAB = ["<pad>", "<start>", "<end>", "<unk>", "a", "red", "blue", "circle", "square", "left", "of"]
@@ -27,6 +27,24 @@ def test_greedy_words_are_the_argmax_of_the_teacher_forced_run():
     chosen = out["logits"][0].argmax(-1)[:len(words)]
     assert [VOCAB[i] for i in chosen] == words
     np.testing.assert_allclose(out["alphas"][0, :len(words)], maps, rtol=1e-5, atol=1e-7)
+
+
+def test_a_batch_decodes_as_its_images_one_by_one():
+    m = small()
+    images = np.random.default_rng(2).random((3, 3, 16, 16)).astype(np.float32)
+    got = decode_batch(m, VOCAB, images, max_len=5)
+    for image, (words, maps) in zip(images, got):
+        w1, m1 = decode(m, VOCAB, image, max_len=5)
+        assert words == w1
+        np.testing.assert_allclose(maps, m1, rtol=1e-5, atol=1e-7)
+
+
+def test_attention_peak_in_box_reads_the_grid_cell_centre():
+    a = np.zeros(16)
+    a[6] = 1        # row 1, column 2 of a 4 x 4 grid over 32 x 32: centre (20, 12)
+    assert attention_peak_in_box(a, (32, 32), [18, 10, 4, 4])
+    assert not attention_peak_in_box(a, (32, 32), [21, 10, 4, 4])
+    assert not attention_peak_in_box(a, (32, 32), [18, 13, 4, 4])
 
 
 def test_sampling_is_seeded_and_the_attention_sheet_is_drawn(tmp_path):

@@ -431,7 +431,8 @@ SMALL_CNN = """
 network small(classes = 5) {
   input image: f32[N, 1, 8, 8]
   input label: i64[N]
-  logits = image -> conv(4, k=3, p=1, bias=false) -> bn -> relu -> maxpool(k=2, s=2) -> flatten -> linear(classes)
+  x = image -> conv(4, k=3, p=1, bias=false) -> bn -> relu -> maxpool(k=2, s=2)
+  logits = concat(x, coords(x)) -> flatten -> linear(classes)     # CoordConv's channels made on the device
   output logits
   loss ce = cross_entropy(logits, label)
 }

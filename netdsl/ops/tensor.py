@@ -51,6 +51,20 @@ def transpose(ctx: Ctx):
     return [(tuple(x.shape[p] for p in ctx.perm), x.dtype)]
 
 
+@defop("coords", ["x"], kind="structural", differentiable=False)
+def coords(ctx: Ctx):
+    """CoordConv's coordinate channels (Liu et al. 2018) for a feature map x [N, C, H, W]:
+    [N, 2, H, W], channel 0 each cell's centre x and channel 1 its centre y, scaled to
+    [-1, 1]. Concatenated to features, they tell later layers (and an attention's
+    weighted sum) where a location is. No gradient: they do not depend on x's values."""
+    x = ctx.x()
+    if x.rank != 4:
+        ctx.fail(f"coords needs a feature map [N, C, H, W], got rank {x.rank}", 0)
+    if not is_float(x.dtype):
+        ctx.fail(f"coords needs a floating-point feature map, got {x.dtype}", 0)
+    return [((x.shape[0], 2, x.shape[2], x.shape[3]), x.dtype)]
+
+
 @defop("concat", ["*xs"], (Attr("axis", "int", 1),), kind="structural", vjp=lambda b, n, g: _concat_vjp(b, n, g))
 def concat(ctx: Ctx):
     """Join tensors along an axis (inception's branch merge; [h; x] in an LSTM)."""

@@ -373,6 +373,15 @@ def register(table: dict, K, target: str) -> None:
 
     # ---- structural operators (the CPU's kernels are numpy, under the same names: runtime/cpu.py)
 
+    @kernel("coords", writes="new")
+    def coords(n, x, st):
+        N, _, H, W = x[0].shape
+        dt = array_dtype(n.outputs[0].dtype, st.dtype)
+        grid = np.empty((N, 2, H, W), dt)
+        grid[:, 0] = ((np.arange(W) + 0.5) * 2 / W - 1)[None, None, :]
+        grid[:, 1] = ((np.arange(H) + 0.5) * 2 / H - 1)[None, :, None]
+        return [K.to_device(grid)]
+
     @kernel("transpose")
     def transpose(n, x, st):
         return [K.transpose(x[0], n.attrs["perm"])]

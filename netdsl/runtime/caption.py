@@ -37,32 +37,121 @@ def _io(g):
 def decode(model: Model, vocab: list[str], image: np.ndarray, max_len: int, sample: bool = False,
            temperature: float = 1.0, seed: int = 0):
     """(words, attention weights per word [len, L] or None) for one image [C, H, W]."""
+    return decode_batch(model, vocab, image[None], max_len, sample, temperature, seed)[0]
+
+
+def decode_batch(model: Model, vocab: list[str], images: np.ndarray, max_len: int, sample: bool = False,
+                 temperature: float = 1.0, seed: int = 0) -> list:
+    """decode for a batch of images [B, C, H, W], all decoded side by side (one inference
+    per word for the whole batch): [(words, maps or None)] per image."""
     img_in, ids_in, logits_out, alphas_out = _io(model.g)
     index = {w: i for i, w in enumerate(vocab)}
     if START not in index or END not in index:
         raise NetdslError(f"the vocabulary has no {START} or {END}: it is not a captioning vocabulary")
     want = [logits_out] + ([alphas_out] if alphas_out else [])
     rng = np.random.default_rng(seed)
-    word, carry, words, maps = index[START], None, [], []
+    B = len(images)
     pad = index.get(PAD, 0)
+    word = np.full(B, index[START], np.int64)
+    carry, done = None, np.zeros(B, bool)
+    words, maps = [[] for _ in range(B)], [[] for _ in range(B)]
     for _ in range(max_len + 1):
-        out = model.infer({img_in: image[None], ids_in: np.array([[word, pad]], np.int64)}, want=want, carry=carry)
+        out = model.infer({img_in: images, ids_in: np.stack([word, np.full(B, pad)], 1)}, want=want, carry=carry)
         carry = model.carries
-        scores = out[logits_out][0, 0].astype(np.float64)
+        scores = out[logits_out][:, 0].astype(np.float64)
         if sample:
-            p = np.exp((scores - scores.max()) / temperature)
-            word = int(rng.choice(len(p), p=p / p.sum()))
+            p = np.exp((scores - scores.max(1, keepdims=True)) / temperature)
+            word = np.array([rng.choice(p.shape[1], p=q / q.sum()) for q in p], np.int64)
         else:
-            word = int(scores.argmax())
-        if word >= len(vocab):
-            raise NetdslError(f"the model chose word id {word}, outside the run's vocabulary of {len(vocab)} words",
+            word = scores.argmax(1)
+        if (word[~done] >= len(vocab)).any():
+            w = int(word[~done][word[~done] >= len(vocab)][0])
+            raise NetdslError(f"the model chose word id {w}, outside the run's vocabulary of {len(vocab)} words",
                               hint="the spec's vocab is larger than the data's: train with --set vocab=...")
-        if vocab[word] == END:
+        for b in np.flatnonzero(~done):
+            if vocab[word[b]] == END:
+                done[b] = True
+                continue
+            words[b].append(vocab[word[b]])
+            if alphas_out:
+                maps[b].append(out[alphas_out][b, 0])
+        if done.all():
             break
-        words.append(vocab[word])
-        if alphas_out:
-            maps.append(out[alphas_out][0, 0])
-    return words, (np.array(maps) if alphas_out else None)
+        word = np.where(done, pad, word)
+    return [(w, np.array(m).reshape(len(w), -1) if alphas_out else None) for w, m in zip(words, maps)]
+
+
+def attention_peak_in_box(maps: np.ndarray, hw: tuple[int, int], box) -> bool:
+    """Whether the centre of the most weighted cell of an attention map over a square
+    grid of the image (H, W) lies inside the COCO box [x, y, w, h]."""
+    side = math.isqrt(maps.size)
+    r, c = divmod(int(np.argmax(maps)), side)
+    y, x = (r + 0.5) * hw[0] / side, (c + 0.5) * hw[1] / side
+    return box[0] <= x <= box[0] + box[2] and box[1] <= y <= box[1] + box[3]
+
+
+def evaluate_captions(t) -> tuple[dict, list[str]]:
+    """`netdsl eval` of a captioning run: each held-out image captioned greedily, scored
+    against all its references (caption_scores: exact match, BLEU-4 by sacrebleu). Where
+    the data grounds its words (`grounding`: [word index, instance id] in each caption,
+    as netdsl data shapes-captions writes, with instances_<split>.json beside it), also
+    the attention check of Xu et al.: for each grounded word the caption got right (same
+    word at the same place as in the reference that shares most words with it), whether
+    the peak of its attention map falls inside that object's box."""
+    from ..datasets import captions as cap
+    ds = t.data
+    img_in, _, _, alphas_out = _io(t.g)
+    first, refs = ds.per_image("test")
+    images = ds.test["image"][first]
+    norm = t.norm.get(t.fields.get(img_in))
+    if norm is not None:
+        images = (images - norm[0].reshape(1, -1, 1, 1)) / norm[1].reshape(1, -1, 1, 1)
+    images = images.astype(np.float32)
+    got = []
+    for k in range(0, len(images), 64):
+        got += decode_batch(t.model, ds.vocab, images[k:k + 64], ds.max_len)
+    hyps = [" ".join(w) for w, _ in got]
+    figures = cap.caption_scores(hyps, refs)
+    lines = [f"captions of {len(hyps)} held-out images, greedy: exact match {figures['exact_match']:.4f}  "
+             f"BLEU-4 {figures['bleu4']:.4f} (sacrebleu)"]
+    grounded = _grounding(ds, first) if alphas_out else None
+    if grounded is not None:
+        hits = total = 0
+        for (words, maps), (cands, boxes) in zip(got, grounded):
+            best = max(cands, key=lambda c: sum(a == b for a, b in zip(words, c[0])))
+            for i, ann in best[1]:
+                if i < len(words) and words[i] == best[0][i]:
+                    total += 1
+                    hits += attention_peak_in_box(maps[i], images.shape[2:], boxes[ann])
+        if total:
+            figures["attention_in_box"] = hits / total
+            lines.append(f"attention peak inside the named object's box: {hits} of {total} grounded words "
+                         f"({hits / total:.4f})")
+    for i in range(min(5, len(hyps))):
+        lines.append(f"  {hyps[i]!r}   (references: {' | '.join(refs[i])})")
+    return figures, lines
+
+
+def _grounding(ds, first):
+    """Per evaluated image: ([(reference words, [(word index, instance id)])], {instance id:
+    bbox}), or None when the data has no grounding."""
+    from ..datasets import captions as cap
+    from ..datasets import cocofile
+    path = ds.meta["test"]["file"]
+    inst = os.path.join(os.path.dirname(path), os.path.basename(path).replace("captions", "instances", 1))
+    if inst == path or not os.path.isfile(inst):
+        return None
+    c = cap.load_captions_file(path)
+    if not any("grounding" in a for a in c.dataset["annotations"]):
+        return None
+    boxes = {a["id"]: a["bbox"] for a in cocofile.read_json(inst, "COCO instances file").get("annotations", [])
+             if isinstance(a, dict) and "id" in a and isinstance(a.get("bbox"), list) and len(a["bbox"]) == 4}
+    out = []
+    for image_id in ds.meta["test"]["image_ids"][first].tolist():
+        cands = [(cap.tokenize(a["caption"]), [(int(i), int(j)) for i, j in a.get("grounding", []) if j in boxes])
+                 for a in c.imgToAnns[image_id]]
+        out.append((cands, boxes))
+    return out
 
 
 def attention_png(path: str, image: np.ndarray, words: list[str], maps: np.ndarray) -> None:

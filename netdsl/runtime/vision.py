@@ -67,8 +67,17 @@ def evaluate_run(t, run_dir: str) -> tuple[dict, str]:
     from ..datasets import results as coco_results
     from ..datasets.evaluate import box_iou, confusion, evaluate, segmentation_scores
     from .checkpoint import atomic_write
+    from ..datasets.captions import CaptionsDataset
     ds = t.data
-    if not isinstance(ds, CocoDataset):     # the training-time figures: loss and task metrics
+    if isinstance(ds, CaptionsDataset):
+        from .caption import evaluate_captions, is_captioner
+        figures = t.evaluate()
+        report = ["  ".join(f"{k} {v:.4f}" for k, v in figures.items())]
+        if is_captioner(t.g):
+            more, lines = evaluate_captions(t)
+            figures.update(more)
+            report += lines
+    elif not isinstance(ds, CocoDataset):     # the training-time figures: loss and task metrics
         figures = t.evaluate()
         report = ["  ".join(f"{k} {v:.4f}" for k, v in figures.items())]
     else:
