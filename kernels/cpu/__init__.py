@@ -131,6 +131,9 @@ _load_cython_blas()
 from .conv import conv2d, conv2d_backward, conv_transpose2d, conv_transpose2d_backward  # noqa: E402
 from .dense import linear, linear_backward  # noqa: E402
 from .patches import extract_patches, extract_patches_backward  # noqa: E402
+from .boxes import (  # noqa: E402
+    anchors, default_boxes, box_encode, box_decode, box_iou, nms, batched_nms, detect_nms, proposals, to_rois,
+)
 from .roi import (  # noqa: E402
     roi_pool, roi_pool_backward, roi_align, roi_align_backward, crop_resize, crop_resize_backward,
     l2norm, l2norm_backward, select_class, select_class_backward,

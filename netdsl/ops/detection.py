@@ -9,6 +9,13 @@ Conventions (those of torchvision, so shapes and semantics can be checked agains
 - `matched` (i64 [R]) is, for each RoI, the index of its ground-truth object in its image,
   or -1 for background RoIs.
 
+Padding (docs/language.md, "Detection"). Proposals, detections and RoIs have a fixed size
+so the static planner applies; the rows past an image's real ones are padding, marked so
+that they can never be taken for boxes: a padding RoI has image index -1 (and a zero box),
+a padding detection label -1 (score 0, zero box), like padded ground truth. An *empty* box
+(x2 <= x1 or y2 <= y1; the zero padding box among them) is never a box: it encodes to zero
+deltas, has IoU 0, never enters NMS, and to_rois makes it a padding RoI.
+
 Differentiability. Anything that chooses or builds boxes (anchors, encoding, decoding,
 IoU, NMS, proposals, target assignment, sampling) is non-differentiable: Faster R-CNN's
 "approximate joint training" treats proposals as constants, so `box_decode` has no
@@ -26,6 +33,8 @@ from .registry import Attr, Ctx, conv_out, defop, is_float, nonneg, positive
 # them compile and render, and `netdsl run` stops at the first with this reason.
 PENDING = "detection operators have no kernels in this version"
 DET = dict(kind="detection", differentiable=False, pending=PENDING)
+# Anchors, box coding, IoU, proposals and NMS run (kernels/*/boxes.py).
+BOXES = dict(kind="detection", differentiable=False)
 
 
 def _fraction(v):
@@ -112,10 +121,11 @@ def _matched(ctx: Ctx, i: int, R):
 @defop("anchors", ["feature_map"],
        (Attr("sizes", "floats", (128.0, 256.0, 512.0), check=_pos_floats, doc="box sides in pixels"),
         Attr("ratios", "floats", (0.5, 1.0, 2.0), check=_pos_floats, doc="height / width"),
-        Attr("stride", "int", 16, check=positive, doc="pixels per feature-map cell")), **DET)
+        Attr("stride", "int", 16, check=positive, doc="pixels per feature-map cell")), **BOXES)
 def anchors(ctx: Ctx):
-    """Faster R-CNN's anchors: len(sizes) * len(ratios) boxes centred on every cell of the
-    feature map, ordered (y, x, anchor) with the anchor fastest: [H*W*A, 4]."""
+    """Faster R-CNN's anchors: len(sizes) * len(ratios) boxes centred on every cell's corner
+    (x, y) * stride, ordered (y, x, anchor) with the anchor fastest, anchor = ratio *
+    len(sizes) + size, sides rounded: [H*W*A, 4] (torchvision's AnchorGenerator)."""
     N, C, H, W = _features(ctx)
     return [((H * W * len(ctx.sizes) * len(ctx.ratios), 4), "f32")]
 
@@ -126,15 +136,29 @@ def _ssd_ratios(v):
     return None if ok else "must be a list with one list of aspect ratios per feature map"
 
 
+def _floats_or_none(v):
+    return None if all(x > 0 for x in v) else "must be positive numbers (or [] for the default)"
+
+
 @defop("default_boxes", ["*feature_maps"],
        (Attr("ratios", "any", check=_ssd_ratios, doc="extra aspect ratios per map, e.g. [[2], [2, 3]]"),
-        Attr("smin", "float", 0.2, check=_unit), Attr("smax", "float", 0.9, check=_unit)), **DET)
+        Attr("smin", "float", 0.2, check=_unit), Attr("smax", "float", 0.9, check=_unit),
+        Attr("image", "pair", 0, check=nonneg, doc="(H, W): boxes in its pixels; 0 = fractions of the image"),
+        Attr("scales", "floats", (), check=_floats_or_none, doc="s_1..s_m+1 instead of smin, smax"),
+        Attr("steps", "floats", (), check=_floats_or_none, doc="pixels per cell of each map (needs image)")),
+       **BOXES)
 def default_boxes(ctx: Ctx):
     """SSD's default boxes over several feature maps. A map with extra ratios r gets
     2 + 2*len(r) boxes per cell (scale s_k and sqrt(s_k s_k+1) at ratio 1, then r and 1/r),
-    as in the SSD paper and torchvision's DefaultBoxGenerator: [sum H*W*boxes, 4]."""
-    if len(ctx.ratios) != len(ctx.inputs):
-        ctx.fail(f"{len(ctx.inputs)} feature maps but {len(ctx.ratios)} lists of ratios")
+    centred on the cells, as in the SSD paper and torchvision's DefaultBoxGenerator:
+    [sum H*W*boxes, 4], ordered (map, y, x, box), in image pixels (or fractions of it)."""
+    m = len(ctx.inputs)
+    if len(ctx.ratios) != m:
+        ctx.fail(f"{m} feature maps but {len(ctx.ratios)} lists of ratios")
+    if ctx.scales and len(ctx.scales) != m + 1:
+        ctx.fail(f"scales must hold {m + 1} numbers for {m} maps (s_1..s_m and s_m+1), got {len(ctx.scales)}")
+    if ctx.steps and (len(ctx.steps) != m or 0 in ctx.image):
+        ctx.fail(f"steps must hold one number per map ({m}) and need image=[H, W]")
     total = 0
     for i, r in enumerate(ctx.ratios):
         N, C, H, W = _features(ctx, i)
@@ -163,24 +187,26 @@ def _coder(ctx: Ctx, what: str):
     return [(x.shape, x.dtype)]
 
 
-@defop("box_encode", ["boxes", "anchors"], (BOX_WEIGHTS,), **DET)
+@defop("box_encode", ["boxes", "anchors"], (BOX_WEIGHTS,), **BOXES)
 def box_encode(ctx: Ctx):
     """Regression targets (dx, dy, dw, dh) of boxes relative to their anchors (or RoIs,
-    whose batch column is skipped). Builds targets, so it has no gradient."""
+    whose batch column is skipped), torchvision's BoxCoder.encode; an empty box or anchor
+    (padding) gets zeros. Builds targets, so it has no gradient."""
     return _coder(ctx, "boxes")
 
 
-@defop("box_decode", ["deltas", "anchors"], (BOX_WEIGHTS,), **DET)
+@defop("box_decode", ["deltas", "anchors"], (BOX_WEIGHTS,), **BOXES)
 def box_decode(ctx: Ctx):
-    """Boxes from predicted deltas and anchors. Used for proposals and final detections,
-    which are treated as constants (approximate joint training), hence non-differentiable."""
+    """Boxes from predicted deltas and anchors (BoxCoder.decode: dw, dh clamped at
+    log(1000/16) before exp). Used for proposals and final detections, which are treated as
+    constants (approximate joint training), hence non-differentiable."""
     return _coder(ctx, "deltas")
 
 
-@defop("iou", ["a", "b"], **DET)
+@defop("iou", ["a", "b"], **BOXES)
 def iou(ctx: Ctx):
     """Intersection over union of every pair: [A, 4] x [B, 4] -> [A, B]; with b per image
-    [N, B, 4] -> [N, A, B]."""
+    [N, B, 4] -> [N, A, B]. 0 where the union is empty (two empty boxes)."""
     A = _boxes(ctx, 0, "a", batched=False)[0]
     bs = _boxes(ctx, 1, "b")
     return [((*bs[:-2], A, bs[-2]), "f32")]
@@ -201,11 +227,13 @@ def _scores(ctx: Ctx, i: int, N, K, what="scores"):
        (Attr("pre_nms", "int", 6000, check=positive, doc="best-scoring anchors kept before NMS"),
         Attr("post_nms", "int", 300, check=positive, doc="proposals kept per image"),
         Attr("iou", "float", 0.7, check=_unit), Attr("min_size", "float", 0.0),
-        Attr("image", "pair", 0, check=nonneg, doc="(H, W) to clip to; 0 = no clipping")), **DET)
+        Attr("image", "pair", 0, check=nonneg, doc="(H, W) to clip to; 0 = no clipping")), **BOXES)
 def proposals(ctx: Ctx):
-    """The RPN's proposal layer: decode deltas at every anchor, clip, drop tiny boxes, keep
-    the pre_nms best, NMS, keep post_nms per image (zero-padded when fewer survive):
-    rois [N*post_nms, 5]."""
+    """The RPN's proposal layer (py-faster-rcnn's order): decode deltas at every anchor,
+    clip, drop empty boxes and those with a side under min_size, keep the pre_nms best by
+    objectness (the logit, or object minus background), NMS, keep post_nms per image:
+    rois [N*post_nms, 5], image n's in rows n*post_nms.., best first; when fewer survive
+    the rest are padding (image index -1, zero box)."""
     N, K, _ = _boxes(ctx, 1, "deltas", batched=True)
     Ka = _reference(ctx, 2)
     if Ka != K:
@@ -221,11 +249,14 @@ def proposals(ctx: Ctx):
        (Attr("iou", "float", 0.5, check=_unit), Attr("max_out", "int", 100, check=positive),
         Attr("score_thresh", "float", 0.01, check=_fraction),
         Attr("background", "int", -1, doc="class index never reported (0 for SSD); -1: none")),
-       outputs=("boxes", "scores", "labels"), **DET)
+       outputs=("boxes", "scores", "labels"), **BOXES)
 def nms(ctx: Ctx):
     """Greedy non-maximum suppression per image, and per class when scores are [N, K, C]
-    (boxes shared [N, K, 4] or class-specific [N, K, C, 4]); the max_out best detections,
-    zero-padded: boxes [N, M, 4], scores [N, M], labels [N, M]."""
+    (boxes shared [N, K, 4] or class-specific [N, K, C, 4]): the candidates scoring above
+    score_thresh (background and empty boxes never), suppressed within their class at
+    IoU > iou, the max_out best by score: boxes [N, M, 4], scores [N, M], labels [N, M]
+    (the class; 0 for [N, K] scores). Rows past an image's detections are padding: label -1,
+    score 0, zero box."""
     b, s = ctx.inputs
     if b.rank not in (3, 4) or b.shape[-1] != 4:
         ctx.fail(f"boxes must be [N, K, 4] or [N, K, classes, 4], got {fmt_shape(b.shape)}", 0)
@@ -236,14 +267,19 @@ def nms(ctx: Ctx):
             or (want is not None and tuple(s.shape) != want)):
         ctx.fail(f"scores must be [N, K] or [N, K, classes] to match boxes {fmt_shape(b.shape)}, "
                  f"got {fmt_shape(s.shape)}", 0, 1)
+    C = s.shape[2] if s.rank == 3 else 1
+    if isinstance(C, int) and ctx.background >= 0 and (ctx.background >= C or C == 1):
+        ctx.fail(f"background={ctx.background} leaves no class of the scores {fmt_shape(s.shape)} "
+                 f"to report", 1, hint="background=-1 reports every class")
     N = b.shape[0]
     M = ctx.max_out
     return [((N, M, 4), "f32"), ((N, M), "f32"), ((N, M), "i64")]
 
 
-@defop("to_rois", ["boxes"], **DET)
+@defop("to_rois", ["boxes"], **BOXES)
 def to_rois(ctx: Ctx):
-    """Boxes per image [N, K, 4] -> RoIs [N*K, 5], each prefixed with its image index."""
+    """Boxes per image [N, K, 4] -> RoIs [N*K, 5], each prefixed with its image index; an
+    empty box (a padding detection's) becomes a padding RoI (index -1, zero box)."""
     N, K, _ = _boxes(ctx, 0, "boxes", batched=True)
     return [((N * K, 5), "f32")]
 

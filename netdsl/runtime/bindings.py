@@ -473,6 +473,54 @@ def register(table: dict, K, target: str) -> None:
 
     recurrent(kernel, K)
     detection(kernel, K)
+    boxes(kernel, K)
+
+
+# ---- anchors, box coding, IoU, NMS and proposals (kernels/*/boxes.py): no gradients
+
+def boxes(kernel, K) -> None:
+    """Bind the box operators of ops/detection.py with `kernel` to K. Their fixed-size
+    outputs carry the padding contract of docs/language.md ("Detection")."""
+
+    def float_out(n, st):
+        return array_dtype(n.outputs[0].dtype, st.dtype)
+
+    @kernel("anchors", writes="new")
+    def anchors(n, x, st):
+        a = n.attrs
+        return [K.anchors(tuple(x[0].shape)[2:], a["sizes"], a["ratios"], a["stride"], float_out(n, st))]
+
+    @kernel("default_boxes", writes="new")
+    def default_boxes(n, x, st):
+        a = n.attrs
+        return [K.default_boxes([tuple(v.shape)[2:] for v in x], a["ratios"], a["smin"], a["smax"], a["image"],
+                                a["scales"], a["steps"], float_out(n, st))]
+
+    @kernel("box_encode", writes="new")
+    def box_encode(n, x, st):
+        return [K.box_encode(x[0], x[1], n.attrs["weights"])]
+
+    @kernel("box_decode", writes="new")
+    def box_decode(n, x, st):
+        return [K.box_decode(x[0], x[1], n.attrs["weights"])]
+
+    @kernel("iou", writes="new")
+    def iou(n, x, st):
+        return [K.box_iou(x[0], x[1])]
+
+    @kernel("proposals", writes="new")
+    def proposals(n, x, st):
+        a = n.attrs
+        return [K.proposals(x[0], x[1], x[2], a["pre_nms"], a["post_nms"], a["iou"], a["min_size"], a["image"])]
+
+    @kernel("nms", writes="new")
+    def nms(n, x, st):
+        a = n.attrs
+        return list(K.detect_nms(x[0], x[1], a["iou"], a["max_out"], a["score_thresh"], a["background"]))
+
+    @kernel("to_rois", writes="new")
+    def to_rois(n, x, st):
+        return [K.to_rois(x[0])]
 
 
 # ---- recurrent cells, attention over locations, discrete choices (kernels/*/recurrent.py)
