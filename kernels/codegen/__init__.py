@@ -52,6 +52,7 @@ class Kernel:
         self.source = self.backend.render(self.low, self.dtype)
         self.module = _module(target, self.source)
         self.scalars = [self.dtype.type(v) for _, _, v in self.low.scalars]
+        self._geo: dict = {}        # (input shapes, axis, shape) -> _geometry and _ints of them
 
     @property
     def dispatchers(self):
@@ -106,8 +107,15 @@ class Kernel:
         if len(arrays) != len(self.fused.inputs):
             raise TypeError(f"kernel takes {len(self.fused.inputs)} arrays, got {len(arrays)}")
         arrays = [be.asarray(a, dt) for a in arrays]
-        shape, n, C, Q = self._geometry(arrays, axis, shape)
-        ints = self._ints(arrays, shape) if self.low.ints else []
+        key = (tuple(a.shape for a in arrays), axis, shape)
+        geo = self._geo.get(key)
+        if geo is None:     # a recurrence calls a kernel T times with the same shapes: check them once
+            shape, n, C, Q = self._geometry(arrays, axis, shape)
+            geo = (shape, n, C, Q, self._ints(arrays, shape) if self.low.ints else [])
+            if len(self._geo) > 64:
+                self._geo.clear()
+            self._geo[key] = geo
+        shape, n, C, Q, ints = geo
         ins = [be.flat(a) for a in arrays]
         out = out or {}
         full = {j: be.flat(out[j]) if j in out else be.empty(n, dt)
