@@ -213,6 +213,38 @@ def cmd_data_shapes_captions(args):
     return 0
 
 
+def cmd_data_proposals(args):
+    import time
+    from .datasets import proposal_cache as pc
+    from .runtime.progress import ProgressBar
+    k = None
+    if args.k is not None:
+        try:
+            k = tuple(float(v) for v in args.k.split(",") if v.strip())
+        except ValueError:
+            raise NetdslError(f"--k must be numbers separated by commas, got '{args.k}'", hint="e.g. --k 50,100") \
+                from None
+    params = pc.request(k=k, strategies=args.strategies, max_boxes=args.max_boxes, seed=args.seed)
+    splits = pc.splits_of(args.dir, args.split, args.ann)        # every file checked before the bar starts
+    bar = None if args.no_progress else ProgressBar(sum(len(s.images) for s in splits), "proposals")
+    made = []
+    try:
+        for s in splits:
+            t0 = time.perf_counter()
+            made.append((s, pc.make_proposals(s, params, progress=bar.update if bar else None),
+                         time.perf_counter() - t0))
+    finally:
+        if bar:
+            bar.close()
+    for s, p, seconds in made:
+        n = len(s.images)
+        r, g = pc.recall(p, s)
+        print(f"wrote {p.path}: {n} images, {len(p.boxes) / max(n, 1):.0f} boxes per image on average (at most "
+              f"{params['max_boxes']}), {seconds / max(n, 1):.2f} s per image"
+              + (f"; recall {r:.3f} of {g} ground-truth boxes at IoU 0.5" if g else ""))
+    return 0
+
+
 def cmd_sample(args):
     from .lang.elaborate import elaborate
     from .runtime.checkpoint import load_checkpoint, load_weights
@@ -408,6 +440,21 @@ def build_parser():
     dc.add_argument("--val-fraction", type=float, default=0.2, help="share of images in val (default 0.2)")
     dc.add_argument("--no-progress", action="store_true", help="no progress bar")
     dc.set_defaults(fn=cmd_data_shapes_captions)
+
+    dp = dsub.add_parser("proposals", help="selective search region proposals for R-CNN, cached in "
+                                           "DIR/proposals/selective_search_SPLIT.npz")
+    dp.add_argument("dir", help="a COCO-format data set (annotations/ANN_SPLIT.json and its images)")
+    dp.add_argument("--split", action="append", help="a split to run (repeatable; default: train and val, "
+                                                     "those that have annotation files)")
+    dp.add_argument("--ann", default="instances", help="annotation file stem (default instances)")
+    dp.add_argument("--max-boxes", type=int, default=2000, help="best boxes kept per image (default 2000)")
+    dp.add_argument("--strategies", default="fast",
+                    help="fast (default), quality, single, or SPACE:TERMS,... such as hsv:ctsf,lab:tsf "
+                         "(see docs/proposals.md)")
+    dp.add_argument("--k", help="Felzenszwalb scales, e.g. 50,100 (default: the strategies' own)")
+    dp.add_argument("--seed", type=int, default=0, help="seed of the ranking's random factor (default 0)")
+    dp.add_argument("--no-progress", action="store_true", help="no progress bar")
+    dp.set_defaults(fn=cmd_data_proposals)
 
     ev = sub.add_parser("eval", help="evaluate a run's checkpoint on its data's test split (COCO: COCOeval, mIoU, "
                                      "PCK; predictions as a COCO results file)")
