@@ -111,6 +111,7 @@ def cmd_run(args):
     from .kernels import native
     from .lang.training import TrainCall
     from .runtime.train import Trainer
+    from .runtime.detection import check_threshold
     from .runtime.vision import is_image_path, predict_images
     if args.device == "cuda":
         from .runtime.cuda import require_gpu
@@ -120,6 +121,11 @@ def cmd_run(args):
             raise NetdslError(f"--threads must be between 1 and {native.max_threads()}")
         native.set_num_threads(args.threads)
     g = load_graph(args)
+    if args.predict and is_image_path(args.predict):     # a detector draws what it detects at training = false
+        from .runtime.detection import inference_graph
+        sets = parse_sets(args.set)
+        g, args._sources = inference_graph(args.spec, args.network, sets, sets, g, args._sources)
+    score_threshold = check_threshold(args.score_threshold)
     cfg = dict(g.train)
     for flag, key in (("epochs", "epochs"), ("batch", "batch"), ("seed", "seed")):
         v = getattr(args, flag)
@@ -150,7 +156,7 @@ def cmd_run(args):
                                                        else ""))
         return 0
     if args.predict and is_image_path(args.predict):
-        written = predict_images(t, args.predict, out)
+        written = predict_images(t, args.predict, out, score_threshold)
         print(f"{len(written)} overlay(s) written to {os.path.dirname(written[0])}: "
               + ", ".join(os.path.basename(w) for w in written[:10]) + (" ..." if len(written) > 10 else ""))
         return 0
@@ -277,14 +283,19 @@ def cmd_eval(args):
     from .lang.elaborate import elaborate
     from .runtime.sample import read_run_file
     from .runtime.train import Trainer
+    from .runtime.detection import inference_graph
     from .runtime.vision import evaluate_run
     if args.threads is not None:
         if not 1 <= args.threads <= native.max_threads():
             raise NetdslError(f"--threads must be between 1 and {native.max_threads()}")
         native.set_num_threads(args.threads)
     info = read_run_file(args.run)
-    g, loader = elaborate(info["spec"], info["network"], {**info["set"], **parse_sets(args.set)})
+    sets = {**info["set"], **parse_sets(args.set)}
+    g, loader = elaborate(info["spec"], info["network"], sets)
     args._sources = loader.sources
+    # a detector trained at training = true detects at training = false (same parameters)
+    g, sources = inference_graph(info["spec"], info["network"], sets, parse_sets(args.set), g, loader.sources)
+    args._sources = sources
     cfg = dict(g.train)
     if args.batch is not None:
         if args.batch < 1:
@@ -296,7 +307,7 @@ def cmd_eval(args):
     path = args.weights or os.path.join(args.run, "checkpoint.npz")
     if not os.path.exists(path):
         raise NetdslError(f"no checkpoint at '{path}'", hint="train first, or give --weights FILE")
-    t = Trainer(g, cfg, args.run, "".join(loader.sources.values()), training=False)
+    t = Trainer(g, cfg, args.run, "".join(sources.values()), training=False)
     t.resume(path)
     _, report = evaluate_run(t, args.run)
     print(report)
@@ -415,6 +426,8 @@ def build_parser():
     t.add_argument("--predict", metavar="FILE",
                    help="run the outputs on a .npy (one input) or .npz (an array per input, named after it); "
                         "on an image or a directory of images, draw the predictions over them (overlay PNGs)")
+    t.add_argument("--score-threshold", type=float, default=0.5, metavar="P",
+                   help="with --predict on images, a detector draws the detections scoring at least P (default 0.5)")
     t.add_argument("--grad-flow", action="store_true",
                    help="record the norm of dL/dh_t for every recurrent state and time step; "
                         "writes grad_flow.json and grad_flow.png")

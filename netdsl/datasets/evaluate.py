@@ -113,6 +113,17 @@ def evaluate(gt_json: str, results_json: str, kind: str, *, alpha: float = 0.2, 
     return _cocoeval(gt, results, kind, gt_json, alpha, norm, sigmas)
 
 
+def evaluate_nothing(gt_json: str, kind: str) -> tuple[dict, str]:
+    """(figures, table) of COCOeval for a model that predicted nothing (bbox, segm or
+    keypoints): a COCO results file cannot be empty (loadRes refuses one), so the
+    evaluator is given an empty detection set; every object is missed (AP and AR 0,
+    -1 where the truth has no such objects)."""
+    if kind not in STATS:
+        raise NetdslError(f"evaluation kind must be one of {', '.join(STATS)}, got '{kind}'")
+    gt = cocofile.load(gt_json)
+    return _cocoeval(gt, [], kind, gt_json, 0.2, "bbox", None)
+
+
 def check_results(results, gt, kind: str, path: str) -> None:
     """What COCO.loadRes and COCOeval assume of a results list, checked against gt."""
     def bad(i, msg):
@@ -163,7 +174,7 @@ def _cocoeval(gt, results, kind, gt_json, alpha, norm, sigmas):
             raise NetdslError(f"{gt_json}: annotation {missing[0]} has keypoints but no 'num_keypoints', "
                               f"which COCOeval reads")
     with contextlib.redirect_stdout(io.StringIO()):      # loadRes and evaluate print progress
-        dt = gt.loadRes(results)
+        dt = gt.loadRes(results) if results else _no_detections(gt)
         E = COCOeval(gt, dt, kind)
         if params is not None:
             E.params.kpt_oks_sigmas = params
@@ -181,6 +192,16 @@ def _cocoeval(gt, results, kind, gt_json, alpha, norm, sigmas):
             figures[f"PCK@{alpha:g}"] = p
             text += f" PCK@{alpha:g} ({norm} size) = {p:.3f}\n"
     return figures, text
+
+
+def _no_detections(gt):
+    """An empty detection set over gt's images, as loadRes would make from no results."""
+    from pycocotools.coco import COCO
+    dt = COCO()
+    dt.dataset = {"images": list(gt.dataset["images"]), "categories": list(gt.dataset.get("categories", [])),
+                  "annotations": []}
+    dt.createIndex()
+    return dt
 
 
 def _keypoint_category(gt, gt_json):

@@ -29,26 +29,95 @@ def _count(ds, split, a, what):
         raise NetdslError(f"{what}: {len(a)} predictions for the {n} images of the {split} split")
 
 
+def to_original(ds, split: str, boxes) -> np.ndarray:
+    """Boxes x1, y1, x2, y2 in the resized images' pixels, [N, G, 4] or one per image
+    [N, 4], as float64 in each original image's pixels (the inverse of the reader's scaling)."""
+    b = np.asarray(boxes, np.float64)
+    _count(ds, split, b, "box results")
+    s = np.tile(_scales(ds, split), 2)                    # x, y, x, y factors per image
+    return b * (s[:, None] if b.ndim == 3 else s)
+
+
 def box_results(ds, split: str, boxes, labels, scores) -> list[dict]:
     """Detections [N, G, 4] (x1, y1, x2, y2), labels [N, G] (class 1..K; below 1 is no
-    object) and scores [N, G]; or one per image: [N, 4], labels [N] 0-based as the
-    single-object `label`, scores [N]."""
-    boxes, labels, scores = np.asarray(boxes, np.float64), np.asarray(labels), np.asarray(scores, np.float64)
-    _count(ds, split, boxes, "box results")
+    object: a padding row, label -1, is never written) and scores [N, G]; or one per
+    image: [N, 4], labels [N] 0-based as the single-object `label`, scores [N]."""
+    boxes, labels, scores = to_original(ds, split, boxes), np.asarray(labels), np.asarray(scores, np.float64)
     if boxes.ndim == 2:                                   # single-object: one box per image
         boxes, labels, scores = boxes[:, None], labels[:, None] + 1, scores[:, None]
-    s = _scales(ds, split)
     out = []
     for k, image_id in enumerate(ds.meta[split]["image_ids"].tolist()):
-        for b, c, p in zip(boxes[k], labels[k].tolist(), scores[k].tolist()):
+        for (x1, y1, x2, y2), c, p in zip(boxes[k].tolist(), labels[k].tolist(), scores[k].tolist()):
             if c < 1:
                 continue
-            x1, x2 = b[[0, 2]] * s[k, 0]
-            y1, y2 = b[[1, 3]] * s[k, 1]
             out.append({"image_id": image_id, "category_id": ds.category_ids[c - 1],
-                        "bbox": [round(float(x1), 2), round(float(y1), 2), round(float(x2 - x1), 2),
-                                 round(float(y2 - y1), 2)], "score": round(float(p), 5)})
+                        "bbox": [round(x1, 2), round(y1, 2), round(x2 - x1, 2), round(y2 - y1, 2)],
+                        "score": round(p, 5)})
     return out
+
+
+def instance_mask_results(ds, split: str, boxes, labels, scores, masks, threshold: float = 0.5) -> list[dict]:
+    """Mask R-CNN's detections as COCO `segm` results: each detection's mask [M, M]
+    (probabilities, masks [N, G, M, M]) pasted into its box in the original image
+    (paste_masks), cut at `threshold` and stored as compressed RLE; boxes, labels and
+    scores as box_results takes them (padding rows, label below 1, never written)."""
+    from pycocotools import mask as cmask
+    boxes, labels = to_original(ds, split, boxes), np.asarray(labels)
+    scores, masks = np.asarray(scores, np.float64), np.asarray(masks, np.float32)
+    out = []
+    for k, image_id in enumerate(ds.meta[split]["image_ids"].tolist()):
+        H, W = ds.meta[split]["sizes"][k].tolist()
+        real = np.flatnonzero(labels[k] >= 1)
+        pasted = paste_masks(masks[k][real], boxes[k][real], H, W)
+        for i, m in zip(real.tolist(), pasted):
+            rle = cmask.encode(np.asfortranarray(m > threshold, dtype=np.uint8))
+            out.append({"image_id": image_id, "category_id": ds.category_ids[int(labels[k, i]) - 1],
+                        "segmentation": {"size": [H, W], "counts": rle["counts"].decode("ascii")},
+                        "score": round(float(scores[k, i]), 5)})
+    return out
+
+
+def paste_masks(masks, boxes, H: int, W: int, padding: int = 1) -> np.ndarray:
+    """torchvision's paste_masks_in_image: each [M, M] mask (float32) padded by `padding`
+    zeros, its box grown by the same factor (M + 2 padding) / M about its centre and
+    truncated to integers, the mask resized bilinearly (F.interpolate, align_corners=False)
+    to the box's (x2 - x1 + 1) x (y2 - y1 + 1) pixels and written into a zero H x W image
+    where the box lies in it: float32 [D, H, W]."""
+    masks = np.asarray(masks, np.float32)
+    boxes = np.asarray(boxes, np.float32)
+    out = np.zeros((len(masks), H, W), np.float32)
+    if not len(masks):
+        return out
+    M = masks.shape[-1]
+    scale = np.float32((M + 2 * padding) / M)
+    padded = np.pad(masks, ((0, 0), (padding, padding), (padding, padding)))
+    half = (boxes[:, 2:] - boxes[:, :2]) * np.float32(0.5) * scale        # (w, h) halves, float32 as torch
+    centre = (boxes[:, 2:] + boxes[:, :2]) * np.float32(0.5)
+    grown = np.concatenate([centre - half, centre + half], 1).astype(np.int64)   # .to(int64): toward zero
+    for d, (x1, y1, x2, y2) in enumerate(grown.tolist()):
+        w, h = max(x2 - x1 + 1, 1), max(y2 - y1 + 1, 1)
+        m = _bilinear(padded[d], h, w)
+        xa, xb, ya, yb = max(x1, 0), min(x2 + 1, W), max(y1, 0), min(y2 + 1, H)
+        if xb > xa and yb > ya:
+            out[d, ya:yb, xa:xb] = m[ya - y1:yb - y1, xa - x1:xb - x1]
+    return out
+
+
+def _bilinear(a: np.ndarray, h: int, w: int) -> np.ndarray:
+    """PyTorch's bilinear resize of a float32 [h0, w0] map to [h, w] (align_corners=False:
+    source = (i + 0.5) * h0 / h - 0.5, clamped at 0, the far neighbour clamped at the edge)."""
+    def taps(n_in, n_out):
+        src = np.maximum((np.arange(n_out, dtype=np.float32) + np.float32(0.5)) * (np.float32(n_in) / np.float32(n_out))
+                         - np.float32(0.5), np.float32(0))
+        i0 = src.astype(np.int64)
+        i1 = np.minimum(i0 + 1, n_in - 1)
+        f = src - i0.astype(np.float32)
+        return i0, i1, f, np.float32(1) - f
+    y0, y1, fy, gy = taps(a.shape[0], h)
+    x0, x1, fx, gx = taps(a.shape[1], w)
+    top = a[y0][:, x0] * gx + a[y0][:, x1] * fx
+    bottom = a[y1][:, x0] * gx + a[y1][:, x1] * fx
+    return top * gy[:, None] + bottom * fy[:, None]
 
 
 def keypoint_results(ds, split: str, joints, scores=None) -> list[dict]:

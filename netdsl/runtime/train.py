@@ -230,6 +230,7 @@ class Trainer:
         bar = ProgressBar(len(self.train_loader), f"epoch {self.epoch + 1}/{self.cfg['epochs']}",
                           unit="tok" if seq else "img") if progress else None
         preds = [m.pred for m in self.metrics]
+        parts = _parts(self.g.losses)       # each of several losses, shown and logged on its own
         carry = None
         for batch in self.train_loader:
             total, losses, outs, grads = self.model.train_step(self._feeds(batch), extra=preds, carry=carry,
@@ -245,18 +246,24 @@ class Trainer:
             n = len(next(iter(batch.values())))
             tot += total * n
             seen += n
+            for k in parts:
+                parts[k] += losses[k] * n
             self._measure(batch, outs, losses)
-            if bar:     # the epoch's metrics so far
-                bar.update(1, loss=total, images=next(iter(batch.values())).size if seq else n, **{k: v for m in self.metrics for k, v in m.result().items()})
+            if bar:     # this step's losses, the epoch's metrics so far
+                bar.update(1, loss=total, images=next(iter(batch.values())).size if seq else n,
+                           **{_shown(k): losses[k] for k in parts},
+                           **{k: v for m in self.metrics for k, v in m.result().items()})
         if bar:
             bar.close()
         if self.grad_flow is not None:
             self.grad_flow.end_epoch(self.epoch + 1)
-        return {"train_loss": tot / seen, **self._report("train_")}
+        return {"train_loss": tot / seen, **{f"train_{k}_loss": v / seen for k, v in parts.items()},
+                **self._report("train_")}
 
     def evaluate(self) -> dict:
         tot = seen = 0.0
         losses = [l for l in self.g.losses if l.phase == "all"]
+        parts = _parts(losses)
         carry = None
         for batch in self.test_loader:
             out = self.model.infer(self._feeds(batch), want=[*{id(m.pred): m.pred for m in self.metrics}.values(),
@@ -267,8 +274,11 @@ class Trainer:
             n = len(next(iter(batch.values())))
             tot += sum(l.weight * values[l.name] for l in losses) * n
             seen += n
+            for k in parts:
+                parts[k] += values[k] * n
             self._measure(batch, out, values)
-        return {"test_loss": tot / max(seen, 1), **self._report("test_")}
+        return {"test_loss": tot / max(seen, 1), **{f"test_{k}_loss": v / max(seen, 1) for k, v in parts.items()},
+                **self._report("test_")}
 
     def predict(self, path: str, out_dir: str) -> dict:
         """Run the outputs on the inputs in `path`: a .npy for a spec whose outputs read
@@ -326,6 +336,17 @@ class Trainer:
 
 # the fields a COCO data set's flip moves with the images (datasets/coco.py, flip_horizontal)
 MIRRORED = ("box", "boxes", "joints", "visible")
+
+
+def _parts(losses) -> dict[str, float]:
+    """Running sums of each loss (unweighted) when there are several (Faster R-CNN's
+    rpn_cls, rpn_box, cls, box); none for one loss, which the total already is."""
+    return {l.name: 0.0 for l in losses} if len(losses) > 1 else {}
+
+
+def _shown(name: str) -> str:
+    """A loss's name in the progress bar (suffixed where it is one of update's own arguments)."""
+    return f"{name}_loss" if name in ("steps", "loss", "images") else name
 
 
 def _metric_names(cfg: dict):

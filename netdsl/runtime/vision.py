@@ -10,12 +10,13 @@ Evaluation runs the checkpoint over the data's test split (the COCO `val` file),
 the predictions as a COCO results file (results.json, in the original images' pixels)
 and scores that file with datasets/evaluate.py: mIoU and pixel accuracy for
 segmentation, COCOeval's bbox table for boxes (with class accuracy and mean box IoU),
-COCOeval's keypoints table (OKS) and PCK for joints. The figures go to eval.json.
+COCOeval's keypoints table (OKS) and PCK for joints; a detector's (the three outputs of
+an nms, and Mask R-CNN's masks) is scored by detection.py. The figures go to eval.json.
 
 Prediction reads PNG/JPEG images, resizes them to the spec's input as the COCO reader
 does, normalises them with the training data's statistics, and draws the predictions
 over each original image with datasets/preview.py: coloured masks with a legend, the
-box and class name, the skeleton.
+box and class name, the skeleton; a detector's boxes with class and score (detection.py).
 """
 from __future__ import annotations
 
@@ -26,6 +27,7 @@ import os
 import numpy as np
 
 from ..errors import NetdslError
+from .detection import SCORE_THRESHOLD, detection_outputs, draw_detections
 
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
 MIN_WIDTH = 320     # overlays of small images are enlarged by a whole factor to at least this width
@@ -67,6 +69,7 @@ def evaluate_run(t, run_dir: str) -> tuple[dict, str]:
     from ..datasets import results as coco_results
     from ..datasets.evaluate import box_iou, confusion, evaluate, segmentation_scores
     from .checkpoint import atomic_write
+    from .detection import evaluate_detections
     from ..datasets.captions import CaptionsDataset
     ds = t.data
     if isinstance(ds, CaptionsDataset):
@@ -80,13 +83,17 @@ def evaluate_run(t, run_dir: str) -> tuple[dict, str]:
     elif not isinstance(ds, CocoDataset):     # the training-time figures: loss and task metrics
         figures = t.evaluate()
         report = ["  ".join(f"{k} {v:.4f}" for k, v in figures.items())]
+    elif detection_outputs(t.g) and ds.task in ("detect", "segment"):     # a segmentation set has boxes too
+        figures, report = evaluate_detections(t, run_dir, _predict_split)
     else:
         figures, report = {}, []
         h = heads(t.g)
         want = {"segment": ("segment",), "localize": ("classify", "box"), "pose": ("joints",)}.get(ds.task)
         if want is None:
-            raise NetdslError(f"netdsl eval: the data is COCO task '{ds.task}', which has no evaluation here "
-                              f"(segment, localize and pose have)", t.g.train_pos.get("data"))
+            raise NetdslError(f"netdsl eval: the data is COCO task '{ds.task}', and network '{t.g.name}' outputs no "
+                              f"detections (the boxes, scores and labels of an nms) to score on it", t.g.pos,
+                              hint="a detector spec with a `training` parameter detects at training = false, "
+                                   "which netdsl eval chooses")
         missing = [w for w in want if w not in h]
         if missing:
             raise NetdslError(f"netdsl eval: network '{t.g.name}' has no {' or '.join(missing)} output for the "
@@ -146,20 +153,23 @@ def _softmax(x: np.ndarray) -> np.ndarray:
 
 # ---------------------------------------------------------------- prediction on images
 
-def predict_images(t, path: str, out_dir: str) -> list[str]:
+def predict_images(t, path: str, out_dir: str, score_threshold: float = SCORE_THRESHOLD) -> list[str]:
     """Overlay PNGs of the predictions on the image `path` or every image in the
     directory `path`, written to out_dir/predict/; returns their paths. Also writes
-    out_dir/predict/predictions.json (class, score, box and joints in each image's pixels)."""
+    out_dir/predict/predictions.json (class, score, box and joints in each image's pixels;
+    a detector's detections scoring at least score_threshold)."""
     from .checkpoint import atomic_write
     files = _image_files(path)
-    name, v = _image_input(t)
-    h = heads(t.g)
-    if not h:
+    det = detection_outputs(t.g)
+    h = heads(t.g) if not det else {}
+    if not h and not det:
         raise NetdslError(f"--predict {path}: network '{t.g.name}' has no output to draw (per-pixel class scores, "
-                          f"class scores with a box, or joints feeding their loss)", t.g.pos,
-                          hint="an .npy/.npz file gives the raw outputs of any spec")
+                          f"class scores with a box, joints feeding their loss, or the detections of an nms)",
+                          t.g.pos, hint="an .npy/.npz file gives the raw outputs of any spec")
+    name, v = _image_input(t, list(det.values()) or list(h.values()))
     H, W = v.shape[2], v.shape[3]
     names = _class_names(t, h)
+    want = sorted(set(det.values()) | set(h.values()))
     out_dir = os.path.join(out_dir, "predict")
     os.makedirs(out_dir, exist_ok=True)
     written, records, b = [], [], t.cfg["batch"]
@@ -178,9 +188,14 @@ def predict_images(t, path: str, out_dir: str) -> list[str]:
         if f_img in t.norm:
             mean, std = t.norm[f_img]
             x = (x - mean.reshape(1, -1, 1, 1)) / std.reshape(1, -1, 1, 1)
-        out = t.model.infer({name: x}, want=sorted(set(h.values())))
+        out = t.model.infer({name: x}, want=want)
         for k, (f, im) in enumerate(zip(chunk, originals)):
-            pic, rec = _draw(t, h, {n: np.asarray(y[k]) for n, y in out.items()}, im, (H, W), names)
+            one = {n: np.asarray(y[k]) for n, y in out.items()}
+            if det:
+                pic, rec = draw_detections(t, det, one, im, (H, W), score_threshold,
+                                           max(1, math.ceil(MIN_WIDTH / im.shape[1])), MASK_ALPHA)
+            else:
+                pic, rec = _draw(t, h, one, im, (H, W), names)
             target = os.path.join(out_dir, os.path.splitext(os.path.basename(f))[0] + ".png")
             atomic_write(target, lambda fh, pic=pic: pic.save(fh, format="PNG"))
             written.append(target)
@@ -202,11 +217,10 @@ def _image_files(path: str) -> list[str]:
     return [path]
 
 
-def _image_input(t):
+def _image_input(t, outputs: list[str]):
     """(name, value) of the one image input [N, 3, H, W] the drawn outputs read."""
     from .model import inputs_of
-    h = heads(t.g)
-    read = set().union(*(inputs_of(t.g, t.g.outputs[o]) for o in h.values())) if h else set()
+    read = set().union(*(inputs_of(t.g, t.g.outputs[o]) for o in outputs))
     ins = [n for n, v in t.g.inputs.items() if id(v) in read]
     if len(ins) != 1 or t.g.inputs[ins[0]].rank != 4 or t.g.inputs[ins[0]].shape[1] != 3 \
             or not all(isinstance(d, int) for d in t.g.inputs[ins[0]].shape[2:]):
