@@ -13,7 +13,11 @@ installed (tests then skip with that reason).
   and CUDA kernels do (the Python transcription clamps them to the edge instead; inside
   that one-pixel margin the two agree).
 - `boxes` (box_iou, box_convert, _batched_nms_vanilla...), `det_utils` (BoxCoder, Matcher,
-  BalancedPositiveNegativeSampler), `anchor_utils` (AnchorGenerator, DefaultBoxGenerator).
+  BalancedPositiveNegativeSampler), `anchor_utils` (AnchorGenerator, DefaultBoxGenerator),
+  `roi_heads` (keypoints_to_heatmap, fastrcnn_loss...), `ssd` (SSD.compute_loss: its hard
+  negative mining).
+- `project_masks_on_boxes(...)`: roi_heads' own function, its roi_align call served by the
+  pure-Python RoIAlign above (C++ bounds) instead of the missing C++ op.
 """
 from __future__ import annotations
 
@@ -43,8 +47,9 @@ def load():
     # (ops/__init__ rebinds `roi_align` to the function: take the modules from sys.modules)
     mods = {name: importlib.import_module(f"torchvision.{path}") for name, path in (
         ("roi_align_module", "ops.roi_align"), ("boxes", "ops.boxes"),
-        ("det_utils", "models.detection._utils"), ("anchor_utils", "models.detection.anchor_utils"))}
-    _NS = types.SimpleNamespace(**mods, roi_align=roi_align)
+        ("det_utils", "models.detection._utils"), ("anchor_utils", "models.detection.anchor_utils"),
+        ("roi_heads", "models.detection.roi_heads"), ("ssd", "models.detection.ssd"))}
+    _NS = types.SimpleNamespace(**mods, roi_align=roi_align, project_masks_on_boxes=project_masks_on_boxes)
     return _NS
 
 
@@ -77,3 +82,20 @@ def roi_align(input, rois, scale, out, sampling, aligned, cpp_bounds=True):
         return fn(input, rois, scale, oh, ow, sampling, aligned)
     with _cpp_bounds(m):
         return fn(input, rois, scale, oh, ow, sampling, aligned)
+
+
+def project_masks_on_boxes(gt_masks, boxes, matched_idxs, M):
+    """torchvision's roi_heads.project_masks_on_boxes: [G, H, W] masks, [R, 4] boxes, [R]
+    gt indices -> [R, M, M]. Its module-level `roi_align` (the C++ op's wrapper) is swapped
+    for the pure-Python one while it runs."""
+    m = load().roi_heads
+    original = m.roi_align
+
+    def pure(input, rois, output_size, spatial_scale=1.0, sampling_ratio=-1, aligned=False):
+        return roi_align(input, rois, spatial_scale, output_size, sampling_ratio, aligned)
+
+    m.roi_align = pure
+    try:
+        return m.project_masks_on_boxes(gt_masks, boxes, matched_idxs, M)
+    finally:
+        m.roi_align = original

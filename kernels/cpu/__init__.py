@@ -138,6 +138,10 @@ from .roi import (  # noqa: E402
     roi_pool, roi_pool_backward, roi_align, roi_align_backward, crop_resize, crop_resize_backward,
     l2norm, l2norm_backward, select_class, select_class_backward,
 )
+from .targets import (  # noqa: E402
+    assign_targets, sample_anchors, sample_rois, hard_negatives, negative_loss, keep_hardest, positive,
+    match_gather, mask_targets, keypoint_targets, yolo_targets, yolo_decode,
+)
 from .pool import (  # noqa: E402
     maxpool2d, maxpool2d_backward, max_unpool2d, max_unpool2d_backward,
     avgpool2d, avgpool2d_backward, global_avgpool2d, global_avgpool2d_backward,

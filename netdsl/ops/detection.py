@@ -28,13 +28,10 @@ from __future__ import annotations
 from ..ir.dims import fmt_shape, product
 from .registry import Attr, Ctx, conv_out, defop, is_float, nonneg, positive
 
-# The detection operators marked with it have no kernels yet (the detection issue brings
-# them; extract_patches, the RoI features, l2norm and select_class run): networks using
-# them compile and render, and `netdsl run` stops at the first with this reason.
-PENDING = "detection operators have no kernels in this version"
-DET = dict(kind="detection", differentiable=False, pending=PENDING)
 # Anchors, box coding, IoU, proposals and NMS run (kernels/*/boxes.py).
 BOXES = dict(kind="detection", differentiable=False)
+# Target assignment, sampling and the per-RoI and grid targets run (kernels/*/targets.py).
+DET = dict(kind="detection", differentiable=False)
 
 
 def _fraction(v):
@@ -385,9 +382,12 @@ def select_class(ctx: Ctx):
         Attr("binary", "bool", False, doc="label every foreground 1 (RPN objectness)")),
        outputs=("labels", "boxes"), **DET)
 def assign_targets(ctx: Ctx):
-    """Match every anchor to its best ground-truth box: IoU >= fg_iou -> that object's label
-    (1 if binary), < bg_iou -> 0 (background), in between -> -1 (ignored); each gt box's
-    best anchor is foreground too. labels [N, K] and the matched gt boxes [N, K, 4]."""
+    """Match every anchor to its best ground-truth box (torchvision's Matcher with
+    allow_low_quality_matches): IoU >= fg_iou -> that object's label (1 if binary), < bg_iou
+    -> 0 (background), in between -> -1 (ignored); an anchor that is some gt box's best
+    (IoU > 0, ties included) is foreground too; padding gt (label -1) never matches.
+    labels [N, K] and the matched gt boxes [N, K, 4] (zeros where no gt is matched).
+    RoIs [K, 5] as anchors: those of other images (or padding) are labelled -1 in image n."""
     K = _reference(ctx, 0)
     N, G = _gt(ctx, 1, 2)
     if ctx.bg_iou > ctx.fg_iou:
@@ -398,8 +398,10 @@ def assign_targets(ctx: Ctx):
 @defop("sample_anchors", ["labels"], (Attr("batch", "int", 256, check=positive),
                                        Attr("fg_fraction", "float", 0.5, check=_fraction)), **DET)
 def sample_anchors(ctx: Ctx):
-    """Keep a random `batch` anchors per image, at most fg_fraction foreground; the rest
-    become -1 (ignored by the losses). Same shape as labels."""
+    """Keep a random `batch` anchors per image, at most fg_fraction foreground (label > 0),
+    the rest background (label 0) as far as there are; the others become -1 (ignored by the
+    losses). torchvision's BalancedPositiveNegativeSampler, seeded like dropout. Same shape
+    as labels."""
     _ids(ctx, 0, "labels")
     if ctx.x().rank != 2:
         ctx.fail(f"labels must be [N, K], got {fmt_shape(ctx.x().shape)}", 0)
@@ -408,8 +410,9 @@ def sample_anchors(ctx: Ctx):
 
 @defop("hard_negatives", ["logits", "labels"], (Attr("ratio", "int", 3, check=positive),), **DET)
 def hard_negatives(ctx: Ctx):
-    """SSD's hard negative mining: keep the negatives with the highest loss, at most
-    ratio per positive; the other negatives become -1. logits [N, K, classes], labels [N, K]."""
+    """SSD's hard negative mining (torchvision's SSD loss): per image keep the negatives
+    (label 0) whose cross-entropy of class 0 is highest, ratio per positive (label > 0);
+    the other negatives become -1. logits [N, K, classes], labels [N, K] -> [N, K]."""
     lg, lb = ctx.inputs
     _ids(ctx, 1, "labels")
     if lg.rank != 3 or tuple(lb.shape) != tuple(lg.shape[:2]):
@@ -420,15 +423,23 @@ def hard_negatives(ctx: Ctx):
 @defop("sample_rois", ["rois", "gt_boxes", "gt_labels"],
        (Attr("batch", "int", 512, check=positive, doc="RoIs per image"),
         Attr("fg_fraction", "float", 0.25, check=_fraction),
-        Attr("fg_iou", "float", 0.5, check=_unit), Attr("bg_iou", "float", 0.5, check=_fraction)),
+        Attr("fg_iou", "float", 0.5, check=_unit), Attr("bg_iou", "float", 0.5, check=_fraction),
+        Attr("bg_lo", "float", 0.0, check=_fraction,
+             doc="background needs IoU >= bg_lo too (Fast R-CNN's 0.1; torchvision's 0)")),
        outputs=("rois", "labels", "boxes", "matched"), **DET)
 def sample_rois(ctx: Ctx):
-    """Fast R-CNN's minibatch: add the gt boxes to the proposals, match them (IoU >= fg_iou
-    -> that object's class, < bg_iou -> background), then sample `batch` per image with at
-    most fg_fraction foreground. rois [N*batch, 5], labels [N*batch], matched gt boxes
-    [N*batch, 4], matched gt index [N*batch] (-1 for background)."""
+    """Fast R-CNN's minibatch (torchvision's select_training_samples): add the gt boxes to
+    the image's proposals, match them (IoU >= fg_iou -> that object's class, in [bg_lo,
+    bg_iou) -> background, else ignored), then sample `batch` per image with at most
+    fg_fraction foreground, seeded like dropout. rois [N*batch, 5] (image n's in rows
+    n*batch.., in proposal order, then padding), labels [N*batch], matched gt boxes
+    [N*batch, 4] (zeros for background), matched gt index [N*batch] (-1 for background)."""
     _rois(ctx, 0)
     N, G = _gt(ctx, 1, 2)
+    if ctx.bg_lo > ctx.bg_iou:
+        ctx.fail(f"bg_lo={ctx.bg_lo} is above bg_iou={ctx.bg_iou}: no IoU would be background")
+    if ctx.bg_iou > ctx.fg_iou:
+        ctx.fail(f"bg_iou={ctx.bg_iou} is above fg_iou={ctx.fg_iou}")
     R = N * ctx.batch
     return [((R, 5), "f32"), ((R,), "i64"), ((R, 4), "f32"), ((R,), "i64")]
 
@@ -456,10 +467,13 @@ def match_gather(ctx: Ctx):
 @defop("mask_targets", ["gt_masks", "rois", "matched"], (Attr("size", "int", 28, check=positive),), **DET)
 def mask_targets(ctx: Ctx):
     """Mask R-CNN's mask targets: each RoI's matched gt mask, cropped to the RoI and
-    resized to size x size (zeros for background RoIs): gt_masks [N, G, H, W] -> [R, s, s]."""
+    resized to size x size by RoIAlign (scale 1, adaptive sampling, not aligned: torchvision's
+    project_masks_on_boxes); zeros for background and padding RoIs:
+    gt_masks [N, G, H, W] -> [R, s, s]."""
     m = ctx.inputs[0]
     if m.rank != 4:
         ctx.fail(f"gt_masks must be [N, G, H, W], got {fmt_shape(m.shape)}", 0)
+    _float(ctx, 0, "gt_masks")
     R = _rois(ctx, 1)
     _matched(ctx, 2, R)
     return [((R, ctx.size, ctx.size), "f32")]
@@ -467,12 +481,14 @@ def mask_targets(ctx: Ctx):
 
 @defop("keypoint_targets", ["gt_keypoints", "rois", "matched"], (Attr("size", "int", 56, check=positive),), **DET)
 def keypoint_targets(ctx: Ctx):
-    """Mask R-CNN's keypoint targets: each visible keypoint (x, y, visibility) of the matched
-    object, as the index y*size + x of its cell in the RoI's size x size heatmap; -1 when
-    invisible, outside the RoI or for background: gt [N, G, K, 3] -> i64 [R, K]."""
+    """Mask R-CNN's keypoint targets (torchvision's keypoints_to_heatmap): each visible
+    keypoint (x, y, visibility > 0) of the matched object, as the index y*size + x of its
+    cell in the RoI's size x size heatmap; -1 when invisible, outside the RoI or for
+    background: gt [N, G, K, 3] -> i64 [R, K], the labels of a softmax over the cells."""
     k = ctx.inputs[0]
     if k.rank != 4 or k.shape[3] != 3:
         ctx.fail(f"gt_keypoints must be [N, G, K, 3] (x, y, visibility), got {fmt_shape(k.shape)}", 0)
+    _float(ctx, 0, "gt_keypoints")
     R = _rois(ctx, 1)
     _matched(ctx, 2, R)
     return [((R, k.shape[2]), "i64")]
@@ -494,25 +510,32 @@ def _yolo_grid(ctx: Ctx):
     return p.shape[0], p.shape[1]
 
 
-@defop("yolo_targets", ["pred", "gt_boxes", "gt_labels"], YOLO_ATTRS,
-       outputs=("target", "obj", "noobj", "cell"), **DET)
+YOLO_IMAGE = Attr("image", "pair", 448, check=positive, doc="(H, W) of the input image, in whose pixels boxes are")
+
+
+@defop("yolo_targets", ["pred", "gt_boxes", "gt_labels"], YOLO_ATTRS + (YOLO_IMAGE,),
+       outputs=("target", "obj", "noobj", "cell"), ids=lambda ctx: {2: (ctx.classes + 1, -1)}, **DET)
 def yolo_targets(ctx: Ctx):
-    """YOLO v1's targets. The cell holding an object's centre is responsible for it, and
-    within it the predictor whose box has the highest IoU with it (hence `pred`). target is
-    laid out like pred: per box (x, y, sqrt w, sqrt h, conf = that IoU), then one-hot class;
-    obj [N, S, S, B] marks responsible predictors, noobj the others, cell [N, S, S] the cells
-    that hold an object. The loss terms and their lambdas are written in the spec."""
+    """YOLO v1's targets from gt boxes in image pixels with labels 1..C (0 or -1: none).
+    The cell holding an object's centre is responsible for it (the first object wins a
+    cell), and within it the predictor whose box has the highest IoU with it (hence `pred`;
+    if none overlaps, the nearest in (x, y, w, h), as darknet). target is laid out like
+    pred: per box (x, y relative to the cell, sqrt w, sqrt h relative to the image, conf =
+    that IoU), then one-hot class; zeros elsewhere. obj [N, S, S, B] marks responsible
+    predictors, noobj = 1 - obj, cell [N, S, S] the cells that hold an object. The loss
+    terms and their lambdas are written in the spec (specs/det/yolo_v1.net)."""
     N, S = _yolo_grid(ctx)
     _gt(ctx, 1, 2)
     return [(ctx.inputs[0].shape, "f32"), ((N, S, S, ctx.boxes), "f32"),
             ((N, S, S, ctx.boxes), "f32"), ((N, S, S), "f32")]
 
 
-@defop("yolo_decode", ["pred"], YOLO_ATTRS + (Attr("image", "pair", 448, check=positive),),
-       outputs=("boxes", "scores"), **DET)
+@defop("yolo_decode", ["pred"], YOLO_ATTRS + (YOLO_IMAGE,), outputs=("boxes", "scores"), **DET)
 def yolo_decode(ctx: Ctx):
-    """Boxes in image pixels and class-specific confidences (class probability x box
-    confidence) for every predictor: boxes [N, S*S*B, 4], scores [N, S*S*B, C]; then nms."""
+    """Every predictor's box in image pixels (clipped to the image) and its class-specific
+    confidences Pr(class) x confidence (each clamped at 0), in (row, column, predictor)
+    order: boxes [N, S*S*B, 4], scores [N, S*S*B, 1 + C] with column 0 (background) zero,
+    so that nms(background=0) labels classes 1..C like the gt; then nms."""
     N, S = _yolo_grid(ctx)
     K = S * S * ctx.boxes
-    return [((N, K, 4), "f32"), ((N, K, ctx.classes), "f32")]
+    return [((N, K, 4), "f32"), ((N, K, 1 + ctx.classes), "f32")]

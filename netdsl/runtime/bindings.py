@@ -473,6 +473,7 @@ def register(table: dict, K, target: str) -> None:
 
     recurrent(kernel, K)
     detection(kernel, K)
+    targets(kernel, K)
     boxes(kernel, K)
 
 
@@ -694,3 +695,65 @@ def detection(kernel, K) -> None:
     def select_class_grad(n, x, st):
         (gy,), (xin, labels), _, _ = _grads_for(n, x)
         return [located(n.fwd, K.select_class_backward, gy, labels, xin.shape[1])]
+
+
+# ---- training targets: matching, sampling, per-RoI targets, YOLO's grid (kernels/*/targets.py)
+
+def targets(kernel, K) -> None:
+    """Bind the target-assignment operators of ops/detection.py with `kernel` to K. None has
+    a gradient; the sampling ones draw from the run's seed (st.seed_for: seed, step, node),
+    as dropout does, so a run repeats exactly."""
+    from ..errors import NetdslError
+
+    def located(n, fn, *args):
+        """fn(*args), a bad image, gt index or label (the kernels' IndexError) reported at the node."""
+        try:
+            return fn(*args)
+        except IndexError as e:
+            raise NetdslError(f"{n.op} ({n.path}): {e}", n.pos) from None
+
+    @kernel("assign_targets", writes="new")
+    def assign_targets(n, x, st):
+        a = n.attrs
+        return list(K.assign_targets(x[0], x[1], x[2], a["fg_iou"], a["bg_iou"], a["binary"]))
+
+    @kernel("sample_anchors", writes="new")
+    def sample_anchors(n, x, st):
+        a = n.attrs
+        return [K.sample_anchors(x[0], a["batch"], a["fg_fraction"], st.seed_for(n))]
+
+    @kernel("sample_rois", writes="new")
+    def sample_rois(n, x, st):
+        a = n.attrs
+        return list(K.sample_rois(x[0], x[1], x[2], a["batch"], a["fg_fraction"], a["fg_iou"], a["bg_iou"],
+                                  a["bg_lo"], st.seed_for(n)))
+
+    @kernel("hard_negatives", writes="new")
+    def hard_negatives(n, x, st):
+        return [K.hard_negatives(x[0], x[1], n.attrs["ratio"])]
+
+    @kernel("positive", writes="new")
+    def positive(n, x, st):
+        return [K.positive(x[0], array_dtype(n.outputs[0].dtype, st.dtype))]
+
+    @kernel("match_gather", writes="new")
+    def match_gather(n, x, st):
+        return [located(n, K.match_gather, x[0], x[1], x[2], n.attrs["fill"])]
+
+    @kernel("mask_targets", writes="new")
+    def mask_targets(n, x, st):
+        return [located(n, K.mask_targets, x[0], x[1], x[2], n.attrs["size"])]
+
+    @kernel("keypoint_targets", writes="new")
+    def keypoint_targets(n, x, st):
+        return [located(n, K.keypoint_targets, x[0], x[1], x[2], n.attrs["size"])]
+
+    @kernel("yolo_targets", writes="new")
+    def yolo_targets(n, x, st):
+        a = n.attrs
+        return list(located(n, K.yolo_targets, x[0], x[1], x[2], a["boxes"], a["classes"], a["image"]))
+
+    @kernel("yolo_decode", writes="new")
+    def yolo_decode(n, x, st):
+        a = n.attrs
+        return list(K.yolo_decode(x[0], a["boxes"], a["classes"], a["image"]))
