@@ -9,10 +9,13 @@ outside the range its consumer accepts (a class id of a cross-entropy, an id of 
 embedding: the operator's `ids` rule) names the file, split, index and value.
 A sequence source (`by_order`: text) fills inputs it does not name in declaration
 order. `synthetic` makes random data for every input from its declared type.
+COCO detection data fills a detector's ground-truth inputs (GROUND_TRUTH), and an input
+named `proposals` is filled from the data directory's selective search cache.
 """
 from __future__ import annotations
 
 import math
+import os
 
 import numpy as np
 
@@ -24,6 +27,10 @@ from ..ops.registry import Ctx
 from .data import SPLITS, Dataset
 
 ROLES = {"image": "f", "label": "i"}    # a field of this name may fill the only input of that kind
+# the detector specs' ground-truth inputs and the COCO reader's fields that fill them
+# (coco.py: padded boxes in the resized image's pixels, labels 1..K with -1 padding)
+GROUND_TRUTH = {"gt_boxes": "boxes", "gt_labels": "labels"}
+PROPOSALS = "proposals"     # an input of this name reads `netdsl data proposals DIR`'s cache
 
 
 def describe_inputs(g: Graph) -> str:
@@ -33,7 +40,12 @@ def describe_inputs(g: Graph) -> str:
 def bind(g: Graph, ds: Dataset) -> dict[str, str]:
     """input name -> field name, for every input of g; converts the fields to the
     inputs' dtypes in place and checks shapes, dtypes and index ranges."""
+    if PROPOSALS in g.inputs and PROPOSALS not in ds.train and getattr(ds, "meta", None):
+        add_proposals(g, ds)
     pairs = {n: n for n in g.inputs if n in ds.train}
+    for name, field in GROUND_TRUTH.items():
+        if name in g.inputs and name not in pairs and field in ds.train and field not in pairs.values():
+            pairs[name] = field
     left = [n for n in g.inputs if n not in pairs]
     for field, kind in ROLES.items():
         if field in ds.train and field not in pairs.values():
@@ -62,6 +74,36 @@ def bind(g: Graph, ds: Dataset) -> dict[str, str]:
             check_shape(g, name, arrays[field], f"{ds.source}: {split} '{field}'", dims, both)
     _check_ids(g, ds, pairs)
     return pairs
+
+
+def add_proposals(g: Graph, ds: Dataset):
+    """Fill the field `proposals` of both splits of a COCO data set from its selective
+    search cache (proposal_cache.py), padded with empty boxes to the spec's P (when the
+    spec fixes it) or the largest count, and scaled with the images as coco() scales the
+    ground truth. No cache: an error with the command that makes it."""
+    from ..datasets.proposal_cache import load_proposals
+    v = g.inputs[PROPOSALS]
+    k = v.shape[1] if v.rank == 3 and isinstance(v.shape[1], int) else None
+    cached = {}
+    for split in SPLITS:
+        meta = ds.meta[split]
+        ann, _, name = os.path.basename(meta["file"]).removesuffix(".json").rpartition("_")
+        try:
+            cached[split] = load_proposals(ds.source, name, ann)
+        except NetdslError as e:
+            # the command goes in the message: a COCO binding error's hint is replaced (train._bind)
+            make = e.hint or f"run `netdsl data proposals {ds.source}` to make it"
+            raise NetdslError(f"input '{PROPOSALS}' of '{g.name}' takes the region proposals of {ds.source}: "
+                              f"{e.message}; {make}", v.pos, hint=make) from None
+    if k is None:
+        k = max(int(np.diff(p.offsets).max(initial=0)) for p in cached.values())
+    for split, p in cached.items():
+        meta, arrays = ds.meta[split], ds.split(split)
+        boxes, _ = p.padded(meta["image_ids"], max(k, 1))
+        h, w = arrays["image"].shape[2:]
+        sizes = meta["sizes"].astype(np.float32)          # each image's file size (H, W)
+        scale = np.stack([w / sizes[:, 1], h / sizes[:, 0]] * 2, axis=1)
+        arrays[PROPOSALS] = boxes * scale[:, None, :]     # empty boxes stay empty
 
 
 def _fit_sequence_length(g: Graph, ds: Dataset, pairs: dict):
