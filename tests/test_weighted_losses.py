@@ -213,3 +213,24 @@ def test_bad_weights_are_located_errors(tmp_path, text, msg):
   loss l = {text}
 }}""")
     assert e.value.pos is not None and e.value.pos.line == 7
+
+
+def test_a_loss_scaled_by_a_constant_trains(tmp_path):
+    """`loss a = l2(z, y) * 2`: the loss a 0-d value (not [1]) and every gradient twice the
+    unscaled loss's."""
+    import numpy as np
+    from helpers import compile_text
+    from netdsl.runtime.model import Model
+    net = ("network n() {{\n  input x: f32[N, 4]\n  input y: f32[N, 4]\n  z = x -> linear(4, name=\"fc\")\n"
+           "  output z\n  loss a = l2(z, y){}\n}}\n")
+    rng = np.random.default_rng(0)
+    x, y = rng.standard_normal((3, 4)), rng.standard_normal((3, 4))
+    one = Model(compile_text(tmp_path, net.format("")), dtype=np.float64, seed=1)
+    two = Model(compile_text(tmp_path, net.format(" * 2"), name="two.net"), dtype=np.float64,
+                params={k: v.copy() for k, v in one.params.items()})
+    t1, l1, _, g1 = one.train_step({"x": x, "y": y})
+    t2, l2, _, g2 = two.train_step({"x": x, "y": y})
+    assert np.ndim(two.infer({"x": x, "y": y})["a"]) == 0
+    assert abs(t2 - 2 * t1) < 1e-12 and abs(l2["a"] - 2 * l1["a"]) < 1e-12
+    for k in g1:
+        np.testing.assert_allclose(g2[k], 2 * g1[k], rtol=1e-12)

@@ -93,7 +93,7 @@ def render_reduce(dtype) -> str:
 # ---------------------------------------------------------------- launching
 
 def asarray(x, dtype):
-    return np.ascontiguousarray(x, dtype=dtype)
+    return np.asarray(x, dtype=dtype, order="C")    # (ascontiguousarray would make a 0-d array 1-d)
 
 
 def empty(n, dtype):

@@ -128,6 +128,15 @@ def _pair(pred, target):
     return a, b
 
 
+def scalar(g) -> float:
+    """A loss's incoming gradient as a float: a 0-d array, or the one-element array a loss
+    scaled by a constant (`loss a = l2(p, t) * 2`) passes back."""
+    a = np.asarray(g)
+    if a.size != 1:
+        raise ValueError(f"a loss's gradient must be one number, got shape {a.shape}")
+    return float(a.reshape(()))
+
+
 def _ratio(s, den):
     """s / den, 0 for an empty denominator (nothing weighted: nothing to learn)."""
     return s / den if den != 0 else 0.0
@@ -153,11 +162,11 @@ def _backward(kind, pred, target, gloss, beta=1.0, weight=None, norm="elements")
     t = a.dtype.type
     g = np.empty_like(a)
     if w is None:
-        scale = t(_ratio(float(gloss), loss_divisor(a.shape, norm)))
+        scale = t(_ratio(scalar(gloss), loss_divisor(a.shape, norm)))
         _grad(a.size, a.reshape(-1), b.reshape(-1), kind, t(beta), scale, g.reshape(-1))
         return g
     w = np.ascontiguousarray(w, a.dtype).reshape(-1)
-    scale = t(_ratio(float(gloss), loss_divisor(a.shape, norm, w.sum(dtype=np.float64), D)))
+    scale = t(_ratio(scalar(gloss), loss_divisor(a.shape, norm, w.sum(dtype=np.float64), D)))
     _grad_w(a.size, a.reshape(-1), b.reshape(-1), w, D, kind, t(beta), scale, g.reshape(-1))
     return g
 

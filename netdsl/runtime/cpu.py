@@ -12,6 +12,7 @@ from __future__ import annotations
 import numpy as np
 
 from netdsl.kernels import cpu as K
+from netdsl.kernels.cpu.loss import scalar
 
 from . import scan
 from .bindings import register, registrar
@@ -188,7 +189,7 @@ def cross_entropy(n, x, st):
 def cross_entropy_grad(n, x, st):
     gl, logits, labels = x[0], x[1], x[2]
     _, y, nhwc = _ce_2d(logits, labels)
-    gz = K.softmax_cross_entropy_backward(st.saved[id(n.fwd)], y, n.attrs["ignore_index"], float(gl))
+    gz = K.softmax_cross_entropy_backward(st.saved[id(n.fwd)], y, n.attrs["ignore_index"], scalar(gl))
     if nhwc is not None:
         gz = np.ascontiguousarray(gz.reshape(nhwc).transpose(0, 3, 1, 2))
     return [gz.reshape(logits.shape)]
@@ -212,5 +213,5 @@ def reinforce(n, x, st):
 @kernel("reinforce_grad", writes="new")
 def reinforce_grad(n, x, st):
     g, logp = x[0], x[1]
-    return [np.full(logp.shape, -st.saved[id(n.fwd)] * float(g) / logp.size, logp.dtype)]
+    return [np.full(logp.shape, -st.saved[id(n.fwd)] * scalar(g) / logp.size, logp.dtype)]
 

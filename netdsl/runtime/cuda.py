@@ -16,6 +16,7 @@ from __future__ import annotations
 import numpy as np
 
 from netdsl.kernels import cuda as K
+from netdsl.kernels.cpu.loss import scalar
 
 from ..errors import NetdslError
 from ..ir.dims import subs
@@ -78,7 +79,7 @@ def reinforce(n, x, st):
 
 @kernel("reinforce_grad")
 def reinforce_grad(n, x, st):
-    g, logp = float(x[0].copy_to_host()), x[1]
+    g, logp = scalar(x[0].copy_to_host()), x[1]
     return [K.full(logp.shape, -st.saved[id(n.fwd)] * g / logp.size, logp.dtype)]
 
 
