@@ -296,6 +296,13 @@ def _other_cases():
     out += [both("cross_entropy", gl, np.array([cl])), both("cross_entropy_probs", gp, cp),
             both("cross_entropy_g", G.softmax_cross_entropy_backward(gp, d(lab), cnt, d(np.array([0.7], f32)), -1),
                  C.softmax_cross_entropy_backward(cp, lab, -1, 0.7))]
+    none = np.full(5, -1)      # every row ignored: loss 0 and gradient 0 on both targets
+    cl, cp = C.softmax_cross_entropy(z, none, -1)
+    gl, gp, cnt = G.softmax_cross_entropy(d(z), d(none), -1)
+    out += [both("cross_entropy_none", gl, np.array([cl])),
+            both("cross_entropy_none_g", G.softmax_cross_entropy_backward(gp, d(none), cnt, d(np.array([0.7], f32)),
+                                                                          -1),
+                 C.softmax_cross_entropy_backward(cp, none, -1, 0.7))]
     a, t = r(4, 33), r(4, 33)
     tb = (rng.random((4, 33)) > 0.5).astype(f32)
     for name, cf, cb, gf, gb, tt, kw in (

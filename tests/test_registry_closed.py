@@ -242,9 +242,23 @@ network p() {{
 
 SEQ_DET = sorted((SPECS / "rnn").glob("*.net")) + sorted((SPECS / "det").glob("*.net"))
 # Specs whose full-size step is slow here train at their small size (the same operators).
-SMALL = {"det/pose": ("--set", "size=64", "--set", "width=8"),
-         "det/cls_loc": ("--set", "size=64", "--set", "width=8", "--set", "classes=5"),
-         "det/sliding_window": ("--set", "size=16", "--set", "patch=9")}
+def _sets(**kw):
+    return tuple(a for k, v in kw.items() for a in ("--set", f"{k}={v}"))
+
+
+SMALL = {"det/pose": _sets(size=64, width=8),
+         "det/cls_loc": _sets(size=64, width=8, classes=5),
+         "det/sliding_window": _sets(size=16, patch=9),
+         # the detectors' small variants (docs/cli.md), G ground-truth rows and P proposals
+         "det/faster_rcnn": _sets(H=64, W=64, width=8, anchor=16.0, classes=4, G=3),
+         "det/fast_rcnn": _sets(H=64, W=64, width=8, classes=4, G=3, P=16),
+         "det/rcnn": _sets(size=32, width=8, classes=4, G=3, P=8, H=64, W=64),
+         "det/yolo_v1": _sets(size=64, width=8, pools=2, hidden=64, S=4, classes=4, G=3),
+         "det/ssd300": _sets(size=64, width=8, extras=2, classes=4, G=3)}
+# No small variant yet: a training step at their published sizes (800 x 800 ResNet-50-FPN,
+# 720 x 720 VGG-16) is beyond a test; that every operator of theirs runs is checked by
+# _first_pending being None, their heads by tests/test_target_ops.py's small Mask R-CNN.
+FULL_SIZE_ONLY = {"det/mask_rcnn", "det/densecap"}
 
 
 def _first_pending(path: Path):
@@ -274,6 +288,8 @@ def test_recurrent_and_detection_specs_train_or_stop_at_their_first_pending_node
     g = compile_spec(path)
     if n is None and not g.losses:
         _infer_once(g)
+        return
+    if n is None and f"{path.parent.name}/{path.stem}" in FULL_SIZE_ONLY:
         return
     if n is None:   # every operator runs: one step on synthetic data
         r = cli("run", path, *SMALL.get(f"{path.parent.name}/{path.stem}", ()), *_lengths(g), "--data",

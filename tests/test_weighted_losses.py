@@ -234,3 +234,13 @@ def test_a_loss_scaled_by_a_constant_trains(tmp_path):
     assert abs(t2 - 2 * t1) < 1e-12 and abs(l2["a"] - 2 * l1["a"]) < 1e-12
     for k in g1:
         np.testing.assert_allclose(g2[k], 2 * g1[k], rtol=1e-12)
+
+
+def test_cross_entropy_with_every_label_ignored_is_zero():
+    """A batch with nothing labelled (an SSD image without a positive keeps no negative)
+    adds nothing: loss 0 and gradient 0, where torch gives NaN; the point losses' empty
+    divisors behave the same."""
+    z = np.random.default_rng(0).standard_normal((4, 3)).astype(np.float32)
+    loss, probs = C.softmax_cross_entropy(z, np.full(4, -1), -1)
+    assert loss == 0 and np.isfinite(probs).all()
+    assert not C.softmax_cross_entropy_backward(probs, np.full(4, -1), -1, 1.0).any()

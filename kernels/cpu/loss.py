@@ -55,8 +55,10 @@ def _labels(labels, N, K, ignore_index):
 
 
 def softmax_cross_entropy(logits, labels, ignore_index=-1):
-    """(loss, probs): mean over the rows whose label != ignore_index (NaN if none),
-    logits[N, K], integer labels[N]. Keep probs for the backward."""
+    """(loss, probs): mean over the rows whose label != ignore_index, logits[N, K], integer
+    labels[N]. Keep probs for the backward. With no such row the loss is 0 and so is its
+    gradient (torch gives NaN): a detector's batch with nothing labelled adds nothing, as
+    the point losses' empty divisors do."""
     z = as_float(logits)
     N, K = z.shape
     labels = _labels(labels, N, K, ignore_index)
@@ -64,7 +66,7 @@ def softmax_cross_entropy(logits, labels, ignore_index=-1):
     rowloss = np.empty(N, np.float64)
     _softmax_ce(z.size, z, labels, ignore_index, probs, rowloss)
     count = int((labels != ignore_index).sum())
-    loss = rowloss.sum() / count if count else np.nan
+    loss = rowloss.sum() / count if count else 0.0
     return z.dtype.type(loss), probs
 
 
@@ -74,7 +76,7 @@ def softmax_cross_entropy_backward(probs, labels, ignore_index=-1, gloss=1.0):
     N, K = probs.shape
     labels = _labels(labels, N, K, ignore_index)
     count = int((labels != ignore_index).sum())
-    scale = probs.dtype.type(gloss / count if count else np.nan)
+    scale = probs.dtype.type(gloss / count if count else 0.0)
     gz = np.empty_like(probs)
     _softmax_ce_bwd(probs.size, probs, labels, ignore_index, scale, gz)
     return gz

@@ -74,7 +74,7 @@ def _count_valid(rowloss, labels, count, R, ignore):
 
 @kernel("aiaa")
 def _mean_of(part, n, count, out):
-    """out[0] = sum(part[:n]) / count[0] (one block)."""
+    """out[0] = sum(part[:n]) / count[0], or 0 when count[0] is 0 (one block)."""
     T = part.dtype.type
     sh = cuda.shared.array(TPB_RED, part.dtype)
     t = cuda.threadIdx.x
@@ -84,13 +84,13 @@ def _mean_of(part, n, count, out):
     sh[t] = acc
     tree_sum(sh, t)
     if t == 0:
-        out[0] = sh[0] / count[0]
+        out[0] = sh[0] / count[0] if count[0] != T(0) else T(0)    # nothing labelled: 0, as on the CPU
 
 
 @kernel("alaaaii")
 def _softmax_ce_bwd(probs, labels, gl, count, gz, K, ignore):
     T = probs.dtype.type
-    scale = gl[0] / count[0]
+    scale = gl[0] / count[0] if count[0] != T(0) else T(0)
     for e in range(cuda.grid(1), probs.size, cuda.gridsize(1)):
         lab = labels[e // K]
         v = T(0)
