@@ -632,6 +632,7 @@ def recurrent(kernel, K) -> None:
     def argmax(n, x, st):
         return [K.argmax(x[0], n.attrs["axis"])]
 
+
 # ---- RoI features and the detection heads' layers (kernels/*/roi.py)
 
 def detection(kernel, K) -> None:
