@@ -89,6 +89,15 @@ def cmd_render(args):
     return 0
 
 
+def cmd_import(args):
+    from .convert import import_network
+    if args.weights_out and not args.weights:
+        raise NetdslError("--weights-out needs --weights FILE (the weights to convert)")
+    spec, wpath, n = import_network(args.file, args.output, args.weights, args.weights_out, args.network)
+    print(f"wrote {spec}" + (f" and {wpath} ({n:,} values)" if wpath else ""))
+    return 0
+
+
 def cmd_ops(args):
     from .ops import OPS, REQUIRED
     from .ops.registry import _show
@@ -489,6 +498,16 @@ def build_parser():
     sm.add_argument("--seed", type=int, default=0)
     sm.add_argument("--weights", help="checkpoint (default: the run's)")
     sm.set_defaults(fn=cmd_sample)
+
+    im = sub.add_parser("import", help="convert a Darknet .cfg or Caffe .prototxt (and its weights) to a .net "
+                                       "spec (see docs/cli.md)")
+    im.add_argument("file", help="a darknet .cfg or a Caffe .prototxt")
+    im.add_argument("-o", "--output", required=True, help="the .net file to write")
+    im.add_argument("--weights", help="darknet .weights or Caffe .caffemodel to convert too")
+    im.add_argument("--weights-out", help="where the converted weights go, .npz or .safetensors, by parameter "
+                                          "path (default: OUT with .npz)")
+    im.add_argument("--network", help="the network's name (default: from the file)")
+    im.set_defaults(fn=cmd_import)
 
     o = sub.add_parser("ops", help="list operators with their inputs and attributes")
     o.add_argument("name", nargs="*", help="only these operators")
