@@ -379,6 +379,11 @@ def run_dir(path: str, what: str) -> str:
     return path
 
 
+def cmd_fmt(args) -> int:
+    from .lang.fmt import fmt_files
+    return fmt_files(args.files, write=args.write, check=args.check)
+
+
 def build_parser():
     p = _Parser(prog="netdsl", description="netdsl: check, draw, train and run neural network specs")
     sub = p.add_subparsers(dest="cmd", required=True, parser_class=_Parser)
@@ -508,6 +513,15 @@ def build_parser():
                                           "path (default: OUT with .npz)")
     im.add_argument("--network", help="the network's name (default: from the file)")
     im.set_defaults(fn=cmd_import)
+
+    fm = sub.add_parser("fmt", help="print specs in the canonical layout; -w rewrites them, --check lists "
+                                    "those that would change (see docs/fmt.md)")
+    fm.add_argument("files", nargs="+", metavar="FILE", help=".net files, directories of them, or - for stdin")
+    how = fm.add_mutually_exclusive_group()
+    how.add_argument("-w", "--write", action="store_true", help="rewrite the files in place (atomically)")
+    how.add_argument("--check", action="store_true",
+                     help="change nothing; name each file that would change and exit 1 if any would")
+    fm.set_defaults(fn=cmd_fmt)
 
     o = sub.add_parser("ops", help="list operators with their inputs and attributes")
     o.add_argument("name", nargs="*", help="only these operators")

@@ -35,6 +35,12 @@ pip_install() {
   }
 }
 pip_install -e ".$extras"
+# The editable install keeps its metadata in site-packages, but a netdsl.egg-info left in the
+# checkout by an earlier install comes first on sys.path for anything run from here, and hides
+# entry points added since (the Pygments lexer: `pygmentize -l netdsl`): rewrite it from pyproject.
+if [ -d netdsl.egg-info ]; then
+  $PY -c 'from setuptools import setup; setup()' -q egg_info >/dev/null
+fi
 # An editable install leaves bytecode to the first import, which never writes it under
 # PYTHONDONTWRITEBYTECODE; compile it now, as pip does for a regular install
 # (compiling netdsl's modules on every start cost ~0.1 s).
