@@ -153,11 +153,8 @@ def cmd_run(args):
     spec_text = "".join(args._sources.values())
     t = Trainer(g, cfg, out, spec_text, log=lambda s: print(s, flush=True), device=args.device,
                 training=not (args.eval or args.predict))
-    if args.resume or args.eval or args.predict:
-        ckpt = args.weights or t.ckpt_path
-        if not os.path.exists(ckpt):
-            raise NetdslError(f"no checkpoint at '{ckpt}'", hint="train first, or give --weights FILE")
-        t.resume(ckpt)
+    if args.resume or args.eval or args.predict or args.weights:
+        load_run_weights(t, args.weights, resume=args.resume, fresh=not (args.eval or args.predict))
     from .runtime.caption import is_captioner, predict_captions
     if args.predict and is_image_path(args.predict) and is_captioner(g):
         for rec in predict_captions(t, args.predict, out, sample=args.sample, seed=cfg["seed"]):
@@ -260,6 +257,49 @@ def cmd_data_proposals(args):
     return 0
 
 
+def load_run_weights(t, weights: str | None, *, resume: bool, fresh: bool):
+    """--resume, --weights, --eval and --predict: a netdsl checkpoint resumes (or is
+    evaluated) as it was saved; a weights file by name (.safetensors, .npz, or a
+    checkpoint when training starts from it) only sets parameters and buffers."""
+    from .runtime.weights import by_name, load_into, refuse_pickle
+    path = weights or t.ckpt_path
+    if weights:
+        refuse_pickle(weights)
+    if not os.path.exists(path):
+        raise NetdslError(f"no checkpoint at '{path}'", hint="train first, or give --weights FILE")
+    named = by_name(path)
+    if resume and named:
+        raise NetdslError(f"--resume continues a netdsl checkpoint; {path} holds only weights",
+                          hint="drop --resume: --weights FILE alone starts training from those weights")
+    if not named and (resume or not fresh):     # (a damaged checkpoint is reported as one)
+        t.resume(path)
+        return
+    load_into(t.model, path, log=lambda s: print(s, file=sys.stderr))
+    print(f"loaded {len(t.g.params)} parameters and buffers by name from {path}", file=sys.stderr)
+
+
+def cmd_export(args):
+    """A run's checkpoint as a weights file by name (.safetensors or .npz)."""
+    from .lang.elaborate import elaborate
+    from .runtime.checkpoint import load_checkpoint
+    from .runtime.sample import read_run_file
+    from .runtime.weights import check_params, save_named
+    if os.path.isfile(args.run):
+        raise NetdslError(f"{args.run} is a file; `netdsl export` reads a run directory (netdsl run ... --out DIR)")
+    info = read_run_file(args.run)
+    g, loader = elaborate(info["spec"], info["network"], dict(info["set"]))
+    args._sources = loader.sources
+    path = args.weights or os.path.join(args.run, "checkpoint.npz")
+    if not os.path.exists(path):
+        raise NetdslError(f"no checkpoint at '{path}'", hint="train first, or give --weights FILE")
+    ckpt = load_checkpoint(path, spec_text="".join(loader.sources.values()))
+    check_params(g, ckpt.params, f"checkpoint {path}")
+    names = save_named(g, ckpt.params, args.output, metadata={
+        "format": "netdsl-weights", "network": g.name, "step": ckpt.step, "epoch": ckpt.epoch})
+    print(f"wrote {args.output}: {len(names)} tensors of {g.name} (step {ckpt.step})")
+    return 0
+
+
 def cmd_sample(args):
     from .lang.elaborate import elaborate
     from .runtime.checkpoint import load_checkpoint, load_weights
@@ -317,7 +357,7 @@ def cmd_eval(args):
     if not os.path.exists(path):
         raise NetdslError(f"no checkpoint at '{path}'", hint="train first, or give --weights FILE")
     t = Trainer(g, cfg, args.run, "".join(sources.values()), training=False)
-    t.resume(path)
+    load_run_weights(t, args.weights, resume=False, fresh=False)
     _, report = evaluate_run(t, args.run)
     print(report)
     print(f"wrote {os.path.join(args.run, 'eval.json')}")
@@ -433,7 +473,9 @@ def build_parser():
     t.add_argument("--out", help="run directory (default runs/SPEC)")
     t.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     t.add_argument("--resume", action="store_true", help="continue from the run directory's checkpoint")
-    t.add_argument("--weights", help="checkpoint to resume/evaluate/predict from")
+    t.add_argument("--weights", metavar="FILE",
+                   help="weights to evaluate/predict with or start training from: a netdsl checkpoint, or by "
+                        "name a .safetensors or .npz (a PyTorch state dict converted); with --resume, the checkpoint")
     t.add_argument("--sample", action="store_true",
                    help="with --predict on a captioning spec: sample each word instead of the most likely")
     t.add_argument("--eval", action="store_true", help="evaluate the checkpoint on the test split")
@@ -493,6 +535,12 @@ def build_parser():
     ev.add_argument("--batch", type=int, help="examples per inference batch (default: the train section's)")
     ev.add_argument("--threads", type=int, help="CPU threads (default: all cores)")
     ev.set_defaults(fn=cmd_eval)
+
+    ex = sub.add_parser("export", help="write a run's weights by name (PyTorch's) to .safetensors or .npz")
+    ex.add_argument("run", help="the run directory (netdsl run ... --out DIR)")
+    ex.add_argument("-o", "--output", required=True, help="output file; the extension picks the format")
+    ex.add_argument("--weights", help="checkpoint (default: the run's)")
+    ex.set_defaults(fn=cmd_export)
 
     sm = sub.add_parser("sample", help="generate text from a trained character-level language model")
     sm.add_argument("run", help="the run directory (netdsl run ... --out DIR)")
