@@ -14,36 +14,31 @@ Run as a script (`python tests/test_cuda_boxes.py sim|ptx|device`) to print the 
 as JSON; `device` runs the comparisons on a real GPU.
 """
 import json
-import os
-import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+from helpers import script_results
+
 HERE = Path(__file__).resolve()
 TOL = 1e-5
 
 
-def run(mode, sim):
-    env = {k: v for k, v in os.environ.items() if k != "NUMBA_ENABLE_CUDASIM"}
-    if sim:
-        env["NUMBA_ENABLE_CUDASIM"] = "1"
-    p = subprocess.run([sys.executable, str(HERE), mode], capture_output=True, text=True, env=env,
-                       cwd=HERE.parent.parent, timeout=900)
-    assert p.returncode == 0, p.stderr[-4000:]
-    return json.loads(p.stdout.strip().splitlines()[-1])
+@pytest.fixture(scope="module")
+def results():
+    return script_results(HERE, {"sim": True, "ptx": False})
 
 
 @pytest.fixture(scope="module")
-def sim():
-    return run("sim", True)
+def sim(results):
+    return results["sim"]
 
 
 @pytest.fixture(scope="module")
-def ptx():
-    return run("ptx", False)
+def ptx(results):
+    return results["ptx"]
 
 
 def test_every_box_kernel_matches_cpu(sim):

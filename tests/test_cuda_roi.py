@@ -10,35 +10,21 @@ device="cuda" against the same step on the CPU, loss and every gradient to 1e-4.
 `ptx` extra); float32 ones must hold no float64 instruction, float64 ones must.
 """
 import json
-import os
-import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+from helpers import script_results
+
 HERE = Path(__file__).resolve()
 TOL = 1e-4
 
 
-def start(mode):
-    env = {k: v for k, v in os.environ.items() if k != "NUMBA_ENABLE_CUDASIM"}
-    if mode == "sim":
-        env["NUMBA_ENABLE_CUDASIM"] = "1"
-    return subprocess.Popen([sys.executable, str(HERE), mode], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, env=env, cwd=HERE.parent.parent)
-
-
 @pytest.fixture(scope="module")
 def results():
-    procs = {m: start(m) for m in ("sim", "ptx")}      # side by side
-    out = {}
-    for m, p in procs.items():
-        stdout, stderr = p.communicate(timeout=900)
-        assert p.returncode == 0, stderr[-4000:]
-        out[m] = json.loads(stdout.strip().splitlines()[-1])
-    return out
+    return script_results(HERE, {"sim": True, "ptx": False})
 
 
 def test_every_roi_kernel_matches_cpu_under_the_simulator(results):

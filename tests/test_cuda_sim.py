@@ -12,36 +12,22 @@ On a real GPU (`scripts/gpu-check`) the same script runs with the simulator off
 compiled for exactly the signature `tests/test_cuda_ptx.py` compiles it for.
 """
 import json
-import os
-import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+from helpers import script_results
+
 HERE = Path(__file__).resolve()
 TOL = 1e-4
 GROUPS = ("gemm", "other", "train")    # subprocesses, run side by side
 
 
-def start(group, sim=True):
-    env = {k: v for k, v in os.environ.items() if k != "NUMBA_ENABLE_CUDASIM"}
-    if sim:
-        env["NUMBA_ENABLE_CUDASIM"] = "1"
-    return subprocess.Popen([sys.executable, str(HERE), group], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, env=env, cwd=HERE.parent.parent)
-
-
 @pytest.fixture(scope="module")
 def results():
-    procs = {g: start(g) for g in GROUPS}
-    out = {}
-    for g, p in procs.items():
-        stdout, stderr = p.communicate(timeout=600)
-        assert p.returncode == 0, stderr[-4000:]
-        out[g] = json.loads(stdout.strip().splitlines()[-1])
-    return out
+    return script_results(HERE, dict.fromkeys(GROUPS, True), timeout=600)
 
 
 @pytest.mark.parametrize("group", ["gemm", "other"])

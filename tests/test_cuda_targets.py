@@ -12,35 +12,21 @@ RPN labelling graph give the CPU's losses and outputs on device="cuda".
 `ptx` extra); float32 ones must hold no float64 instruction, float64 ones must.
 """
 import json
-import os
-import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+from helpers import script_results
+
 HERE = Path(__file__).resolve()
 TOL = 1e-5
 
 
-def start(mode):
-    env = {k: v for k, v in os.environ.items() if k != "NUMBA_ENABLE_CUDASIM"}
-    if mode == "sim":
-        env["NUMBA_ENABLE_CUDASIM"] = "1"
-    return subprocess.Popen([sys.executable, str(HERE), mode], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, env=env, cwd=HERE.parent.parent)
-
-
 @pytest.fixture(scope="module")
 def results():
-    procs = {m: start(m) for m in ("sim", "ptx")}      # side by side
-    out = {}
-    for m, p in procs.items():
-        stdout, stderr = p.communicate(timeout=900)
-        assert p.returncode == 0, stderr[-4000:]
-        out[m] = json.loads(stdout.strip().splitlines()[-1])
-    return out
+    return script_results(HERE, {"sim": True, "ptx": False})
 
 
 def test_every_target_operator_matches_cpu_under_the_simulator(results):

@@ -406,9 +406,6 @@ def test_each_loss_in_the_progress_bar_and_metrics(tmp_path):
 
 
 def test_faster_rcnn_shows_its_four_losses(tmp_path):
-    from netdsl.ops import OPS
-    if OPS["sample_rois"].pending:
-        pytest.skip("the target-assignment operators have no kernels yet")
     out = tmp_path / "run"
     r = cli("run", FASTER, *sets({**SMALL, "G": 4}), "--data", "synthetic:4", "--epochs", 1, "--batch", 2,
             "--out", out)
