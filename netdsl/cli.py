@@ -117,6 +117,20 @@ def cmd_ops(args):
 
 
 def cmd_run(args):
+    if not args.distributed:
+        return _run(args, None)
+    from .runtime.distributed import connect
+    if args.predict or args.sample or args.grad_flow or args.device != "cpu":
+        flag = ("--predict" if args.predict else "--sample" if args.sample else "--grad-flow" if args.grad_flow
+                else f"--device {args.device}")
+        raise NetdslError(f"--distributed trains and evaluates on the CPU; it does not take {flag}",
+                          hint="drop --distributed for this (docs/mpi.md)")
+    dist = connect()    # before any work: mpi4py and an MPI launcher, or a clear error
+    return dist.guarded(lambda: _run(args, dist), lambda e: e.render(getattr(args, "_sources", None)))
+
+
+def _run(args, dist):
+    """netdsl run; with dist, as one rank of a data-parallel MPI job (rank 0 alone writes and prints)."""
     from .kernels import native
     from .lang.training import TrainCall
     from .runtime.train import Trainer
@@ -151,10 +165,13 @@ def cmd_run(args):
     out = run_dir(args.out or os.path.join("runs", os.path.splitext(os.path.basename(args.spec))[0]),
                   "--out" if args.out else "the run directory")
     spec_text = "".join(args._sources.values())
-    t = Trainer(g, cfg, out, spec_text, log=lambda s: print(s, flush=True), device=args.device,
-                training=not (args.eval or args.predict))
-    if args.resume or args.eval or args.predict or args.weights:
+    root = dist is None or dist.root
+    t = Trainer(g, cfg, out, spec_text, log=(lambda s: print(s, flush=True)) if root else (lambda s: None),
+                device=args.device, training=not (args.eval or args.predict), dist=dist)
+    if (args.resume or args.eval or args.predict or args.weights) and root:     # other ranks: rank 0's, below
         load_run_weights(t, args.weights, resume=args.resume, fresh=not (args.eval or args.predict))
+    if dist is not None:
+        dist.start(t)
     from .runtime.caption import is_captioner, predict_captions
     if args.predict and is_image_path(args.predict) and is_captioner(g):
         for rec in predict_captions(t, args.predict, out, sample=args.sample, seed=cfg["seed"]):
@@ -176,16 +193,25 @@ def cmd_run(args):
             print(f"{out}/predictions.json: {preds[:20]}{' ...' if len(preds) > 20 else ''}")
         return 0
     if args.eval:
-        print("  ".join(f"{k} {v:.4f}" for k, v in t.evaluate().items()))
+        result = t.evaluate()
+        if root:
+            print("  ".join(f"{k} {v:.4f}" for k, v in result.items()))
         return 0
-    print(f"training {g.name} on {t.data.name}: {t.data.size('train')} train / {t.data.size('test')} test, "
-          f"{cfg['epochs']} epochs of batch {cfg['batch']}, {native.get_num_threads()} threads -> {out}", flush=True)
+    if root:
+        ranks = f" on each of {dist.size} ranks (global batch {cfg['batch'] * dist.size})" if dist else ""
+        print(f"training {g.name} on {t.data.name}: {t.data.size('train')} train / {t.data.size('test')} test, "
+              f"{cfg['epochs']} epochs of batch {cfg['batch']}{ranks}, {native.get_num_threads()} threads -> {out}",
+              flush=True)
     if args.grad_flow:
         t.record_grad_flow()
     from .runtime.sample import write_run_file
-    write_run_file(out, args.spec, args.network, parse_sets(args.set), data_record(args.data))
-    t.fit(progress=not args.no_progress)
-    print(f"wrote {out}/metrics.jsonl, {out}/metrics.png, {out}/checkpoint.npz")
+    if root:
+        write_run_file(out, args.spec, args.network, parse_sets(args.set), data_record(args.data))
+    t.fit(progress=not args.no_progress and root)
+    if dist is not None and root and getattr(t, "weights_digest", None):
+        print(f"weights identical on all {dist.size} ranks: sha256 {t.weights_digest}", flush=True)
+    if root:
+        print(f"wrote {out}/metrics.jsonl, {out}/metrics.png, {out}/checkpoint.npz")
     return 0
 
 
@@ -488,6 +514,9 @@ def build_parser():
                    help="record the norm of dL/dh_t for every recurrent state and time step; "
                         "writes grad_flow.json and grad_flow.png")
     t.add_argument("--no-progress", action="store_true", help="no progress bar")
+    t.add_argument("--distributed", action="store_true",
+                   help="data-parallel training as one rank of an MPI job: mpirun -n K netdsl run SPEC "
+                        "--distributed (batch is per rank; see docs/mpi.md)")
     t.set_defaults(fn=cmd_run)
 
     d = sub.add_parser("data", help="make data sets in standard formats (see docs/data.md)")

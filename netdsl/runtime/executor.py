@@ -36,6 +36,7 @@ class RunState:
         self.step = 0
         self.fuse = True          # the planner's optimisations (Model(fuse=False) turns them off)
         self.carry_in: dict = {}  # carry path -> array replacing a scan's initial state (runtime/scan.py)
+        self.grad_ready = None    # called (values, arrays) after each step (distributed.py starts allreduces)
 
     def shape_of(self, v: Value) -> tuple:
         return tuple(int(subs(d, self.dims)) for d in v.shape)
@@ -109,6 +110,7 @@ class Program:
         prof = self.profile
         table, download, sync = self.target.table, self.target.download, self.target.sync
         views = self._workspace_views(st, table) if self.workspace is not None else None
+        ready = None if check else getattr(st, "grad_ready", None)     # (a scan's StepState has none)
         for i, (s, free) in enumerate(zip(self.plan.steps, self.plan.free_after)):
             ins = [params[v.param] if v.param is not None else env[id(v)] for v in s.inputs]
             into = views[i] if views is not None else {}
@@ -129,6 +131,8 @@ class Program:
                 env[id(v)] = a
                 if check and a.dtype.kind == "f" and not np.isfinite(download(a)).all():
                     return {"nonfinite": s.nodes[-1]}
+            if ready is not None:
+                ready(s.outputs, outs)
             for v in free:
                 env.pop(id(v), None)
         return env

@@ -11,6 +11,12 @@ seed and the Generator's state, which a checkpoint saves.
 
 A sequence source (text) is read by `StreamLoader` instead: in order, as parallel
 streams, so that state carried between batches is meaningful.
+
+Data-parallel training (runtime/distributed.py) sets `shard = (rank, ranks)`: each
+batch is then the rank's contiguous slice of the global batch (rows rank*n//ranks to
+(rank+1)*n//ranks), and the augmentation draws its random numbers for the whole
+global batch, so every rank's generator stays in step and each example is cropped
+and flipped as one process reading the global batch would.
 """
 from __future__ import annotations
 
@@ -58,6 +64,8 @@ class Loader:
             if name in self.std and np.any(self.std[name] <= 0):
                 raise NetdslError("normalisation std must be positive")
 
+    shard: tuple[int, int] | None = None    # (rank, ranks): read that rank's slice of each batch
+
     def __len__(self) -> int:
         n, b = len(next(iter(self.fields.values()))), self.batch_size
         return n // b if self.drop_last else -(-n // b)
@@ -67,20 +75,20 @@ class Loader:
         order = self.rng.permutation(n) if self.shuffle else np.arange(n)
         for i in range(len(self)):
             idx = order[i * self.batch_size:(i + 1) * self.batch_size]
-            yield self._augment({k: a[idx] for k, a in self.fields.items()})
+            part = shard_slice(len(idx), self.shard)
+            yield self._augment({k: a[idx[part]] for k, a in self.fields.items()}, len(idx), part)
 
-    def _augment(self, b: dict) -> dict:
+    def _augment(self, b: dict, total: int, part: slice) -> dict:
+        """b: rows `part` of a batch of `total` (random numbers are drawn for all `total`)."""
         spatial = {**{k: None for k in self.images}, **self.dense}   # name -> padding value (images: 0)
         for k in self.images:
             b[k] = b[k].astype(np.float32, copy=False)   # a[idx] is already a private copy
         if self.pad and spatial:
-            n = len(next(iter(b.values())))
-            offsets = self.rng.integers(0, 2 * self.pad + 1, size=(n, 2))
+            offsets = self.rng.integers(0, 2 * self.pad + 1, size=(total, 2))[part]
             for k, fill in spatial.items():
                 b[k] = _crop(b[k], self.pad, offsets, 0 if fill is None else fill)
         if self.flip and (spatial or self.mirror):
-            n = len(next(iter(b.values())))
-            flip = self.rng.random(n) < 0.5
+            flip = (self.rng.random(total) < 0.5)[part]
             if self.mirror is not None:
                 b.update(self.mirror(b, flip))
             else:
@@ -103,8 +111,10 @@ class StreamLoader:
     batch i + 1 continues row s of batch i, so a recurrent state carried from one
     batch to the next reads on. The last chunk of a stream, shorter than seq (which
     get_batch would return shortened), is dropped, so every batch has the same shape.
-    No shuffling, no augmentation, no rng: an epoch is always the same batches."""
+    No shuffling, no augmentation, no rng: an epoch is always the same batches.
+    With `shard`, a rank reads its slice of the streams."""
     sequential = True
+    shard: tuple[int, int] | None = None
 
     def __init__(self, ids: np.ndarray, n_streams: int, seq: int, shifts: dict[str, int],
                  dtypes: dict | None = None, where: str = "the sequence"):
@@ -140,10 +150,21 @@ class StreamLoader:
         return len(self.streams)
 
     def __iter__(self):
+        rows = shard_slice(len(self.streams), self.shard)
         for i in range(self.batches):
             at = i * self.seq
-            yield {f: self.streams[:, at + s:at + s + self.seq].astype(self.dtypes[f])   # private copies
+            yield {f: self.streams[rows, at + s:at + s + self.seq].astype(self.dtypes[f])   # private copies
                    for f, s in self.shifts.items()}
+
+
+def shard_slice(n: int, shard: tuple[int, int] | None) -> slice:
+    """The rows of a batch of n that rank r of k reads: [r*n//k, (r+1)*n//k), so k ranks of
+    batch B together read exactly the batch of k*B, in order (a short last batch splits as
+    evenly as it can; a rank may get none)."""
+    if shard is None:
+        return slice(0, n)
+    r, k = shard
+    return slice(r * n // k, (r + 1) * n // k)
 
 
 def random_crop(xb: np.ndarray, pad: int, rng: np.random.Generator) -> np.ndarray:

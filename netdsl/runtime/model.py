@@ -45,6 +45,7 @@ class Model:
         self.step = 0
         self.carries: dict = {}     # the last run's final recurrent state (carry path -> array)
         self.grad_flow: dict = {}   # train_step(grad_flow=True): carry path -> [|dL/dh_t| for each t]
+        self.grad_ready = None      # train_step's RunState.grad_ready (distributed.GradReducer.ready)
 
     def _adopt(self, params: dict):
         if self.dtype != np.float32:
@@ -180,6 +181,7 @@ class Model:
         st = self._state(dims, True, carry)
         if grad_flow:   # the scans' backward records |dL/dh_t| for every carry and t
             st.grad_flow = self.grad_flow = {}
+        st.grad_ready = self.grad_ready
         if self.device == "cpu":    # weight gradients go into buffers kept from step to step
             if "_grad_buffers" not in self.__dict__:
                 self._grad_buffers = GradBuffers(self.training_graph.grads)

@@ -5,6 +5,7 @@ directory holds metrics.jsonl, metrics.png and checkpoint.npz (written atomicall
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -77,11 +78,16 @@ def _optimizer(cfg: dict, params: dict, schedule):
 
 class Trainer:
     def __init__(self, g: Graph, cfg: dict, out_dir: str, spec_text: str, log=print, device: str = "cpu",
-                 training: bool = True):
-        """training=False: for evaluation and prediction (the training step's memory is not checked)."""
+                 training: bool = True, dist=None):
+        """training=False: for evaluation and prediction (the training step's memory is not checked).
+        dist: a distributed.DataParallel (--distributed): this process is one rank of an MPI job,
+        reading its slice of every batch of cfg["batch"] x ranks examples."""
         self.g, self.cfg, self.out, self.spec_text, self.log = g, cfg, out_dir, spec_text, log
-        self.device = device
+        self.device, self.dist = device, dist
+        self.writes = dist is None or dist.root     # rank 0 alone writes the run directory
         self.model = Model(g, seed=cfg["seed"], device=device)
+        if dist is not None:
+            dist.attach(self)
         if training:
             self.check_memory()     # before the data is loaded
         self.data = load_data(g, cfg, cfg["seed"])
@@ -99,15 +105,18 @@ class Trainer:
         used = {f: self.data.train[f] for f in self.used}
         # truncated BPTT carries the recurrent state from one batch to the next (reset each epoch)
         self.carry_state = self.data.streams is not None and chunk(cfg) is not None and bool(g.carries)
+        batch = cfg["batch"] * (dist.size if dist else 1)     # the global batch: each rank reads its slice
         if self.data.streams is not None:     # read in order, as parallel streams
-            self.train_loader = StreamLoader.of(self.data, "train", cfg["batch"])
-            self.test_loader = StreamLoader.of(self.data, "test", cfg["batch"])
+            self.train_loader = StreamLoader.of(self.data, "train", batch)
+            self.test_loader = StreamLoader.of(self.data, "test", batch)
         else:
-            self.train_loader = Loader(used, cfg["batch"], rng=self.rng, shuffle=True, images=images, dense=dense,
+            self.train_loader = Loader(used, batch, rng=self.rng, shuffle=True, images=images, dense=dense,
                                        mean=_part(self.norm, 0), std=_part(self.norm, 1), crop_padding=crop,
                                        flip=flip, mirror=mirror)
-            self.test_loader = Loader({f: self.data.test[f] for f in self.used}, cfg["batch"],
+            self.test_loader = Loader({f: self.data.test[f] for f in self.used}, batch,
                                       images=images, mean=_part(self.norm, 0), std=_part(self.norm, 1))
+        if dist is not None:
+            self.train_loader.shard = self.test_loader.shard = (dist.rank, dist.size)
         self.opt = _optimizer(cfg, self.model.trainable(), _schedule(cfg, len(self.train_loader)))
         self.clip = clip_grad_norm
         if device == "cuda":   # parameters, gradients and optimiser state stay on the device
@@ -208,20 +217,27 @@ class Trainer:
         metrics_path = os.path.join(self.out, "metrics.jsonl")
         stop = min(self.cfg["epochs"], until or self.cfg["epochs"])
         rec = {}
-        with MetricsLog(metrics_path) as mlog:
+        if self.dist is not None:
+            self.dist.start(self)       # rank 0's weights, optimiser and random state on every rank
+        with MetricsLog(metrics_path) if self.writes else contextlib.nullcontext() as mlog:
             while self.epoch < stop:
                 rec = self.train_epoch(progress)
+                if self.dist is not None:   # batch-norm statistics averaged; weights checked identical
+                    self.weights_digest = self.dist.end_epoch(self)
                 if (self.epoch + 1) % self.cfg["eval_every"] == 0 or self.epoch + 1 == self.cfg["epochs"]:
                     rec.update(self.evaluate())
                 self.epoch += 1
                 rec.update(epoch=self.epoch, step=self.model.step, lr=self.opt.current_lr)
+                if not self.writes:
+                    continue
                 mlog.log(**rec)
                 self.log("epoch {epoch}: ".format(**rec) + "  ".join(
                     f"{k} {v:.4f}" for k, v in rec.items() if k not in ("epoch", "step", "lr")))
                 save_checkpoint(self.ckpt_path, self.model.host_params(), self.opt.state_dict(), step=self.model.step,
                                 epoch=self.epoch, rng=self.rng, spec_text=self.spec_text,
                                 extra={"vocab": self.data.vocab} if self.data.vocab is not None else None)
-        plot_metrics(metrics_path, os.path.join(self.out, "metrics.png"))
+        if self.writes:
+            plot_metrics(metrics_path, os.path.join(self.out, "metrics.png"))
         return rec
 
     def train_epoch(self, progress: bool):
@@ -233,8 +249,13 @@ class Trainer:
         parts = _parts(self.g.losses)       # each of several losses, shown and logged on its own
         carry = None
         for batch in self.train_loader:
-            total, losses, outs, grads = self.model.train_step(self._feeds(batch), extra=preds, carry=carry,
-                                                               grad_flow=self.grad_flow is not None)
+            n = mine = len(next(iter(batch.values())))
+            if self.dist is None:
+                total, losses, outs, grads = self.model.train_step(self._feeds(batch), extra=preds, carry=carry,
+                                                                   grad_flow=self.grad_flow is not None)
+            else:   # the losses and gradients of every rank's examples (n of them)
+                total, losses, outs, grads = self.dist.train_step(self._feeds(batch), mine, extra=preds, carry=carry)
+                n = self.dist.last_n
             if self.carry_state:
                 carry = self.model.carries
             if self.grad_flow is not None:
@@ -243,20 +264,22 @@ class Trainer:
                 self.clip(grads, self.cfg["clip"])
             self.opt.step(grads)
             del grads   # not alive while the next step makes its own (torch: zero_grad(set_to_none))
-            n = len(next(iter(batch.values())))
             tot += total * n
             seen += n
             for k in parts:
                 parts[k] += losses[k] * n
-            self._measure(batch, outs, losses)
-            if bar:     # this step's losses, the epoch's metrics so far
-                bar.update(1, loss=total, images=next(iter(batch.values())).size if seq else n,
+            if mine:
+                self._measure(batch, outs, losses)
+            if bar:     # this step's losses, the epoch's metrics so far (distributed: rank 0's)
+                bar.update(1, loss=total, images=next(iter(batch.values())).size * n // max(mine, 1) if seq else n,
                            **{_shown(k): losses[k] for k in parts},
                            **{k: v for m in self.metrics for k, v in m.result().items()})
         if bar:
             bar.close()
         if self.grad_flow is not None:
             self.grad_flow.end_epoch(self.epoch + 1)
+        if self.dist is not None:
+            self.dist.merge_metrics(self.metrics)
         return {"train_loss": tot / seen, **{f"train_{k}_loss": v / seen for k, v in parts.items()},
                 **self._report("train_")}
 
@@ -266,6 +289,8 @@ class Trainer:
         parts = _parts(losses)
         carry = None
         for batch in self.test_loader:
+            if not len(next(iter(batch.values()))):
+                continue    # this rank's part of a short last batch (distributed) is empty
             out = self.model.infer(self._feeds(batch), want=[*{id(m.pred): m.pred for m in self.metrics}.values(),
                                                              *(l.name for l in losses)], carry=carry)
             if self.carry_state:
@@ -277,6 +302,10 @@ class Trainer:
             for k in parts:
                 parts[k] += values[k] * n
             self._measure(batch, out, values)
+        if self.dist is not None:   # every rank's part of the test set
+            tot, seen, *sums = self.dist.sum([tot, seen, *parts.values()])
+            parts = dict(zip(parts, sums))
+            self.dist.merge_metrics(self.metrics)
         return {"test_loss": tot / max(seen, 1), **{f"test_{k}_loss": v / max(seen, 1) for k, v in parts.items()},
                 **self._report("test_")}
 
