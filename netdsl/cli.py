@@ -298,10 +298,21 @@ def load_run_weights(t, weights: str | None, *, resume: bool, fresh: bool):
         raise NetdslError(f"--resume continues a netdsl checkpoint; {path} holds only weights",
                           hint="drop --resume: --weights FILE alone starts training from those weights")
     if not named and (resume or not fresh):     # (a damaged checkpoint is reported as one)
-        t.resume(path)
-        return
+        if not resume and not _same_spec(path, t.spec_text):
+            # evaluating or predicting after an edit of the spec (a comment, a default the
+            # parameters do not depend on): the weights load by name, shapes checked
+            print(f"note: {path} was saved from an earlier version of the spec; loading its weights by name",
+                  file=sys.stderr)
+        else:
+            t.resume(path)
+            return
     load_into(t.model, path, log=lambda s: print(s, file=sys.stderr))
     print(f"loaded {len(t.g.params)} parameters and buffers by name from {path}", file=sys.stderr)
+
+
+def _same_spec(path: str, spec_text: str) -> bool:
+    from .runtime.checkpoint import load_checkpoint, spec_hash
+    return load_checkpoint(path).spec_hash == spec_hash(spec_text)
 
 
 def cmd_export(args):

@@ -127,3 +127,32 @@ def test_detector_on_data_without_boxes_says_so(tmp_path):
     r = cli("run", SPECS / "det" / "faster_rcnn.net", "--out", tmp_path / "run")
     assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
     assert "has nothing for input 'gt_boxes' of 'faster_rcnn'" in r.stderr, r.stderr
+
+
+SMALL_SPEC = """
+network small() {
+  input image: f32[N, 1, 8, 8]
+  input label: i64[N]
+  logits = image -> flatten -> linear(32) -> relu -> linear(10)
+  output logits
+  loss ce = cross_entropy(logits, label)
+  train { optimizer = adam(lr = 1e-2) epochs = 1 batch = 64 data = digits() }
+}
+"""
+
+
+def test_a_spec_edited_after_training_still_evaluates_but_does_not_resume(tmp_path):
+    spec, out = tmp_path / "small.net", tmp_path / "run"
+    spec.write_text(SMALL_SPEC)
+    r = cli("run", spec, "--out", out, "--no-progress")
+    assert r.returncode == 0, r.stderr
+    before = cli("eval", out)
+    assert before.returncode == 0 and "earlier version" not in before.stderr, before.stderr
+    spec.write_text("# a comment added after training\n" + SMALL_SPEC)
+    after = cli("eval", out)
+    assert after.returncode == 0, after.stderr
+    assert "earlier version of the spec" in after.stderr and "by name" in after.stderr
+    assert after.stdout.split("wrote")[0] == before.stdout.split("wrote")[0]     # the same weights
+    r = cli("run", spec, "--out", out, "--resume", "--epochs", "2")
+    assert r.returncode == 2 and "different spec" in r.stderr and "--weights" in r.stderr, r.stderr
+    assert "Traceback" not in r.stderr

@@ -240,7 +240,8 @@ def load_checkpoint(path, *, spec_text: str | None = None, allow_spec_mismatch: 
     if spec_text is not None and not allow_spec_mismatch and ckpt.spec_hash != spec_hash(spec_text):
         why = "records no spec hash" if ckpt.spec_hash is None else "was saved from a different spec"
         raise NetdslError(f"checkpoint {path} {why}",
-                          hint="edit the spec back, or allow the mismatch to load the weights anyway")
+                          hint="edit the spec back, or start a new training from these weights: --weights PATH "
+                               "without --resume (netdsl eval and --predict load them by name)")
     return ckpt
 
 
