@@ -173,6 +173,12 @@ def _run(args, dist):
     if dist is not None:
         dist.start(t)
     from .runtime.caption import is_captioner, predict_captions
+    from .runtime.densecap import is_dense_captioner, predict_regions
+    if args.predict and is_image_path(args.predict) and is_dense_captioner(g):
+        for rec in predict_regions(t, args.predict, out, score_threshold):
+            print(f"{rec['file']}: " + ("; ".join(f"{r['caption']} ({r['score']:.2f})" for r in rec["regions"])
+                                        or "no region") + f"  -> {rec['overlay']}")
+        return 0
     if args.predict and is_image_path(args.predict) and is_captioner(g):
         for rec in predict_captions(t, args.predict, out, sample=args.sample, seed=cfg["seed"]):
             print(f"{rec['file']}: {rec['caption']}" + (f"  (attention: {rec['attention']})" if "attention" in rec
@@ -248,6 +254,24 @@ def cmd_data_shapes_captions(args):
     print(f"wrote {args.out}: {args.images} images of {args.size}x{args.size} with captions "
           f"({', '.join(m['annotations'].values())}, instances beside them); preview "
           f"{os.path.join(args.out, 'preview', 'captions.png')}")
+    return 0
+
+
+def cmd_data_shapes_regions(args):
+    from .datasets import shapes, shapes_regions
+    from .runtime.progress import ProgressBar
+    shapes.check_options(args.images, args.size, args.val_fraction)     # before the bar starts
+    shapes_regions.check_target(args.out)
+    bar = None if args.no_progress else ProgressBar(args.images, "shapes-regions")
+    try:
+        m = shapes_regions.generate(args.out, images=args.images, size=args.size, seed=args.seed,
+                                    val_fraction=args.val_fraction, progress=bar.update if bar else None)
+    finally:
+        if bar:
+            bar.close()
+    print(f"wrote {args.out}: {args.images} images of {args.size}x{args.size} with {m['regions']} region "
+          f"descriptions (Visual Genome's {', '.join(m['files'])}); preview "
+          f"{os.path.join(args.out, 'preview', 'regions.png')}")
     return 0
 
 
@@ -502,9 +526,9 @@ def build_parser():
     t.add_argument("--batch", type=int)
     t.add_argument("--lr", type=float, help="learning rate (the optimizer's lr)")
     t.add_argument("--data", help="data source, NAME or NAME:ARG: digits, mnist:PATH, fashion_mnist, cifar10:PATH, "
-                                   "npz:PATH, text:PATH, coco:DIR, synthetic:SIZE, or a sequence task (digit_rows, "
-                                   "polarity, copy:TASK, echo:DELAY, count_up, translated_digits, recall:DELAY); see "
-                                   "docs/cli.md")
+                                   "npz:PATH, text:PATH, coco:DIR, coco_captions:DIR, vg:DIR, synthetic:SIZE, or a "
+                                   "sequence task (digit_rows, polarity, copy:TASK, echo:DELAY, count_up, "
+                                   "translated_digits, recall:DELAY); see docs/cli.md")
     t.add_argument("--threads", type=int, help="CPU threads (default: all cores)")
     t.add_argument("--seed", type=int)
     t.add_argument("--out", help="run directory (default runs/SPEC)")
@@ -549,6 +573,16 @@ def build_parser():
     dc.add_argument("--val-fraction", type=float, default=0.2, help="share of images in val (default 0.2)")
     dc.add_argument("--no-progress", action="store_true", help="no progress bar")
     dc.set_defaults(fn=cmd_data_shapes_captions)
+
+    dr = dsub.add_parser("shapes-regions", help="synthetic dense captioning data in Visual Genome's format: "
+                                                "regions described as 'a small red circle near the top'")
+    dr.add_argument("out", help="directory to write (new, empty, or one this command wrote before)")
+    dr.add_argument("--images", type=int, default=1000, help="images, train and val together (default 1000)")
+    dr.add_argument("--size", type=int, default=64, help="image side in pixels (default 64)")
+    dr.add_argument("--seed", type=int, default=0, help="the same seed writes the same bytes (default 0)")
+    dr.add_argument("--val-fraction", type=float, default=0.2, help="share of images in val (default 0.2)")
+    dr.add_argument("--no-progress", action="store_true", help="no progress bar")
+    dr.set_defaults(fn=cmd_data_shapes_regions)
 
     dp = dsub.add_parser("proposals", help="selective search region proposals for R-CNN, cached in "
                                            "DIR/proposals/selective_search_SPLIT.npz")

@@ -59,6 +59,8 @@ CONSTRUCTORS = {
                           "ann": (_STR, "captions"), "train": (_STR, "train"), "test": (_STR, "val")},
         "coco": {"path": (_STR, None), "ann": (_STR, "instances"), "task": (_STR, ""), "size": (_INT, 0),
                  "max_objects": (_INT, 0), "train": (_STR, "train"), "test": (_STR, "val")},
+        "vg": {"path": (_STR, None), "size": (_INT, 0), "max_len": (_INT, 0), "min_count": (_INT, 1),
+               "max_regions": (_INT, 0), "train": (_STR, "train"), "test": (_STR, "val")},
         "synthetic": {"size": (_INT, 256)},
         # the sequence tasks of runtime/tasks.py; the first argument is --data NAME:ARG's
         "digit_rows": {},

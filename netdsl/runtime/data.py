@@ -318,6 +318,16 @@ _SOURCES = {"digits": load_digits, "mnist": load_mnist, "fashion_mnist": load_fa
 _SOURCES["coco_captions"] = load_coco_captions     # image captioning (datasets/captions.py)
 
 
+def load_vg(path: str, size=0, max_len: int = 0, min_count: int = 1, max_regions: int = 0,
+            train: str = "train", test: str = "val") -> Dataset:
+    """Region descriptions in Visual Genome's format (datasets/vg.py), imported on use."""
+    from ..datasets.vg import vg
+    return vg(path, size=size, max_len=max_len, min_count=min_count, max_regions=max_regions, train=train, test=test)
+
+
+_SOURCES["vg"] = load_vg        # dense captioning
+
+
 def make_source(name: str, **kwargs) -> Dataset:
     """Load a data source by name: digits(test_size, seed), mnist(path),
     fashion_mnist(path), cifar10(path), npz(path), text(path, seq) (text.py), and the

@@ -78,11 +78,12 @@ def inference_graph(path: str, network, sets: dict, explicit: dict, g, sources):
     `training` parameter whose g has no detections but whose training = false graph
     has, that graph (unless `explicit`, the command's own --set, chooses `training`).
     Its parameters must be g's, names and shapes, for the checkpoint to load."""
+    from .densecap import is_dense_captioner     # dense captioning: regions and their captions
     if detection_outputs(g) or g.args.get("training") is not True or "training" in explicit:
         return g, sources
     from ..lang.elaborate import elaborate
     gi, si = elaborate(path, network, {**sets, "training": False})
-    if not detection_outputs(gi):
+    if not detection_outputs(gi) and not is_dense_captioner(gi):
         return g, sources
     shapes = lambda x: {k: tuple(p.shape) for k, p in x.params.items()}     # noqa: E731
     if shapes(gi) != shapes(g):

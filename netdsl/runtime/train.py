@@ -33,6 +33,9 @@ def load_data(g: Graph, cfg: dict, seed: int) -> Dataset:
         kwargs = fit_to_spec(g, kwargs)     # the image size and caption length a spec fixes
     if src.name == "text" and chunk(cfg):
         kwargs["seq"] = chunk(cfg)      # truncated BPTT reads the text in chunks of that length
+    if src.name == "vg":        # dense captioning: the spec's image size and phrase length, its vocabulary
+        from ..datasets.vg import fit_data, fit_to_spec
+        return fit_data(g, make_source(src.name, **fit_to_spec(g, kwargs)))
     return make_source(src.name, **kwargs)
 
 

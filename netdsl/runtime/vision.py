@@ -71,8 +71,12 @@ def evaluate_run(t, run_dir: str) -> tuple[dict, str]:
     from .checkpoint import atomic_write
     from .detection import evaluate_detections
     from ..datasets.captions import CaptionsDataset
+    from ..datasets.vg import RegionsDataset
+    from .densecap import evaluate_regions, is_dense_captioner
     ds = t.data
-    if isinstance(ds, CaptionsDataset):
+    if isinstance(ds, RegionsDataset) and is_dense_captioner(t.g):     # dense captioning
+        figures, report = evaluate_regions(t, run_dir)
+    elif isinstance(ds, CaptionsDataset):
         from .caption import evaluate_captions, is_captioner
         figures = t.evaluate()
         report = ["  ".join(f"{k} {v:.4f}" for k, v in figures.items())]
