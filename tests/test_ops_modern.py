@@ -165,6 +165,25 @@ def test_reduction_matches_torch(tmp_path, expr, dt):
     close(gx, want[2], dt, "grad")
 
 
+
+@pytest.mark.parametrize("dt", [np.float32, np.float64], ids=["f32", "f64"])
+def test_a_loss_that_is_a_mean_over_every_axis_trains(tmp_path, dt):
+    """A loss written as a reduction (an entropy penalty: mean over every axis) is 0-d at
+    run time as its shape says (it used to come back [1] and stop the step)."""
+    g = compile_text(tmp_path, f"""
+network m() {{
+  input one: f32[1, 1]
+  x = one -> linear({math.prod(SHAPE)}, bias=false, name="x") -> reshape([{", ".join(map(str, SHAPE))}])
+  output x
+  loss l = 0.5 * mean(x * x, [0, 1, 2, 3])
+}}
+""")
+    x = data(SHAPE)
+    m = Model(g, params={"x.weight": x.reshape(-1, 1).astype(dt)}, dtype=dt)
+    loss, losses, _, grads = m.train_step({"one": np.ones((1, 1), dt)})
+    assert losses["l"] == pytest.approx(0.5 * float(np.mean(x.astype(dt) ** 2)), rel=1e-5)
+    np.testing.assert_allclose(np.asarray(grads["x.weight"]).reshape(SHAPE), x / x.size, rtol=1e-5)
+
 # ---------------------------------------------------------------- stochastic depth
 
 DROP = spec("x + drop_path(x * 3, 0.4)", (64, 3, 2, 2))

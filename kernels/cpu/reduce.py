@@ -11,7 +11,8 @@ def reduce_axes(x, axes, mean=False, keepdims=False):
     y = np.sum(x, axis=axes, keepdims=keepdims)
     if mean:
         y = y * x.dtype.type(1.0 / math.prod(x.shape[a] for a in axes))
-    return np.ascontiguousarray(y, x.dtype)
+    # (np.ascontiguousarray makes a reduction over every axis 1-d: a loss must stay 0-d)
+    return np.ascontiguousarray(y, x.dtype).reshape(y.shape)
 
 
 def expand_axes(g, shape, axes, scale=1.0):
@@ -20,4 +21,4 @@ def expand_axes(g, shape, axes, scale=1.0):
     g = g.reshape(tuple(1 if i in axes else d for i, d in enumerate(shape)))
     if scale != 1.0:
         g = g * g.dtype.type(scale)
-    return np.ascontiguousarray(np.broadcast_to(g, shape))
+    return np.ascontiguousarray(np.broadcast_to(g, shape)).reshape(shape)
