@@ -141,6 +141,24 @@ def test_resume_continues_a_two_rank_run(runs):
 
 
 @needs_mpi
+def test_batch_norm_statistics_are_per_rank_and_averaged_after_each_epoch(runs):
+    """Each rank normalises by its own batch (as DDP without SyncBatchNorm), so the running
+    statistics differ between ranks during an epoch; they are averaged before the
+    checkpoint, and the weights are the same on both ranks."""
+    d, _, _, _ = runs
+    spec = d / "bn.net"
+    spec.write_text(SPEC.replace("conv(8, k=3, p=1) -> relu", "conv(8, k=3, p=1, bias=false) -> bn -> relu"))
+    r, _ = netdsl("run", spec, "--out", d / "bn", "--epochs", 1, "--no-progress", ranks=2)
+    assert r.returncode == 0, r.stderr[-3000:]
+    c = load_checkpoint(d / "bn" / "checkpoint.npz")
+    stats = [k for k in c.params if k.endswith(("running_mean", "running_var"))]
+    assert len(stats) == 2 and all(np.isfinite(c.params[k]).all() for k in stats)
+    assert np.abs(c.params[stats[0]]).max() > 0     # moved from its zeros
+    assert r.stdout.splitlines()[-2].endswith(digest(c.params))
+    assert "weights differ" not in r.stdout     # the averaged statistics agree on both ranks
+
+
+@needs_mpi
 def test_a_failing_rank_stops_every_rank_with_its_message(tmp_path):
     """NaN pixels in one example that rank 1 reads at the third step: rank 1 fails in the
     middle of training while rank 0 waits for its gradients; the job must end at once."""
