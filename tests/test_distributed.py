@@ -141,6 +141,28 @@ def test_resume_continues_a_two_rank_run(runs):
 
 
 @needs_mpi
+def test_a_rank_with_no_examples_in_a_short_last_batch(tmp_path):
+    """65 training examples at a global batch of 64: the second step's one example is rank
+    1's, rank 0 sends zeros weighted 0; one test example, which rank 0 does not see."""
+    rng = np.random.default_rng(1)
+    x, y = rng.random((66, 1, 8, 8), dtype=np.float32), rng.integers(0, 10, 66)
+    np.savez(tmp_path / "d.npz", image_train=x[:65], label_train=y[:65], image_test=x[65:], label_test=y[65:])
+    spec = tmp_path / "tiny.net"
+    spec.write_text(SPEC.replace("augment = [crop(pad = 1), flip]", ""))
+    common = ("--data", f"npz:{tmp_path / 'd.npz'}", "--epochs", 2, "--no-progress")
+    one, _ = netdsl("run", spec, "--out", tmp_path / "one", "--batch", 64, *common)
+    two, _ = netdsl("run", spec, "--out", tmp_path / "two", *common, ranks=2)
+    assert one.returncode == 0 and two.returncode == 0, one.stderr[-2000:] + two.stderr[-3000:]
+    a, b = load_checkpoint(tmp_path / "one" / "checkpoint.npz"), load_checkpoint(tmp_path / "two" / "checkpoint.npz")
+    assert a.step == b.step == 4
+    for k in a.params:
+        np.testing.assert_allclose(b.params[k], a.params[k], rtol=1e-5, atol=1e-6, err_msg=k)
+    for ra, rb in zip(_metrics(tmp_path / "one"), _metrics(tmp_path / "two")):
+        assert rb["train_loss"] == pytest.approx(ra["train_loss"], rel=1e-5)
+        assert rb["test_loss"] == pytest.approx(ra["test_loss"], rel=1e-5) and rb["test_acc"] == ra["test_acc"]
+
+
+@needs_mpi
 def test_batch_norm_statistics_are_per_rank_and_averaged_after_each_epoch(runs):
     """Each rank normalises by its own batch (as DDP without SyncBatchNorm), so the running
     statistics differ between ranks during an epoch; they are averaged before the
