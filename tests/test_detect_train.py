@@ -98,8 +98,9 @@ def test_missing_proposals_name_the_command(shapes, tmp_path):
 
 
 def test_mask_rcnn_says_what_coco_lacks(shapes):
-    """coco() gives no per-instance masks or keypoints with the boxes: Mask R-CNN's inputs
-    are named in the error, not guessed."""
+    """coco() read without masks=True gives no per-instance masks with the boxes: Mask
+    R-CNN's inputs are named in the error, not guessed (`run` asks for the masks:
+    tests/test_mask_rcnn.py)."""
     from netdsl.datasets.coco import coco
     from netdsl.lang.elaborate import elaborate
     from netdsl.runtime.feeds import bind

@@ -17,11 +17,12 @@ this package costs nothing until data is read or written.
 
 
 def load_coco(path: str, ann: str = "instances", task: str = "", size=0, max_objects: int = 0,
-              train: str = "train", test: str = "val"):
+              train: str = "train", test: str = "val", masks: bool = False, keypoints: bool = False):
     """The `coco` data source for runtime/data.py's table: coco.coco (see there),
     imported on first use (coco.py builds on runtime/data.py's Dataset)."""
     from .coco import coco
-    return coco(path, ann=ann, task=task, size=size, max_objects=max_objects, train=train, test=test)
+    return coco(path, ann=ann, task=task, size=size, max_objects=max_objects, train=train, test=test,
+                masks=masks, keypoints=keypoints)
 
 
 def load_coco_captions(path: str, size=0, max_len: int = 0, min_count: int = 1, ann: str = "captions",

@@ -120,6 +120,44 @@ def _bilinear(a: np.ndarray, h: int, w: int) -> np.ndarray:
     return top * gy[:, None] + bottom * fy[:, None]
 
 
+def heatmap_keypoints(heatmaps, boxes) -> np.ndarray:
+    """Keypoints from Mask R-CNN's heatmaps [..., K, S, S] over their boxes [..., 4]:
+    float32 [..., K, 3] (x, y, the heatmap's highest logit). x, y is the centre of the
+    highest cell mapped into the box (torchvision's heatmaps_to_keypoints first resizes
+    each map bicubically to the box's pixels; at 56 cells a side over a box of a few dozen
+    pixels a cell is already under a pixel, so the argmax cell is kept as it is)."""
+    h = np.asarray(heatmaps, np.float32)
+    b = np.asarray(boxes, np.float32)
+    S = h.shape[-1]
+    flat = h.reshape(*h.shape[:-2], S * S)
+    best = flat.argmax(-1)
+    peak = np.take_along_axis(flat, best[..., None], -1)[..., 0]
+    iy, ix = best // S, best % S
+    x1, y1 = b[..., None, 0], b[..., None, 1]
+    w, hh = (b[..., None, 2] - x1) / np.float32(S), (b[..., None, 3] - y1) / np.float32(S)
+    x = x1 + (ix.astype(np.float32) + np.float32(0.5)) * w
+    y = y1 + (iy.astype(np.float32) + np.float32(0.5)) * hh
+    return np.stack([x, y, peak], -1).astype(np.float32)
+
+
+def instance_keypoint_results(ds, split: str, keypoints, labels, scores) -> list[dict]:
+    """Mask R-CNN's detections as COCO `keypoints` results: keypoints [N, D, K, 3] (x, y
+    in the resized image's pixels, heatmap_keypoints), labels [N, D] (class 1..K; padding
+    rows, below 1, never written), scores [N, D] (the detection's, as torchvision reports
+    them). Only detections of a category that names keypoints are written."""
+    kp, labels, scores = np.asarray(keypoints, np.float64), np.asarray(labels), np.asarray(scores, np.float64)
+    _count(ds, split, kp, "keypoint results")
+    s = _scales(ds, split)
+    out = []
+    for k, image_id in enumerate(ds.meta[split]["image_ids"].tolist()):
+        for i in np.flatnonzero(labels[k] >= 1).tolist():
+            xy = kp[k, i, :, :2] * s[k]
+            out.append({"image_id": image_id, "category_id": ds.category_ids[int(labels[k, i]) - 1],
+                        "keypoints": [round(float(v), 2) for x, y in xy for v in (x, y, 1)],
+                        "score": round(float(scores[k, i]), 5)})
+    return out
+
+
 def keypoint_results(ds, split: str, joints, scores=None) -> list[dict]:
     """One person per image: joints [N, K, 2] (x, y); scores [N] (default 1)."""
     joints = np.asarray(joints, np.float64)

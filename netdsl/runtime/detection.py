@@ -4,15 +4,17 @@ calls in here when a network outputs detections).
 A detector's detections are the three outputs of one `nms` (boxes [N, D, 4] in the
 input's pixels, scores [N, D], labels [N, D]: class 1..K, padding rows label -1, score 0;
 docs/language.md "Detection"), and for Mask R-CNN a mask per detection [N, D, M, M]
-(logits, or probabilities when a sigmoid makes them) computed from those detections.
+(logits, or probabilities when a sigmoid makes them) and, with its keypoint head, K
+heatmaps per detection [N, D, K, S, S] (logits), computed from those detections.
 Specs with a `training` parameter (faster_rcnn, fast_rcnn, rcnn, mask_rcnn) output
 detections only at training = false: evaluation and prediction elaborate that graph, whose
 parameters are the training graph's, and load the run's checkpoint into it.
 
 Evaluation collects every val image's real detections, maps them back to the original
 image's pixels, writes them as COCO results (results.json: boxes; results_segm.json:
-masks pasted into the image as torchvision's paste_masks_in_image does) and scores them
-with COCOeval (bbox, and segm); a model that detects nothing writes no results file and
+masks pasted into the image as torchvision's paste_masks_in_image does; results_keypoints.json:
+each heatmap's peak mapped into its box) and scores them with COCOeval (bbox, and segm and
+keypoints where the data has them); a model that detects nothing writes no results file and
 scores AP 0 through COCOeval given an empty detection set.
 """
 from __future__ import annotations
@@ -30,19 +32,20 @@ SCORE_THRESHOLD = 0.5     # --predict draws detections scoring at least this
 # ---------------------------------------------------------------- which outputs
 
 def detection_outputs(g) -> dict[str, str]:
-    """{'boxes', 'scores', 'labels'[, 'masks']} -> output name, when the outputs include
-    the three outputs of an `nms` (the first such); else {}. 'masks' is an output
-    [N, D, M, M] (D the nms's max_out) computed from those detections."""
+    """{'boxes', 'scores', 'labels'[, 'masks'][, 'keypoints']} -> output name, when the
+    outputs include the three outputs of an `nms` (the first such); else {}. 'masks' is
+    an output [N, D, M, M] (D the nms's max_out) computed from those detections,
+    'keypoints' one [N, D, K, S, S] (heatmaps)."""
     names = {id(v): n for n, v in g.outputs.items()}
     for node in g.nodes:
         if node.op == "nms" and all(id(o) in names for o in node.outputs):
             out = dict(zip(("boxes", "scores", "labels"), (names[id(o)] for o in node.outputs)))
             D = node.attrs["max_out"]
             for n, v in g.outputs.items():
-                if (v.rank == 4 and v.dtype.startswith("f") and v.shape[1] == D and v.shape[2] == v.shape[3]
-                        and isinstance(v.shape[2], int) and _reads(v, node)):
-                    out["masks"] = n
-                    break
+                key = {4: "masks", 5: "keypoints"}.get(v.rank)
+                if (key and key not in out and v.dtype.startswith("f") and v.shape[1] == D
+                        and v.shape[-2] == v.shape[-1] and isinstance(v.shape[-1], int) and _reads(v, node)):
+                    out[key] = n
             return out
     return {}
 
@@ -107,6 +110,7 @@ def evaluate_detections(t, run_dir: str, predict_split) -> tuple[dict, list[str]
     detections; writes run_dir/results.json (and results_segm.json)."""
     from ..datasets import results as coco_results
     from ..datasets.evaluate import evaluate, evaluate_nothing
+    from ..datasets.results import heatmap_keypoints
     ds = t.data
     det = detection_outputs(t.g)
     pred = predict_split(t, list(det.values()))
@@ -129,6 +133,13 @@ def evaluate_detections(t, run_dir: str, predict_split) -> tuple[dict, list[str]
                          lambda: coco_results.instance_mask_results(ds, "test", boxes, labels, scores, masks), "mask_")
     elif "masks" in det:
         report.append(f"masks not scored: {gt} has no segmentation for its objects")
+    if "keypoints" in det and _has_keypoints(gt):
+        kp = heatmap_keypoints(pred[det["keypoints"]], boxes)
+        kinds["keypoints"] = ("results_keypoints.json",
+                              lambda: coco_results.instance_keypoint_results(ds, "test", kp, labels, scores),
+                              "keypoint_")
+    elif "keypoints" in det:
+        report.append(f"keypoints not scored: {gt} has no category with keypoints")
     for kind, (file, make, prefix) in kinds.items():
         path = os.path.join(run_dir, file)
         res = make()
@@ -144,6 +155,11 @@ def evaluate_detections(t, run_dir: str, predict_split) -> tuple[dict, list[str]
         figures.update({prefix + k: v for k, v in got.items()})
         report.append(table.rstrip("\n"))
     return figures, report
+
+
+def _has_keypoints(gt_json: str) -> bool:
+    from ..datasets import cocofile
+    return sum(bool(c.get("keypoints")) for c in cocofile.load(gt_json).cats.values()) == 1
 
 
 def _has_masks(gt_json: str) -> bool:
@@ -173,12 +189,35 @@ def draw_detections(t, det: dict, out: dict, im: np.ndarray, hw, threshold: floa
         masks = list(paste_masks(probs, boxes, H, W) > 0.5)
     pic = overlay(im, masks=masks, boxes=boxes.tolist(), labels=labels, scale=scale, alpha=alpha)
     d = ImageDraw.Draw(pic)
+    points = ()
+    if "keypoints" in det:
+        from ..datasets.results import heatmap_keypoints
+        points = heatmap_keypoints(np.asarray(out[det["keypoints"]])[keep], boxes)
+        for kp in points:
+            _skeleton(d, kp, getattr(t.data, "skeleton", ()), getattr(t.data, "keypoint_names", ()), scale)
     rec = []
-    for box, c, p in zip(boxes.tolist(), labels, scores):
+    for i, (box, c, p) in enumerate(zip(boxes.tolist(), labels, scores)):
         name = class_name(t.data, c)
         d.text((box[0] * scale + 2, box[1] * scale + 1), f"{name} {p:.2f}", fill=colour(c))
         rec.append({"label": name, "score": round(p, 5), "box": [round(v, 2) for v in box]})
+        if len(points):
+            rec[-1]["keypoints"] = [[round(float(x), 2), round(float(y), 2)] for x, y in points[i][:, :2]]
     return pic, {"detections": rec}
+
+
+def _skeleton(d, kp, skeleton, names, scale: int):
+    """One detection's keypoints [K, 3] (image pixels) drawn as preview.overlay draws a
+    person's: limbs along the 1-based skeleton pairs, left joints red, right blue."""
+    from ..datasets.preview import CENTRE, LEFT, RIGHT
+    pts = [(float(x) * scale, float(y) * scale) for x, y in kp[:, :2]]
+    for a, b in skeleton:
+        if 1 <= a <= len(pts) and 1 <= b <= len(pts):
+            d.line([pts[a - 1], pts[b - 1]], fill=(255, 255, 0), width=max(1, scale // 2))
+    r = max(2, scale)
+    for i, (x, y) in enumerate(pts):
+        side = names[i].split("_")[0] if i < len(names) else ""
+        d.ellipse([x - r, y - r, x + r, y + r], fill=LEFT if side == "left" else RIGHT if side == "right" else CENTRE,
+                  outline=(0, 0, 0))
 
 
 def check_threshold(v: float) -> float:

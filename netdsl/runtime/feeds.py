@@ -28,8 +28,9 @@ from .data import SPLITS, Dataset
 
 ROLES = {"image": "f", "label": "i"}    # a field of this name may fill the only input of that kind
 # the detector specs' ground-truth inputs and the COCO reader's fields that fill them
-# (coco.py: padded boxes in the resized image's pixels, labels 1..K with -1 padding)
-GROUND_TRUTH = {"gt_boxes": "boxes", "gt_labels": "labels",
+# (coco.py: padded boxes in the resized image's pixels, labels 1..K with -1 padding; Mask
+# R-CNN's per-object masks and keypoints, which train.load_data asks coco() for)
+GROUND_TRUTH = {"gt_boxes": "boxes", "gt_labels": "labels", "gt_masks": "masks", "gt_keypoints": "keypoints",
                 "gt_captions": "captions"}      # dense captioning's region phrases (datasets/vg.py)
 PROPOSALS = "proposals"     # an input of this name reads `netdsl data proposals DIR`'s cache
 

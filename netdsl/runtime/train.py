@@ -18,7 +18,7 @@ from . import (MetricsLog, ProgressBar, clip_grad_norm, load_checkpoint, load_we
                make_schedule, make_source, plot_metrics, save_checkpoint)
 from . import metrics as task_metrics
 from .data import Dataset
-from .feeds import bind, check_shape, convert, describe_inputs, index_rules, synthetic
+from .feeds import GROUND_TRUTH, bind, check_shape, convert, describe_inputs, index_rules, synthetic
 from .loader import Loader, StreamLoader, channel_stats
 from .model import Model, inputs_of
 
@@ -31,6 +31,11 @@ def load_data(g: Graph, cfg: dict, seed: int) -> Dataset:
     if src.name == "coco_captions":
         from ..datasets.captions import fit_to_spec
         kwargs = fit_to_spec(g, kwargs)     # the image size and caption length a spec fixes
+    if src.name == "coco":      # Mask R-CNN's per-object masks and keypoints, when the spec takes them
+        from .detection import detection_outputs
+        kwargs.update({f: True for n, f in (("gt_masks", "masks"), ("gt_keypoints", "keypoints")) if n in g.inputs})
+        if "keypoints" in detection_outputs(g):     # evaluation: the people are read per object too
+            kwargs["keypoints"] = True
     if src.name == "text" and chunk(cfg):
         kwargs["seq"] = chunk(cfg)      # truncated BPTT reads the text in chunks of that length
     if src.name == "vg":        # dense captioning: the spec's image size and phrase length, its vocabulary
@@ -98,7 +103,9 @@ class Trainer:
         self.metrics = task_metrics.choose(g, _metric_names(cfg), g.train_pos.get("metrics"),
                                            fields=list(self.data.train))
         self.rng = np.random.default_rng(cfg["seed"])
-        images = [f for n, f in self.fields.items() if g.inputs[n].dtype.startswith("f") and g.inputs[n].rank == 4]
+        # float [N, C, H, W] inputs are images (normalised, flipped), but not Mask R-CNN's gt masks
+        images = [f for n, f in self.fields.items()
+                  if g.inputs[n].dtype.startswith("f") and g.inputs[n].rank == 4 and n not in GROUND_TRUTH]
         self.norm = {f: channel_stats(self.data.train[f]) for f in images} if cfg["normalize"] else {}
         crop = next((a.kwargs["pad"] for a in cfg["augment"] if a.name == "crop"), 0)
         flip = any(a.name == "flip" for a in cfg["augment"])
@@ -367,7 +374,7 @@ class Trainer:
 
 
 # the fields a COCO data set's flip moves with the images (datasets/coco.py, flip_horizontal)
-MIRRORED = ("box", "boxes", "joints", "visible")
+MIRRORED = ("box", "boxes", "labels", "joints", "visible", "masks", "keypoints")
 
 
 def _parts(losses) -> dict[str, float]:
