@@ -8,6 +8,7 @@ the batch and sequence axes are dynamic. The CLI: a run directory, a spec with
 from __future__ import annotations
 
 import os
+import sys
 
 import numpy as np
 import onnx
@@ -242,7 +243,7 @@ def test_cli_spec_with_weights(tmp_path, capsys):
     compare(session(out), Model(g, params=params), {"chars": chars}, ["logits"])
 
 
-def test_cli_errors(tmp_path, capsys):
+def test_cli_errors(tmp_path, capsys, monkeypatch):
     """Exit 2 with a message, never a traceback; nothing written, an old file kept."""
     spec = os.path.join(SPECS, "rnn", "charlm_lstm.net")
     sets = [f"--set={k}={v}" for k, v in LM.items()]
@@ -272,6 +273,9 @@ def test_cli_errors(tmp_path, capsys):
     fails(spec, *sets, "--weights", tmp_path / "lm.npz", "--onnx", tmp_path / "lm.pb", says=["ends in .onnx"])
     fails(spec, "--weights", tmp_path / "lm.npz", "--onnx", out, "--outputs", "logits",
           says=["does not match the network"])        # the spec's defaults: other shapes
+    monkeypatch.setitem(sys.modules, "onnx", None)      # the onnx extra not installed
+    fails(spec, *sets, "--weights", tmp_path / "lm.npz", "--onnx", out, "--outputs", "logits",
+          says=["needs the onnx package", "netdsl[onnx]"])
     assert out.read_bytes() == b"old"
     assert sorted(os.listdir(tmp_path)) == ["lm.npz", "lm.onnx"]
 

@@ -26,7 +26,7 @@ import numpy as np
 from ..errors import NetdslError
 from ..ir.dims import Sym
 
-OPSET = 17          # Resize, HardSwish, LSTM layout, ReduceSum's axes input: all in 17
+OPSET = 17          # HardSwish (14), Shape's start/end (15), ReduceSum's axes as an input (13)
 IR_VERSION = 8      # the IR version that goes with opset 17 (readable by older runtimes)
 _BIG = 2 ** 31 - 1  # protobuf's limit on one message: larger models need external data
 
@@ -54,7 +54,7 @@ class Exporter:
     initializers, and the ONNX name of every graph value."""
 
     def __init__(self, g, params: dict[str, np.ndarray]):
-        self.onnx = require_onnx()
+        require_onnx()
         from onnx import helper, numpy_helper
         self.helper, self.numpy_helper = helper, numpy_helper
         self.g, self.params = g, params
@@ -62,7 +62,8 @@ class Exporter:
         self.root = self.nodes                  # the main graph's
         self.inits: dict[str, np.ndarray] = {}  # initializers, written into the model at the end
         self.names: dict[int, str] = {}         # id(Value) -> ONNX name
-        self.taken: set[str] = set()
+        self.taken: set[str] = set(g.params)     # parameter paths are initializer names
+        self._next: dict[str, int] = {}         # base name -> the next suffix to try
         self.dims: dict[str, tuple[str, int]] = {}   # symbol -> (input name, axis)
         self.cache: dict = {}                   # constants and shape pieces made once
         self.aux: dict[int, str] = {}           # id(Value) -> a second ONNX form (MaxPool's indices)
@@ -71,11 +72,13 @@ class Exporter:
     # ---- names
 
     def fresh(self, base: str) -> str:
+        """A name not used yet: base, else base_2, base_3, ..."""
         base = base or "v"
-        name, i = base, 1
+        name, i = base, self._next.get(base, 1)
         while name in self.taken:
             i += 1
             name = f"{base}_{i}"
+        self._next[base] = i
         self.taken.add(name)
         return name
 
@@ -243,6 +246,10 @@ def build_model(g, params: dict[str, np.ndarray], outputs: list[str] | None = No
                 if coef == 1 and len(mono) == 1:
                     ex.dims.setdefault(mono[0], (k, axis))
     ex.taken.update(wanted)
+    for o in wanted:    # a node's output that is an output of the network takes its name
+        v = g.outputs[o]
+        if v.producer is not None and id(v) not in ex.names:
+            ex.names[id(v)] = o
     emit_nodes(ex, nodes)
     graph_outputs = []
     for o in wanted:
