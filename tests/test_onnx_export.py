@@ -166,7 +166,8 @@ network zoo(C = 6) {
   pools = concat(a -> maxpool(k=3, s=2, p=1, ceil=true), a -> avgpool(k=3, s=2, p=1, ceil=true),
                  a -> maxpool(k=2, s=2, p=1, ceil=true), a -> avgpool(k=2, s=2, p=1, ceil=true))
   norms = concat(a -> lrn(size=4, alpha=0.01, beta=0.5, k=1.5), a -> lrn(size=3),
-                 a -> adaptive_avgpool([3, 2]) -> upsample(2, mode="bilinear") -> upsample(2) -> adaptive_avgpool([7, 6]))
+                 a -> adaptive_avgpool([3, 2]) -> upsample(2, mode="bilinear") -> upsample(2)
+                   -> adaptive_avgpool([7, 6]))
   up = a -> conv_transpose(4, k=3, s=2, p=1, output_padding=1, groups=2) -> relu6
   nails = a -> bed_of_nails(3)
   y, sw = image[:, :, 0:12, 1:11] -> maxpool(k=2, s=2, switches=true)
