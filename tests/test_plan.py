@@ -138,6 +138,26 @@ def test_exposed_maxpool_switches_are_int64_and_route_the_gradient(tmp_path):
     np.testing.assert_allclose(grads["linear1.weight"], w.grad.numpy(), rtol=1e-5, atol=1e-6)
 
 
+
+def test_max_unpool_of_an_odd_plane_restores_its_size(tmp_path):
+    """max_unpool after maxpool(k=2) of a 5 x 7 plane is 5 x 7 (torch's output_size),
+    not 4 x 6, which the switches of the last row and column would fall outside of."""
+    torch = pytest.importorskip("torch")
+    g = compile_text(tmp_path, UNPOOL_SPEC.replace("f32[N, 2, 4, 4]", "f32[N, 2, 5, 7]"))
+    assert [tuple(v.shape[2:]) for n in g.nodes if n.op == "max_unpool" for v in n.outputs] == [(5, 7)]
+    m = Model(g, seed=0)
+    x = np.random.default_rng(1).standard_normal((2, 2, 5, 7)).astype(np.float32)
+    y = np.array([0, 2])
+    _, _, outs, grads = m.train_step({"image": x, "label": y})
+    tx = torch.tensor(x)
+    p, sw = torch.nn.functional.max_pool2d(tx, 2, 2, return_indices=True)
+    u = torch.nn.functional.max_unpool2d(p, sw, 2, 2, output_size=(5, 7))
+    w = torch.tensor(m.params["linear1.weight"], requires_grad=True)
+    b = torch.tensor(m.params["linear1.bias"])
+    loss = torch.nn.functional.cross_entropy(u.flatten(1) @ w.T + b, torch.tensor(y))
+    loss.backward()
+    np.testing.assert_allclose(grads["linear1.weight"], w.grad.numpy(), rtol=1e-5, atol=1e-6)
+
 def test_a_node_reading_one_value_twice_gets_it_twice(tmp_path):
     """concat(x, x): a kernel of its own is handed its inputs as the node lists them
     (the planner once passed each value once, shifting the inputs after a repeat)."""

@@ -155,9 +155,11 @@ def global_maxpool2d(x):
     return maxpool2d(x, x.shape[2:], 1, 0)
 
 
-def max_unpool2d(x, switches, kernel_size, stride=None, pad=0):
+def max_unpool2d(x, switches, kernel_size, stride=None, pad=0, output_size=None):
     k, s, p = pair(kernel_size), pair(stride if stride is not None else kernel_size), pair(pad)
-    OH, OW = ((n - 1) * s_ - 2 * p_ + k_ for n, s_, p_, k_ in zip(x.shape[2:], s, p, k))
+    if output_size is None:
+        output_size = tuple((n - 1) * s_ - 2 * p_ + k_ for n, s_, p_, k_ in zip(x.shape[2:], s, p, k))
+    OH, OW = output_size[-2:]
     y = zeros(x.shape[:2] + (OH, OW), x.dtype)
     P, H, W = _planes(x)
     launch(_unpool, x.size, flat(x), flat(switches), flat(y), P, H * W, OH * OW)

@@ -228,6 +228,10 @@ def max_unpool(ctx: Ctx):
     ctx.attrs["s"] = s
     N, C, H, W = x.shape
     out = [(size - 1) * st - 2 * p + k for size, st, p, k in zip((H, W), s, ctx.p, ctx.k)]
+    src = sw.producer
+    if src is not None and src.op == "maxpool":
+        # torch's output_size: the plane the switches index, an odd size's last row included
+        out = list(src.inputs[0].shape[2:])
     return [((N, C, *out), x.dtype)]
 
 

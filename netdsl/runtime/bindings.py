@@ -322,7 +322,7 @@ def register(table: dict, K, target: str) -> None:
     @kernel("max_unpool", writes="new")
     def max_unpool(n, x, st):
         a = n.attrs
-        return [K.max_unpool2d(x[0], x[1], a["k"], a["s"], a["p"])]
+        return [K.max_unpool2d(x[0], x[1], a["k"], a["s"], a["p"], st.shape_of(n.outputs[0])[2:])]
 
     @kernel("max_unpool_grad", writes="new")
     def max_unpool_grad(n, x, st):
