@@ -11,6 +11,10 @@ nn.Embedding + nn.LSTM/GRU/RNN + nn.Linear. Each framework runs in its own
 subprocess; BENCH_ROUNDS interleaved rounds of the median of BENCH_STEPS steps.
 Prints training tokens/s (N*T per step) and the ratio to torch.
 Sizes: BENCH_H (512), BENCH_N (64), BENCH_T (100), BENCH_V (100).
+`bench_rnn.py gemm` times the LSTM step's two GEMMs alone, one thread, in CPU time (so a
+busy machine still gives figures): h @ W_hh^T [N, H] x [H, 4H] (forward) and
+g @ W_hh [N, 4H] x [4H, H] (backward), netdsl's (scipy's OpenBLAS through Numba) against
+torch's, and netdsl's whole step (GEMM and gates).
 BENCH_DEVICE=cuda runs both on the GPU (torch's nn.LSTM is cuDNN's there; netdsl's
 parameters, gradients and Adam state stay on the device); scripts/gpu-check does.
 """
@@ -119,6 +123,39 @@ def main(cells):
               + f"  written-out/torch {tok['netdsl written-out'] / tok['torch']:.2f}x", flush=True)
 
 
+def _cpu_seconds(f, budget=1.0) -> float:
+    f()
+    t0, n = time.process_time(), 0
+    while time.process_time() - t0 < budget:
+        f()
+        n += 1
+    return (time.process_time() - t0) / n
+
+
+def gemms():
+    """The LSTM step's GEMMs, one thread, CPU time: GFLOP/s of netdsl's and torch's."""
+    import numpy as np
+    import torch
+    from netdsl.kernels import native
+    native.set_num_threads(1)
+    torch.set_num_threads(1)
+    from netdsl.kernels.cpu import recurrent as R
+    r = np.random.default_rng(0)
+    h, c = r.random((N, H), np.float32), r.random((N, H), np.float32)
+    w, xp, g = r.random((4 * H, H), np.float32), r.random((N, 4 * H), np.float32), r.random((N, 4 * H), np.float32)
+    th, tw, tg = torch.from_numpy(h), torch.from_numpy(w), torch.from_numpy(g)
+    wt = np.ascontiguousarray(w.T)
+    flop = 2 * N * H * 4 * H
+    print(f"# {time.strftime('%Y-%m-%d')}  {_cpu_model()}  one thread, CPU time  N={N} H={H}")
+    for name, f in [("netdsl h @ W_hh^T (matmul_rows)", lambda: R.matmul_rows(h, wt)),
+                    ("torch  h @ W_hh^T", lambda: th @ tw.T),
+                    ("netdsl g @ W_hh (matmul_rows)", lambda: R.matmul_rows(g, w)),
+                    ("torch  g @ W_hh", lambda: tg @ tw),
+                    ("netdsl lstm step: GEMM + gates (cell_step)", lambda: R.cell_step("lstm", xp, h, c, w))]:
+        dt = _cpu_seconds(f)
+        print(f"{name:44s} {dt * 1e3:7.3f} ms  {flop / dt / 1e9:6.1f} GFLOP/s of the GEMM", flush=True)
+
+
 def _cpu_model() -> str:
     try:
         with open("/proc/cpuinfo") as f:
@@ -132,5 +169,8 @@ if __name__ == "__main__":
         which, cell = sys.argv[2], sys.argv[3]
         times = run_torch(cell) if which == "torch" else run_netdsl(cell, which == "fused")
         print(json.dumps(times))
+    elif sys.argv[1:] == ["gemm"]:
+        os.environ["OPENBLAS_NUM_THREADS"] = "1"
+        gemms()
     else:
         main(sys.argv[1:] or ["lstm", "gru", "rnn"])
