@@ -80,7 +80,7 @@ def run_netdsl(name) -> dict:
         g, _ = elaborate(p)
     m = Model(g, seed=0, device="cuda")
     opt = DeviceOptimizer(make_optimizer("sgd", m.trainable(), lr=0.01, momentum=0.9, weight_decay=1e-4),
-                          m.trainable())
+                          m.trainable(), m.flat)      # one update launch for all parameters
     rng = np.random.default_rng(0)
     feeds = {"image": rng.standard_normal((batch, 3, size, size)).astype(np.float32),
              "label": rng.integers(0, CLASSES, batch)}

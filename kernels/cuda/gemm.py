@@ -421,13 +421,15 @@ def conv2d(x, w, b=None, stride=1, pad=0, dilation=1, groups=1):
     return _forward(x, w, b, g, empty(g.yshape, x.dtype))
 
 
-def conv2d_backward(x, w, gy, stride=1, pad=0, dilation=1, groups=1, need_gx=True, need_gw=True, need_gb=True):
-    """(gx, gw, gb) for conv2d; each is None when not requested."""
-    from .tensor import channel_sum
+def conv2d_backward(x, w, gy, stride=1, pad=0, dilation=1, groups=1, need_gx=True, need_gw=True, need_gb=True,
+                    gw_out=None, gb_out=None):
+    """(gx, gw, gb) for conv2d; each is None when not requested. gw_out / gb_out: where
+    to write gw / gb (a model's gradient buffer, runtime/cuda_flat.py)."""
+    from .tensor import _given, channel_sum
     g = Geom(x.shape, w.shape, stride, pad, dilation, groups, _dtype_of(x).itemsize)
     gx = _backward_data(gy, w, g, empty(x.shape, x.dtype)) if need_gx else None
-    gw = _backward_weight(x, gy, g, empty(w.shape, w.dtype)) if need_gw else None
-    return gx, gw, channel_sum(gy) if need_gb else None
+    gw = _backward_weight(x, gy, g, _given(gw_out, w.shape, w.dtype)) if need_gw else None
+    return gx, gw, channel_sum(gy, out=gb_out) if need_gb else None
 
 
 def _transpose_geom(x, w, stride, pad, output_padding, dilation, groups):
@@ -476,15 +478,16 @@ def linear(x, w, b=None):
     return y
 
 
-def linear_backward(x, w, gy, need_gx=True):
-    """(gx[N, K], gw[M, K], gb[M]); gx is None when not requested."""
-    from .tensor import reduce_axis
+def linear_backward(x, w, gy, need_gx=True, gw_out=None, gb_out=None):
+    """(gx[N, K], gw[M, K], gb[M]); gx is None when not requested. gw_out / gb_out: where
+    to write gw / gb."""
+    from .tensor import _given, reduce_axis
     N, K = x.shape
     M = w.shape[0]
     gx = None
     if need_gx:
         gx = empty((N, K), x.dtype)
         gemm(Operand(gy, M, 1), Operand(w, 1, K), Operand(gx, K, 1), N, K, M)
-    gw = empty((M, K), x.dtype)
+    gw = _given(gw_out, (M, K), x.dtype)
     gemm(Operand(gy, 1, M), Operand(x, 1, K), Operand(gw, K, 1), M, K, N)
-    return gx, gw, reduce_axis(gy, 0)
+    return gx, gw, reduce_axis(gy, 0, out=gb_out)

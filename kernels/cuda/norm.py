@@ -140,10 +140,12 @@ def batchnorm_infer(x, gamma, beta, running_mean, running_var, eps=1e-5):
     return y
 
 
-def batchnorm_backward(x, gy, gamma, mean, invstd):
-    """(gx, ggamma, gbeta) for batchnorm_train, from its saved mean / invstd."""
+def batchnorm_backward(x, gy, gamma, mean, invstd, gg_out=None, gb_out=None):
+    """(gx, ggamma, gbeta) for batchnorm_train, from its saved mean / invstd; ggamma and
+    gbeta into gg_out / gb_out if given (a model's gradient buffer)."""
+    from .tensor import _given
     N, C, L = _ncl(x)
-    ggamma, gbeta = empty(C, x.dtype), empty(C, x.dtype)
+    ggamma, gbeta = _given(gg_out, (C,), x.dtype), _given(gb_out, (C,), x.dtype)
     launch_rows(_bn_bwd_sums, C, flat(x), flat(gy), N, C, L, mean, invstd, ggamma, gbeta)
     gx = empty(x.shape, x.dtype)
     launch(_bn_bwd_apply, x.size, flat(x), flat(gy), N, C, L, mean, invstd, _vec(gamma, C, x.dtype, 1),

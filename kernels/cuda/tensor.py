@@ -76,20 +76,30 @@ def _split3(shape, axis):
     return math.prod(shape[:axis]), shape[axis], math.prod(shape[axis + 1:])
 
 
-def channel_sum(x, axis=1):
-    """Sum over every axis but `axis`: [C]."""
+def _given(out, shape, dtype):
+    """`out` checked against the result's shape and dtype, or a new array."""
+    if out is None:
+        return empty(shape, dtype)
+    if tuple(out.shape) != tuple(shape) or out.dtype != np.dtype(dtype):
+        raise ValueError(f"output buffer {out.dtype}{list(out.shape)}, expected {np.dtype(dtype)}{list(shape)}")
+    return out
+
+
+def channel_sum(x, axis=1, out=None):
+    """Sum over every axis but `axis`: [C] (into `out` if given)."""
     P, C, Q = _split3(x.shape, axis)
-    out = empty(C, x.dtype)
+    out = _given(out, (C,), x.dtype)
     launch_rows(_sum_pq, C, flat(x), P, C, Q, out, np.dtype(x.dtype).type(1))
     return out
 
 
-def reduce_axis(x, axis, mean=False, keepdims=False, scale=None):
-    """Sum (or mean) over one axis, times `scale` if given (instead of mean's 1/K)."""
+def reduce_axis(x, axis, mean=False, keepdims=False, scale=None, out=None):
+    """Sum (or mean) over one axis, times `scale` if given (instead of mean's 1/K); into
+    `out` if given."""
     O, K, I = _split3(x.shape, axis)
     axis %= x.ndim
     shape = x.shape[:axis] + ((1,) if keepdims else ()) + x.shape[axis + 1:]
-    out = empty(shape, x.dtype)
+    out = _given(out, shape, x.dtype)
     scale = np.dtype(x.dtype).type(scale if scale is not None else 1.0 / K if mean else 1.0)
     if K >= 4 * TPB_RED or O * I < 1024:
         launch_rows(_sum_mid_rows, O * I, flat(x), O, K, I, flat(out), scale)

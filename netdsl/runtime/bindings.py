@@ -119,11 +119,13 @@ class GradBuffers:
         return self._buf[self._at[name]:self._at[name] + like.size].reshape(like.shape)
 
 
-def _grad_out(n, st, role) -> dict:
-    """{'gw_out': buffer} when grad node n's gradient of parameter `role` is that
-    parameter's final gradient and the run keeps gradient buffers; else {}."""
+def _grad_out(n, st, role, key="gw_out", every=False) -> dict:
+    """{key: buffer} when grad node n's gradient of parameter `role` is that
+    parameter's final gradient and the run keeps gradient buffers; else {}.
+    every=True: asked only of buffers that hold every parameter's gradient (the CUDA
+    model's, runtime/cuda_flat.py; the CPU's hold the big weights' only)."""
     bufs = getattr(st, "grad_buffers", None)
-    if bufs is None or role not in n.fwd.params:
+    if bufs is None or role not in n.fwd.params or (every and not getattr(bufs, "every", False)):
         return {}
     k, nin = n.attrs["ngrads"], len(n.fwd.inputs)
     roles = [r for r, _ in trainable(n.fwd)]
@@ -131,7 +133,7 @@ def _grad_out(n, st, role) -> dict:
     if j not in n.attrs["like"]:
         return {}
     out = bufs.get(n.outputs[n.attrs["like"].index(j)], st.params[n.fwd.params[role].name])
-    return {} if out is None else {"gw_out": out}
+    return {} if out is None else {key: out}
 
 
 def _dims(shape, st):
@@ -166,7 +168,8 @@ def register(table: dict, K, target: str) -> None:
         a = n.attrs
         gx, gw, gb = K.conv2d_backward(xin, _param(n.fwd, st, "weight"), gy, a["s"], a["p"], a["d"], a["groups"],
                                        need_gx=_wants(n, 0), need_gb="bias" in n.fwd.params,
-                                       **_grad_out(n, st, "weight"), **_into(out, 0, "gx_out"))
+                                       **_grad_out(n, st, "weight"), **_grad_out(n, st, "bias", "gb_out", True),
+                                       **_into(out, 0, "gx_out"))
         return _outs(n, {0: gx}, {"weight": gw, "bias": gb})
 
     @kernel("conv_transpose", writes="new")
@@ -199,7 +202,7 @@ def register(table: dict, K, target: str) -> None:
             hoisted[id(n.fwd)] = (g2, _rows(xin))
             return _outs(n, {0: gx}, {"weight": None, "bias": None})
         gx, gw, gb = K.linear_backward(_rows(xin), _param(n.fwd, st, "weight"), _rows(gy), need_gx=_wants(n, 0),
-                                       **_grad_out(n, st, "weight"))
+                                       **_grad_out(n, st, "weight"), **_grad_out(n, st, "bias", "gb_out", True))
         return _outs(n, {0: None if gx is None else gx.reshape(xin.shape)}, {"weight": gw, "bias": gb})
 
     # ---- normalisation and dropout
@@ -223,7 +226,9 @@ def register(table: dict, K, target: str) -> None:
         (gy,), (xin,), _, _ = _grads_for(n, x)
         mean, invstd = st.saved[id(n.fwd)]
         gx, gg, gb = K.batchnorm_backward(xin, gy, _param(n.fwd, st, "weight"), mean, invstd,
-                                          **(_into(out, 0, "gx_out") if _wants(n, 0) else {}))
+                                          **(_into(out, 0, "gx_out") if _wants(n, 0) else {}),
+                                          **_grad_out(n, st, "weight", "gg_out", True),
+                                          **_grad_out(n, st, "bias", "gb_out", True))
         return _outs(n, {0: gx}, {"weight": gg, "bias": gb})
 
     @kernel("lrn", writes="new")

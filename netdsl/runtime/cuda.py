@@ -138,14 +138,19 @@ class DeviceOptimizer:
     The host optimiser (from `make_optimizer`, which checks the options) keeps the
     hyper-parameters, schedule and step count; its buffers live here on the device
     and come down only for `state_dict()` (checkpoints).
+    `flat`: the model's `DeviceParams` (runtime/cuda_flat.py, `Model.flat`). When the
+    parameters and gradients of a step are its views, the state is laid out the same
+    way and one kernel launch updates every parameter; otherwise one per parameter.
+    Either way each element sees the same arithmetic.
     """
 
-    def __init__(self, host, params: dict):
+    def __init__(self, host, params: dict, flat=None):
         from .optim import SGD, Adam
         if not isinstance(host, (SGD, Adam)):
             raise NetdslError(f"optimiser {type(host).__name__} has no CUDA update yet")
-        self.host, self.params = host, params
+        self.host, self.params, self.flat = host, params, flat
         self.buffers: dict[str, dict] = {k: {} for k in host.state_keys}
+        self._flat_state: dict = {}     # kind -> one buffer of flat's layout
 
     @property
     def steps(self):
@@ -155,26 +160,60 @@ class DeviceOptimizer:
     def current_lr(self):
         return self.host.current_lr
 
+    def _slot(self, kind: str, name: str, like):
+        """The state array `kind` of parameter `name`, made (zeroed) on first need: a
+        view of the kind's flat buffer where the parameter has a place in it."""
+        bufs = self.buffers[kind]
+        if name not in bufs:
+            lay = self.flat.layout if self.flat is not None else None
+            if lay is not None and name in lay.at and tuple(like.shape) == lay.shapes[name]:
+                if kind not in self._flat_state:
+                    self._flat_state[kind] = lay.buffer()
+                bufs[name] = lay.view(self._flat_state[kind], name)
+            else:
+                bufs[name] = K.zeros(like.shape, like.dtype)
+        return bufs[name]
+
+    def _flat_ok(self, grads: dict) -> bool:
+        """One launch for all: every parameter and gradient is a view of the flat buffers,
+        and (SGD with momentum) either none or all of them have a momentum buffer."""
+        if self.flat is None or not self.flat.holds(self.params, grads):
+            return False
+        mom = self.buffers.get("momentum")
+        return not mom or (len(mom) == len(self.flat.layout.at) and "momentum" in self._flat_state)
+
     def step(self, grads: dict) -> None:
         from .optim import Adam
         h = self.host
         h.current_lr = lr = h.schedule(h.steps, h.lr)
         h.steps += 1
+        if self._flat_ok(grads):
+            f = self.flat
+            kinds = self.buffers if isinstance(h, Adam) or h.momentum else ()
+            first = bool(kinds) and not self.buffers[next(iter(kinds))]
+            for kind in kinds:      # every parameter has its state now (the host makes it on a first gradient)
+                for name in f.layout.at:
+                    self._slot(kind, name, f.params[name])
+            if isinstance(h, Adam):
+                self._adam(h, lr, f.buf, f.grad_buf, self._flat_state["exp_avg"], self._flat_state["exp_avg_sq"])
+            else:
+                buf = self._flat_state["momentum"] if h.momentum else f.buf     # unused without momentum
+                K.sgd_update(f.buf, f.grad_buf, buf, lr, h.momentum, h.dampening, h.weight_decay, first, h.nesterov)
+            return
         for name, g in grads.items():
             p = self.params[name]
             if isinstance(h, Adam):
-                m = self.buffers["exp_avg"].setdefault(name, K.zeros(p.shape, p.dtype))
-                v = self.buffers["exp_avg_sq"].setdefault(name, K.zeros(p.shape, p.dtype))
-                step_size = lr / (1 - h.beta1 ** h.steps)
-                K.adam_update(p, g, m, v, step_size, h.beta1, h.beta2, np.sqrt(1 - h.beta2 ** h.steps), h.eps,
-                              0.0 if h.decoupled else h.weight_decay, 1 - lr * h.weight_decay if h.decoupled else 1.0)
+                self._adam(h, lr, p, g, self._slot("exp_avg", name, p), self._slot("exp_avg_sq", name, p))
             else:
-                bufs = self.buffers.get("momentum", {})
-                first = h.momentum and name not in bufs
-                if h.momentum and first:
-                    bufs[name] = K.empty(p.shape, p.dtype)
-                buf = bufs.get(name, p)      # unused without momentum
+                first = bool(h.momentum) and name not in self.buffers["momentum"]
+                buf = self._slot("momentum", name, p) if h.momentum else p     # unused without momentum
                 K.sgd_update(p, g, buf, lr, h.momentum, h.dampening, h.weight_decay, first, h.nesterov)
+
+    @staticmethod
+    def _adam(h, lr, p, g, m, v):
+        step_size = lr / (1 - h.beta1 ** h.steps)
+        K.adam_update(p, g, m, v, step_size, h.beta1, h.beta2, np.sqrt(1 - h.beta2 ** h.steps), h.eps,
+                      0.0 if h.decoupled else h.weight_decay, 1 - lr * h.weight_decay if h.decoupled else 1.0)
 
     def state_dict(self) -> dict:
         self.host.state = {k: {n: download(b) for n, b in bufs.items()} for k, bufs in self.buffers.items()}
@@ -182,15 +221,21 @@ class DeviceOptimizer:
 
     def load_state_dict(self, state: dict, source: str = "optimiser state") -> None:
         self.host.load_state_dict(state, source)
-        self.buffers = {k: {n: upload(b) for n, b in bufs.items()} for k, bufs in self.host.state.items()}
+        self.buffers, self._flat_state = {k: {} for k in self.host.state_keys}, {}
+        for kind, bufs in self.host.state.items():
+            for n, b in bufs.items():
+                self._slot(kind, n, b).copy_to_device(np.ascontiguousarray(b))
 
 
-def clip_grad_norm(grads: dict, max_norm: float) -> float:
-    """`runtime.optim.clip_grad_norm` on device gradients: only the norm comes down."""
-    total = K.global_norm(list(grads.values()))
+def clip_grad_norm(grads: dict, max_norm: float, flat=None) -> float:
+    """`runtime.optim.clip_grad_norm` on device gradients: only the norm comes down.
+    With the model's `flat` (cuda_flat.DeviceParams) holding every gradient, the norm is
+    one reduction over its buffer and the scaling one kernel."""
+    arrays = [flat.grad_buf] if flat is not None and flat.holds_grads(grads) else list(grads.values())
+    total = K.global_norm(arrays)
     coef = min(max_norm / (total + 1e-6), 1.0)
     if coef < 1.0:
-        for g in grads.values():
+        for g in arrays:
             K.scale(g, coef)
     return total
 

@@ -31,6 +31,7 @@ class Model:
         self.dtype = np.dtype(dtype)
         self.device = device
         self.target = Target(device)
+        self.flat = None            # CUDA: the trainable parameters' and gradients' buffers (cuda_flat.py)
         self._params: dict | None = None
         self._drawing: _InitialWeights | None = None
         if params is None:
@@ -50,7 +51,15 @@ class Model:
     def _adopt(self, params: dict):
         if self.dtype != np.float32:
             params = {k: v.astype(self.dtype) for k, v in params.items()}
-        self._params = {k: self.target.upload(v) for k, v in params.items()}
+        self.flat = None
+        if self.device == "cuda":   # trainable parameters as views of one buffer (runtime/cuda_flat.py)
+            from .cuda_flat import DeviceParams
+            train = {k: v for k, v in params.items() if k in self.g.params and self.g.params[k].role != "buffer"
+                     and np.dtype(v.dtype) == self.dtype}
+            if train:
+                self.flat = DeviceParams(train, self.dtype)
+        self._params = {k: self.flat.params[k] if self.flat is not None and k in self.flat.params else self.target.upload(v)
+                        for k, v in params.items()}
 
     @property
     def params(self) -> dict:
@@ -186,12 +195,15 @@ class Model:
             if "_grad_buffers" not in self.__dict__:
                 self._grad_buffers = GradBuffers(self.training_graph.grads)
             st.grad_buffers = self._grad_buffers
+        elif self.flat is not None:     # every parameter gradient into its view of one buffer
+            st.grad_buffers = self.flat.bind(self.training_graph.grads)
         env = prog.run(st, fv)
         self._keep_carries(env)
         losses = {l.name: float(self.target.download(env[id(l.value)])) for l in self.g.losses}
         total = sum(l.weight * losses[l.name] for l in self.g.losses)
         grads = {n: env[id(v)] for n, v in self.training_graph.grads.items()}
-        if not np.isfinite(total) or not _all_finite(self.device, grads.values()):
+        arrays = [self.flat.grad_buf] if self.flat is not None and self.flat.holds_grads(grads) else grads.values()
+        if not np.isfinite(total) or not _all_finite(self.device, arrays):   # (one kernel over a flat buffer)
             self._blame(prog, st, fv)
         self.step += 1
         outputs = {n: self.target.download(env[id(v)]) for n, v in self.g.outputs.items() if id(v) in env}

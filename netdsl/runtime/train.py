@@ -131,7 +131,10 @@ class Trainer:
         self.clip = clip_grad_norm
         if device == "cuda":   # parameters, gradients and optimiser state stay on the device
             from . import cuda
-            self.opt, self.clip = cuda.DeviceOptimizer(self.opt, self.model.trainable()), cuda.clip_grad_norm
+            params = self.model.trainable()
+            flat = self.model.flat      # one launch for all parameters (runtime/cuda_flat.py)
+            self.opt = cuda.DeviceOptimizer(self.opt, params, flat)
+            self.clip = lambda grads, max_norm: cuda.clip_grad_norm(grads, max_norm, flat)
         self.epoch = 0
         self.grad_flow = None       # record_grad_flow() turns it on (--grad-flow)
 
@@ -196,7 +199,11 @@ class Trainer:
         c = load_checkpoint(path or self.ckpt_path, spec_text=self.spec_text)
         host = self.model.host_params()
         load_weights(host, c)
-        self.model.params.update({k: self.model.target.upload(v) for k, v in host.items()})
+        if self.model.device == "cuda":     # into the arrays the optimiser holds (views of one buffer)
+            for k, v in host.items():
+                self.model.params[k].copy_to_device(np.ascontiguousarray(v))
+        else:
+            self.model.params.update({k: self.model.target.upload(v) for k, v in host.items()})
         self.opt.load_state_dict(c.opt_state, f"checkpoint {c.path}")
         c.restore_rng(self.rng)     # in place: the loader holds this generator
         self.epoch, self.model.step = c.epoch, c.step
