@@ -57,7 +57,7 @@ def nbytes(v: Value, dims: dict) -> int:
 HEADS, TAILS = {"bn"}, {"bn_grad"}
 
 
-def _fusable_edge(v: Value, consumer: Node, users: dict, keep: set, norms: bool) -> bool:
+def _fusable_edge(v: Value, consumer: Node, users: dict, keep: set, norms) -> bool:
     """Fold v's producer into consumer's kernel: v is used only there and never kept."""
     p = v.producer
     if p is None or id(v) in keep or len(users.get(id(v), ())) != 1:
@@ -65,12 +65,15 @@ def _fusable_edge(v: Value, consumer: Node, users: dict, keep: set, norms: bool)
     if is_elementwise(consumer):
         head = norms and p.op in HEADS and p.inputs[0].rank in (2, 4)
         return (is_elementwise(p) or head) and tuple(v.shape) == tuple(consumer.outputs[0].shape)
-    if norms and consumer.op in TAILS and v is consumer.inputs[0]:
+    if norms is True and consumer.op in TAILS and v is consumer.inputs[0]:
         return is_elementwise(p) and tuple(v.shape) == tuple(consumer.inputs[1].shape)
     return False
 
 
-def plan(nodes: list[Node], keep: list[Value], dims: dict, fuse: bool = True, norms: bool = True) -> Plan:
+def plan(nodes: list[Node], keep: list[Value], dims: dict, fuse: bool = True, norms: bool | str = True) -> Plan:
+    """norms: fold a batch norm into the elementwise kernel after it (head) and one before
+    its gradient (tail); "heads": the heads only (CUDA, where a generated tail costs more
+    launches than the hand-written gradient kernels it replaces); False: neither."""
     keep_ids = {id(v) for v in keep}
     users: dict[int, list[Node]] = {}
     for n in nodes:

@@ -172,7 +172,7 @@ from .pool import (  # noqa: E402
     bed_of_nails, bed_of_nails_backward,
 )
 from .norm import (  # noqa: E402
-    batchnorm_train, batchnorm_apply, batchnorm_backward, batchnorm_infer,
+    batchnorm_train, batchnorm_apply, batchnorm_backward, batchnorm_infer, batchnorm_stats_scale, batchnorm_scale,
     local_response_norm, local_response_norm_backward,
     dropout, dropout_backward, dropout_mask, drop_path, drop_path_backward,
 )

@@ -16,10 +16,12 @@ from numba import cuda, uint64
 from . import TPB_RED, device, empty, flat, full, kernel, launch, launch_rows, tree_sum
 
 
-@kernel("aiiiaaaaiff")
-def _bn_stats(x, N, C, L, mean, invstd, rmean, rvar, has_running, momentum, eps):
+@kernel("aiiiaaaaiffaai")
+def _bn_stats(x, N, C, L, mean, invstd, rmean, rvar, has_running, momentum, eps, gamma, scale, want_scale):
     """Per channel: batch mean and 1/sqrt(var + eps); running stats updated like torch
-    (unbiased variance). has_running is 0 or 1 (rmean/rvar are dummies when 0)."""
+    (unbiased variance). has_running is 0 or 1 (rmean/rvar are dummies when 0).
+    want_scale 1: also scale = gamma * invstd (a fused norm-apply's factor; 2: no gamma,
+    scale = invstd); gamma and scale are dummies when 0."""
     T = x.dtype.type
     sh = cuda.shared.array(TPB_RED, x.dtype)
     t = cuda.threadIdx.x
@@ -43,11 +45,27 @@ def _bn_stats(x, N, C, L, mean, invstd, rmean, rvar, has_running, momentum, eps)
         if t == 0:
             var = sh[0] / T(M)
             mean[c] = mu
-            invstd[c] = T(1) / math.sqrt(var + eps)
+            s = T(1) / math.sqrt(var + eps)
+            invstd[c] = s
+            if want_scale == 1:
+                scale[c] = gamma[c] * s
+            elif want_scale == 2:
+                scale[c] = s
             if has_running:
                 rmean[c] = rmean[c] * (T(1) - momentum) + momentum * mu
                 rvar[c] = rvar[c] * (T(1) - momentum) + momentum * var * (T(M) / T(max(M - 1, 1)))
         cuda.syncthreads()
+
+
+@kernel("aaaaiif")
+def _bn_scale(gamma, invstd, var, scale, has_gamma, from_var, eps):
+    """scale[c] = gamma[c] * invstd[c] (the factor of a fused norm-apply); from_var 1:
+    invstd[c] = 1/sqrt(var[c] + eps) first (running statistics, inference)."""
+    T = scale.dtype.type
+    for c in range(cuda.grid(1), scale.size, cuda.gridsize(1)):
+        if from_var:
+            invstd[c] = T(1) / math.sqrt(var[c] + eps)
+        scale[c] = gamma[c] * invstd[c] if has_gamma else invstd[c]
 
 
 @kernel("aiiaaaaa")
@@ -119,8 +137,35 @@ def batchnorm_train(x, gamma=None, beta=None, running_mean=None, running_var=Non
     has = running_mean is not None and running_var is not None
     rm = flat(running_mean) if has else mean
     rv = flat(running_var) if has else invstd
-    launch_rows(_bn_stats, C, flat(x), N, C, L, mean, invstd, rm, rv, int(has), t(momentum), t(eps))
+    launch_rows(_bn_stats, C, flat(x), N, C, L, mean, invstd, rm, rv, int(has), t(momentum), t(eps), mean, mean, 0)
     return batchnorm_apply(x, gamma, beta, mean, invstd), mean, invstd
+
+
+def batchnorm_stats_scale(x, gamma=None, running_mean=None, running_var=None, momentum=0.1, eps=1e-5):
+    """(mean, invstd, gamma * invstd) of x[N, C, ...] in one launch, for a norm-apply fused
+    with what follows it (runtime/fused.py); running stats updated as batchnorm_train does."""
+    N, C, L = _ncl(x)
+    t = np.dtype(x.dtype).type
+    mean, invstd, scale = empty(C, x.dtype), empty(C, x.dtype), empty(C, x.dtype)
+    has = running_mean is not None and running_var is not None
+    rm = flat(running_mean) if has else mean
+    rv = flat(running_var) if has else invstd
+    launch_rows(_bn_stats, C, flat(x), N, C, L, mean, invstd, rm, rv, int(has), t(momentum), t(eps),
+                mean if gamma is None else flat(gamma), scale, 2 if gamma is None else 1)
+    return mean, invstd, scale
+
+
+def batchnorm_scale(gamma, invstd=None, running_var=None, eps=1e-5):
+    """(invstd, gamma * invstd) per channel: of the given invstd (a replay), or of the
+    running variance (inference: invstd = 1/sqrt(var + eps))."""
+    v = invstd if invstd is not None else running_var
+    t = np.dtype(v.dtype).type
+    scale = empty(v.size, v.dtype)
+    inv = flat(invstd) if invstd is not None else empty(v.size, v.dtype)
+    launch(_bn_scale, v.size, scale if gamma is None else flat(gamma), inv,
+           inv if running_var is None else flat(running_var), scale, int(gamma is not None),
+           int(invstd is None), t(eps))
+    return inv, scale
 
 
 def batchnorm_apply(x, gamma, beta, mean, invstd):

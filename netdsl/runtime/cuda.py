@@ -253,7 +253,7 @@ def device_memory(graph, dims: dict, optimizer: str = "sgd", momentum: bool = Tr
     from ..plan import plan
     from netdsl.kernels.cuda.gemm import COLS_BYTES
     tg = autodiff.build(graph)
-    p = plan(tg.nodes, tg.keep(), dims)
+    p = plan(tg.nodes, tg.keep(), dims, norms="heads")     # as the CUDA executor plans
     size = {n: _m.prod(int(d) for d in prm.shape) for n, prm in graph.params.items()}
     params = sum(size.values()) * itemsize
     grads = sum(s for n, s in size.items() if graph.params[n].role != "buffer") * itemsize

@@ -90,8 +90,9 @@ class Program:
     def __init__(self, nodes, keep: list[Value], dims: dict, fuse: bool = True, target: str = "cpu",
                  workspace: Workspace | None = None):
         check_runnable(nodes)
-        # norm heads/tails in fused kernels need the target's batch statistics (CPU for now)
-        self.plan: Plan = plan(nodes, keep, dims, fuse, norms=target == "cpu")
+        # a norm heads a fused kernel on both targets; a norm gradient ends one on the CPU only
+        # (on CUDA the generated per-channel sums take 3 launches, the hand-written gradient 2)
+        self.plan: Plan = plan(nodes, keep, dims, fuse, norms=True if target == "cpu" else "heads")
         self.workspace = workspace if target == "cpu" else None
         self.layout: Layout | None = None
         self.kernels: dict[int, object] = {}

@@ -2,7 +2,8 @@
 
 A step is a chain of elementwise nodes (and their `ew_grad` gradients), optionally
 headed by a batch norm (its per-channel apply, (x - mean) * gamma * invstd + beta, is
-elementwise once the statistics are known: norm-apply + ReLU is one kernel) or ended
+elementwise once the statistics are known: norm-apply + ReLU is one kernel; on CUDA the
+statistics and the factor gamma * invstd come from one launch before it) or ended
 by a batch norm's gradient (ReLU' + the norm's backward: one kernel reducing the two
 per-channel sums, one kernel writing the input gradient). Everything is rendered by
 `netdsl.kernels.codegen` from the scalar definitions, so no target writes it by hand.
@@ -120,6 +121,8 @@ class FusedStep:
         x = ins[self.s.inputs.index(n.inputs[0])]
         p = {r: st.params[q.name] for r, q in n.params.items()}
         C = x.shape[1]
+        if self.target.name == "cuda":
+            return self._norm_apply_cuda(n, x, p, st)
         if st.train and n.fwd is not None:   # a replay in the backward (remat.py)
             mean, invstd = st.saved[id(n.fwd)]
         elif st.train:
@@ -132,6 +135,25 @@ class FusedStep:
         gamma = p["weight"] if "weight" in p else np.ones(C, x.dtype)
         beta = p["bias"] if "bias" in p else np.zeros(C, x.dtype)
         return [mean, (gamma * invstd).astype(x.dtype), beta.astype(x.dtype, copy=False)]
+
+    @staticmethod
+    def _norm_apply_cuda(n, x, p, st):
+        """The CPU's (mean, gamma * invstd, beta) on the device: the batch statistics and
+        the factor in one launch (a replay or inference: the factor in one tiny launch)."""
+        from netdsl.kernels import cuda as K
+        gamma = p.get("weight")
+        if st.train and n.fwd is not None:   # a replay in the backward (remat.py)
+            mean, invstd = st.saved[id(n.fwd)]
+            _, a = K.batchnorm_scale(gamma, invstd=invstd)
+        elif st.train:
+            mean, invstd, a = K.batchnorm_stats_scale(x, gamma, p["running_mean"], p["running_var"],
+                                                      n.attrs["momentum"], n.attrs["eps"])
+            st.saved[id(n)] = (mean, invstd)
+        else:
+            mean = p["running_mean"]
+            _, a = K.batchnorm_scale(gamma, running_var=p["running_var"], eps=n.attrs["eps"])
+        beta = p["bias"] if "bias" in p else K.zeros(x.shape[1], x.dtype)
+        return [mean.reshape(mean.size), a, beta.reshape(beta.size)]
 
     def _norm_grad(self, args, ins, st, out):
         n, fwd = self.tail, self.tail.fwd
