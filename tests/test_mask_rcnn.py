@@ -254,3 +254,35 @@ def test_keypoint_head_trains_and_is_scored_from_the_cli(shapes, tmp_path):
             "--score-threshold", 0)
     assert r.returncode == 0, r.stderr
     assert (run / "predict" / image.name).exists()
+
+
+# ---- keypoints from heatmaps, scored by COCOeval
+
+def test_heatmap_peaks_become_keypoints_that_cocoeval_scores(shapes, tmp_path):
+    """Heatmaps peaking at each true keypoint's cell of its person's box give keypoints
+    within half a cell of the truth; as COCO results (instance_keypoint_results, mapped
+    back to the file's pixels) they score keypoint AP 1 with COCOeval."""
+    from netdsl.datasets import results
+    from netdsl.datasets.coco import coco
+    from netdsl.datasets.evaluate import evaluate
+    ds = coco(shapes / "pose", masks=True, keypoints=True, size=2 * SIZE)
+    S, split = 56, ds.test
+    boxes, kp = split["boxes"][:, :1], split["keypoints"][:, :1]
+    n = len(boxes)
+    heat = np.zeros((n, 1, 14, S, S), np.float32)
+    x1, y1, x2, y2 = (boxes[..., i, None] for i in range(4))
+    ix = np.clip(((kp[..., 0] - x1) / (x2 - x1) * S).astype(int), 0, S - 1)
+    iy = np.clip(((kp[..., 1] - y1) / (y2 - y1) * S).astype(int), 0, S - 1)
+    for k in range(n):
+        heat[k, 0, np.arange(14), iy[k, 0], ix[k, 0]] = 5.0
+    got = results.heatmap_keypoints(heat, boxes)
+    assert got.shape == (n, 1, 14, 3) and (got[..., 2] == 5).all()
+    cell = np.stack([(x2 - x1) / S, (y2 - y1) / S], -1)
+    assert (np.abs(got[..., :2] - kp[..., :2]) <= cell / 2 + 1e-4).all()
+    labels, scores = np.ones((n, 1), np.int64), np.ones((n, 1))
+    res = results.instance_keypoint_results(ds, "test", got, labels, scores)
+    assert len(res) == n and len(res[0]["keypoints"]) == 42
+    path = tmp_path / "kp.json"
+    results.write(str(path), res)
+    figures, table = evaluate(ds.meta["test"]["file"], str(path), "keypoints")
+    assert figures["AP"] == pytest.approx(1.0) and "COCOeval keypoints" in table
