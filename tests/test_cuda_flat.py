@@ -11,8 +11,9 @@ SGD (momentum, Nesterov, weight decay), plain SGD, Adam and AdamW give, bit for 
 parameters and state of the per-parameter kernels fed the same gradients, and match the
 CPU optimiser (runtime.optim) to 1e-5; state_dict / load_state_dict round trip through
 the flat buffers; gradients that are not the model's views fall back to one launch per
-parameter; and kernel launches per ResNet-18 training step (32x32, batch 64) counted
-with every kernel a no-op (the simulator's launch replaced by a counter).
+parameter; kernel launches per ResNet-18 training step (32x32, batch 64) counted
+with every kernel a no-op (the simulator's launch replaced by a counter); and (`resume`,
+a second subprocess) a CUDA run stopped and resumed equals an uninterrupted one.
 
 On a GPU: `python tests/test_cuda_flat.py device` runs the same checks on the device.
 """
@@ -30,8 +31,13 @@ HERE = Path(__file__).resolve()
 
 
 @pytest.fixture(scope="module")
-def results():
-    return script_results(HERE, {"sim": True}, timeout=600)["sim"]
+def both():
+    return script_results(HERE, {"sim": True, "resume": True}, timeout=600)
+
+
+@pytest.fixture(scope="module")
+def results(both):
+    return both["sim"]
 
 
 def test_every_gradient_is_written_into_the_flat_buffer(results):
@@ -74,6 +80,15 @@ def test_resnet18_launches_per_training_step(results):
     assert r["in_place"] and r["grads"] == 62
     assert r["flat"]["opt"] == 1 and r["flat"]["clip"] == 2 and r["flat"]["finite"] == 1
     assert r["per_param"]["opt"] == 62 and r["per_param"]["clip"] == 124 and r["per_param"]["finite"] == 62
+
+
+def test_resume_on_cuda_continues_bit_identically(both):
+    """Trainer.resume on CUDA writes the checkpoint's weights into the arrays the optimiser
+    updates (before, it replaced the model's arrays and the optimiser kept stepping the old
+    ones: the resumed run drifted from an uninterrupted one)."""
+    r = both["resume"]
+    assert r["optimiser_holds_model_arrays"] and r["steps"] == r["expect_steps"]
+    assert r["max_diff"] == 0.0, r
 
 
 # ---------------------------------------------------------------- the subprocess side
@@ -268,6 +283,39 @@ def main_resnet18():
     return out
 
 
+RESUME = """
+network tiny(classes = 3) {
+  input image: f32[N, 1, 4, 4]
+  input label: i64[N]
+  logits = image -> conv(2, k=3, p=1) -> bn -> relu -> flatten -> linear(classes)
+  output logits
+  loss ce = cross_entropy(logits, label)
+  train { optimizer = sgd(lr = 0.1, momentum = 0.9) epochs = 2 batch = 4 data = synthetic(size = 8) }
+}
+"""
+
+
+def main_resume():
+    """An uninterrupted 2-epoch CUDA run against one stopped after epoch 1 and resumed."""
+    import tempfile
+    from netdsl.runtime.train import Trainer
+    with tempfile.TemporaryDirectory() as d:
+        g = _graph(RESUME)
+
+        def trainer(out):
+            return Trainer(g, dict(g.train), f"{d}/{out}", RESUME, log=lambda s: None, device="cuda")
+        whole = trainer("whole")
+        whole.fit(progress=False)
+        trainer("split").fit(progress=False, until=1)
+        rest = trainer("split")
+        rest.resume()
+        holds = all(rest.opt.params[k] is v for k, v in rest.model.trainable().items())
+        rest.fit(progress=False)
+        wp, rp = whole.model.host_params(), rest.model.host_params()
+        return {"optimiser_holds_model_arrays": holds, "steps": rest.model.step, "expect_steps": whole.model.step,
+                "max_diff": max(float(np.abs(wp[k] - rp[k]).max()) for k in wp)}
+
+
 def main():
     count = Launches()
     cpu_m, gpu_m, feeds = _model()
@@ -280,6 +328,9 @@ if __name__ == "__main__":
     import warnings
     warnings.simplefilter("ignore")
     sys.path.insert(0, str(HERE.parent))
+    if sys.argv[1] == "resume":
+        print(json.dumps(main_resume()))
+        sys.exit()
     res = main()
     if sys.argv[1] == "sim":    # counted with no-op kernels: the simulator only
         res["resnet18"] = main_resnet18()
