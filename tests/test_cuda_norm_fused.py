@@ -8,6 +8,7 @@ the CUDA plan has norm-headed steps (bn+relu, bn+add+relu); one training step's 
 logits, every gradient and the running statistics, then inference on the running
 statistics, to 1e-4; the statistics-and-factor kernel and the factor kernel (a replay,
 inference) against the CPU's batch statistics and gamma * invstd.
+`device` (scripts/gpu-check): the `sim` checks on a real GPU.
 `ptx`: the generated norm-headed kernels (bn+relu, bn+add+relu) compile with NVVM with
 no float64 instruction (the hand-written _bn_stats / _bn_scale are in
 netdsl.kernels.cuda.REGISTRY, so tests/test_cuda_ptx.py compiles them).
@@ -161,4 +162,4 @@ if __name__ == "__main__":
     import warnings
     warnings.simplefilter("ignore")
     sys.path.insert(0, str(HERE.parent))
-    print(json.dumps({"sim": main_sim, "ptx": main_ptx}[sys.argv[1]]()))
+    print(json.dumps({"sim": main_sim, "device": main_sim, "ptx": main_ptx}[sys.argv[1]]()))
