@@ -177,8 +177,9 @@ class Model:
     def train_step(self, feeds: dict, extra=(), carry: dict | None = None, grad_flow: bool = False):
         """Forward and backward; returns (total loss, {loss name: value}, outputs, grads).
         `extra`: graph values to hand back too, in outputs under themselves (a metric's
-        logits that are not an output). On the CPU the gradient arrays are buffers that
-        the next step overwrites (as torch reuses .grad): copy them to keep them.
+        logits that are not an output). The gradient arrays are buffers that the next step
+        overwrites (as torch reuses .grad; on CUDA views of one buffer, runtime/cuda_flat.py):
+        copy them to keep them.
         `carry` starts the recurrences from a given state (truncated BPTT: the previous
         chunk's `self.carries`; no gradient flows into it); grad_flow=True records, in
         `self.grad_flow`, the norm of the gradient reaching each recurrent state at each t."""
