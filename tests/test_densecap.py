@@ -19,7 +19,8 @@ from netdsl.errors import NetdslError
 from netdsl.runtime.densecap import match, region_scores
 
 SMALL = {"size": 32, "width": 8, "stride": 8, "anchor": 8.0, "hidden": 32, "vocab": 20, "embed": 8, "H": 16,
-         "rois_per_image": 8, "pre_nms": 100, "post_nms": 16, "test_nms": 8, "coordconv": "true"}
+         "rois_per_image": 8, "pre_nms": 100, "post_nms": 16, "test_nms": 8, "coordconv": "true",
+         "batch_norm": "true", "dropout": 0.0, "feed_code": "true"}
 SETS = [a for k, v in SMALL.items() for a in ("--set", f"{k}={v}")]
 os.environ.setdefault("NUMBA_NUM_THREADS", "1")
 
@@ -178,6 +179,17 @@ def test_one_epoch_from_the_cli_shows_each_loss(run):
     rows = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]
     for name in ("rpn_cls", "rpn_box", "cls", "box", "caption"):
         assert np.isfinite(rows[-1][f"train_{name}_loss"]) and np.isfinite(rows[-1][f"test_{name}_loss"])
+
+
+def test_the_default_decoder_trains_a_step_too(data, tmp_path):
+    """feed_code = false (the full-size default: the code only starts the LSTM) at the small size."""
+    sets = [a for k, v in {**SMALL, "feed_code": "false", "batch_norm": "false", "dropout": 0.5}.items()
+            for a in ("--set", f"{k}={v}")]
+    r = cli("run", "specs/det/densecap.net", *sets, "--data", f"vg:{data}", "--epochs", "1", "--batch", "3",
+            "--out", tmp_path / "run", "--no-progress")
+    assert r.returncode == 0, r.stderr[-3000:]
+    row = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[-1])
+    assert np.isfinite(row["train_caption_loss"])
 
 
 def test_region_metric_against_a_hand_computed_case():
