@@ -10,6 +10,10 @@
 - shapes_captions.py: `netdsl data shapes-captions`, synthetic COCO captions (with instances)
 - captions.py: any COCO captions set as (image, caption) pairs, its word vocabulary;
                BLEU-4 (sacrebleu) and exact match of generated captions
+- shapes_regions.py: `netdsl data shapes-regions`, synthetic region descriptions in
+               Visual Genome's format (dense captioning)
+- vg.py:       any Visual Genome-format region description set as images, padded
+               region boxes and per-region caption tokens
 
 pycocotools and Pillow are imported inside the functions that need them, so importing
 this package costs nothing until data is read or written.
