@@ -22,7 +22,6 @@ SMALL = {"size": 32, "width": 8, "stride": 8, "anchor": 8.0, "hidden": 32, "voca
          "rois_per_image": 8, "pre_nms": 100, "post_nms": 16, "test_nms": 8, "coordconv": "true",
          "batch_norm": "true", "dropout": 0.0, "feed_code": "true"}
 SETS = [a for k, v in SMALL.items() for a in ("--set", f"{k}={v}")]
-os.environ.setdefault("NUMBA_NUM_THREADS", "1")
 
 
 @pytest.fixture(scope="module")
