@@ -122,9 +122,9 @@ def test_synthetic_data_from_the_command_line(tmp_path):
 
 def test_detector_on_data_without_boxes_says_so(tmp_path):
     """Every detection operator runs now (test_registry_closed.py covers an operator that
-    cannot run yet); a detector given its default data (digits: images and labels) names
+    cannot run yet); a detector given data without boxes (digits: images and labels) names
     the ground-truth inputs nothing fills."""
-    r = cli("run", SPECS / "det" / "faster_rcnn.net", "--out", tmp_path / "run")
+    r = cli("run", SPECS / "det" / "faster_rcnn.net", "--data", "digits", "--out", tmp_path / "run")
     assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
     assert "has nothing for input 'gt_boxes' of 'faster_rcnn'" in r.stderr, r.stderr
 
