@@ -254,11 +254,14 @@ SMALL = {"det/pose": _sets(size=64, width=8),
          "det/fast_rcnn": _sets(H=64, W=64, width=8, classes=4, G=3, P=16),
          "det/rcnn": _sets(size=32, width=8, classes=4, G=3, P=8, H=64, W=64),
          "det/yolo_v1": _sets(size=64, width=8, pools=2, hidden=64, S=4, classes=4, G=3),
-         "det/ssd300": _sets(size=64, width=8, extras=2, classes=4, G=3)}
-# No small variant yet: a training step at their published sizes (800 x 800 ResNet-50-FPN,
-# 720 x 720 VGG-16) is beyond a test; that every operator of theirs runs is checked by
-# _first_pending being None, their heads by tests/test_target_ops.py's small Mask R-CNN.
-FULL_SIZE_ONLY = {"det/mask_rcnn", "det/densecap"}
+         "det/ssd300": _sets(size=64, width=8, extras=2, classes=4, G=3),
+         # Mask R-CNN's (at 64 x 64, keypoint head kept) and dense captioning's, as their headers give them
+         "det/mask_rcnn": _sets(H=64, W=64, width=8, anchor=24.0, anchor_step=1.4142, rpn_fg_iou=0.5, post_nms=16,
+                                test_post_nms=16, rois_per_image=8, detections=4, head_roi=7, classes=4, K=3, G=2),
+         "det/densecap": _sets(size=32, width=8, stride=8, anchor=8.0, hidden=32, vocab=20, embed=8, H=16,
+                               rois_per_image=8, pre_nms=100, post_nms=16, test_nms=8, coordconv="true",
+                               batch_norm="true", dropout=0.0, feed_code="true", G=2, L=5)}
+FULL_SIZE_ONLY: set = set()
 
 
 def _first_pending(path: Path):
