@@ -223,34 +223,31 @@ def _run(args, dist):
 
 def cmd_data_shapes(args):
     from .datasets import shapes
-    from .runtime.progress import ProgressBar
-    shapes.check_options(args.images, args.size, args.val_fraction)     # before the bar starts
-    shapes.check_target(args.out)
-    bar = None if args.no_progress else ProgressBar(args.images * len(shapes.SETS), "shapes")
-    try:
-        m = shapes.generate(args.out, images=args.images, size=args.size, seed=args.seed,
-                            val_fraction=args.val_fraction, progress=bar.update if bar else None)
-    finally:
-        if bar:
-            bar.close()
+    m = _generate(args, shapes, "shapes", args.images * len(shapes.SETS))
     print(f"wrote {args.out}: {args.images} images of {args.size}x{args.size} per set ("
           + ", ".join(f"{n} in {os.path.normpath(os.path.join(args.out, s['root']))}" for n, s in m["sets"].items())
           + f"); previews in {os.path.join(args.out, 'preview')}")
     return 0
 
 
-def cmd_data_shapes_captions(args):
-    from .datasets import shapes, shapes_captions
+def _generate(args, module, what: str, total: int) -> dict:
+    """A generator run with a progress bar of `total` images, its options checked before the bar starts."""
+    from .datasets import shapes
     from .runtime.progress import ProgressBar
-    shapes.check_options(args.images, args.size, args.val_fraction)     # before the bar starts
-    shapes_captions.check_target(args.out)
-    bar = None if args.no_progress else ProgressBar(args.images, "shapes-captions")
+    shapes.check_options(args.images, args.size, args.val_fraction)
+    module.check_target(args.out)
+    bar = None if args.no_progress else ProgressBar(total, what)
     try:
-        m = shapes_captions.generate(args.out, images=args.images, size=args.size, seed=args.seed,
-                                     val_fraction=args.val_fraction, progress=bar.update if bar else None)
+        return module.generate(args.out, images=args.images, size=args.size, seed=args.seed,
+                               val_fraction=args.val_fraction, progress=bar.update if bar else None)
     finally:
         if bar:
             bar.close()
+
+
+def cmd_data_shapes_captions(args):
+    from .datasets import shapes_captions
+    m = _generate(args, shapes_captions, "shapes-captions", args.images)
     print(f"wrote {args.out}: {args.images} images of {args.size}x{args.size} with captions "
           f"({', '.join(m['annotations'].values())}, instances beside them); preview "
           f"{os.path.join(args.out, 'preview', 'captions.png')}")
@@ -258,17 +255,8 @@ def cmd_data_shapes_captions(args):
 
 
 def cmd_data_shapes_regions(args):
-    from .datasets import shapes, shapes_regions
-    from .runtime.progress import ProgressBar
-    shapes.check_options(args.images, args.size, args.val_fraction)     # before the bar starts
-    shapes_regions.check_target(args.out)
-    bar = None if args.no_progress else ProgressBar(args.images, "shapes-regions")
-    try:
-        m = shapes_regions.generate(args.out, images=args.images, size=args.size, seed=args.seed,
-                                    val_fraction=args.val_fraction, progress=bar.update if bar else None)
-    finally:
-        if bar:
-            bar.close()
+    from .datasets import shapes_regions
+    m = _generate(args, shapes_regions, "shapes-regions", args.images)
     print(f"wrote {args.out}: {args.images} images of {args.size}x{args.size} with {m['regions']} region "
           f"descriptions (Visual Genome's {', '.join(m['files'])}); preview "
           f"{os.path.join(args.out, 'preview', 'regions.png')}")

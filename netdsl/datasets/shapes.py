@@ -137,16 +137,7 @@ def generate(out: str, images: int = 300, size: int = 64, seed: int = 0, val_fra
     """Write the data set to `out` (created; a set this command wrote before is
     replaced, anything else there is refused). `images` per set; progress(n) is called
     after every n images. Returns the manifest written to OUT/dataset.json."""
-    n_train, n_val = check_options(images, size, val_fraction)
-    if not isinstance(seed, int) or seed < 0:
-        raise NetdslError(f"--seed must be 0 or more, got {seed}")
-    out = os.path.abspath(os.path.expanduser(os.fspath(out)))
-    check_target(out)
-    tmp = os.path.join(os.path.dirname(out), f".{os.path.basename(out)}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
-    try:
-        os.makedirs(tmp)
-    except OSError as e:
-        raise NetdslError(f"cannot create {out}: {e.strerror}") from None
+    n_train, n_val, out, tmp = start_set(out, images, size, seed, val_fraction, check_target)
     try:
         manifest = {"generator": GENERATOR, "version": 1, "images": images, "size": size, "seed": seed,
                     "val_fraction": val_fraction, "sets": {}}
@@ -208,6 +199,23 @@ def _write_json(path, obj, indent=None):
     with open(path, "w", encoding="utf-8") as f:
         json.dump(obj, f, indent=indent, separators=None if indent else (",", ":"))
         f.write("\n")
+
+
+def start_set(out, images: int, size: int, seed: int, val_fraction: float, check) -> tuple[int, int, str, str]:
+    """What every generator does before it draws: its options checked, `check(out)` (the
+    target is free or its own), and a fresh temporary directory beside `out` to write into
+    (moved into place by _move_into_place once complete): (n_train, n_val, out, tmp)."""
+    n_train, n_val = check_options(images, size, val_fraction)
+    if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
+        raise NetdslError(f"--seed must be 0 or more, got {seed}")
+    out = os.path.abspath(os.path.expanduser(os.fspath(out)))
+    check(out)
+    tmp = os.path.join(os.path.dirname(out), f".{os.path.basename(out)}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+    try:
+        os.makedirs(tmp)
+    except OSError as e:
+        raise NetdslError(f"cannot create {out}: {e.strerror}") from None
+    return n_train, n_val, out, tmp
 
 
 def check_target(out: str, generator: str = GENERATOR) -> None:

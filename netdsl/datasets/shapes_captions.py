@@ -25,14 +25,12 @@ from __future__ import annotations
 import colorsys
 import math
 import os
-import secrets
 import shutil
 
 import numpy as np
 
-from ..errors import NetdslError
 from . import draw
-from .shapes import SHAPE_CATEGORIES, _coco_file, _move_into_place, _write_json, annotation, check_options
+from .shapes import SHAPE_CATEGORIES, _coco_file, _move_into_place, _write_json, annotation, start_set
 from .shapes import check_target as _check_target
 
 GENERATOR = "netdsl data shapes-captions"
@@ -125,16 +123,7 @@ def generate(out: str, images: int = 1000, size: int = 64, seed: int = 0, val_fr
     """Write the data set to `out` (created; a set this command wrote before is
     replaced, anything else there is refused); progress(1) after every image.
     Returns the manifest written to OUT/dataset.json."""
-    n_train, n_val = check_options(images, size, val_fraction)
-    if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
-        raise NetdslError(f"--seed must be 0 or more, got {seed}")
-    out = os.path.abspath(os.path.expanduser(os.fspath(out)))
-    check_target(out)
-    tmp = os.path.join(os.path.dirname(out), f".{os.path.basename(out)}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
-    try:
-        os.makedirs(tmp)
-    except OSError as e:
-        raise NetdslError(f"cannot create {out}: {e.strerror}") from None
+    n_train, n_val, out, tmp = start_set(out, images, size, seed, val_fraction, check_target)
     try:
         manifest = {"generator": GENERATOR, "version": 1, "images": images, "size": size, "seed": seed,
                     "val_fraction": val_fraction, "annotations": {}, "instances": {},

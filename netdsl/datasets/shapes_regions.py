@@ -28,14 +28,12 @@ from __future__ import annotations
 
 import math
 import os
-import secrets
 import shutil
 
 import numpy as np
 
-from ..errors import NetdslError
 from . import draw
-from .shapes import _move_into_place, _write_json, check_options
+from .shapes import _move_into_place, _write_json, start_set
 from .shapes import check_target as _check_target
 from .shapes_captions import COLOURS, _colour
 
@@ -98,17 +96,9 @@ def generate(out: str, images: int = 1000, size: int = 64, seed: int = 0, val_fr
     replaced, anything else there is refused); progress(1) after every image.
     Returns the manifest written to OUT/dataset.json."""
     from PIL import Image
-    n_train, n_val = check_options(images, size, val_fraction)
-    if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
-        raise NetdslError(f"--seed must be 0 or more, got {seed}")
-    out = os.path.abspath(os.path.expanduser(os.fspath(out)))
-    check_target(out)
-    tmp = os.path.join(os.path.dirname(out), f".{os.path.basename(out)}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+    n_train, n_val, out, tmp = start_set(out, images, size, seed, val_fraction, check_target)
     try:
         os.makedirs(os.path.join(tmp, "images"))
-    except OSError as e:
-        raise NetdslError(f"cannot create {out}: {e.strerror}") from None
-    try:
         image_data, described, region_id = [], [], 0
         for i in range(images):
             image_id = i + 1
