@@ -43,7 +43,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 SMALL_VGG = {"width": 8, "batch_norm": "true", "dropout": 0, "classes": 4}
 # spec -> the small variant's --set (also in each spec's header comment)
 TASKS = {
-    "yolo_v1": {"size": 64, "pools": 2, "hidden": 64, "S": 4, "width": 8, "batch_norm": "true", "dropout": 0,
+    "yolo_v1": {"size": 64, "pools": 2, "hidden": 512, "S": 4, "width": 8, "batch_norm": "true", "dropout": 0,
                 "classes": 4},
     "ssd300": {"size": 64, "extras": 2, "width": 8, "batch_norm": "true", "classes": 4},
     "faster_rcnn": {"H": 64, "W": 64, "anchor": 16.0, **SMALL_VGG},
