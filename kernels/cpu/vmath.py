@@ -1,4 +1,5 @@
-"""exp, sigmoid and tanh over a row of float32 that LLVM vectorises (Numba, CPU).
+"""exp, sigmoid and tanh over a row of float32, written out for LLVM to vectorise (Numba, CPU;
+it does not yet: benchmarks/results/2026-12-06-rnn-cpu.txt).
 
 Numba lowers np.exp to a scalar libm call per element, which no loop around it can
 vectorise; in an LSTM step the gates' five transcendentals per hidden unit then cost as
