@@ -1,5 +1,4 @@
-"""exp, sigmoid and tanh over a row of float32, written out for LLVM to vectorise (Numba, CPU;
-it does not yet: benchmarks/results/2026-12-06-rnn-cpu.txt).
+"""exp, sigmoid and tanh over a row of float32 that LLVM vectorises (Numba, CPU).
 
 Numba lowers np.exp to a scalar libm call per element, which no loop around it can
 vectorise; in an LSTM step the gates' five transcendentals per hidden unit then cost as
@@ -30,13 +29,14 @@ _BIAS, _SHIFT = np.int32(127), np.int32(23)
 
 @njit
 def vexp(a, o, n, ki):
+    u = np.uint64     # indices that cannot be negative: no wraparound select, so LLVM vectorises
     if a.itemsize == 8:
         for i in range(n):
-            a[o + i] = np.exp(a[o + i])
+            a[u(o + i)] = np.exp(a[u(o + i)])
         return
     kf = ki.view(np.float32)
     for i in range(n):
-        x0 = np.float32(a[o + i])
+        x0 = np.float32(a[u(o + i)])
         x = x0 if x0 < _HI else _HI
         x = x if x > _LO else _LO
         k = np.floor(x * _LOG2E + _HALF)
@@ -48,36 +48,38 @@ def vexp(a, o, n, ki):
         p = p * r + _P4
         p = p * r + _P5
         p = p * r * r + r + _ONE
-        a[o + i] = p if x0 == x0 else x0
-        ki[i] = (np.int32(k) + _BIAS) << _SHIFT
+        a[u(o + i)] = p if x0 == x0 else x0
+        ki[u(i)] = (np.int32(k) + _BIAS) << _SHIFT
     for i in range(n):
-        a[o + i] *= kf[i]
+        a[u(o + i)] *= kf[u(i)]
 
 
 @njit
 def vsigmoid(a, o, n, ki):
+    u = np.uint64     # indices that cannot be negative: no wraparound select, so LLVM vectorises
     one = a.dtype.type(1)
     for i in range(n):
-        a[o + i] = -a[o + i]
+        a[u(o + i)] = -a[u(o + i)]
     vexp(a, o, n, ki)
     for i in range(n):
-        a[o + i] = one / (one + a[o + i])
+        a[u(o + i)] = one / (one + a[u(o + i)])
 
 
 @njit
 def vtanh(a, o, n, ki):
+    u = np.uint64     # indices that cannot be negative: no wraparound select, so LLVM vectorises
     one, two = a.dtype.type(1), a.dtype.type(2)
     if a.itemsize == 8:
         for i in range(n):
-            a[o + i] = np.tanh(a[o + i])
+            a[u(o + i)] = np.tanh(a[u(o + i)])
         return
     kf = ki.view(np.float32)
     for i in range(n):      # keep x for the odd series near 0, where 2 sigmoid(2x) - 1 cancels
-        kf[i] = a[o + i]
-        a[o + i] = -two * a[o + i]
+        kf[u(i)] = a[u(o + i)]
+        a[u(o + i)] = -two * a[u(o + i)]
     vexp(a, o, n, ki[n:])
     for i in range(n):
-        x = kf[i]
+        x = kf[u(i)]
         x2 = x * x
         near = x * (one + x2 * (_T3 + x2 * _T5))
-        a[o + i] = near if abs(x) < _SMALL else two / (one + a[o + i]) - one
+        a[u(o + i)] = near if abs(x) < _SMALL else two / (one + a[u(o + i)]) - one
