@@ -44,17 +44,38 @@ FIGURES = {
 }
 
 
-def netdsl(*args) -> tuple[float, float, subprocess.CompletedProcess]:
-    """(wall seconds, CPU seconds of the child, the finished process)."""
+def netdsl(*args, threads: int | None = None) -> tuple[float, float, subprocess.CompletedProcess]:
+    """(wall seconds, CPU seconds of the child, the finished process); threads: the child's
+    NUMBA_NUM_THREADS (default: inherited)."""
+    env = None if threads is None else {**os.environ, "NUMBA_NUM_THREADS": str(threads)}
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     start = time.perf_counter()
-    r = subprocess.run([sys.executable, "-m", "netdsl", *map(str, args)], cwd=ROOT, capture_output=True, text=True)
+    r = subprocess.run([sys.executable, "-m", "netdsl", *map(str, args)], cwd=ROOT, capture_output=True, text=True,
+                       env=env)
     wall = time.perf_counter() - start
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
     if r.returncode != 0:
         raise SystemExit(f"netdsl {' '.join(map(str, args))} failed ({r.returncode}):\n{r.stderr[-3000:]}")
     return wall, cpu, r
+
+
+class Log(list):
+    """The report: each line printed as it comes and kept for --out."""
+
+    def __call__(self, s=""):
+        print(s, flush=True)
+        self.append(s)
+
+
+def shapes_data(rel: str, images: int, say) -> tuple[str, dict]:
+    """(absolute path, manifest) of the shapes set at `rel`, generated first (seed 0) if missing."""
+    data = rel if os.path.isabs(rel) else os.path.join(ROOT, rel)
+    if not os.path.exists(data):
+        wall, cpu, _ = netdsl("data", "shapes", data, "--images", images, "--seed", 0, "--no-progress")
+        say(f"netdsl data shapes {rel} --images {images} --seed 0: {wall:.0f} s wall, {cpu:.0f} s CPU")
+    with open(os.path.join(data, "dataset.json")) as f:
+        return data, json.load(f)
 
 
 def main():
@@ -67,18 +88,8 @@ def main():
     p.add_argument("--out", help="also write the report to this file")
     a = p.parse_args()
     only = a.only.split(",")
-    lines = [f"# {time.strftime('%Y-%m-%d %H:%M')}  {machine()}"]
-
-    def say(s=""):
-        print(s, flush=True)
-        lines.append(s)
-
-    data = os.path.join(ROOT, a.data) if not os.path.isabs(a.data) else a.data
-    if not os.path.exists(data):
-        wall, cpu, _ = netdsl("data", "shapes", data, "--images", a.images, "--seed", 0, "--no-progress")
-        say(f"netdsl data shapes {a.data} --images {a.images} --seed 0: {wall:.0f} s wall, {cpu:.0f} s CPU")
-    with open(os.path.join(data, "dataset.json")) as f:
-        m = json.load(f)
+    lines = say = Log([f"# {time.strftime('%Y-%m-%d %H:%M')}  {machine()}"])
+    data, m = shapes_data(a.data, a.images, say)
     say(f"data: {a.data}, {m['images']} images of {m['size']}x{m['size']} per set, val fraction "
         f"{m['val_fraction']}, seed {m['seed']}")
     runs = {}

@@ -31,14 +31,13 @@ import argparse
 import json
 import os
 import re
-import resource
-import subprocess
 import sys
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench_dense_tasks import Log, shapes_data, netdsl as _netdsl  # noqa: E402
 
 SMALL_VGG = {"width": 8, "batch_norm": "true", "dropout": 0, "classes": 4}
 # spec -> the small variant's --set (also in each spec's header comment)
@@ -59,16 +58,7 @@ TOOK = re.compile(r"took (\d+):(\d\d):(\d\d)")
 
 def netdsl(*args, threads: int = 2) -> tuple[float, float, str]:
     """(wall seconds, CPU seconds of the child, its stdout + stderr)."""
-    env = {**os.environ, "NUMBA_NUM_THREADS": str(threads)}
-    before = resource.getrusage(resource.RUSAGE_CHILDREN)
-    start = time.perf_counter()
-    r = subprocess.run([sys.executable, "-m", "netdsl", *map(str, args)], cwd=ROOT, capture_output=True, text=True,
-                       env=env)
-    wall = time.perf_counter() - start
-    after = resource.getrusage(resource.RUSAGE_CHILDREN)
-    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
-    if r.returncode != 0:
-        raise SystemExit(f"netdsl {' '.join(map(str, args))} failed ({r.returncode}):\n{r.stderr[-3000:]}")
+    wall, cpu, r = _netdsl(*args, threads=threads)
     return wall, cpu, r.stdout + r.stderr
 
 
@@ -184,21 +174,11 @@ def main():
                    help="time (and score) the runs already in --runs instead of training them")
     p.add_argument("--out", help="also write the report to this file")
     a = p.parse_args()
-    lines = [f"# {time.strftime('%Y-%m-%d %H:%M')}  {machine()}"]
-
-    def say(s=""):
-        print(s, flush=True)
-        lines.append(s)
-
-    data = a.data if os.path.isabs(a.data) else os.path.join(ROOT, a.data)
-    if not os.path.exists(data):
-        wall, cpu, _ = netdsl("data", "shapes", data, "--images", a.images, "--seed", 0, "--no-progress")
-        say(f"netdsl data shapes {a.data} --images {a.images} --seed 0: {wall:.0f} s wall, {cpu:.0f} s CPU")
+    lines = say = Log([f"# {time.strftime('%Y-%m-%d %H:%M')}  {machine()}"])
+    data, m = shapes_data(a.data, a.images, say)
     if not all(os.path.exists(os.path.join(data, "proposals", f"selective_search_{s}.npz")) for s in ("train", "val")):
         wall, cpu, _ = netdsl("data", "proposals", data, "--no-progress", threads=1)
         say(f"netdsl data proposals {a.data}: {wall:.0f} s wall, {cpu:.0f} s CPU")
-    with open(os.path.join(data, "dataset.json")) as f:
-        m = json.load(f)
     train_images = len(json.load(open(os.path.join(data, "annotations", "instances_train.json")))["images"])
     say(f"data: {a.data}, {m['images']} images of {m['size']}x{m['size']} ({train_images} train), val fraction "
         f"{m['val_fraction']}, seed {m['seed']}")

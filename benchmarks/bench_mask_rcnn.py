@@ -21,7 +21,7 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_dense_tasks import ROOT, netdsl  # noqa: E402
+from bench_dense_tasks import ROOT, Log, netdsl, shapes_data  # noqa: E402
 
 SMALL = {"H": 128, "W": 128, "width": 8, "anchor": 24.0, "anchor_step": 1.4142, "rpn_fg_iou": 0.5,
          "post_nms": 64, "test_post_nms": 64, "rois_per_image": 32, "detections": 16, "head_roi": 7}
@@ -43,18 +43,8 @@ def main():
     p.add_argument("--out", help="also write the report to this file")
     a = p.parse_args()
     import time
-    lines = [f"# {time.strftime('%Y-%m-%d %H:%M')}  {machine()}"]
-
-    def say(s=""):
-        print(s, flush=True)
-        lines.append(s)
-
-    data = os.path.join(ROOT, a.data) if not os.path.isabs(a.data) else a.data
-    if not os.path.exists(data):
-        wall, cpu, _ = netdsl("data", "shapes", data, "--images", a.images, "--seed", 0, "--no-progress")
-        say(f"netdsl data shapes {a.data} --images {a.images} --seed 0: {wall:.0f} s wall, {cpu:.0f} s CPU")
-    with open(os.path.join(data, "dataset.json")) as f:
-        m = json.load(f)
+    lines = say = Log([f"# {time.strftime('%Y-%m-%d %H:%M')}  {machine()}"])
+    data, m = shapes_data(a.data, a.images, say)
     say(f"data: {a.data}, {m['images']} images of {m['size']}x{m['size']} per set, val fraction "
         f"{m['val_fraction']}, seed {m['seed']}")
     for name in a.only.split(","):

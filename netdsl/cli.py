@@ -575,33 +575,23 @@ def build_parser():
 
     d = sub.add_parser("data", help="make data sets in standard formats (see docs/data.md)")
     dsub = d.add_subparsers(dest="what", required=True, parser_class=_Parser)
-    ds = dsub.add_parser("shapes", help="synthetic COCO-format shapes, single-object and stick-figure pose sets")
-    ds.add_argument("out", help="directory to write (new, empty, or one this command wrote before)")
-    ds.add_argument("--images", type=int, default=300, help="images per set, train and val together (default 300)")
-    ds.add_argument("--size", type=int, default=64, help="image side in pixels (default 64)")
-    ds.add_argument("--seed", type=int, default=0, help="the same seed writes the same bytes (default 0)")
-    ds.add_argument("--val-fraction", type=float, default=0.2, help="share of images in val (default 0.2)")
-    ds.add_argument("--no-progress", action="store_true", help="no progress bar")
-    ds.set_defaults(fn=cmd_data_shapes)
-    dc = dsub.add_parser("shapes-captions", help="synthetic COCO captions: one or two coloured shapes per image, "
-                                                 "captions such as 'a red circle left of a blue square'")
-    dc.add_argument("out", help="directory to write (new, empty, or one this command wrote before)")
-    dc.add_argument("--images", type=int, default=1000, help="images, train and val together (default 1000)")
-    dc.add_argument("--size", type=int, default=64, help="image side in pixels (default 64)")
-    dc.add_argument("--seed", type=int, default=0, help="the same seed writes the same bytes (default 0)")
-    dc.add_argument("--val-fraction", type=float, default=0.2, help="share of images in val (default 0.2)")
-    dc.add_argument("--no-progress", action="store_true", help="no progress bar")
-    dc.set_defaults(fn=cmd_data_shapes_captions)
-
-    dr = dsub.add_parser("shapes-regions", help="synthetic dense captioning data in Visual Genome's format: "
-                                                "regions described as 'a small red circle near the top'")
-    dr.add_argument("out", help="directory to write (new, empty, or one this command wrote before)")
-    dr.add_argument("--images", type=int, default=1000, help="images, train and val together (default 1000)")
-    dr.add_argument("--size", type=int, default=64, help="image side in pixels (default 64)")
-    dr.add_argument("--seed", type=int, default=0, help="the same seed writes the same bytes (default 0)")
-    dr.add_argument("--val-fraction", type=float, default=0.2, help="share of images in val (default 0.2)")
-    dr.add_argument("--no-progress", action="store_true", help="no progress bar")
-    dr.set_defaults(fn=cmd_data_shapes_regions)
+    for name, fn, images, per, help_ in (
+            ("shapes", cmd_data_shapes, 300, "images per set",
+             "synthetic COCO-format shapes, single-object and stick-figure pose sets"),
+            ("shapes-captions", cmd_data_shapes_captions, 1000, "images",
+             "synthetic COCO captions: one or two coloured shapes per image, captions such as "
+             "'a red circle left of a blue square'"),
+            ("shapes-regions", cmd_data_shapes_regions, 1000, "images",
+             "synthetic dense captioning data in Visual Genome's format: regions described as "
+             "'a small red circle near the top'")):
+        g = dsub.add_parser(name, help=help_)
+        g.add_argument("out", help="directory to write (new, empty, or one this command wrote before)")
+        g.add_argument("--images", type=int, default=images, help=f"{per}, train and val together (default {images})")
+        g.add_argument("--size", type=int, default=64, help="image side in pixels (default 64)")
+        g.add_argument("--seed", type=int, default=0, help="the same seed writes the same bytes (default 0)")
+        g.add_argument("--val-fraction", type=float, default=0.2, help="share of images in val (default 0.2)")
+        g.add_argument("--no-progress", action="store_true", help="no progress bar")
+        g.set_defaults(fn=fn)
 
     dp = dsub.add_parser("proposals", help="selective search region proposals for R-CNN, cached in "
                                            "DIR/proposals/selective_search_SPLIT.npz")
