@@ -25,6 +25,7 @@ import numpy as np
 
 from ..errors import NetdslError
 from ..ir.dims import Sym
+from ..ir.graph import needed_by
 
 OPSET = 17          # HardSwish (14), Shape's start/end (15), ReduceSum's axes as an input (13)
 IR_VERSION = 8      # the IR version that goes with opset 17 (readable by older runtimes)
@@ -185,15 +186,7 @@ class Exporter:
 
 def needed_nodes(nodes, keep) -> list:
     """The nodes that the values in `keep` depend on, in graph order."""
-    need, stack = set(), list(keep)
-    by_value = {id(o): n for n in nodes for o in n.outputs}
-    while stack:
-        v = stack.pop()
-        n = by_value.get(id(v))
-        if n is None or id(n) in need:
-            continue
-        need.add(id(n))
-        stack.extend(i for i in n.inputs if i is not None)
+    need = needed_by(nodes, keep)
     return [n for n in nodes if id(n) in need]
 
 

@@ -133,14 +133,20 @@ class Graph:
 
     def phase_of_nodes(self) -> dict[int, str]:
         """'all' for nodes needed at inference (outputs, all-phase losses), else 'train'."""
-        needed: set[int] = set()
-        by_value = {id(o): n for n in self.nodes for o in n.outputs}
-        stack = [v for v in self.outputs.values()] + [l.value for l in self.losses if l.phase == "all"]
-        while stack:
-            v = stack.pop()
-            n = by_value.get(id(v))
-            if n is None or id(n) in needed:
-                continue
-            needed.add(id(n))
-            stack.extend(n.inputs)
+        needed = needed_by(self.nodes, [v for v in self.outputs.values()]
+                           + [l.value for l in self.losses if l.phase == "all"])
         return {id(n): ("all" if id(n) in needed else "train") for n in self.nodes}
+
+
+def needed_by(nodes, values) -> set[int]:
+    """The ids of the nodes among `nodes` that `values` depend on."""
+    need: set[int] = set()
+    by_value = {id(o): n for n in nodes for o in n.outputs}
+    stack = list(values)
+    while stack:
+        n = by_value.get(id(stack.pop()))
+        if n is None or id(n) in need:
+            continue
+        need.add(id(n))
+        stack.extend(i for i in n.inputs if i is not None)
+    return need
