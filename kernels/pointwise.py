@@ -4,7 +4,7 @@ weighted loss is reduced (ops/tensor.py's `norm`), which both targets' hosts sha
 import math
 
 MSE, SMOOTH_L1, BCE_LOGITS = 0, 1, 2
-NORMS = ("elements", "rows", "weight")
+NORMS = ("elements", "rows", "weight", "weight_rows")
 
 
 def point_loss(a, b, kind, beta, one):
@@ -40,13 +40,17 @@ def loss_weight(shape, weight):
 
 def loss_divisor(shape, norm, weight_sum=None, D=1):
     """What sum(w * loss) is divided by (ops/tensor.py's norm); weight_sum: sum of the
-    weights (each counted D times) for norm "weight"."""
+    weights (each counted D times) for norms "weight" and "weight_rows"."""
     shape = tuple(shape)
     size = math.prod(shape)
     if norm == "elements" or norm == "weight" and weight_sum is None:
         return size
+    if norm == "weight_rows" and weight_sum is None:
+        norm = "rows"
     if norm == "rows":
         return size // shape[-1] if len(shape) and shape[-1] else 1
     if norm == "weight":
         return weight_sum * D
+    if norm == "weight_rows":     # each row's weight once: a per-row weight's plain sum
+        return weight_sum * D / shape[-1] if shape[-1] else 0
     raise ValueError(f"loss: norm must be one of {', '.join(NORMS)}, got {norm!r}")

@@ -342,20 +342,20 @@ def hard_negatives(logits, labels, ratio):
 
 # ---------------------------------------------------------------- per-RoI targets
 
-def _positive(labels, y):
+def _positive(labels, lo, y):
     for i in prange(labels.size):
-        y[i] = y.dtype.type(1) if labels[i] > 0 else y.dtype.type(0)
+        y[i] = y.dtype.type(1) if labels[i] >= lo else y.dtype.type(0)
     return y
 
 
 _positive = kernel(_positive)
 
 
-def positive(labels, dtype=np.float32):
-    """1.0 where the label is foreground (> 0), else 0.0."""
+def positive(labels, dtype=np.float32, lo=1):
+    """1.0 where the label is >= lo (1: foreground; 0: every sampled anchor or RoI), else 0.0."""
     labels = np.ascontiguousarray(labels, np.int64)
     y = np.empty(labels.shape, dtype)
-    _positive(labels.size, labels.reshape(-1), y.reshape(-1))
+    _positive(labels.size, labels.reshape(-1), lo, y.reshape(-1))
     return y
 
 

@@ -191,9 +191,10 @@ def _weighting(pred, weight, norm):
     """(weight array, D, divisor as a device scalar): D = 0 without a weight (a one-element
     placeholder array is passed, never read)."""
     w, D = loss_weight(pred.shape, weight)
-    if norm == "weight" and w is not None:
+    if norm in ("weight", "weight_rows") and w is not None:
         den = empty(1, pred.dtype)
-        _sum_scaled[1, TPB_RED](flat(w), w.size, np.dtype(pred.dtype).type(D), den)
+        scale = D if norm == "weight" else D / max(tuple(pred.shape)[-1], 1)   # (the simulator: tuple)
+        _sum_scaled[1, TPB_RED](flat(w), w.size, np.dtype(pred.dtype).type(scale), den)
     else:
         den = full(1, loss_divisor(pred.shape, norm), pred.dtype)
     return (flat(w), D) if w is not None else (den, 0), den

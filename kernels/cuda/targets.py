@@ -159,16 +159,16 @@ def hard_negatives(logits, labels, ratio):
 
 # ---------------------------------------------------------------- per-RoI targets
 
-@kernel("la")
-def _positive(labels, y):
+@kernel("lia")
+def _positive(labels, lo, y):
     T = y.dtype.type
     for i in range(cuda.grid(1), y.size, cuda.gridsize(1)):
-        y[i] = T(1) if labels[i] > 0 else T(0)
+        y[i] = T(1) if labels[i] >= lo else T(0)
 
 
-def positive(labels, dtype=np.float32):
+def positive(labels, dtype=np.float32, lo=1):
     y = empty(labels.shape, dtype)
-    launch(_positive, y.size, flat(labels), flat(y))
+    launch(_positive, y.size, flat(labels), lo, flat(y))
     return y
 
 

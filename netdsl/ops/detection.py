@@ -444,10 +444,11 @@ def sample_rois(ctx: Ctx):
     return [((R, 5), "f32"), ((R,), "i64"), ((R, 4), "f32"), ((R,), "i64")]
 
 
-@defop("positive", ["labels"], **DET)
+@defop("positive", ["labels"], (Attr("min", "int", 1, doc="the smallest label that gives 1.0"),), **DET)
 def positive_(ctx: Ctx):
-    """1.0 where the label is foreground (> 0), else 0.0: the weight that restricts box,
-    mask and keypoint losses to positive anchors and RoIs."""
+    """1.0 where the label is >= min, else 0.0. min 1 (foreground): the weight that restricts
+    box, mask and keypoint losses to positive anchors and RoIs; min 0: every sampled one
+    (-1 is ignored), the RPN box loss's divisor."""
     _ids(ctx, 0, "labels")
     return [(ctx.x().shape, "f32")]
 

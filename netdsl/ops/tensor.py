@@ -279,9 +279,13 @@ def _same_shape(ctx: Ctx):
 #             summed over a box's 4 numbers and divided by the RoIs or anchors in the batch;
 #   weight    the sum of the weights over the elements: the mean over what is weighted
 #             (pose: over the visible joints' coordinates); 0 where every weight is 0.
+#   weight_rows  the sum of the weights, a row's counted once (a per-row weight's sum; per
+#             element, that sum / the last axis): torchvision's RPN box loss, the positives'
+#             deltas summed and divided by the sampled anchors (weight 1 on each of them).
 # The weight gets no gradient.
-_NORM = Attr("norm", "str", "elements", choices=("elements", "rows", "weight"),
-             doc="divide sum(weight * loss) by the element count, the row count, or the sum of the weights")
+_NORM = Attr("norm", "str", "elements", choices=("elements", "rows", "weight", "weight_rows"),
+             doc="divide sum(weight * loss) by the element count, the row count, the sum of the weights, "
+                 "or that sum with each row counted once")
 
 
 @defop("cross_entropy", ["logits", "labels"], (Attr("ignore_index", "int", -1),), kind="loss",

@@ -740,7 +740,7 @@ def targets(kernel, K) -> None:
 
     @kernel("positive", writes="new")
     def positive(n, x, st):
-        return [K.positive(x[0], array_dtype(n.outputs[0].dtype, st.dtype))]
+        return [K.positive(x[0], array_dtype(n.outputs[0].dtype, st.dtype), n.attrs["min"])]
 
     @kernel("match_gather", writes="new")
     def match_gather(n, x, st):
