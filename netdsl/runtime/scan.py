@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import weakref
 import zlib
+from contextlib import nullcontext
 
 import numpy as np
 
@@ -63,6 +64,8 @@ class CpuArrays:
     def put(out, t, a):
         out[:, t] = a
 
+    # cell_step_grads multiplies by transposed copies of these weights while it is open
+    transposed = staticmethod(kernels.recurrent.transposed_weights)
     empty = staticmethod(np.empty)
     zeros = staticmethod(np.zeros)
 
@@ -269,37 +272,40 @@ def bind(table: dict, target: str, A) -> None:
         flow = getattr(st, "grad_flow", None)     # carry path -> |dL/dh_t| per t (--grad-flow)
         if flow is not None:
             flow.update({name: [0.0] * T for name in r.names})
-        for t in range(T - 1, -1, -1):
-            if flow is not None:    # what reaches the state leaving step t from the steps after it
-                for name, c in zip(r.names, gcarry):
-                    flow[name][t] = A.norm(c) if c is not None else 0.0
-            res, kept = saved[t]
-            sst = StepState(st, t)
-            sst.saved = kept
-            sst.hoisted_grad = {id(h.node): h.seq is not None for h in r.hoists}
-            feeds = dict(res)
-            for j, s in enumerate(sg.seeds):
-                a = A.take(gy[j], t) if j < ne and j in gy else (gcarry[j - ne] if j >= ne else None)
-                if a is not None:
-                    feeds[id(s)] = a
-            feeds.update(zip(map(id, r.ins[ns + nc:]), caps))
-            env = r.bwd.run(sst, feeds)
-            for i in gseq:
-                if sg.input_grads[i] is not None:
-                    A.put(gseq[i], t, env[id(sg.input_grads[i])])
-            gcarry = [None if sg.input_grads[ns + j] is None else env[id(sg.input_grads[ns + j])]
-                      for j in range(nc)]
-            for j in range(len(caps)):
-                gv = sg.input_grads[ns + nc + j]
-                if ns + nc + j in want and gv is not None:
-                    gcap[j] = A.add(gcap.get(j), env[id(gv)])
-            for name, gv in sg.param_grads.items():
-                if name not in deferred:
-                    gpar[name] = A.add(gpar.get(name), env[id(gv)])
-            for i, h in enumerate(r.hoists):
-                got = sst.hoisted_grad[id(h.node)]
-                if isinstance(got, tuple):      # (a cell no loss depends on has no backward)
-                    per_cell[i] = h.keep(A, per_cell[i], t, T, got)
+        held = getattr(A, "transposed", None)    # (the CPU's: the step GEMM of the cells' backward)
+        w_hh = [st.params[h.p["weight_hh"]] for h in r.hoists if isinstance(h, _Cell)]
+        with held(w_hh) if held else nullcontext():
+            for t in range(T - 1, -1, -1):
+                if flow is not None:    # what reaches the state leaving step t from the steps after it
+                    for name, c in zip(r.names, gcarry):
+                        flow[name][t] = A.norm(c) if c is not None else 0.0
+                res, kept = saved[t]
+                sst = StepState(st, t)
+                sst.saved = kept
+                sst.hoisted_grad = {id(h.node): h.seq is not None for h in r.hoists}
+                feeds = dict(res)
+                for j, s in enumerate(sg.seeds):
+                    a = A.take(gy[j], t) if j < ne and j in gy else (gcarry[j - ne] if j >= ne else None)
+                    if a is not None:
+                        feeds[id(s)] = a
+                feeds.update(zip(map(id, r.ins[ns + nc:]), caps))
+                env = r.bwd.run(sst, feeds)
+                for i in gseq:
+                    if sg.input_grads[i] is not None:
+                        A.put(gseq[i], t, env[id(sg.input_grads[i])])
+                gcarry = [None if sg.input_grads[ns + j] is None else env[id(sg.input_grads[ns + j])]
+                          for j in range(nc)]
+                for j in range(len(caps)):
+                    gv = sg.input_grads[ns + nc + j]
+                    if ns + nc + j in want and gv is not None:
+                        gcap[j] = A.add(gcap.get(j), env[id(gv)])
+                for name, gv in sg.param_grads.items():
+                    if name not in deferred:
+                        gpar[name] = A.add(gpar.get(name), env[id(gv)])
+                for i, h in enumerate(r.hoists):
+                    got = sst.hoisted_grad[id(h.node)]
+                    if isinstance(got, tuple):      # (a cell no loss depends on has no backward)
+                        per_cell[i] = h.keep(A, per_cell[i], t, T, got)
         for h, bufs in zip(r.hoists, per_cell):     # the weight gradients: one GEMM each over all steps
             if bufs is None:
                 continue
