@@ -15,13 +15,17 @@ from __future__ import annotations
 
 import numpy as np
 
-from netdsl.kernels import cuda as K
-from netdsl.kernels.cpu.loss import scalar
+from . import cuda_pool
 
-from ..errors import NetdslError
-from ..ir.dims import subs
-from . import scan
-from .bindings import _rows, register, registrar
+from netdsl.kernels import cuda as K  # noqa: E402
+from netdsl.kernels.cpu.loss import scalar  # noqa: E402
+
+from ..errors import NetdslError  # noqa: E402
+from ..ir.dims import subs  # noqa: E402
+from . import scan  # noqa: E402
+from .bindings import _rows, register, registrar  # noqa: E402
+
+cuda_pool.install()     # netdsl's caching allocator, before the first device allocation
 
 KERNELS = {}
 kernel = registrar(KERNELS)
