@@ -15,7 +15,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from . import cuda_pool
+from . import cuda_graph, cuda_pool
+
+cuda_graph.prepare()    # before numba.cuda is imported: kernels on a capturable stream (cuda_graph.py)
 
 from netdsl.kernels import cuda as K  # noqa: E402
 from netdsl.kernels.cpu.loss import scalar  # noqa: E402

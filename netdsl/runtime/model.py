@@ -47,6 +47,7 @@ class Model:
         self.carries: dict = {}     # the last run's final recurrent state (carry path -> array)
         self.grad_flow: dict = {}   # train_step(grad_flow=True): carry path -> [|dL/dh_t| for each t]
         self.grad_ready = None      # train_step's RunState.grad_ready (distributed.GradReducer.ready)
+        self._graphs = None         # CUDA: training steps captured as graphs and replayed (cuda_graph.py)
 
     def _adopt(self, params: dict):
         if self.dtype != np.float32:
@@ -99,8 +100,9 @@ class Model:
 
     # ---- feeding data
 
-    def bind(self, feeds: dict[str, np.ndarray]) -> tuple[dict, dict]:
-        """Check arrays against the declared inputs; returns (dims, feeds by value id)."""
+    def bind(self, feeds: dict[str, np.ndarray], upload: bool = True) -> tuple[dict, dict]:
+        """Check arrays against the declared inputs; returns (dims, feeds by value id), on
+        the model's device (upload=False: host arrays, for a CUDA graph's input buffers)."""
         dims: dict[str, int] = {}
         out = {}
         for name, arr in feeds.items():
@@ -117,7 +119,8 @@ class Model:
                 if np.issubdtype(want, np.integer) != np.issubdtype(arr.dtype, np.integer):
                     raise NetdslError(f"input '{name}' is declared {v.dtype} but the data is {arr.dtype}", v.pos)
                 arr = arr.astype(want)
-            out[id(v)] = self.target.upload(np.ascontiguousarray(arr))
+            arr = np.ascontiguousarray(arr)
+            out[id(v)] = self.target.upload(arr) if upload else arr
         return dims, out
 
     # ---- programs
@@ -183,7 +186,7 @@ class Model:
         `carry` starts the recurrences from a given state (truncated BPTT: the previous
         chunk's `self.carries`; no gradient flows into it); grad_flow=True records, in
         `self.grad_flow`, the norm of the gradient reaching each recurrent state at each t."""
-        dims, fv = self.bind(feeds)
+        dims, fv = self.bind(feeds, upload=self.device != "cuda")    # (CUDA: uploaded in _device_step)
         missing = [n for n, v in self.g.inputs.items() if id(v) not in fv]
         if missing:
             raise NetdslError(f"training needs data for every input; missing: {', '.join(missing)}", self.g.pos)
@@ -198,7 +201,7 @@ class Model:
             st.grad_buffers = self._grad_buffers
         elif self.flat is not None:     # every parameter gradient into its view of one buffer
             st.grad_buffers = self.flat.bind(self.training_graph.grads)
-        env = prog.run(st, fv)
+        env = prog.run(st, fv) if self.device != "cuda" else self._device_step(prog, st, fv, carry, grad_flow)
         self._keep_carries(env)
         losses = {l.name: float(self.target.download(env[id(l.value)])) for l in self.g.losses}
         total = sum(l.weight * losses[l.name] for l in self.g.losses)
@@ -211,9 +214,26 @@ class Model:
         outputs.update((v, self.target.download(env[id(v)])) for v in extra)
         return total, losses, outputs, grads
 
+    def _device_step(self, prog: Program, st: RunState, host_fv: dict, carry, grad_flow: bool) -> dict:
+        """A CUDA training step: eager, or captured as one CUDA graph and replayed (cuda_graph.py)."""
+        from .cuda_graph import GraphSteps
+        if self._graphs is None:
+            self._graphs = GraphSteps()
+        why = ("the recurrent state is given from outside (carry)" if carry else
+               "grad_flow records gradient norms on the host" if grad_flow else None)
+        params = tuple(st.params.values()) + ((self.flat.grad_buf,) if self.flat is not None else ())
+        upload = lambda fv: {k: self.target.upload(a) for k, a in fv.items()}
+        return self._graphs.run(prog, st, prog, host_fv, upload, params, why)
+
+    @property
+    def graph_status(self) -> dict:
+        """CUDA: training program -> "graph (N nodes)" or why its steps run eagerly."""
+        return dict(self._graphs.status) if self._graphs is not None else {}
+
     def _blame(self, prog: Program, st: RunState, fv):
         """Re-run the step checking every value, and name the first non-finite producer."""
         st.saved.clear()
+        fv = {k: self.target.upload(a) for k, a in fv.items()}     # (a CUDA step's feeds are host arrays)
         bad = prog.first_nonfinite(st, fv)
         if bad is None:
             raise NetdslError("the loss or a gradient is not finite", self.g.pos)
