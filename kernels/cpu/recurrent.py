@@ -183,24 +183,6 @@ def _hh_share(t, T, cols):
     return t * cols // T, (t + 1) * cols // T
 
 
-def _rnn_fwd(xp, h, whh, bhh, hn, T):
-    N, H = h.shape
-    hf, wf, yf = h.reshape(-1), whh.reshape(-1), hn.reshape(-1)
-    for t in prange(T):     # h @ w_hh.T, split over columns: see _hh_share
-        c0, c1 = _hh_share(t, T, 1 * H)
-        if c1 > c0:
-            _gemm(N, c1 - c0, H, hf, H, N_, wf[c0 * H:], H, T_, yf[c0:], 0.0, H)
-    for t in prange(T):
-        n0, n1 = t * N // T, (t + 1) * N // T
-        if n1 > n0:
-            ki = np.empty(2 * H, np.int32)
-            for r in range(n0, n1):
-                for j in range(H):
-                    hn[r, j] += xp[r, j] + bhh[j]
-                vtanh(yf, r * H, H, ki)
-    return hn
-
-
 def _hh_grad(g, wt, gt, gh, add, T):
     """gh[N, H] (+)= g[N, G*H] @ w_hh, formed as wt @ g.T from wt = w_hh.T [H, G*H]
     (transposed_weights) into gt [H, N], then transposed into gh: OpenBLAS packs the
@@ -223,24 +205,52 @@ def _hh_grad(g, wt, gt, gh, add, T):
     return gh
 
 
+# Below, every loop over a row indexes flat views through np.uint64 (as vmath.py does):
+# with signed 2-D indices Numba keeps a negative-index select that stops LLVM vectorising
+# (the LSTM backward's loop was all scalar: 3.1 ns a cell). xp is a flat view of the
+# projected input whose rows are xs apart (a time slice of [N, T, G*H], not copied).
+
+def _rnn_fwd(xp, xs, h, whh, bhh, hn, T):
+    N, H = h.shape
+    u = np.uint64
+    hf, wf, yf = h.reshape(-1), whh.reshape(-1), hn.reshape(-1)
+    for t in prange(T):     # h @ w_hh.T, split over columns: see _hh_share
+        c0, c1 = _hh_share(t, T, 1 * H)
+        if c1 > c0:
+            _gemm(N, c1 - c0, H, hf, H, N_, wf[c0 * H:], H, T_, yf[c0:], 0.0, H)
+    for t in prange(T):
+        n0, n1 = t * N // T, (t + 1) * N // T
+        if n1 > n0:
+            ki = np.empty(2 * H, np.int32)
+            for r in range(n0, n1):
+                b, x = r * H, r * xs
+                for j in range(H):
+                    yf[u(b + j)] += xp[u(x + j)] + bhh[u(j)]
+                vtanh(yf, b, H, ki)
+    return hn
+
+
 def _rnn_bwd(acts, ghn, gxp, T):
     """gxp = gh' * (1 - h'^2) (the pre-activation's gradient, input and recurrent alike)."""
     N, H = acts.shape
+    u = np.uint64
     one = acts.dtype.type(1)
+    af, gf, xf = acts.reshape(-1), ghn.reshape(-1), gxp.reshape(-1)
     for t in prange(T):
-        for r in range(t * N // T, (t + 1) * N // T):
-            for j in range(H):
-                y = acts[r, j]
-                gxp[r, j] = ghn[r, j] * (one - y * y)
+        for k in range(t * N // T * H, (t + 1) * N // T * H):
+            y = af[u(k)]
+            xf[u(k)] = gf[u(k)] * (one - y * y)
     return gxp
 
 
-def _lstm_fwd(xp, h, c, whh, bhh, acts, hn, cn, bo, bg, T):
+def _lstm_fwd(xp, xs, h, c, whh, bhh, acts, hn, cn, bo, bg, T):
     """acts[:, :4H] = h @ w_hh.T first (the GEMM writes straight into it), then the gates
     a row at a time, each activation one vectorised pass (vmath.py)."""
     N, H = h.shape
     W = 5 * H
-    hf, wf, af = h.reshape(-1), whh.reshape(-1), acts.reshape(-1)
+    u = np.uint64
+    hf, wf, af, cf = h.reshape(-1), whh.reshape(-1), acts.reshape(-1), c.reshape(-1)
+    hnf, cnf = hn.reshape(-1), cn.reshape(-1)
     oo, og = bo * H, bg * H
     for t in prange(T):     # h @ w_hh.T, split over columns: see _hh_share
         c0, c1 = _hh_share(t, T, 4 * H)
@@ -251,48 +261,54 @@ def _lstm_fwd(xp, h, c, whh, bhh, acts, hn, cn, bo, bg, T):
         if n1 > n0:
             ki = np.empty(4 * H, np.int32)
             for r in range(n0, n1):
-                b = r * W
+                b, x, s = r * W, r * xs, r * H
                 for k in range(4 * H):
-                    af[b + k] += xp[r, k] + bhh[k]
+                    af[u(b + k)] += xp[u(x + k)] + bhh[u(k)]
                 vsigmoid(af, b, 2 * H, ki)          # i, f
                 vsigmoid(af, b + oo, H, ki)         # o
                 vtanh(af, b + og, H, ki)            # g
                 for j in range(H):
-                    c2 = acts[r, H + j] * c[r, j] + acts[r, j] * acts[r, og + j]
-                    cn[r, j] = c2
-                    acts[r, 4 * H + j] = c2
+                    c2 = af[u(b + H + j)] * cf[u(s + j)] + af[u(b + j)] * af[u(b + og + j)]
+                    cnf[u(s + j)] = c2
+                    af[u(b + 4 * H + j)] = c2
                 vtanh(af, b + 4 * H, H, ki)         # tanh(c')
                 for j in range(H):
-                    hn[r, j] = acts[r, oo + j] * acts[r, 4 * H + j]
+                    hnf[u(s + j)] = af[u(b + oo + j)] * af[u(b + 4 * H + j)]
     return hn
 
 
 def _lstm_bwd(acts, c, ghn, gcn, has_gc, gxp, gc, bo, bg, T):
     N, H = c.shape
+    u = np.uint64
     one = acts.dtype.type(1)
+    af, cf, gf, gcf = acts.reshape(-1), c.reshape(-1), ghn.reshape(-1), gcn.reshape(-1)
+    xf, ocf = gxp.reshape(-1), gc.reshape(-1)
     oo, og = bo * H, bg * H
     for t in prange(T):
         for r in range(t * N // T, (t + 1) * N // T):
+            a, x, s = r * 5 * H, r * 4 * H, r * H
             for j in range(H):
-                i, f, o, g, tc = acts[r, j], acts[r, H + j], acts[r, oo + j], acts[r, og + j], acts[r, 4 * H + j]
-                gh = ghn[r, j]
+                i, f = af[u(a + j)], af[u(a + H + j)]
+                o, g, tc = af[u(a + oo + j)], af[u(a + og + j)], af[u(a + 4 * H + j)]
+                gh = gf[u(s + j)]
                 dc = gh * o * (one - tc * tc)
                 if has_gc:
-                    dc += gcn[r, j]
-                gxp[r, j] = dc * g * i * (one - i)
-                gxp[r, H + j] = dc * c[r, j] * f * (one - f)
-                gxp[r, oo + j] = gh * tc * o * (one - o)
-                gxp[r, og + j] = dc * i * (one - g * g)
-                gc[r, j] = dc * f
+                    dc += gcf[u(s + j)]
+                xf[u(x + j)] = dc * g * i * (one - i)
+                xf[u(x + H + j)] = dc * cf[u(s + j)] * f * (one - f)
+                xf[u(x + oo + j)] = gh * tc * o * (one - o)
+                xf[u(x + og + j)] = dc * i * (one - g * g)
+                ocf[u(s + j)] = dc * f
     return gxp
 
 
-def _gru_fwd(xp, h, whh, bhh, acts, hn, T):
+def _gru_fwd(xp, xs, h, whh, bhh, acts, hn, T):
     """acts[:, :3H] = h @ w_hh.T first, then r, z, n there and w_hn h + b_hn in acts[:, 3H:]."""
     N, H = h.shape
     one = acts.dtype.type(1)
     W = 4 * H
-    hf, wf, af = h.reshape(-1), whh.reshape(-1), acts.reshape(-1)
+    u = np.uint64
+    hf, wf, af, hnf = h.reshape(-1), whh.reshape(-1), acts.reshape(-1), hn.reshape(-1)
     for t in prange(T):     # h @ w_hh.T, split over columns: see _hh_share
         c0, c1 = _hh_share(t, T, 3 * H)
         if c1 > c0:
@@ -302,18 +318,18 @@ def _gru_fwd(xp, h, whh, bhh, acts, hn, T):
         if n1 > n0:
             ki = np.empty(4 * H, np.int32)
             for r in range(n0, n1):
-                b = r * W
+                b, x, s = r * W, r * xs, r * H
                 for k in range(2 * H):
-                    af[b + k] += bhh[k] + xp[r, k]
+                    af[u(b + k)] += bhh[u(k)] + xp[u(x + k)]
                 vsigmoid(af, b, 2 * H, ki)          # r, z
                 for j in range(H):
-                    hpn = acts[r, 2 * H + j] + bhh[2 * H + j]
-                    acts[r, 3 * H + j] = hpn
-                    acts[r, 2 * H + j] = xp[r, 2 * H + j] + acts[r, j] * hpn
+                    hpn = af[u(b + 2 * H + j)] + bhh[u(2 * H + j)]
+                    af[u(b + 3 * H + j)] = hpn
+                    af[u(b + 2 * H + j)] = xp[u(x + 2 * H + j)] + af[u(b + j)] * hpn
                 vtanh(af, b + 2 * H, H, ki)         # n
                 for j in range(H):
-                    z = acts[r, H + j]
-                    hn[r, j] = (one - z) * acts[r, 2 * H + j] + z * h[r, j]
+                    z = af[u(b + H + j)]
+                    hnf[u(s + j)] = (one - z) * af[u(b + 2 * H + j)] + z * hf[u(s + j)]
     return hn
 
 
@@ -321,18 +337,23 @@ def _gru_bwd(acts, h, ghn, gxp, ghp, gh, T):
     """gxp (input side) and ghp (recurrent side) differ only in the n block: r * dn_pre.
     gh gets the direct term z * gh'; the caller adds ghp @ w_hh."""
     N, H = h.shape
+    u = np.uint64
     one = acts.dtype.type(1)
+    af, hf, gf = acts.reshape(-1), h.reshape(-1), ghn.reshape(-1)
+    xf, pf, ohf = gxp.reshape(-1), ghp.reshape(-1), gh.reshape(-1)
     for t in prange(T):
         for r in range(t * N // T, (t + 1) * N // T):
+            a, x, s = r * 4 * H, r * 3 * H, r * H
             for j in range(H):
-                rr, z, n, hpn = acts[r, j], acts[r, H + j], acts[r, 2 * H + j], acts[r, 3 * H + j]
-                g = ghn[r, j]
+                rr, z = af[u(a + j)], af[u(a + H + j)]
+                n, hpn = af[u(a + 2 * H + j)], af[u(a + 3 * H + j)]
+                g = gf[u(s + j)]
                 dn = g * (one - z) * (one - n * n)
                 dr = dn * hpn * rr * (one - rr)
-                dz = g * (h[r, j] - n) * z * (one - z)
-                gxp[r, j], gxp[r, H + j], gxp[r, 2 * H + j] = dr, dz, dn
-                ghp[r, j], ghp[r, H + j], ghp[r, 2 * H + j] = dr, dz, dn * rr
-                gh[r, j] = g * z
+                dz = g * (hf[u(s + j)] - n) * z * (one - z)
+                xf[u(x + j)], xf[u(x + H + j)], xf[u(x + 2 * H + j)] = dr, dz, dn
+                pf[u(x + j)], pf[u(x + H + j)], pf[u(x + 2 * H + j)] = dr, dz, dn * rr
+                ohf[u(s + j)] = g * z
     return gxp
 
 
@@ -350,26 +371,40 @@ def _gates(kind, w_hh):
     return G, H
 
 
+def _row_view(a, dt):
+    """(flat view of a [R, K] from its first element, the distance between its rows): a
+    time slice x[:, t] of [N, T, K] is read in place; any other layout is copied first."""
+    isz = np.dtype(dt).itemsize
+    if a.dtype != dt or a.ndim != 2 or a.shape[0] == 0 or a.strides[1] != isz or a.strides[0] % isz \
+            or a.strides[0] < a.shape[1] * isz:
+        a = np.ascontiguousarray(a, dt)
+    if a.flags.c_contiguous:
+        return a.reshape(-1), a.shape[1]
+    xs = a.strides[0] // isz
+    return np.lib.stride_tricks.as_strided(a, ((a.shape[0] - 1) * xs + a.shape[1],), (isz,)), xs
+
+
 def cell_step(kind, xp, h, c, w_hh, b_hh=None, order="ifog"):
-    """(h', c' or None, acts): one step from the projected input xp [N, G*H]."""
+    """(h', c' or None, acts): one step from the projected input xp [N, G*H] (its rows
+    contiguous; a time slice of [N, T, G*H] is read without a copy)."""
     dt = xp.dtype
     G, H = _gates(kind, w_hh)
-    xp, h, w_hh, b_hh = _f(xp, dt), _f(h, dt), _f(w_hh, dt), _bias(b_hh, G * H, dt)
+    (xp, xs), h, w_hh, b_hh = _row_view(xp, dt), _f(h, dt), _f(w_hh, dt), _bias(b_hh, G * H, dt)
     N = h.shape[0]
     hn = np.empty((N, H), dt)
     size = N * G * H * (H + 8)
     if kind == "rnn":
         fn, T = _threads(_rnn_fwd, size, N)
-        fn(xp, h, w_hh, b_hh, hn, T)
+        fn(xp, xs, h, w_hh, b_hh, hn, T)
         return hn, None, hn
     if kind == "lstm":
         acts, cn = np.empty((N, 5 * H), dt), np.empty((N, H), dt)
         fn, T = _threads(_lstm_fwd, size, N)
-        fn(xp, h, _f(c, dt), w_hh, b_hh, acts, hn, cn, *LSTM_BLOCKS[order], T)
+        fn(xp, xs, h, _f(c, dt), w_hh, b_hh, acts, hn, cn, *LSTM_BLOCKS[order], T)
         return hn, cn, acts
     acts = np.empty((N, 4 * H), dt)
     fn, T = _threads(_gru_fwd, size, N)
-    fn(xp, h, w_hh, b_hh, acts, hn, T)
+    fn(xp, xs, h, w_hh, b_hh, acts, hn, T)
     return hn, None, acts
 
 

@@ -61,6 +61,11 @@ class CpuArrays:
         return np.ascontiguousarray(a[:, t])
 
     @staticmethod
+    def view(a, t):
+        """a[:, t] without a copy, for kernels that read rows at a stride (cell_step)."""
+        return a[:, t]
+
+    @staticmethod
     def put(out, t, a):
         out[:, t] = a
 
@@ -232,9 +237,10 @@ def bind(table: dict, target: str, A) -> None:
         emits = [A.empty(_shape_of(st, v), array_dtype(v.dtype, st.dtype)) for v in n.outputs[:ne]]
         projected = [(h, h.project(A.kernels, st, seqs[h.seq])) for h in r.hoists if h.seq is not None]
         saved = []
+        view = getattr(A, "view", A.take)      # the projected rows of step t, in place where A can
         for t in range(T):
             sst = StepState(st, t)
-            sst.hoisted = {id(h.node): A.take(xp, t) for h, xp in projected}
+            sst.hoisted = {id(h.node): view(xp, t) for h, xp in projected}
             env = r.fwd.run(sst, dict(zip(map(id, r.ins), [A.take(s, t) for s in seqs] + carry + caps)))
             for e, v in zip(emits, r.outs[:ne]):
                 A.put(e, t, env[id(v)])
