@@ -226,3 +226,25 @@ def test_numba_plugin_install_and_opt_out():
     assert r["first"] == [True, 1000] and r["freed"] == 0
     assert r["reused"] == [True, 1] and r["version"] == 1
     assert r["info"] == [1 << 30, (1 << 30) - 1024]     # device free + the pool's cached free
+
+
+def test_a_free_inside_malloc_is_queued_not_interleaved():
+    """A finalizer run by the garbage collector in the middle of malloc (same thread) must not
+    change the free lists under it: the free is applied when malloc is done."""
+    dev = FakeDevice()
+    pool = Pool(dev)
+    a = pool.malloc(1024)
+    inner = []
+    alloc = dev.alloc
+
+    def alloc_with_gc(n):          # a 'collection' during the device call frees a and drops a graph
+        pool.release(a)
+        pool.release_owner("gone")
+        inner.append(pool.allocated)
+        return alloc(n)
+    dev.alloc = alloc_with_gc
+    b = pool.malloc(4096)
+    dev.alloc = alloc
+    assert inner == [1024]                          # not applied inside malloc
+    assert pool.stats()["allocated"] == 4096        # applied after
+    assert pool.malloc(1024) == a and b != a

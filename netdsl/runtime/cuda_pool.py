@@ -36,7 +36,9 @@ from __future__ import annotations
 
 import bisect
 import os
+import threading
 import weakref
+from collections import deque
 
 SMALL = 1 << 20      # up to here: multiples of 512 bytes
 SMALL_STEP = 512
@@ -62,6 +64,14 @@ class Block:
         self.born = None            # the capture that allocated it, if any
 
 
+class _Owner:
+    """A queued release_owner (see Pool._dead)."""
+    __slots__ = ("owner",)
+
+    def __init__(self, owner):
+        self.owner = owner
+
+
 class Pool:
     """Size-rounded free lists over a device backend.
 
@@ -81,10 +91,37 @@ class Pool:
         self.peak_reserved = self.peak_allocated = 0
         self.device_allocs = self.device_frees = 0
         self.hits = self.misses = 0
+        # Frees come from finalizers: at any allocation the garbage collector may run one in the
+        # middle of malloc (same thread), or another thread may. They are queued and applied
+        # by whoever holds the lock next, so the lists are never changed under a running method.
+        self._dead: deque = deque()
+        self._lock = threading.Lock()
 
     # ---- taking and giving back
 
     def malloc(self, nbytes: int) -> int:
+        with self._lock:
+            self._drain()
+            return self._malloc(nbytes)
+
+    def release(self, ptr: int) -> None:
+        """Give a block back (a finalizer calls this; safe from any thread, and re-entrantly)."""
+        self._dead.append(ptr)
+        if self._lock.acquire(blocking=False):
+            try:
+                self._drain()
+            finally:
+                self._lock.release()
+
+    def _drain(self) -> None:
+        while self._dead:
+            x = self._dead.popleft()
+            if isinstance(x, _Owner):
+                self._release_owner(x.owner)
+            else:
+                self._release(x)
+
+    def _malloc(self, nbytes: int) -> int:
         size = round_size(nbytes)
         b = self._take_private(size) if self.capturing is not None else None
         if b is None:
@@ -104,7 +141,7 @@ class Pool:
         self.peak_allocated = max(self.peak_allocated, self.allocated)
         return b.ptr
 
-    def release(self, ptr: int) -> None:
+    def _release(self, ptr: int) -> None:
         b = self.blocks[ptr]
         if b.free:
             raise RuntimeError(f"device block {ptr:#x} freed twice")
@@ -122,7 +159,7 @@ class Pool:
         except Exception as e:
             if not self.backend.is_oom(e) or self.capturing is not None:
                 raise           # (no cuMemFree while a stream is being captured)
-            self.empty_cache()
+            self._empty_cache()                 # (malloc holds the lock)
             ptr = self.backend.alloc(size)      # a second failure is the caller's
         self.device_allocs += 1
         self.reserved += size
@@ -156,18 +193,31 @@ class Pool:
 
     def begin_capture(self, owner) -> None:
         """Every block alive now belongs to `owner` from here on (the graph may read it)."""
-        if self.capturing is not None:
-            raise RuntimeError("a capture is already in progress")
-        self.capturing = owner
-        for b in self.blocks.values():
-            if not b.free:
-                b.owners.add(owner)
+        with self._lock:
+            self._drain()
+            if self.capturing is not None:
+                raise RuntimeError("a capture is already in progress")
+            self.capturing = owner
+            for b in self.blocks.values():
+                if not b.free:
+                    b.owners.add(owner)
 
     def end_capture(self) -> None:
-        self.capturing = None
+        with self._lock:
+            self._drain()
+            self.capturing = None
 
     def release_owner(self, owner) -> None:
-        """The graph `owner` is destroyed (or its capture failed): its blocks are free for anyone."""
+        """The graph `owner` is destroyed (or its capture failed): its blocks are free for anyone.
+        (Queued like a free: a graph's finalizer may call it.)"""
+        self._dead.append(_Owner(owner))
+        if self._lock.acquire(blocking=False):
+            try:
+                self._drain()
+            finally:
+                self._lock.release()
+
+    def _release_owner(self, owner) -> None:
         if self.capturing is owner:
             self.capturing = None
         self._private.pop(owner, None)
@@ -183,6 +233,11 @@ class Pool:
 
     def empty_cache(self) -> int:
         """Give every cached free block (that no graph holds) back to the device; returns bytes freed."""
+        with self._lock:
+            self._drain()
+            return self._empty_cache()
+
+    def _empty_cache(self) -> int:
         if self.capturing is not None or not self._free:
             return 0
         self.backend.sync()     # blocks may still be in use by queued work
@@ -203,6 +258,11 @@ class Pool:
         return sum(b.size for lst in self._free.values() for b in lst)
 
     def stats(self) -> dict:
+        if self._lock.acquire(blocking=False):
+            try:
+                self._drain()
+            finally:
+                self._lock.release()
         return {"reserved": self.reserved, "allocated": self.allocated, "cached_free": self.cached_free(),
                 "peak_reserved": self.peak_reserved, "peak_allocated": self.peak_allocated,
                 "device_allocs": self.device_allocs, "device_frees": self.device_frees,
@@ -268,7 +328,8 @@ def _plugin_class():
 
         def reset(self):
             super().reset()
-            self.pool.empty_cache()
+            if self.pool is not None:
+                self.pool.empty_cache()
 
         @property
         def interface_version(self):
