@@ -6,18 +6,26 @@
 ResNet-18 at 32x32 batch 64 and ResNet-50 at 224x224 batch 32, 1000 classes; the
 step is forward, cross-entropy, backward and an SGD (momentum 0.9, weight decay 1e-4)
 update. TF32 is off in torch (`allow_tf32 = False` for matmul and cuDNN), so both
-sides compute in full fp32. Prints images/s (median of STEPS timed steps after
-warm-up), the netdsl/torch ratio, peak device memory, and netdsl's time per operator
-family (one extra step with NETDSL_PROFILE=1: the executor synchronises around
-every step, so the families add up to a little more than a plain step).
+sides compute in full fp32. netdsl runs in up to four ways, each in its own process:
+`graph` (the step captured as one CUDA graph and replayed, runtime/cuda_graph.py),
+`eager` (NETDSL_CUDA_GRAPHS=0: kernel by kernel; both with netdsl's caching allocator,
+runtime/cuda_pool.py), `eager-numba-alloc` (NETDSL_CUDA_POOL=0 as well: numba's
+allocator, what netdsl did before) and, where CuPy is installed, `graph-cublas`
+(NETDSL_CUDA_BLAS=1: the GEMMs through cuBLAS, fp32 without TF32, runtime/cuda_blas.py).
+BENCH_MODES picks them (default: all that can run).
 
-Each framework runs in its own process so one's allocator cannot hold memory for the
-other. netdsl's peak is the device's used memory sampled after every step and after every
-op of the profiled step, minus what was in use before the model was built (Numba frees
-lazily, so this is an upper bound; sampled after steps alone it missed the activations),
-beside `runtime.cuda.device_memory`, the planner's figure. torch's is
-`max_memory_allocated`. --tiny: small sizes, torch on the CPU (a dry run under the
-CUDA simulator, NUMBA_ENABLE_CUDASIM=1).
+Per way: images/s (median of STEPS timed steps after warm-up), milliseconds a step,
+host CPU time a step (the process's CPU time across the step, time.process_time: it
+includes any time the driver spins waiting for the device in a synchronisation, for
+torch as for netdsl), device memory allocations made during the timed steps (the pool
+counts them; 0 means a steady state), and peak device memory: with netdsl's pool its
+peak of bytes handed out ("alloc", comparable to torch's max_memory_allocated) and
+held from the device ("reserved", torch's max_memory_reserved); with numba's allocator
+the device's used memory sampled after every step, minus what was used before the model
+was built (an upper bound). Also netdsl's time per operator family (one extra eager step
+with NETDSL_PROFILE=1: the executor synchronises around every step, so the families add
+up to a little more than a plain step) and the planner's figure (runtime.cuda.device_memory).
+--tiny: small sizes, torch on the CPU (a dry run under the CUDA simulator, NUMBA_ENABLE_CUDASIM=1).
 """
 from __future__ import annotations
 
@@ -63,11 +71,17 @@ def family(op: str) -> str:
     return next((f for f, ops in FAMILIES.items() if base in ops), "other")
 
 
+MODES = {"graph": {"NETDSL_CUDA_GRAPHS": "1"}, "eager": {"NETDSL_CUDA_GRAPHS": "0"},
+         "eager-numba-alloc": {"NETDSL_CUDA_GRAPHS": "0", "NETDSL_CUDA_POOL": "0"},
+         "graph-cublas": {"NETDSL_CUDA_GRAPHS": "1", "NETDSL_CUDA_BLAS": "1"}}
+
+
 def run_netdsl(name) -> dict:
+    import netdsl.runtime.cuda as RC  # (first: it sets the stream mode and the allocator before numba.cuda)
     import numpy as np
     from numba import cuda
     from netdsl.lang.elaborate import elaborate
-    from netdsl.runtime import make_optimizer
+    from netdsl.runtime import cuda_pool, make_optimizer
     from netdsl.runtime.cuda import DeviceOptimizer, device_memory
     from netdsl.runtime.model import Model
     _, _, size, batch = geometry(name)
@@ -84,40 +98,58 @@ def run_netdsl(name) -> dict:
     rng = np.random.default_rng(0)
     feeds = {"image": rng.standard_normal((batch, 3, size, size)).astype(np.float32),
              "label": rng.integers(0, CLASSES, batch)}
+    pool = cuda_pool.pool()
     used = []
 
     def step():
         total_loss, _, _, grads = m.train_step(feeds)     # the loss comes down: a synchronisation
         opt.step(grads)
         cuda.synchronize()
-        used.append(total - ctx.get_memory_info()[0])
+        if pool is None:
+            used.append(total - ctx.get_memory_info()[0])
         return total_loss
     t = time.perf_counter()
     first_loss = step()                                   # compiles (or loads cached) kernels
     first = time.perf_counter() - t
+    step()                                                # second: captured as a graph (graph mode)
     if not TINY:
-        step()                                            # a second warm-up: allocator, caches
-    times = []
+        step()                                            # a third warm-up: allocator, caches
+    allocs0 = pool.device_allocs if pool is not None else 0
+    times, cpu = [], []
     for _ in range(STEPS):
-        t = time.perf_counter()
+        t, c = time.perf_counter(), time.process_time()
         step()
         times.append(time.perf_counter() - t)
-    prog = next(iter(m._programs.values()))
-    prog.profile = {}
-    sync = prog.target.sync
+        cpu.append(time.process_time() - c)
+    out = {"sec": sorted(times)[len(times) // 2], "cpu": sorted(cpu)[len(cpu) // 2], "first_step": first,
+           "loss0": first_loss, "planned": device_memory(g, {"N": batch})["total"],
+           "graph": "; ".join(m.graph_status.values()) or "-",
+           "allocs": (pool.device_allocs - allocs0) if pool is not None else None}
+    if os.environ.get("NETDSL_CUDA_BLAS") == "1":
+        from netdsl.runtime import cuda_blas
+        out["graph"] += f"; cuBLAS: {RC.BLAS or 'on'}, products {cuda_blas.stats}"
+    if os.environ.get("NETDSL_CUDA_GRAPHS") == "0":      # the eager ways: time per operator family
+        prog = next(iter(m._programs.values()))
+        prog.profile = {}
+        sync = prog.target.sync
 
-    def sync_and_sample():      # the profiled step syncs around every op: sample there too
-        sync()
-        used.append(total - ctx.get_memory_info()[0])
-    prog.target.sync = sync_and_sample
-    step()
-    prog.target.sync = sync
-    fams: dict[str, float] = {}
-    for op, sec in prog.profile.items():
-        fams[family(op)] = fams.get(family(op), 0.0) + sec
-    return {"sec": sorted(times)[len(times) // 2], "first_step": first, "loss0": first_loss,
-            "peak": max(used) - (total - free0), "planned": device_memory(g, {"N": batch})["total"],
-            "families": fams}
+        def sync_and_sample():      # the profiled step syncs around every op: sample there too
+            sync()
+            if pool is None:
+                used.append(total - ctx.get_memory_info()[0])
+        prog.target.sync = sync_and_sample
+        step()
+        prog.target.sync = sync
+        fams: dict[str, float] = {}
+        for op, sec in prog.profile.items():
+            fams[family(op)] = fams.get(family(op), 0.0) + sec
+        out["families"] = fams
+    if pool is not None:
+        st = pool.stats()
+        out["peak"], out["reserved"] = st["peak_allocated"], st["peak_reserved"]
+    else:
+        out["peak"], out["reserved"] = max(used) - (total - free0), None
+    return out
 
 
 def run_torch(name) -> dict:
@@ -144,20 +176,24 @@ def run_torch(name) -> dict:
     step()
     if dev == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    times = []
+    times, cpu = [], []
     for _ in range(STEPS):
-        t = time.perf_counter()
+        t, c = time.perf_counter(), time.process_time()
         step()
         times.append(time.perf_counter() - t)
+        cpu.append(time.process_time() - c)
     peak = torch.cuda.max_memory_allocated() if dev == "cuda" else 0
-    return {"sec": sorted(times)[len(times) // 2], "peak": peak, "torch": torch.__version__}
+    reserved = torch.cuda.max_memory_reserved() if dev == "cuda" else 0
+    return {"sec": sorted(times)[len(times) // 2], "cpu": sorted(cpu)[len(cpu) // 2], "peak": peak,
+            "reserved": reserved, "torch": torch.__version__}
 
 
-def sub(*args) -> dict:
+def sub(*args, env=None) -> dict:
     timeout = float(os.environ.get("BENCH_TIMEOUT", 300))
     try:
         out = subprocess.run([sys.executable, os.path.abspath(__file__), *args, *(["--tiny"] if TINY else [])],
-                             capture_output=True, text=True, cwd=ROOT, timeout=timeout)
+                             capture_output=True, text=True, cwd=ROOT, timeout=timeout,
+                             env={**os.environ, **(env or {})})
     except subprocess.TimeoutExpired:
         return {"error": f"timed out after {timeout:.0f} s (BENCH_TIMEOUT)"}
     if out.returncode:
@@ -166,27 +202,39 @@ def sub(*args) -> dict:
 
 
 def main():
-    mib = lambda b: b / 2**20
+    mib = lambda b: f"{b / 2**20:.0f}" if b is not None else "-"
+    import importlib.util
+    default = [w for w in MODES if w != "graph-cublas" or importlib.util.find_spec("cupy") is not None]
+    modes = [w for w in os.environ.get("BENCH_MODES", ",".join(default)).split(",") if w]
     for name in MODELS:
         _, _, size, batch = geometry(name)
-        nd, tr = sub("netdsl", name), sub("torch", name)
+        runs = {f"netdsl {w}": sub("netdsl", name, env=MODES[w]) for w in modes}
+        runs["torch eager"] = sub("torch", name)
         print(f"{name} {size}x{size} batch {batch}, one fp32 SGD training step (median of {STEPS}):")
-        for who, r in (("netdsl", nd), ("torch", tr)):
+        print(f"  {'':26s} {'images/s':>9s} {'ms/step':>8s} {'host CPU ms':>11s} {'x torch':>7s} "
+              f"{'peak MiB alloc/reserved':>24s} {'device allocs':>13s}")
+        tr = runs["torch eager"]
+        for who, r in runs.items():
             if "error" in r:
                 print(f"  {who} FAILED:\n    " + r["error"].replace("\n", "\n    "))
-        if "error" in nd or "error" in tr:
-            continue
-        ips = lambda r: batch / r["sec"]
-        print(f"  netdsl  {ips(nd):9.1f} images/s   first step {nd['first_step']:.1f} s (compile or cache load), "
-              f"loss {nd['loss0']:.4f}")
-        print(f"  torch   {ips(tr):9.1f} images/s   (torch {tr['torch']}, eager, TF32 off)")
-        print(f"  ratio   netdsl/torch = {ips(nd) / ips(tr):.3f}x")
-        print(f"  peak device memory: netdsl {mib(nd['peak']):.0f} MiB (planned {mib(nd['planned']):.0f} MiB), "
-              f"torch {mib(tr['peak']):.0f} MiB")
-        tot = sum(nd["families"].values())
-        print("  netdsl time by operator family (forward + backward, profiled step):")
-        for f, s in sorted(nd["families"].items(), key=lambda kv: -kv[1]):
-            print(f"    {f:26s} {1e3 * s:9.2f} ms  {100 * s / tot:5.1f}%")
+                continue
+            ratio = f"{r['sec'] and tr['sec'] / r['sec']:.3f}" if "error" not in tr else "-"
+            allocs = "-" if r.get("allocs") is None else str(r["allocs"])
+            print(f"  {who:26s} {batch / r['sec']:9.1f} {1e3 * r['sec']:8.2f} {1e3 * r['cpu']:11.2f} {ratio:>7s} "
+                  f"{mib(r['peak']) + ' / ' + mib(r['reserved']):>24s} {allocs:>13s}")
+        for who, r in runs.items():
+            if who.startswith("netdsl") and "error" not in r:
+                print(f"  {who}: first step {r['first_step']:.1f} s (compile or cache load), loss {r['loss0']:.4f}, "
+                      f"CUDA graph: {r['graph']}")
+        if "error" not in tr:
+            print(f"  torch {tr['torch']}, eager, TF32 off; planned device memory (netdsl): "
+                  + next((mib(r["planned"]) + " MiB" for r in runs.values() if "planned" in r), "-"))
+        fam = next((r["families"] for r in runs.values() if "families" in r), None)
+        if fam:
+            tot = sum(fam.values())
+            print("  netdsl eager time by operator family (forward + backward, profiled step):")
+            for f, sec in sorted(fam.items(), key=lambda kv: -kv[1]):
+                print(f"    {f:26s} {1e3 * sec:9.2f} ms  {100 * sec / tot:5.1f}%")
         sys.stdout.flush()
 
 

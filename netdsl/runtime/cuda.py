@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from . import cuda_graph, cuda_pool
+from . import cuda_blas, cuda_graph, cuda_pool
 
 cuda_graph.prepare()    # before numba.cuda is imported: kernels on a capturable stream (cuda_graph.py)
 
@@ -28,6 +28,7 @@ from . import scan  # noqa: E402
 from .bindings import _rows, register, registrar  # noqa: E402
 
 cuda_pool.install()     # netdsl's caching allocator, before the first device allocation
+BLAS = cuda_blas.install()  # NETDSL_CUDA_BLAS=1: GEMMs through cuBLAS (CuPy); None when in use, else why not
 
 KERNELS = {}
 kernel = registrar(KERNELS)

@@ -151,9 +151,13 @@ def _abandon():
 
 
 def _nodes(graph) -> int:
+    """Nodes in a graph (for the status line; -1 if the driver would not say)."""
     driver, _ = _drv()
-    r = driver.cuGraphGetNodes(graph, 0)
-    return int(r[1] if isinstance(r, tuple) else r)
+    try:
+        r = driver.cuGraphGetNodes(graph, 0)
+        return int(r[1] if isinstance(r, tuple) else r)
+    except Exception:
+        return -1
 
 
 def _destroy(exe, graph) -> None:
@@ -170,30 +174,37 @@ _ptds: str | None | bool = False     # False: not probed yet; None: fine; str: w
 
 
 def ptds_ok() -> str | None:
-    """None if kernels launched on stream handle 0 land in a capture of the per-thread
-    default stream (probed once on the device), else why not."""
+    """None if work issued on stream handle 0 lands in a capture of the per-thread default
+    stream (probed once on the device), else why not. The probe kernel writes 1: inside the
+    capture it must not run, and the graph's launch must run it."""
     global _ptds
     if _ptds is not False:
         return _ptds
     import numpy as np
-    from numba import cuda
     from netdsl.kernels import cuda as K
-    a = cuda.device_array(1, np.float32)
-    got, err = 0, None
+    driver, _ = _drv()
+    a = K.zeros((1,), np.float32)           # (also compiles or loads the probe kernel, outside the capture)
+    err, ran_early, ran = None, None, None
     try:
         _begin()
         try:
             K.launch(K._fill, 1, a, np.float32(1))
         finally:
             g = _end()
-        got = _nodes(g)
-        _drv()[0].cuGraphDestroy(g)
+        ran_early = float(a.copy_to_host()[0]) != 0.0
+        exe = driver.cuGraphInstantiate(g, 0)
+        driver.cuGraphLaunch(exe, _stream())
+        ran = float(a.copy_to_host()[0]) == 1.0
+        _destroy(exe, g)
     except Exception as e:
         _abandon()
         err = e
-    _ptds = None if got == 1 else (
+    ok = err is None and ran and not ran_early
+    _ptds = None if ok else (
         f"kernels do not launch on the per-thread default stream ({PTDS}=1 was not in effect when the "
-        f"CUDA driver was loaded; set it before numba.cuda is imported)" + (f": {err}" if err else ""))
+        "CUDA driver was loaded; netdsl sets it when netdsl.runtime.cuda is imported before numba.cuda)"
+        + (f": {type(err).__name__}: {err}" if err else f" (probe ran during capture: {ran_early}, "
+                                                      f"by the graph: {ran})"))
     return _ptds
 
 
@@ -250,8 +261,10 @@ def capture(prog, st, inputs: dict, params: tuple) -> StepGraph:
             _abandon()
             raise
         graph = _end()
-    except Exception as e:
+    except BaseException as e:
         pool.release_owner(owner)
+        if not isinstance(e, Exception):
+            raise       # (an interrupt)
         raise CaptureFailed(f"capture failed: {type(e).__name__}: {e}") from e
     finally:
         pool.end_capture()
@@ -278,6 +291,7 @@ class GraphSteps:
         self.graph: StepGraph | None = None
         self.graph_key = None
         self._seen: set = set()
+        self._plan_ok: set = set()     # programs whose plan does no host work
 
     def reason(self, prog, st, key, runtime_why) -> tuple[str | None, bool]:
         """(why this step runs eagerly or None, whether that holds for this step only)."""
@@ -290,9 +304,11 @@ class GraphSteps:
             return "netdsl's device allocator is off (NETDSL_CUDA_POOL=0): a graph's memory could be reused", False
         if key in self.status and not self.status[key].startswith("graph"):
             return self.status[key], False      # the plan's marks, or a capture that failed
-        why = plan_reason(prog.plan)
-        if why is not None:
-            return why, False
+        if key not in self._plan_ok:
+            why = plan_reason(prog.plan)
+            if why is not None:
+                return why, False
+            self._plan_ok.add(key)
         if runtime_why:
             return runtime_why, True
         if prog.profile is not None:
@@ -341,5 +357,5 @@ class GraphSteps:
             self.status[key] = status
         if status not in _told:
             _told.add(status)
-            print("netdsl: CUDA training step: " + ("replayed as one CUDA graph, " + status[6:]
+            print("netdsl: CUDA training step: " + ("replayed as one CUDA graph " + status[6:]
                   if status.startswith("graph") else f"eager: {status}"), file=sys.stderr)
