@@ -135,8 +135,9 @@ def test_two_image_batch_gives_the_losses_of_each_image(shapes):
     losses) on two images holding different numbers of objects, together and one by one
     (each with only its own ground truth rows, no padding). Every anchor and proposal is
     kept (144 anchors < 256; rois_per_image above the candidates), so no sampling can
-    differ; the box losses are divided by a fixed count per image (mean of the two), the
-    cross-entropies by the labelled rows (their count-weighted mean)."""
+    differ; the RoI box loss is divided by a fixed count per image (mean of the two), the
+    cross-entropies by the labelled rows (their count-weighted mean), and the RPN box loss,
+    as torchvision's, by the sampled anchors (the rows rpn_cls counts)."""
     from netdsl.datasets.coco import coco
     from netdsl.runtime.model import Model
     ds = coco(shapes)
@@ -158,8 +159,8 @@ def test_two_image_batch_gives_the_losses_of_each_image(shapes):
 
     both, rows = losses([i, j], boxes.shape[1])
     (a, ra), (b, rb) = losses([i], counts[i]), losses([j], counts[j])
-    for name in ("rpn_box", "box"):
-        assert both[name] == pytest.approx((a[name] + b[name]) / 2, rel=1e-5, abs=1e-7), name
-    for name in ce:
-        assert rows[name] == ra[name] + rb[name] and ra[name] > 0 and rb[name] > 0
-        assert both[name] == pytest.approx((a[name] * ra[name] + b[name] * rb[name]) / rows[name], rel=1e-5), name
+    assert both["box"] == pytest.approx((a["box"] + b["box"]) / 2, rel=1e-5, abs=1e-7)
+    for name, counted in (*((n, n) for n in ce), ("rpn_box", "rpn_cls")):
+        n, na, nb = rows[counted], ra[counted], rb[counted]
+        assert n == na + nb and na > 0 and nb > 0
+        assert both[name] == pytest.approx((a[name] * na + b[name] * nb) / n, rel=1e-5, abs=1e-7), name
