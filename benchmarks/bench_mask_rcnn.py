@@ -24,7 +24,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_dense_tasks import ROOT, Log, netdsl, shapes_data  # noqa: E402
 
 SMALL = {"H": 128, "W": 128, "width": 8, "anchor": 24.0, "anchor_step": 1.4142, "rpn_fg_iou": 0.5,
-         "post_nms": 64, "test_post_nms": 64, "rois_per_image": 32, "detections": 16, "head_roi": 7}
+         "post_nms": 64, "test_post_nms": 64, "rois_per_image": 64, "mask_rois": 8, "detections": 16,
+         "head_roi": 7}
 # run -> (subdirectory of the data, the --set beside SMALL, what its acceptance reads from eval.json)
 RUNS = {
     "shapes": ("", {"classes": 4, "K": 0}, ("mask_AP50", "mask_AP", "AP50", "AP")),
