@@ -161,7 +161,8 @@ def install() -> str | None:
     """With NETDSL_CUDA_BLAS=1: route netdsl's GEMMs through cuBLAS. Returns why not, or None."""
     global _orig, _runner
     if not wanted():
-        return "NETDSL_CUDA_BLAS is not 1"
+        return ("the CUDA simulator has no cuBLAS" if os.environ.get("NUMBA_ENABLE_CUDASIM") == "1"
+                else "NETDSL_CUDA_BLAS is not 1")
     if _orig is not None:
         return None
     try:
