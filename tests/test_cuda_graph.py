@@ -62,6 +62,40 @@ def test_marks_that_depend_on_the_node():
     assert host_work([NS(op="conv", path="c", attrs={}, inputs=[])]) is None
 
 
+PTDS_ORDER = r"""
+import json, os, sys
+import netdsl.runtime.model, netdsl.runtime.train, netdsl.cli     # none of these loads numba.cuda
+before = "numba.cuda" in sys.modules or "cuda.bindings.driver" in sys.modules
+import netdsl.runtime.cuda
+print(json.dumps([before, os.environ.get("CUDA_PYTHON_CUDA_PER_THREAD_DEFAULT_STREAM")]))
+"""
+
+
+def test_per_thread_default_stream_is_chosen_before_numba_cuda_loads():
+    """netdsl.runtime.cuda sets the variable cuda-bindings reads before numba.cuda is first
+    imported (a process of its own: the import order is the point)."""
+    import subprocess
+    e = {k: v for k, v in os.environ.items()
+         if k not in ("NUMBA_ENABLE_CUDASIM", "NETDSL_CUDA_GRAPHS", "CUDA_PYTHON_CUDA_PER_THREAD_DEFAULT_STREAM")}
+    out = subprocess.run([sys.executable, "-c", PTDS_ORDER], capture_output=True, text=True, env=e,
+                         timeout=120, cwd=ROOT)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert json.loads(out.stdout.strip().splitlines()[-1]) == [False, "1"]
+
+
+@pytest.mark.parametrize("env, want", [({}, "1"), ({"NETDSL_CUDA_GRAPHS": "0"}, None),
+                                       ({"NUMBA_ENABLE_CUDASIM": "1"}, None),
+                                       ({"CUDA_PYTHON_CUDA_PER_THREAD_DEFAULT_STREAM": "0"}, "0")])
+def test_prepare_keeps_the_users_choice(monkeypatch, env, want):
+    from netdsl.runtime.cuda_graph import PTDS, prepare
+    for k in ("NUMBA_ENABLE_CUDASIM", "NETDSL_CUDA_GRAPHS", PTDS):
+        monkeypatch.delenv(k, raising=False)
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    prepare()
+    assert os.environ.get(PTDS) == want
+
+
 # ---------------------------------------------------------------- the switch, device parts faked
 
 class FakeProgram:
