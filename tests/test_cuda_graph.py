@@ -189,6 +189,29 @@ def test_capture_failure_falls_back_and_keeps_the_reason(graphs, capsys):
     assert "eager: capture failed" in capsys.readouterr().err
 
 
+def test_a_refused_capture_names_the_step():
+    """The reason kept for a capture the driver refused names the plan step that was running."""
+    from types import SimpleNamespace as NS
+    from netdsl.runtime import cuda_graph
+    from netdsl.runtime.executor import Program
+
+    class Refused(Exception):
+        pass
+
+    def kernel(n, ins, st):
+        raise Refused("cuMemcpyHtoD: CUDA_ERROR_STREAM_CAPTURE_UNSUPPORTED")
+    node = NS(op="mystery", path="head.mystery", inputs=[], param=None)
+    step = NS(nodes=[node], fused=False, inputs=[], outputs=[])
+    prog = NS(plan=NS(steps=[step], free_after=[[]]), profile=None,
+              target=NS(table={"mystery": kernel}, download=None, sync=None), workspace=None)
+    try:
+        Program.run(prog, NS(params={}, grad_ready=None), {})
+    except Refused as e:
+        assert cuda_graph._where(e) == " at mystery (head.mystery)"
+    else:
+        raise AssertionError("the kernel did not raise")
+
+
 @pytest.mark.parametrize("case", ["off", "sim", "no_pool", "profile", "hooks", "plan", "runtime"])
 def test_reasons_to_stay_eager(graphs, monkeypatch, case):
     from types import SimpleNamespace as NS

@@ -246,6 +246,22 @@ class CaptureFailed(Exception):
     pass
 
 
+def _where(e) -> str:
+    """' at OP (PATH)': the plan step that was running when e was raised (the innermost
+    executor frame of its traceback), or ''."""
+    from .executor import Program
+    step, tb = None, e.__traceback__
+    while tb is not None:
+        f = tb.tb_frame
+        if f.f_code is Program.run.__code__ and hasattr(f.f_locals.get("s"), "nodes"):
+            step = f.f_locals["s"]
+        tb = tb.tb_next
+    if step is None:
+        return ""
+    n = step.nodes[0]
+    return f" at {'a fused elementwise step from ' if step.fused else ''}{n.op} ({n.path})"
+
+
 def capture(prog, st, inputs: dict, params: tuple) -> StepGraph:
     """Capture prog.run(st, inputs) into a graph (nothing runs: launch it after). The pool
     is required: without it, blocks the graph uses could be handed to others."""
@@ -265,7 +281,7 @@ def capture(prog, st, inputs: dict, params: tuple) -> StepGraph:
         pool.release_owner(owner)
         if not isinstance(e, Exception):
             raise       # (an interrupt)
-        raise CaptureFailed(f"capture failed: {type(e).__name__}: {e}") from e
+        raise CaptureFailed(f"capture failed{_where(e)}: {type(e).__name__}: {e}") from e
     finally:
         pool.end_capture()
     st.saved.clear()        # the graph's blocks now (held by the pool for it)
