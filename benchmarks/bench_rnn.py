@@ -15,6 +15,9 @@ Sizes: BENCH_H (512), BENCH_N (64), BENCH_T (100), BENCH_V (100).
 busy machine still gives figures): h @ W_hh^T [N, H] x [H, 4H] (forward) and
 g @ W_hh [N, 4H] x [4H, H] (backward), netdsl's (scipy's OpenBLAS through Numba) against
 torch's, and netdsl's whole step (GEMM and gates).
+`bench_rnn.py profile [CELL ...]` splits one training step by phase (input projection,
+the T steps forward and backward, the weight-gradient GEMMs, scan's copies, Python,
+head and loss, Adam), one thread, in CPU time, netdsl's fused cell beside torch's.
 BENCH_DEVICE=cuda runs both on the GPU (torch's nn.LSTM is cuDNN's there; netdsl's
 parameters, gradients and Adam state stay on the device); scripts/gpu-check does.
 """
@@ -156,6 +159,143 @@ def gemms():
         print(f"{name:44s} {dt * 1e3:7.3f} ms  {flop / dt / 1e9:6.1f} GFLOP/s of the GEMM", flush=True)
 
 
+PHASES = [("input projection (before the loop)", ("K.project",)),      # labels, or prefixes ending in . or :
+          ("T steps forward (GEMM + gates)", ("K.cell_step",)),
+          ("T steps backward (gates + GEMM)", ("K.cell_step_grads",)),
+          ("weight-gradient and gx GEMMs (after the loop)", ("K.weight_grad", "K.matmul_rows", "K.project_backward")),
+          ("scan copies and buffers", ("scan.",)),
+          ("scan, step programs, bindings (Python)", tuple(f"op:{o}{g}" for o in ("scan", "lstm_cell", "gru_cell",
+                                                                                   "rnn_cell", "zeros", "fill")
+                                                           for g in ("", "_grad"))),
+          ("embedding, head, loss", ("op:",)),
+          ("clip + Adam", ("opt",))]
+
+
+def _in(label, keys):
+    return any(label == k or (k[-1] in ".:" and label.startswith(k)) for k in keys)
+
+
+def profile(cell: str):
+    """One training step split by phase, one thread, process CPU time (best of 4 steps):
+    netdsl's fused cell (each phase's own time, nested calls apart) and torch's."""
+    import collections
+    import numpy as np
+    from netdsl.kernels import native
+    native.set_num_threads(1)
+    from netdsl.kernels import cpu as K
+    from netdsl.kernels.cpu import recurrent as R
+    from netdsl.runtime import clip_grad_norm, cpu as table, make_optimizer, scan
+    from netdsl.runtime.model import Model
+    from netdsl.lang.elaborate import elaborate
+    own, stack, inside = collections.defaultdict(float), [], [0]
+
+    def timed(fn, label):
+        is_kernel = label.startswith("K.")
+
+        def run(*a, **k):
+            if is_kernel and inside[0]:     # a kernel called by another: counted as the outer one's
+                return fn(*a, **k)
+            inside[0] += is_kernel
+            t0 = time.process_time()
+            stack.append(0.0)
+            try:
+                return fn(*a, **k)
+            finally:
+                dt, inner = time.process_time() - t0, stack.pop()
+                own[label] += dt - inner
+                inside[0] -= is_kernel
+                if stack:
+                    stack[-1] += dt
+        return run
+
+    class Op:
+        def __init__(self, b, label):
+            self.b, self.run = b, timed(b, label)
+
+        def __call__(self, *a, **k):
+            return self.run(*a, **k)
+
+        def __getattr__(self, name):
+            return getattr(self.b, name)
+
+    g, _ = elaborate(os.path.join(ROOT, "specs", "rnn", f"charlm_{cell}.net"), None,
+                     {"vocab": V, "embed": E, "hidden": H, "layers": 1, "fused": True})
+    m = Model(g)
+    opt = make_optimizer("adam", m.trainable(), lr=2e-3)
+    x, y = data()
+
+    def step(clip=clip_grad_norm, update=opt.step):
+        _, _, _, grads = m.train_step({"chars": x, "next": y})
+        clip(grads, 5.0)
+        update(grads)
+    step(), step()
+    for op, b in list(table.KERNELS.items()):
+        table.KERNELS[op] = Op(b, "op:" + op)
+    for name in ("cell_step", "cell_step_grads", "project", "project_backward", "weight_grad", "matmul_rows"):
+        setattr(K, name, timed(getattr(K, name), "K." + name))
+    for name in ("matmul_rows", "weight_grad", "_recurrent_grad"):
+        if hasattr(R, name):        # (so that an older tree profiles too)
+            setattr(R, name, timed(getattr(R, name), "K." + name))
+    for name in ("take", "view", "put", "add", "zeros", "empty"):
+        if hasattr(scan.CpuArrays, name):
+            setattr(scan.CpuArrays, name, staticmethod(timed(getattr(scan.CpuArrays, name), "scan." + name)))
+    scan._Deferred.keep = staticmethod(timed(scan._Deferred.keep, "scan.keep"))
+    best = None
+    for _ in range(4):
+        own.clear()
+        t0 = time.process_time()
+        step(timed(clip_grad_norm, "opt"), timed(opt.step, "opt"))
+        total = time.process_time() - t0
+        if best is None or total < best[0]:
+            best = (total, dict(own))
+    total, own = best
+    print(f"# {time.strftime('%Y-%m-%d %H:%M')}  {_cpu_model()}  one thread, CPU time, best of 4 steps  "
+          f"{cell} H={H} N={N} T={T}  load {os.getloadavg()[0]:.1f}")
+    print(f"netdsl {cell} fused: {total * 1e3:.0f} ms a step ({N * T / total:,.0f} tok/s)")
+    left = dict(own)
+    for name, keys in PHASES:
+        ms = sum(left.pop(k) for k in [k for k in left if _in(k, keys)]) * 1e3
+        print(f"  {name:50s} {ms:7.1f} ms")
+    print(f"  {'rest (train_step, executor)':50s} {(total - sum(own.values()) + sum(left.values())) * 1e3:7.1f} ms")
+    torch_phases(cell)
+
+
+def torch_phases(cell: str):
+    import torch
+    torch.set_num_threads(1)
+    rnn = {"lstm": torch.nn.LSTM, "gru": torch.nn.GRU, "rnn": torch.nn.RNN}[cell](E, H, batch_first=True)
+    emb, head = torch.nn.Embedding(V, E), torch.nn.Linear(H, V)
+    params = [*emb.parameters(), *rnn.parameters(), *head.parameters()]
+    opt = torch.optim.Adam(params, lr=2e-3)
+    x, y = (torch.tensor(a) for a in data())
+    pt = time.process_time
+
+    def step():
+        mark = {}
+        t0 = pt()
+        opt.zero_grad(set_to_none=True)
+        e = emb(x)
+        t1 = pt()
+        hs, _ = rnn(e)
+        t2 = pt()
+        hs.register_hook(lambda g: mark.setdefault("hs", pt()) and None)
+        e.register_hook(lambda g: mark.setdefault("e", pt()) and None)
+        loss = torch.nn.functional.cross_entropy(head(hs).reshape(-1, V), y.reshape(-1))
+        loss.backward()
+        t4 = pt()
+        torch.nn.utils.clip_grad_norm_(params, 5.0)
+        opt.step()
+        t5 = pt()
+        return {"total": t5 - t0, f"nn.{cell.upper()} forward (projection, T steps)": t2 - t1,
+                f"nn.{cell.upper()} backward (T steps, weight gradients)": mark["e"] - mark["hs"],
+                "embedding, head, loss": (t1 - t0) + (mark["hs"] - t2) + (t4 - mark["e"]), "clip + Adam": t5 - t4}
+    step(), step()
+    best = min((step() for _ in range(4)), key=lambda d: d["total"])
+    print(f"torch {cell}: {best.pop('total') * 1e3:.0f} ms a step")
+    for k, v in best.items():
+        print(f"  {k:50s} {v * 1e3:7.1f} ms")
+
+
 def _cpu_model() -> str:
     try:
         with open("/proc/cpuinfo") as f:
@@ -169,6 +309,10 @@ if __name__ == "__main__":
         which, cell = sys.argv[2], sys.argv[3]
         times = run_torch(cell) if which == "torch" else run_netdsl(cell, which == "fused")
         print(json.dumps(times))
+    elif sys.argv[1:2] == ["profile"]:
+        os.environ["OPENBLAS_NUM_THREADS"] = "1"
+        for c in sys.argv[2:] or ["lstm"]:
+            profile(c)
     elif sys.argv[1:] == ["gemm"]:
         os.environ["OPENBLAS_NUM_THREADS"] = "1"
         gemms()
