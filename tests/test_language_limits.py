@@ -62,12 +62,12 @@ CASES = {
 @pytest.mark.parametrize("case", CASES)
 def test_a_runaway_value_is_a_located_error(tmp_path, case):
     text, msg, line, col = CASES[case]
-    t = time.perf_counter()
+    t = time.process_time()          # the work done, not the machine's load
     with pytest.raises(NetdslError) as e:
         compile_text(tmp_path, text)
     assert msg in e.value.message
     assert (e.value.pos.line, e.value.pos.col) == (line, col)
-    assert time.perf_counter() - t < 30
+    assert time.process_time() - t < 30
 
 
 def test_large_but_legal_values_elaborate(tmp_path):
