@@ -179,7 +179,6 @@ def profile(cell: str):
     """One training step split by phase, one thread, process CPU time (best of 4 steps):
     netdsl's fused cell (each phase's own time, nested calls apart) and torch's."""
     import collections
-    import numpy as np
     from netdsl.kernels import native
     native.set_num_threads(1)
     from netdsl.kernels import cpu as K
