@@ -45,8 +45,9 @@ TASKS = {
     "yolo_v1": {"size": 64, "pools": 2, "hidden": 512, "S": 4, "width": 8, "batch_norm": "true", "dropout": 0,
                 "classes": 4},
     "ssd300": {"size": 64, "extras": 2, "width": 8, "batch_norm": "true", "classes": 4},
-    "faster_rcnn": {"H": 64, "W": 64, "anchor": 16.0, **SMALL_VGG},
-    "fast_rcnn": {"H": 64, "W": 64, **SMALL_VGG},
+    # read at 128x128 (conv5 8x8), anchors 24-48 a factor sqrt(2) apart, RPN positives at IoU 0.5
+    "faster_rcnn": {"H": 128, "W": 128, "anchor": 24.0, "anchor_step": 1.4142, "rpn_fg_iou": 0.5, **SMALL_VGG},
+    "fast_rcnn": {"H": 128, "W": 128, **SMALL_VGG},
     "rcnn": {"size": 32, "rois_per_image": 32, **SMALL_VGG},
 }
 TARGETS = {"faster_rcnn": 0.90, "fast_rcnn": 0.85, "rcnn": 0.70, "yolo_v1": 0.85, "ssd300": 0.85}
@@ -67,13 +68,13 @@ def epoch_seconds(log: str) -> list[int]:
     return [int(h) * 3600 + int(m) * 60 + int(s) for h, m, s in TOOK.findall(log)]
 
 
-def train_and_eval(name: str, data: str, runs: str, say) -> dict:
+def train_and_eval(name: str, data: str, runs: str, say, threads: int = 2) -> dict:
     run = os.path.join(runs, name)
     args = ["run", f"specs/det/{name}.net", *[x for k, v in TASKS[name].items() for x in ("--set", f"{k}={v}")],
             "--data", f"coco:{data}", "--out", run]
     say(f"\n## {NAMES[name]}\nnetdsl {' '.join(args)}")
     load = os.getloadavg()
-    wall, cpu, log = netdsl(*args)
+    wall, cpu, log = netdsl(*args, threads=threads)
     rows = [json.loads(x) for x in open(os.path.join(ROOT, run, "metrics.jsonl")).read().splitlines()]
     epochs = epoch_seconds(log)
     say(f"  trained {len(rows)} epochs in {wall:.0f} s wall ({wall / 60:.1f} min), {cpu:.0f} s CPU; load average "
@@ -81,7 +82,7 @@ def train_and_eval(name: str, data: str, runs: str, say) -> dict:
     say(f"  epoch times (training pass, s): {' '.join(map(str, epochs))}")
     last = rows[-1]
     say("  last epoch: " + "  ".join(f"{k} {v:.4f}" for k, v in last.items() if k.startswith("test_")))
-    wall_e, _, out = netdsl("eval", run)
+    wall_e, _, out = netdsl("eval", run, threads=threads)
     figures = json.load(open(os.path.join(ROOT, run, "eval.json")))
     say(f"netdsl eval {run} ({wall_e:.0f} s)")
     say("\n".join("  | " + x for x in out.strip().splitlines() if "Average" in x or "detections" in x))
@@ -173,8 +174,10 @@ def main():
     p.add_argument("--skip-training", action="store_true",
                    help="time (and score) the runs already in --runs instead of training them")
     p.add_argument("--out", help="also write the report to this file")
+    p.add_argument("--threads", type=int, default=2,
+                   help="NUMBA_NUM_THREADS of the trainings and evals (1 while others share the machine)")
     a = p.parse_args()
-    lines = say = Log([f"# {time.strftime('%Y-%m-%d %H:%M')}  {machine()}"])
+    lines = say = Log([f"# {time.strftime('%Y-%m-%d %H:%M')}  {machine()}; {a.threads} threads"])
     data, m = shapes_data(a.data, a.images, say)
     if not all(os.path.exists(os.path.join(data, "proposals", f"selective_search_{s}.npz")) for s in ("train", "val")):
         wall, cpu, _ = netdsl("data", "proposals", data, "--no-progress", threads=1)
@@ -191,7 +194,7 @@ def main():
             results[name] = {"run": run, "wall": float("nan"), "cpu": float("nan"), "epochs": len(rows),
                              "epoch_s": [], "AP50": ev.get("AP50", 0.0), "AP": ev.get("AP", 0.0)}
         else:
-            results[name] = train_and_eval(name, a.data, a.runs, say)
+            results[name] = train_and_eval(name, a.data, a.runs, say, a.threads)
     say("\n## box AP@0.5 (COCOeval AP50 on the val split) against the targets")
     for name, r in results.items():
         met = "met" if r["AP50"] >= TARGETS[name] else "MISSED"
