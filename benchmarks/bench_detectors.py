@@ -95,7 +95,7 @@ def train_and_eval(name: str, data: str, runs: str, say, threads: int = 2) -> di
 
 def load(run: str):
     """A Trainer holding the run's checkpoint in its detection graph (training = false), batch 1."""
-    from netdsl.cli import data_flag
+    from netdsl.cli import data_flag, load_run_weights
     from netdsl.lang.elaborate import elaborate
     from netdsl.runtime.sample import read_run_file
     from netdsl.runtime.train import Trainer
@@ -105,7 +105,7 @@ def load(run: str):
     if info.get("data"):
         cfg["data"] = data_flag(info["data"], cfg["data"])
     t = Trainer(g, cfg, run, "".join(loader.sources.values()), log=lambda s: None, training=False)
-    t.resume(os.path.join(run, "checkpoint.npz"))
+    load_run_weights(t, None, resume=False, fresh=False)     # as netdsl eval: by name after a spec edit
     return t
 
 
