@@ -42,7 +42,7 @@ from bench_dense_tasks import Log, shapes_data, netdsl as _netdsl  # noqa: E402
 SMALL_VGG = {"width": 8, "batch_norm": "true", "dropout": 0, "classes": 4}
 # spec -> the small variant's --set (also in each spec's header comment)
 TASKS = {
-    "yolo_v1": {"size": 64, "pools": 2, "hidden": 512, "S": 4, "width": 8, "batch_norm": "true", "dropout": 0,
+    "yolo_v1": {"size": 128, "pools": 3, "hidden": 512, "S": 4, "width": 8, "batch_norm": "true", "dropout": 0,
                 "classes": 4},
     "ssd300": {"size": 64, "extras": 2, "width": 8, "batch_norm": "true", "classes": 4},
     # read at 128x128 (conv5 8x8), anchors 24-48 a factor sqrt(2) apart, RPN positives at IoU 0.5
