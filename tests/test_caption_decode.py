@@ -39,6 +39,17 @@ def test_a_batch_decodes_as_its_images_one_by_one():
         np.testing.assert_allclose(maps, m1, rtol=1e-5, atol=1e-7)
 
 
+def test_a_caption_that_ends_at_once_is_empty_with_no_maps():
+    m = small()
+    head = [k for k, v in m.params.items() if k.endswith("bias") and v.shape == (len(VOCAB),)]
+    assert len(head) == 1
+    m.params[head[0]][:] = -50
+    m.params[head[0]][VOCAB.index("<end>")] = 50          # <end> is every image's first word
+    images = np.random.default_rng(4).random((2, 3, 16, 16)).astype(np.float32)
+    for words, maps in decode_batch(m, VOCAB, images, max_len=5):
+        assert words == [] and maps.shape == (0, 4)
+
+
 def test_attention_peak_in_box_reads_the_grid_cell_centre():
     a = np.zeros(16)
     a[6] = 1        # row 1, column 2 of a 4 x 4 grid over 32 x 32: centre (20, 12)

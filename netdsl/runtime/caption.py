@@ -78,7 +78,9 @@ def decode_batch(model: Model, vocab: list[str], images: np.ndarray, max_len: in
         if done.all():
             break
         word = np.where(done, pad, word)
-    return [(w, np.array(m).reshape(len(w), -1) if alphas_out else None) for w, m in zip(words, maps)]
+    # (an empty caption, <end> first, has no maps: [0, L], not a reshape of nothing)
+    L = int(np.prod(out[alphas_out].shape[2:])) if alphas_out else 0
+    return [(w, np.array(m, out[alphas_out].dtype).reshape(len(w), L) if alphas_out else None) for w, m in zip(words, maps)]
 
 
 def attention_peak_in_box(maps: np.ndarray, hw: tuple[int, int], box) -> bool:
