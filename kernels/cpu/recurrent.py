@@ -64,7 +64,8 @@ from contextlib import contextmanager
 
 import numpy as np
 
-from . import Kernel, as_float, kernel, njit, prange
+from . import Kernel, kernel, njit, prange
+from .dense import linear
 from .gemm import N_, T_, gemm as _gemm
 from .rand import mix
 from .vmath import vsigmoid, vtanh
@@ -159,35 +160,9 @@ def weight_grad(g, a, gw=None, gb=None, need_gb=True, accumulate=False):
 
 # ---------------------------------------------------------------- the input projection
 
-def _proj(x, w, b, y, T):
-    """y = x @ w.T + b: thread t takes a share of the rows, starts them from the bias and
-    adds the GEMM to it (beta 1), so no pass over y follows."""
-    R, D = x.shape
-    M = w.shape[0]
-    u = np.uint64
-    xf, wf, yf = x.reshape(-1), w.reshape(-1), y.reshape(-1)
-    for t in prange(T):
-        r0, r1 = t * R // T, (t + 1) * R // T
-        if r1 > r0:
-            for r in range(r0, r1):
-                for m in range(M):
-                    yf[u(r * M + m)] = b[u(m)]
-            if D > 0 and M > 0:
-                _gemm(r1 - r0, M, D, xf[r0 * D:], D, N_, wf, D, T_, yf[r0 * M:], 1.0)
-    return y
-
-
-_proj = kernel(_proj)
-
-
 def project(x, w_ih, b_ih=None):
     """xp[R, G*H] = x[R, D] @ w_ih.T + b_ih."""
-    x = as_float(x)
-    dt = x.dtype
-    w = _f(w_ih, dt)
-    y = np.empty((x.shape[0], w.shape[0]), dt)
-    fn, T = _threads(_proj, x.shape[0] * w.size, x.shape[0])
-    return fn(x, w, _bias(b_ih, w.shape[0], dt), y, T)
+    return linear(x, w_ih, b_ih)
 
 
 def project_backward(gxp, x, w_ih, need_gx=True, gw=None, gb=None, accumulate=False):
