@@ -143,8 +143,8 @@ def graphs(monkeypatch):
     return cuda_graph, made, fail
 
 
-def _step(gs, prog, params=("p",), key=None, why=None):
-    return gs.run(prog, St(), key or prog, {1: "batch"}, lambda fv: {k: "dev:" + v for k, v in fv.items()},
+def _step(gs, prog, params=("p",), why=None):
+    return gs.run(prog, St(), {1: "batch"}, lambda fv: {k: "dev:" + v for k, v in fv.items()},
                   params, why)
 
 
@@ -234,15 +234,15 @@ def test_reasons_to_stay_eager(graphs, monkeypatch, case):
         why = "the recurrent state is given from outside (carry)"
     gs = cg.GraphSteps()
     for _ in range(3):
-        assert "eager" in gs.run(prog, st, prog, {1: "b"}, lambda fv: fv, (), why)
+        assert "eager" in gs.run(prog, st, {1: "b"}, lambda fv: fv, (), why)
     expect = {"off": "NETDSL_CUDA_GRAPHS=0", "sim": "simulator", "no_pool": "NETDSL_CUDA_POOL=0",
               "profile": "NETDSL_PROFILE", "hooks": "gradient hooks", "plan": "sample_anchors (rpn.sample)",
               "runtime": "carry"}[case]
-    why, transient = gs.reason(prog, st, prog, why)
+    why, transient = gs.reason(prog, st, why)
     assert not made and expect in why and transient == (case in ("profile", "hooks", "runtime"))
     if transient:       # for that step only: the next plain steps are captured and replayed
         prog.profile, st.grad_ready = None, None
-        assert "graph" in gs.run(prog, st, prog, {1: "b"}, lambda fv: fv, (), None) and len(made) == 1
+        assert "graph" in gs.run(prog, st, {1: "b"}, lambda fv: fv, (), None) and len(made) == 1
 
 
 # ---------------------------------------------------------------- under the simulator

@@ -300,16 +300,16 @@ def capture(prog, st, inputs: dict, params: tuple) -> StepGraph:
 class GraphSteps:
     """A CUDA model's training steps: which program is captured, and why others are not.
 
-    status: program key -> "graph (N nodes)" or the reason it runs eagerly."""
+    status: program -> "graph (N nodes)" or the reason it runs eagerly."""
 
     def __init__(self):
         self.status: dict = {}
         self.graph: StepGraph | None = None
-        self.graph_key = None
+        self.graph_prog = None
         self._seen: set = set()
         self._plan_ok: set = set()     # programs whose plan does no host work
 
-    def reason(self, prog, st, key, runtime_why) -> tuple[str | None, bool]:
+    def reason(self, prog, st, runtime_why) -> tuple[str | None, bool]:
         """(why this step runs eagerly or None, whether that holds for this step only)."""
         from . import cuda_pool
         if not enabled():
@@ -318,40 +318,40 @@ class GraphSteps:
             return "the CUDA simulator cannot capture graphs", False
         if cuda_pool.pool() is None:
             return "netdsl's device allocator is off (NETDSL_CUDA_POOL=0): a graph's memory could be reused", False
-        if key in self.status and not self.status[key].startswith("graph"):
-            return self.status[key], False      # the plan's marks, or a capture that failed
-        if key not in self._plan_ok:
+        if prog in self.status and not self.status[prog].startswith("graph"):
+            return self.status[prog], False     # the plan's marks, or a capture that failed
+        if prog not in self._plan_ok:
             why = plan_reason(prog.plan)
             if why is not None:
                 return why, False
-            self._plan_ok.add(key)
+            self._plan_ok.add(prog)
         if runtime_why:
             return runtime_why, True
         if prog.profile is not None:
             return "NETDSL_PROFILE times every kernel (synchronising around each)", True
         if getattr(st, "grad_ready", None) is not None:
             return "gradient hooks (distributed all-reduce) run host code between kernels", True
-        if self.graph_key is not None and key != self.graph_key:
+        if self.graph_prog is not None and prog is not self.graph_prog:
             return "a batch of another shape than the captured step's (a short last batch) runs eagerly", True
         return None, False
 
-    def run(self, prog, st, key, host_feeds: dict, upload, params: tuple, runtime_why=None) -> dict:
+    def run(self, prog, st, host_feeds: dict, upload, params: tuple, runtime_why=None) -> dict:
         """One training step of `prog`: eager, captured or replayed. host_feeds: value id ->
         host array; upload(host_feeds) -> value id -> device array."""
-        why, transient = self.reason(prog, st, key, runtime_why)
+        why, transient = self.reason(prog, st, runtime_why)
         if why is not None:
-            self._note(key, why, transient)
+            self._note(prog, why, transient)
             if transient:
-                self._seen.add(key)     # (it warmed the kernels all the same)
+                self._seen.add(prog)     # (it warmed the kernels all the same)
             return prog.run(st, upload(host_feeds))
-        g = self.graph if self.graph_key == key else None
+        g = self.graph if self.graph_prog is prog else None
         if g is not None and not _same(g.params, params):   # parameters replaced from outside: capture again
             self.graph = g = None
-            self._seen.discard(key)
+            self._seen.discard(prog)
         if g is not None:
             return g.launch(host_feeds)
-        if key not in self._seen:                   # first step: compile, load, warm up
-            self._seen.add(key)
+        if prog not in self._seen:                   # first step: compile, load, warm up
+            self._seen.add(prog)
             return prog.run(st, upload(host_feeds))
         why = ptds_ok()
         if why is None:
@@ -360,17 +360,17 @@ class GraphSteps:
             except CaptureFailed as e:
                 why = str(e)
         if why is not None:
-            self._note(key, why)
+            self._note(prog, why)
             st.saved.clear()
             return prog.run(st, upload(host_feeds))
-        self.graph, self.graph_key = g, key
-        self._note(key, f"graph ({g.nodes} nodes)")
+        self.graph, self.graph_prog = g, prog
+        self._note(prog, f"graph ({g.nodes} nodes)")
         return g.launch(host_feeds)
 
-    def _note(self, key, status: str, transient: bool = False) -> None:
+    def _note(self, prog, status: str, transient: bool = False) -> None:
         """Keep the decision; say it on stderr once a process (`netdsl run --device cuda` shows it)."""
         if not transient:
-            self.status[key] = status
+            self.status[prog] = status
         if status not in _told:
             _told.add(status)
             print("netdsl: CUDA training step: " + ("replayed as one CUDA graph " + status[6:]

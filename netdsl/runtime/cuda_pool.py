@@ -107,6 +107,10 @@ class Pool:
     def release(self, ptr: int) -> None:
         """Give a block back (a finalizer calls this; safe from any thread, and re-entrantly)."""
         self._dead.append(ptr)
+        self._try_drain()
+
+    def _try_drain(self) -> None:
+        """Apply the queued frees now unless someone holds the lock (they will)."""
         if self._lock.acquire(blocking=False):
             try:
                 self._drain()
@@ -211,11 +215,7 @@ class Pool:
         """The graph `owner` is destroyed (or its capture failed): its blocks are free for anyone.
         (Queued like a free: a graph's finalizer may call it.)"""
         self._dead.append(_Owner(owner))
-        if self._lock.acquire(blocking=False):
-            try:
-                self._drain()
-            finally:
-                self._lock.release()
+        self._try_drain()
 
     def _release_owner(self, owner) -> None:
         if self.capturing is owner:
@@ -258,11 +258,7 @@ class Pool:
         return sum(b.size for lst in self._free.values() for b in lst)
 
     def stats(self) -> dict:
-        if self._lock.acquire(blocking=False):
-            try:
-                self._drain()
-            finally:
-                self._lock.release()
+        self._try_drain()
         return {"reserved": self.reserved, "allocated": self.allocated, "cached_free": self.cached_free(),
                 "peak_reserved": self.peak_reserved, "peak_allocated": self.peak_allocated,
                 "device_allocs": self.device_allocs, "device_frees": self.device_frees,

@@ -223,7 +223,7 @@ class Model:
                "grad_flow records gradient norms on the host" if grad_flow else None)
         params = tuple(st.params.values()) + ((self.flat.grad_buf,) if self.flat is not None else ())
         upload = lambda fv: {k: self.target.upload(a) for k, a in fv.items()}
-        return self._graphs.run(prog, st, prog, host_fv, upload, params, why)
+        return self._graphs.run(prog, st, host_fv, upload, params, why)
 
     @property
     def graph_status(self) -> dict:
