@@ -230,8 +230,9 @@ def cmd_data_shapes(args):
     return 0
 
 
-def _generate(args, module, what: str, total: int) -> dict:
-    """A generator run with a progress bar of `total` images, its options checked before the bar starts."""
+def _generate(args, module, what: str, total: int, **extra) -> dict:
+    """A generator run with a progress bar of `total` images, its options checked before the bar starts;
+    `extra`: the generator's own options."""
     from .datasets import shapes
     from .runtime.progress import ProgressBar
     shapes.check_options(args.images, args.size, args.val_fraction)
@@ -239,7 +240,7 @@ def _generate(args, module, what: str, total: int) -> dict:
     bar = None if args.no_progress else ProgressBar(total, what)
     try:
         return module.generate(args.out, images=args.images, size=args.size, seed=args.seed,
-                               val_fraction=args.val_fraction, progress=bar.update if bar else None)
+                               val_fraction=args.val_fraction, progress=bar.update if bar else None, **extra)
     finally:
         if bar:
             bar.close()
@@ -247,7 +248,8 @@ def _generate(args, module, what: str, total: int) -> dict:
 
 def cmd_data_shapes_captions(args):
     from .datasets import shapes_captions
-    m = _generate(args, shapes_captions, "shapes-captions", args.images)
+    shapes_captions.check_order(args.order)
+    m = _generate(args, shapes_captions, "shapes-captions", args.images, order=args.order)
     print(f"wrote {args.out}: {args.images} images of {args.size}x{args.size} with captions "
           f"({', '.join(m['annotations'].values())}, instances beside them); preview "
           f"{os.path.join(args.out, 'preview', 'captions.png')}")
@@ -591,6 +593,11 @@ def build_parser():
         g.add_argument("--seed", type=int, default=0, help="the same seed writes the same bytes (default 0)")
         g.add_argument("--val-fraction", type=float, default=0.2, help="share of images in val (default 0.2)")
         g.add_argument("--no-progress", action="store_true", help="no progress bar")
+        if name == "shapes-captions":
+            g.add_argument("--order", default="both", metavar="{both,reading}",
+                           help="how two shapes are named: both (default: each two-shape image captioned both "
+                                "ways, the converse a second reference) or reading (one caption, the left shape "
+                                "first, or the upper one when stacked)")
         g.set_defaults(fn=fn)
 
     dp = dsub.add_parser("proposals", help="selective search region proposals for R-CNN, cached in "

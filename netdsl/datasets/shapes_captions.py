@@ -12,6 +12,16 @@ the other axis at most half the offset along it, so each caption is true at a gl
 No image holds two shapes of the same colour and kind, so each object word names one
 object.
 
+With order="reading" a two-shape image has one caption, the shapes named in reading
+order (the left one first, or the upper one when they are stacked), so its relation is
+"left of" or "above":
+
+    two shapes   "a red circle left of a blue square"
+
+That is the both-orders set with the converse reference dropped (the same images and
+instances): a caption whose first object is decided by the image, where the both-orders
+set leaves it to chance (see ORDERS).
+
 Written beside the captions (docs/data.md has the layout): the instances of every shape
 (boxes and polygon masks, COCO instances format), and in each caption annotation
 `grounding`: [word index, instance annotation id] for the colour and kind words, so an
@@ -29,6 +39,7 @@ import shutil
 
 import numpy as np
 
+from ..errors import NetdslError
 from . import draw
 from .shapes import SHAPE_CATEGORIES, _coco_file, _move_into_place, _write_json, annotation, start_set
 from .shapes import check_target as _check_target
@@ -40,6 +51,10 @@ RELATIONS = {"left of": "right of", "right of": "left of", "above": "below", "be
 RADIUS = (0.12, 0.2)    # circumradius as a fraction of the image side
 GAP = 2.0               # pixels between two shapes' circles along the relation's axis
 TWO = 0.7               # share of images with two shapes
+# How a two-shape image's shapes are named. "both" (the default, as COCO has several
+# references per image in varied order): both phrasings. "reading": one, the left shape
+# first or, stacked, the upper, so the first object named follows from the pixels.
+ORDERS = ("both", "reading")
 
 
 def check_target(out: str) -> None:
@@ -100,34 +115,48 @@ def caption_scene(rng: np.random.Generator, size: int):
     return draw.finish(img, rng), objects
 
 
-def captions_of(objects) -> list[tuple[str, list[tuple[int, int]]]]:
-    """[(caption, [(word index, object index)])]: one caption for one shape, the two
-    phrasings of the relation for two (the first shape drawn named first, then the other)."""
+def captions_of(objects, order: str = "both") -> list[tuple[str, list[tuple[int, int]]]]:
+    """[(caption, [(word index, object index)])]: one caption for one shape; for two, the
+    two phrasings of the relation (order "both": the first shape drawn named first, then
+    the other) or the one naming them in reading order ("reading": left of / above)."""
     def phrase(i):
         colour, cat = objects[i][0], objects[i][1]
         return f"a {colour} {draw.SHAPES[cat - 1]}"
     if len(objects) == 1:
         return [(phrase(0), [(1, 0), (2, 0)])]
+    pairs = ((0, 1), (1, 0))
+    if order == "reading":
+        pairs = [p for p in pairs if _relation(objects[p[0]][4], objects[p[1]][4]) in ("left of", "above")]
     out = []
-    for a, b in ((0, 1), (1, 0)):
+    for a, b in pairs:
         rel = _relation(objects[a][4], objects[b][4])
         words = len(rel.split())
         out.append((f"{phrase(a)} {rel} {phrase(b)}", [(1, a), (2, a), (4 + words, b), (5 + words, b)]))
     return out
 
 
+def check_order(order: str) -> None:
+    if order not in ORDERS:
+        raise NetdslError(f"--order must be one of {', '.join(ORDERS)}, got '{order}'",
+                          hint="both: each two-shape image captioned both ways; reading: the left (or upper) "
+                               "shape named first")
+
+
 # ---------------------------------------------------------------- the whole set
 
 def generate(out: str, images: int = 1000, size: int = 64, seed: int = 0, val_fraction: float = 0.2,
-             progress=None) -> dict:
+             progress=None, order: str = "both") -> dict:
     """Write the data set to `out` (created; a set this command wrote before is
     replaced, anything else there is refused); progress(1) after every image.
-    Returns the manifest written to OUT/dataset.json."""
+    `order`: how two shapes are named (ORDERS). Returns the manifest written to
+    OUT/dataset.json."""
+    check_order(order)
     n_train, n_val, out, tmp = start_set(out, images, size, seed, val_fraction, check_target)
     try:
         manifest = {"generator": GENERATOR, "version": 1, "images": images, "size": size, "seed": seed,
                     "val_fraction": val_fraction, "annotations": {}, "instances": {},
-                    "colours": list(COLOURS), "categories": list(draw.SHAPES), "relations": list(RELATIONS)}
+                    "colours": list(COLOURS), "categories": list(draw.SHAPES),
+                    "relations": list(RELATIONS) if order == "both" else ["left of", "above"], "order": order}
         for split, first, count in (("train", 0, n_train), ("val", n_train, n_val)):
             caps = {"info": {"description": "netdsl synthetic shapes with captions", "version": "1",
                              "contributor": GENERATOR}, "licenses": [], "images": [], "annotations": []}
@@ -135,7 +164,7 @@ def generate(out: str, images: int = 1000, size: int = 64, seed: int = 0, val_fr
             os.makedirs(os.path.join(tmp, "images", split))
             for k in range(count):
                 rng = np.random.default_rng([seed, SET_INDEX, first + k])
-                _write_example(tmp, split, k + 1, rng, size, caps, inst)
+                _write_example(tmp, split, k + 1, rng, size, caps, inst, order)
                 if progress:
                     progress(1)
             manifest["annotations"][split] = f"annotations/captions_{split}.json"
@@ -151,7 +180,7 @@ def generate(out: str, images: int = 1000, size: int = 64, seed: int = 0, val_fr
     return manifest
 
 
-def _write_example(root, split, image_id, rng, size, caps, inst):
+def _write_example(root, split, image_id, rng, size, caps, inst, order):
     from PIL import Image
     img, objects = caption_scene(rng, size)
     file_name = f"{image_id:06d}.png"
@@ -164,7 +193,7 @@ def _write_example(root, split, image_id, rng, size, caps, inst):
         a = annotation(ids[-1], image_id, cat, mask, poly)
         a["colour"] = colour
         inst["annotations"].append(a)
-    for text, grounding in captions_of(objects):
+    for text, grounding in captions_of(objects, order):
         caps["annotations"].append({"id": len(caps["annotations"]) + 1, "image_id": image_id, "caption": text,
                                     "grounding": [[w, ids[o]] for w, o in grounding]})
     Image.fromarray(img, "RGB").save(os.path.join(root, "images", split, file_name))
