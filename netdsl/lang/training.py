@@ -78,6 +78,7 @@ CONSTRUCTORS = {
     "augment": {
         "crop": {"pad": (_INT, 4)},
         "flip": {},
+        "affine": {"scale": (_NUM, 0.2), "translate": (_NUM, 0.2), "min_visible": (_NUM, 0.5)},
     },
     # runtime/metrics.py computes them (its METRICS has these names)
     "metrics": {"accuracy": {}, "top5": {}, "pixel_accuracy": {}, "miou": {}, "loss_per_token": {},

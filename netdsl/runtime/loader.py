@@ -2,8 +2,9 @@
 
 A loader iterates one epoch of batches per `iter()`: a dict holding, for each field,
 the rows of that batch. Per batch: gather, random crop after zero padding, random
-horizontal flip, then normalise (x - mean) / std per channel, the order torchvision
-pipelines use. The crop and the flip are the same for every spatial field of an
+scaling and translation (`affine`, runtime/affine.py: it moves boxes, masks and
+keypoints too), random horizontal flip, then normalise (x - mean) / std per channel,
+the order torchvision pipelines use. The crop and the flip are the same for every spatial field of an
 example: images ([C, H, W] floats) and dense label maps ([H, W] integers, padded with
 their `fill`, e.g. the loss's ignore index), so a segmentation label stays aligned
 with its image. All randomness comes from `rng`, so a run is reproducible from its
@@ -37,23 +38,25 @@ class Loader:
     dense: name -> fill for [N, H, W] label maps cropped and flipped with them;
     mean, std: per image field, or one pair for every image field. mirror: a function
     (batch, which) -> batch that flips the chosen examples of every field (a COCO data
-    set's flip, which moves boxes and joints too), used for the flip instead."""
+    set's flip, which moves boxes and joints too), used for the flip instead. affine: an
+    affine.Affine (random scaling and translation of the images and what lies on them)."""
 
     def __init__(self, fields: dict[str, np.ndarray], batch_size: int, *, rng: np.random.Generator | None = None,
                  shuffle: bool = False, drop_last: bool = False, mean=None, std=None,
-                 crop_padding: int = 0, flip: bool = False, images=None, dense: dict | None = None, mirror=None):
+                 crop_padding: int = 0, flip: bool = False, images=None, dense: dict | None = None, mirror=None,
+                 affine=None):
         if batch_size < 1:
             raise NetdslError(f"batch size must be at least 1, got {batch_size}")
         if crop_padding < 0:
             raise NetdslError(f"crop padding must not be negative, got {crop_padding}")
-        if (shuffle or crop_padding or flip) and rng is None:
+        if (shuffle or crop_padding or flip or affine) and rng is None:
             raise ValueError("shuffling and augmentation need an rng")
         self.fields, self.batch_size, self.rng = fields, batch_size, rng
         self.shuffle, self.drop_last, self.pad, self.flip = shuffle, drop_last, crop_padding, flip
         self.images = [k for k, a in fields.items() if a.dtype.kind == "f" and a.ndim == 4] \
             if images is None else list(images)
         self.dense = dict(dense or {})
-        self.mirror = mirror
+        self.mirror, self.affine = mirror, affine
         self.mean, self.std = {}, {}
         for name in self.images:
             c = fields[name].shape[1]
@@ -87,6 +90,9 @@ class Loader:
             offsets = self.rng.integers(0, 2 * self.pad + 1, size=(total, 2))[part]
             for k, fill in spatial.items():
                 b[k] = _crop(b[k], self.pad, offsets, 0 if fill is None else fill)
+        if self.affine is not None:
+            from .affine import DRAWS
+            b = self.affine(b, self.rng.random((total, DRAWS))[part])
         if self.flip and (spatial or self.mirror):
             flip = (self.rng.random(total) < 0.5)[part]
             if self.mirror is not None:

@@ -109,9 +109,13 @@ class Trainer:
         self.norm = {f: channel_stats(self.data.train[f]) for f in images} if cfg["normalize"] else {}
         crop = next((a.kwargs["pad"] for a in cfg["augment"] if a.name == "crop"), 0)
         flip = any(a.name == "flip" for a in cfg["augment"])
-        dense, mirror = self._dense_fields(images, crop) if crop or flip else ({}, None)
-        # the bound fields, and the fields metrics read besides (PCK's box)
-        self.used = [*dict.fromkeys([*self.fields.values(), *(f for m in self.metrics for f in m.fields)])]
+        scaling = next((a for a in cfg["augment"] if a.name == "affine"), None)
+        dense, mirror, objects = self._dense_fields(images, crop, flip, scaling) if crop or flip or scaling \
+            else ({}, None, {})
+        # the bound fields, and the fields metrics read besides (PCK's box); affine drops objects by their labels
+        self.used = [*dict.fromkeys([*self.fields.values(), *(f for m in self.metrics for f in m.fields),
+                                     *(["boxes", "labels"] if objects else [])])]
+        affine = self._affine(scaling, images, dense, objects) if scaling else None
         used = {f: self.data.train[f] for f in self.used}
         # truncated BPTT carries the recurrent state from one batch to the next (reset each epoch)
         self.carry_state = self.data.streams is not None and chunk(cfg) is not None and bool(g.carries)
@@ -122,7 +126,7 @@ class Trainer:
         else:
             self.train_loader = Loader(used, batch, rng=self.rng, shuffle=True, images=images, dense=dense,
                                        mean=_part(self.norm, 0), std=_part(self.norm, 1), crop_padding=crop,
-                                       flip=flip, mirror=mirror)
+                                       flip=flip, mirror=mirror, affine=affine)
             self.test_loader = Loader({f: self.data.test[f] for f in self.used}, batch,
                                       images=images, mean=_part(self.norm, 0), std=_part(self.norm, 1))
         if dist is not None:
@@ -146,15 +150,17 @@ class Trainer:
         from .gradflow import GradFlow
         self.grad_flow = GradFlow(self.out)
 
-    def _dense_fields(self, images: list[str], crop: int) -> tuple[dict, object]:
-        """(fields cropped and flipped with the images: [N, H, W] integer maps of the
-        images' size, padded with their loss's ignore index; the flip that also moves a
-        COCO data set's boxes and joints, or None). Any other field that is not one
-        value per example cannot follow a crop or a flip: an error (synthetic data's
-        are random, and stay as they are)."""
+    def _dense_fields(self, images: list[str], crop: int, flip: bool, affine) -> tuple[dict, object, dict]:
+        """(fields cropped, flipped and scaled with the images: [N, H, W] integer maps
+        of the images' size, padded with their loss's ignore index; the flip that also
+        moves a COCO data set's boxes and joints, or None; the per-object fields that
+        affine moves: data field -> its role in affine.Affine). Any other field that is
+        not one value per example cannot follow the augmentation: an error (synthetic
+        data's are random, and stay as they are)."""
         sizes = {self.data.train[f].shape[2:] for f in images}
         ignore = {n: next((i for _, i, _ in r if i is not None), -1) for n, r in index_rules(self.g).items()}
-        dense, moved = {}, []
+        dense, moved, objects = {}, [], {}
+        rows = self.data.train["boxes"].shape[:2] if "boxes" in self.data.train else None
         for name, f in self.fields.items():
             a = self.data.train[f]
             if f in images or a.ndim == 1:
@@ -162,17 +168,35 @@ class Trainer:
             if a.dtype.kind in "iu" and a.ndim == 3 and a.shape[1:] in sizes:
                 dense[f] = ignore.get(name, -1)
                 continue
-            if not crop and f in MIRRORED and hasattr(self.data, "flip"):
-                moved.append(f)
-                continue
             if self.data.name == "synthetic":
                 continue        # random numbers that describe nothing: left as they are
-            raise NetdslError(f"augment = [{'crop' if crop else 'flip'}] cannot transform input '{name}' "
+            can = {"crop": not crop,
+                   "flip": not flip or (f in MIRRORED and hasattr(self.data, "flip")),
+                   "affine": not affine or (rows is not None and a.shape[:2] == rows and "labels" in self.data.train)}
+            if all(can.values()):
+                if flip:
+                    moved.append(f)
+                if affine:
+                    objects[f] = OBJECT_ROLES.get(f, "rows")
+                continue
+            what = next(k for k, ok in can.items() if not ok)
+            raise NetdslError(f"augment = [{what}] cannot transform input '{name}' "
                               f"({self.g.inputs[name].dtype}{list(a.shape[1:])} per example) with the images",
-                              self.g.train_pos.get("augment"),
-                              hint="crop and flip move images and per-pixel label maps; flip also moves the boxes "
-                                   "and joints of coco() data, which crop does not")
-        return dense, (self.data.flip if moved else None)
+                              self.g.train_pos.get("augment"), hint=AUGMENT_HINTS[what])
+        if objects and "boxes" not in objects:      # masks or keypoints bound without the boxes
+            objects["boxes"] = "boxes"
+        return dense, (self.data.flip if moved else None), objects
+
+    def _affine(self, call, images: list[str], dense: dict, objects: dict):
+        """The affine.Affine of `augment = [affine(...)]`: images filled with their
+        training mean (0 once normalised), label maps with their ignore index."""
+        from .affine import Affine, check
+        kw = call.kwargs
+        check(kw["scale"], kw["translate"], kw["min_visible"], self.g.train_pos.get("augment"))
+        roles = {r: [f for f, rr in objects.items() if rr == r] for r in ("masks", "keypoints", "rows")}
+        return Affine(kw["scale"], kw["translate"], kw["min_visible"],
+                      images={f: self.norm[f][0] if f in self.norm else 0.0 for f in images}, dense=dense,
+                      boxes="boxes" if objects else None, labels="labels" if objects else None, **roles)
 
     def _feeds(self, batch: dict) -> dict:
         return {n: batch[f] for n, f in self.fields.items()}
@@ -382,6 +406,17 @@ class Trainer:
 
 # the fields a COCO data set's flip moves with the images (datasets/coco.py, flip_horizontal)
 MIRRORED = ("box", "boxes", "labels", "joints", "visible", "masks", "keypoints")
+# what affine does with each per-object field of coco() and vg() data; any other field
+# with a row per object (vg's captions) follows its object (runtime/affine.py)
+OBJECT_ROLES = {"boxes": "boxes", "labels": "labels", "masks": "masks", "keypoints": "keypoints"}
+AUGMENT_HINTS = {
+    "crop": "crop moves images and per-pixel label maps; affine(scale, translate) also moves the objects "
+            "(boxes, masks, keypoints) of coco() and vg() data",
+    "flip": "flip moves images and per-pixel label maps, and the boxes and joints of coco() data",
+    "affine": "affine moves images, per-pixel label maps and the objects of coco() and vg() detection data "
+              "(boxes with labels, masks, keypoints: a row per object, so that one moved out of the image "
+              "becomes padding); a single object's box or joints has no row to drop it into",
+}
 
 
 def _parts(losses) -> dict[str, float]:
