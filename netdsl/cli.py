@@ -149,6 +149,7 @@ def _run(args, dist):
         sets = parse_sets(args.set)
         g, args._sources = inference_graph(args.spec, args.network, sets, sets, g, args._sources)
     score_threshold = check_threshold(args.score_threshold)
+    check_partial(args)
     cfg = dict(g.train)
     for flag, key in (("epochs", "epochs"), ("batch", "batch"), ("seed", "seed")):
         v = getattr(args, flag)
@@ -169,7 +170,8 @@ def _run(args, dist):
     t = Trainer(g, cfg, out, spec_text, log=(lambda s: print(s, flush=True)) if root else (lambda s: None),
                 device=args.device, training=not (args.eval or args.predict), dist=dist)
     if (args.resume or args.eval or args.predict or args.weights) and root:     # other ranks: rank 0's, below
-        load_run_weights(t, args.weights, resume=args.resume, fresh=not (args.eval or args.predict))
+        load_run_weights(t, args.weights, resume=args.resume, fresh=not (args.eval or args.predict),
+                         partial=args.weights_partial)
     if dist is not None:
         dist.start(t)
     from .runtime.caption import is_captioner, predict_captions
@@ -297,16 +299,34 @@ def cmd_data_proposals(args):
     return 0
 
 
-def load_run_weights(t, weights: str | None, *, resume: bool, fresh: bool):
+def check_partial(args):
+    """--weights-partial starts training from the named subset of --weights FILE: the rest
+    keeps its initialiser, so there is nothing to evaluate, predict with or resume."""
+    if not args.weights_partial:
+        return
+    if not args.weights:
+        raise NetdslError("--weights-partial needs --weights FILE (the weights to take the shared names from)")
+    for flag, on in (("--resume", args.resume), ("--eval", args.eval), ("--predict", args.predict)):
+        if on:
+            raise NetdslError(f"--weights-partial starts training from part of a network's weights; it does not "
+                              f"take {flag}", hint=f"drop --weights-partial: {flag} needs every parameter, "
+                                                   "which --weights FILE alone checks")
+
+
+def load_run_weights(t, weights: str | None, *, resume: bool, fresh: bool, partial: bool = False):
     """--resume, --weights, --eval and --predict: a netdsl checkpoint resumes (or is
     evaluated) as it was saved; a weights file by name (.safetensors, .npz, or a
-    checkpoint when training starts from it) only sets parameters and buffers."""
+    checkpoint when training starts from it) only sets parameters and buffers; with
+    `partial` (--weights-partial), only those whose names the network shares."""
     from .runtime.weights import by_name, load_into, refuse_pickle
     path = weights or t.ckpt_path
     if weights:
         refuse_pickle(weights)
     if not os.path.exists(path):
         raise NetdslError(f"no checkpoint at '{path}'", hint="train first, or give --weights FILE")
+    if partial:
+        _load_partial(t, path)
+        return
     named = by_name(path)
     if resume and named:
         raise NetdslError(f"--resume continues a netdsl checkpoint; {path} holds only weights",
@@ -322,6 +342,17 @@ def load_run_weights(t, weights: str | None, *, resume: bool, fresh: bool):
             return
     load_into(t.model, path, log=lambda s: print(s, file=sys.stderr))
     print(f"loaded {len(t.g.params)} parameters and buffers by name from {path}", file=sys.stderr)
+
+
+def _load_partial(t, path: str):
+    from .runtime.weights import grouped_names, load_partial
+    loaded, kept, unused = load_partial(t.model, path, log=lambda s: print(s, file=sys.stderr))
+    print(f"loaded {len(loaded)} of the network's {len(t.g.params)} parameters and buffers by name from {path} "
+          f"(--weights-partial)", file=sys.stderr)
+    if kept:
+        print(f"kept their initialiser ({len(kept)}): {grouped_names(kept)}", file=sys.stderr)
+    if unused:
+        print(f"not in the network, unused ({len(unused)}): {grouped_names(unused)}", file=sys.stderr)
 
 
 def _same_spec(path: str, spec_text: str) -> bool:
@@ -558,6 +589,10 @@ def build_parser():
     t.add_argument("--weights", metavar="FILE",
                    help="weights to evaluate/predict with or start training from: a netdsl checkpoint, or by "
                         "name a .safetensors or .npz (a PyTorch state dict converted); with --resume, the checkpoint")
+    t.add_argument("--weights-partial", action="store_true",
+                   help="with --weights FILE, start training from the parameters and buffers whose names the "
+                        "network shares with the file (a pretrained trunk under a new head); the rest keep their "
+                        "initialiser. A shared name of another shape is an error")
     t.add_argument("--sample", action="store_true",
                    help="with --predict on a captioning spec: sample each word instead of the most likely")
     t.add_argument("--eval", action="store_true", help="evaluate the checkpoint on the test split")

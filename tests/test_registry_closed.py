@@ -254,6 +254,7 @@ SMALL = {"det/pose": _sets(size=64, width=8),
          "det/fast_rcnn": _sets(H=64, W=64, width=8, classes=4, G=3, P=16),
          "det/rcnn": _sets(size=32, width=8, classes=4, G=3, P=8, H=64, W=64),
          "det/yolo_v1": _sets(size=64, width=8, pools=2, hidden=64, S=4, classes=4, G=3),
+         "det/yolo_v1_pretrain": _sets(size=64, width=8, pools=2, classes=4),
          "det/ssd300": _sets(size=64, width=8, extras=2, classes=4, G=3),
          # Mask R-CNN's (at 64 x 64, keypoint head kept) and dense captioning's, as their headers give them
          "det/mask_rcnn": _sets(H=64, W=64, width=8, anchor=24.0, anchor_step=1.4142, rpn_fg_iou=0.5, post_nms=16,

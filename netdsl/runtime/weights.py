@@ -25,7 +25,7 @@ import struct
 
 import numpy as np
 
-from ..errors import NetdslError
+from ..errors import NetdslError, Note
 
 PICKLED = (".pt", ".pth", ".bin", ".ckpt", ".pkl", ".pickle", ".tar")
 CELLS = ("lstm_cell", "gru_cell", "rnn_cell")
@@ -256,6 +256,57 @@ def load_into(model, path, log=print) -> None:
             cur.copy_to_device(np.ascontiguousarray(v))
         elif cur is not v:
             cur[...] = v
+
+
+def load_partial(model, path, log=print) -> tuple[list[str], list[str], list[str]]:
+    """Load the parameters and buffers of a weights file whose names the network shares,
+    in place (--weights FILE --weights-partial: a pretrained trunk under a new head).
+    Returns (loaded, kept at their initialiser, the file's names the network lacks).
+    Refused, nothing loaded, when no name is shared or a shared name differs in shape,
+    kind of dtype or holds NaN/inf: a name that matches but not in shape is a mistake
+    (another width, another class count), not something to skip silently."""
+    arrays, kind = read_file(path)
+    mapped, dropped = (arrays, []) if kind == "checkpoint" else from_file(model.g, arrays)
+    if dropped:
+        log(f"note: {path}: ignored {len(dropped)} BatchNorm step counter(s) (num_batches_tracked); "
+            "netdsl's batch norm does not use them")
+    params = model.g.params
+    shared = [k for k in params if k in mapped]
+    unused = sorted(k for k in mapped if k not in params)
+    if not shared:
+        raise NetdslError(f"weights file {path} shares no parameter name with the network {model.g.name}",
+                          notes=[Note("the network's: " + grouped_names(list(params), 12)),
+                                 Note("the file's: " + grouped_names(sorted(mapped), 12))],
+                          hint="the names are parameter paths (netdsl compile SPEC --json lists them under "
+                               "param_tensors and buffers): give the trunk the same block path in both specs")
+    expected = {k: _Spec(tuple(params[k].shape), _np_dtype(params[k].dtype)) for k in shared}
+    from .checkpoint import check_arrays
+    check_arrays(expected, {k: mapped[k] for k in shared},
+                 f"weights file {path} (--weights-partial: the {len(shared)} shared names)")
+    bad = [k for k in shared if not np.isfinite(mapped[k]).all()]
+    if bad:
+        raise NetdslError(f"weights file {path} holds non-finite weights: " + grouped_names(bad, 12),
+                          hint="the run that wrote them diverged: take an earlier checkpoint")
+    for k in shared:
+        cur, v = model.params[k], np.ascontiguousarray(mapped[k], dtype=_np_dtype(params[k].dtype))
+        if hasattr(cur, "copy_to_device"):
+            cur.copy_to_device(v)
+        else:
+            cur[...] = v
+    return shared, [k for k in params if k not in mapped], unused
+
+
+def grouped_names(names: list[str], limit: int = 0) -> str:
+    """Parameter names grouped by their module, `features.20.bn1.{weight,bias}`; with a
+    limit, the first `limit` modules and how many more."""
+    groups: dict[str, list[str]] = {}
+    for n in names:
+        mod, _, leaf = n.rpartition(".")
+        groups.setdefault(mod, []).append(leaf)
+    out = [(f"{m}.{{{','.join(ls)}}}" if len(ls) > 1 else f"{m}.{ls[0]}") if m else ",".join(ls)
+           for m, ls in groups.items()]
+    more = len(out) - limit if limit else 0
+    return ", ".join(out[:limit] if more > 0 else out) + (f" ... ({more} more modules)" if more > 0 else "")
 
 
 def save_named(g, params: dict[str, np.ndarray], path, *, metadata: dict | None = None) -> list[str]:
