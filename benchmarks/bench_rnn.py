@@ -239,6 +239,8 @@ def profile(cell: str):
         if hasattr(scan.CpuArrays, name):
             setattr(scan.CpuArrays, name, staticmethod(timed(getattr(scan.CpuArrays, name), "scan." + name)))
     scan._Deferred.keep = staticmethod(timed(scan._Deferred.keep, "scan.keep"))
+    if "keep" in vars(scan._Cell):      # (a newer tree: a cell keeps h and x side by side)
+        scan._Cell.keep = timed(scan._Cell.keep, "scan.keep")
     best = None
     for _ in range(4):
         own.clear()
