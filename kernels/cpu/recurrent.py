@@ -100,6 +100,7 @@ def _wgrad(g, a, gw, gb, accumulate, T):
     0: not wanted): thread t takes a share of gw's rows, so no two write one element."""
     R, M = g.shape
     K = a.shape[1]
+    u = np.uint64
     gf, af, gwf = g.reshape(-1), a.reshape(-1), gw.reshape(-1)
     beta = 1.0 if accumulate else 0.0
     for t in prange(T):
@@ -109,12 +110,12 @@ def _wgrad(g, a, gw, gb, accumulate, T):
                 _gemm(m1 - m0, K, R, gf[m0:], M, T_, af, K, N_, gwf[m0 * K:], beta)
             elif not accumulate:
                 gw[m0:m1] = 0
-            if gb.size:     # rows outer: the inner loop runs along memory
+            if gb.size:     # rows outer: the inner loop runs along memory (flat, unsigned: vectorised)
                 if not accumulate:
                     gb[m0:m1] = 0
                 for r in range(R):
                     for m in range(m0, m1):
-                        gb[m] += g[r, m]
+                        gb[u(m)] += gf[u(r * M + m)]
     return gw
 
 
