@@ -308,6 +308,8 @@ class GraphSteps:
         self.graph_prog = None
         self._seen: set = set()
         self._plan_ok: set = set()     # programs whose plan does no host work
+        from .cuda_arena import ArenaSteps
+        self.arena = ArenaSteps()       # steps not captured: replayed from launch records (cuda_arena.py)
 
     def reason(self, prog, st, runtime_why) -> tuple[str | None, bool]:
         """(why this step runs eagerly or None, whether that holds for this step only)."""
@@ -343,7 +345,8 @@ class GraphSteps:
             self._note(prog, why, transient)
             if transient:
                 self._seen.add(prog)     # (it warmed the kernels all the same)
-            return prog.run(st, upload(host_feeds))
+                return prog.run(st, upload(host_feeds))
+            return self.arena.run(prog, st, host_feeds, upload, params, runtime_why)  # eager, or its records
         g = self.graph if self.graph_prog is prog else None
         if g is not None and not _same(g.params, params):   # parameters replaced from outside: capture again
             self.graph = g = None
