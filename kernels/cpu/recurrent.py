@@ -25,6 +25,8 @@ recurrent part per step:
       steps as one weight_grad(ghp rows, h rows) after the loop.
   transposed_weights(w_hh list): a context in which cell_step_grads forms gh from a
       transposed copy of each w_hh made once (a scan's backward over T steps).
+  gate_grads_into(w_hh, out): the next lstm cell_step_grads with w_hh writes gxp into
+      out (a time slice of a scan's [N, T, 4H] buffer) instead of a new array.
   cell_step_backward(kind, acts, gh'[N, H], gc' or None, h, c, w_hh, order="ifog",
                      gw_hh=None, gb_hh=None, accumulate=False)
       -> (gxp[N, G*H], gh[N, H], gc or None, gw_hh, gb_hh)
@@ -184,19 +186,20 @@ def _hh_share(t, T, cols):
     return t * cols // T, (t + 1) * cols // T
 
 
-def _hh_grad(g, wt, gt, gh, add, T):
+def _hh_grad(gf, gs, wt, gt, gh, add, T):
     """gh[N, H] (+)= g[N, G*H] @ w_hh, formed as wt @ g.T from wt = w_hh.T [H, G*H]
     (transposed_weights) into gt [H, N], then transposed into gh: OpenBLAS packs the
     weight faster as that left operand (1.55 against 2.0 ms at N 64, H 512, one thread;
-    bench_rnn.py gemm). Thread t takes a share of wt's rows, so of gh's columns."""
-    N, K = g.shape
-    H = wt.shape[0]
+    bench_rnn.py gemm). Thread t takes a share of wt's rows, so of gh's columns. gf: g
+    flat, its rows gs apart."""
+    N, H = gh.shape
+    K = wt.shape[1]
     u = np.uint64
-    gf, wf, tf, hf = g.reshape(-1), wt.reshape(-1), gt.reshape(-1), gh.reshape(-1)
+    wf, tf, hf = wt.reshape(-1), gt.reshape(-1), gh.reshape(-1)
     for t in prange(T):
         h0, h1 = t * H // T, (t + 1) * H // T
         if h1 > h0:
-            _gemm(h1 - h0, N, K, wf[h0 * K:], K, N_, gf, K, T_, tf[h0 * N:], 0.0)
+            _gemm(h1 - h0, N, K, wf[h0 * K:], K, N_, gf, gs, T_, tf[h0 * N:], 0.0)
             for j0 in range(h0, h1, 16):    # 16 of gt's rows at a time: its reads stay in L1
                 j1 = min(j0 + 16, h1)
                 for n in range(N):
@@ -295,16 +298,17 @@ def _lstm_fwd(xp, xs, h, c, whh, bhh, acts, gt, hn, cn, bo, bg, T):
     return hn
 
 
-def _lstm_bwd(acts, c, ghn, gcn, has_gc, gxp, gc, bo, bg, T):
+def _lstm_bwd(acts, c, ghn, gcn, has_gc, xf, xs, gc, bo, bg, T):
+    """xf: gxp flat, its rows xs apart (a time slice of a scan's buffer: gate_grads_into)."""
     N, H = c.shape
     u = np.uint64
     one = acts.dtype.type(1)
     af, cf, gf, gcf = acts.reshape(-1), c.reshape(-1), ghn.reshape(-1), gcn.reshape(-1)
-    xf, ocf = gxp.reshape(-1), gc.reshape(-1)
+    ocf = gc.reshape(-1)
     oo, og = bo * H, bg * H
     for t in prange(T):
         for r in range(t * N // T, (t + 1) * N // T):
-            a, x, s = r * 5 * H, r * 4 * H, r * H
+            a, x, s = r * 5 * H, r * xs, r * H
             for j in range(H):
                 i, f = af[u(a + j)], af[u(a + H + j)]
                 o, g, tc = af[u(a + oo + j)], af[u(a + og + j)], af[u(a + 4 * H + j)]
@@ -317,7 +321,7 @@ def _lstm_bwd(acts, c, ghn, gcn, has_gc, gxp, gc, bo, bg, T):
                 xf[u(x + oo + j)] = gh * tc * o * (one - o)
                 xf[u(x + og + j)] = dc * i * (one - g * g)
                 ocf[u(s + j)] = dc * f
-    return gxp
+    return xf
 
 
 def _gru_fwd(xp, xs, h, whh, bhh, acts, hn, T):
@@ -429,6 +433,7 @@ def cell_step(kind, xp, h, c, w_hh, b_hh=None, order="ifog"):
 _WT: dict = {}     # id(w_hh) -> (w_hh, w_hh.T contiguous) while transposed_weights is open
 
 
+
 @contextmanager
 def transposed_weights(ws):
     """While open, cell_step_grads multiplies by a transposed copy of each w_hh in ws,
@@ -449,14 +454,40 @@ def transposed_weights(ws):
 
 def _recurrent_grad(ghp, w_hh, gh=None):
     """gh (+)= ghp @ w_hh: through w_hh's transposed copy when transposed_weights holds
-    one (gh given: added to it)."""
+    one (gh given: added to it); ghp's rows may lie at a stride (gate_grads_into)."""
     got = _WT.get(id(w_hh))
     if got is None or got[0] is not w_hh or ghp.dtype != w_hh.dtype:
         return matmul_rows(ghp, w_hh, gh, add=gh is not None)
     N, H = ghp.shape[0], w_hh.shape[1]
     out = np.empty((N, H), ghp.dtype) if gh is None else gh
     fn, T = _threads(_hh_grad, ghp.size * H, H)
-    return fn(ghp, got[1], np.empty((H, N), ghp.dtype), out, gh is not None, T)
+    gf, gs = _row_view(ghp, ghp.dtype)
+    return fn(gf, gs, got[1], np.empty((H, N), ghp.dtype), out, gh is not None, T)
+
+
+_INTO: dict = {}    # id(w_hh) -> (w_hh, out): where the next cell_step_grads writes gxp
+
+
+def gate_grads_into(w_hh, out):
+    """The next cell_step_grads of an lstm cell with this w_hh writes gxp into out
+    ([N, 4H], its rows contiguous at any distance apart: a time slice of a scan's
+    [N, T, 4H] buffer) and returns it, instead of a new array that the scan then copies
+    there (52 MB a char-LSTM step). out None: forget it."""
+    if out is None:
+        _INTO.pop(id(w_hh), None)
+    else:
+        _INTO[id(w_hh)] = (w_hh, out)
+
+
+def _into(w_hh, shape, dt):
+    """gate_grads_into's buffer for this w_hh if it fits (else None), consumed."""
+    got = _INTO.pop(id(w_hh), None)
+    if got is None or got[0] is not w_hh:
+        return None
+    o, isz = got[1], np.dtype(dt).itemsize
+    if o.dtype != dt or o.shape != shape or o.strides[1] != isz or o.strides[0] % isz or o.strides[0] < shape[1] * isz:
+        return None
+    return o
 
 
 def cell_step_grads(kind, acts, ghn, gcn, h, c, w_hh, order="ifog"):
@@ -465,9 +496,10 @@ def cell_step_grads(kind, acts, ghn, gcn, h, c, w_hh, order="ifog"):
     so that a time loop can form w_hh's gradient of all steps as one GEMM."""
     dt = acts.dtype
     G, H = _gates(kind, w_hh)
+    into = _into(w_hh, (h.shape[0], G * H), dt)
     ghn, h, w_hh = _f(ghn, dt), _f(h, dt), _f(w_hh, dt)
     N = h.shape[0]
-    gxp = np.empty((N, G * H), dt)
+    gxp = into if into is not None and kind == "lstm" else np.empty((N, G * H), dt)
     ghp, gc = gxp, None
     fn, T = _threads(_rnn_bwd if kind == "rnn" else _lstm_bwd if kind == "lstm" else _gru_bwd, N * G * H * 8, N)
     if kind == "rnn":
@@ -475,7 +507,8 @@ def cell_step_grads(kind, acts, ghn, gcn, h, c, w_hh, order="ifog"):
     elif kind == "lstm":
         gc = np.empty((N, H), dt)
         has = gcn is not None
-        fn(acts, _f(c, dt), ghn, _f(gcn, dt) if has else ghn, has, gxp, gc, *LSTM_BLOCKS[order], T)
+        xf, xs = _row_view(gxp, dt)
+        fn(acts, _f(c, dt), ghn, _f(gcn, dt) if has else ghn, has, xf, xs, gc, *LSTM_BLOCKS[order], T)
     if kind == "gru":
         ghp, gh = np.empty((N, G * H), dt), np.empty((N, H), dt)
         fn(acts, h, ghn, gxp, ghp, gh, T)       # gh = z * gh', then

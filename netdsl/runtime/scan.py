@@ -72,6 +72,8 @@ class CpuArrays:
     # cell_step_grads multiplies by transposed copies of these weights while it is open
     transposed = staticmethod(kernels.recurrent.transposed_weights)
     joint = True    # a cell's h and x rows side by side: one weight-gradient GEMM (_Cell.keep)
+    # an lstm cell's backward writes its gates' gradient of step t into the kept buffer
+    grads_into = staticmethod(kernels.recurrent.gate_grads_into)
     empty = staticmethod(np.empty)
     zeros = staticmethod(np.zeros)
 
@@ -156,17 +158,33 @@ class _Cell(_Deferred):
         gradient (lstm, rnn: ghp is gxp) and x is a scanned sequence, h's rows are kept
         with x's columns beside them ([N, T, H + D], x copied in once): W_hh's and W_ih's
         gradients are then one GEMM gxp^T [h | x] (a K = 64 GEMM of its own ran at two
-        thirds of the speed) and the two bias gradients one column sum."""
+        thirds of the speed) and the two bias gradients one column sum. gxp is not copied
+        when the cell's backward wrote it in place (into)."""
         if bufs is None and getattr(A, "joint", False) and x is not None and got[1] is None and got[3] is None:
-            h = got[2]
-            hx = A.empty((h.shape[0], T, h.shape[1] + x.shape[2]), h.dtype)
-            hx[:, :, h.shape[1]:] = x
-            bufs = [A.empty((got[0].shape[0], T) + got[0].shape[1:], got[0].dtype), None, hx, None]
+            bufs = self._joint(A, got[0], got[2], x, T)
         if bufs is not None and bufs[2] is not None and bufs[2].shape[2] != got[2].shape[1]:
-            A.put(bufs[0], t, got[0])
+            if getattr(got[0], "base", None) is not bufs[0]:
+                A.put(bufs[0], t, got[0])
             bufs[2][:, t, :got[2].shape[1]] = got[2]
             return bufs
         return _Deferred.keep(A, bufs, t, T, got)
+
+    @staticmethod
+    def _joint(A, g, h, x, T):
+        hx = A.empty((h.shape[0], T, h.shape[1] + x.shape[2]), h.dtype)
+        hx[:, :, h.shape[1]:] = x
+        return [A.empty((g.shape[0], T) + g.shape[1:], g.dtype), None, hx, None]
+
+    def into(self, A, st, x, T):
+        """(w_hh, the joint buffers made before the loop) for an lstm cell whose backward
+        can write its gates' gradient straight into them (A.grads_into), or None."""
+        if self.node.op != "lstm_cell" or x is None or not getattr(A, "grads_into", None):
+            return None
+        w = st.params[self.p["weight_hh"]]
+        if x.dtype != w.dtype:
+            return None
+        N, H = x.shape[0], w.shape[1]
+        return w, self._joint(A, A.empty((N, w.shape[0]), w.dtype), A.empty((N, H), w.dtype), x, T)
 
     def backward(self, K, st, x, bufs, need_gx: bool):
         """{param name: gradient} of the cell over all steps, and gx [N, T, D] of a
@@ -309,8 +327,13 @@ def bind(table: dict, target: str, A) -> None:
             flow.update({name: [0.0] * T for name in r.names})
         held = getattr(A, "transposed", None)    # (the CPU's: the step GEMM of the cells' backward)
         w_hh = [st.params[h.p["weight_hh"]] for h in r.hoists if isinstance(h, _Cell)]
+        seqx = [fwd_in[h.seq] if h.seq is not None else None for h in r.hoists]
+        into = [h.into(A, st, x, T) if isinstance(h, _Cell) else None for h, x in zip(r.hoists, seqx)]
         with held(w_hh) if held else nullcontext():
             for t in range(T - 1, -1, -1):
+                for w_b in into:
+                    if w_b is not None:     # the cell's gates' gradient of step t straight into its buffer
+                        A.grads_into(w_b[0], w_b[1][0][:, t])
                 if flow is not None:    # what reaches the state leaving step t from the steps after it
                     for name, c in zip(r.names, gcarry):
                         flow[name][t] = A.norm(c) if c is not None else 0.0
@@ -340,8 +363,11 @@ def bind(table: dict, target: str, A) -> None:
                 for i, h in enumerate(r.hoists):
                     got = sst.hoisted_grad[id(h.node)]
                     if isinstance(got, tuple):      # (a cell no loss depends on has no backward)
-                        per_cell[i] = h.keep(A, per_cell[i], t, T, got,
-                                             fwd_in[h.seq] if h.seq is not None else None)
+                        bufs = per_cell[i] if per_cell[i] is not None or into[i] is None else into[i][1]
+                        per_cell[i] = h.keep(A, bufs, t, T, got, seqx[i])
+            for w_b in into:
+                if w_b is not None:
+                    A.grads_into(w_b[0], None)
         for h, bufs in zip(r.hoists, per_cell):     # the weight gradients: one GEMM each over all steps
             if bufs is None:
                 continue
