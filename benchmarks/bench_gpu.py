@@ -8,11 +8,16 @@ step is forward, cross-entropy, backward and an SGD (momentum 0.9, weight decay 
 update. TF32 is off in torch (`allow_tf32 = False` for matmul and cuDNN), so both
 sides compute in full fp32. netdsl runs in up to four ways, each in its own process:
 `graph` (the step captured as one CUDA graph and replayed, runtime/cuda_graph.py),
-`eager` (NETDSL_CUDA_GRAPHS=0: kernel by kernel; both with netdsl's caching allocator,
+`records` (NETDSL_CUDA_GRAPHS=0: the eager step replayed from launch records over one
+device arena, runtime/cuda_arena.py), `eager` (NETDSL_CUDA_ARENA=0 as well: kernel by
+kernel through the bindings; all three with netdsl's caching allocator,
 runtime/cuda_pool.py), `eager-numba-alloc` (NETDSL_CUDA_POOL=0 as well: numba's
 allocator, what netdsl did before) and, where CuPy is installed, `graph-cublas`
-(NETDSL_CUDA_BLAS=1: the GEMMs through cuBLAS, fp32 without TF32, runtime/cuda_blas.py).
-BENCH_MODES picks them (default: all that can run).
+(NETDSL_CUDA_BLAS=1: the GEMMs through cuBLAS, fp32 without TF32, runtime/cuda_blas.py);
+`records-config` (the records calling numba's configured launcher) on request.
+BENCH_MODES picks them (default: all that can run but records-config).
+`python benchmarks/bench_gpu.py arena`: ResNet-18 only, records (both launch paths)
+against eager, for scripts/gpu-check's arena section.
 
 Per way: images/s (median of STEPS timed steps after warm-up), milliseconds a step,
 host CPU time a step (the process's CPU time across the step, time.process_time: it
@@ -71,9 +76,14 @@ def family(op: str) -> str:
     return next((f for f, ops in FAMILIES.items() if base in ops), "other")
 
 
-MODES = {"graph": {"NETDSL_CUDA_GRAPHS": "1"}, "eager": {"NETDSL_CUDA_GRAPHS": "0"},
-         "eager-numba-alloc": {"NETDSL_CUDA_GRAPHS": "0", "NETDSL_CUDA_POOL": "0"},
-         "graph-cublas": {"NETDSL_CUDA_GRAPHS": "1", "NETDSL_CUDA_BLAS": "1"}}
+MODES = {"graph": {"NETDSL_CUDA_GRAPHS": "1"},
+         "records": {"NETDSL_CUDA_GRAPHS": "0", "NETDSL_CUDA_ARENA": "1"},
+         "eager": {"NETDSL_CUDA_GRAPHS": "0", "NETDSL_CUDA_ARENA": "0"},
+         "eager-numba-alloc": {"NETDSL_CUDA_GRAPHS": "0", "NETDSL_CUDA_POOL": "0", "NETDSL_CUDA_ARENA": "0"},
+         "graph-cublas": {"NETDSL_CUDA_GRAPHS": "1", "NETDSL_CUDA_BLAS": "1"},
+         "records-config": {"NETDSL_CUDA_GRAPHS": "0", "NETDSL_CUDA_ARENA": "config"}}
+# `arena`: the eager step replayed from launch records (runtime/cuda_arena.py) against the eager step
+ARENA_MODES = ("records", "records-config", "eager")
 
 
 def run_netdsl(name) -> dict:
@@ -124,11 +134,13 @@ def run_netdsl(name) -> dict:
     out = {"sec": sorted(times)[len(times) // 2], "cpu": sorted(cpu)[len(cpu) // 2], "first_step": first,
            "loss0": first_loss, "planned": device_memory(g, {"N": batch})["total"],
            "graph": "; ".join(m.graph_status.values()) or "-",
+           "arena": "; ".join(m._graphs.arena.status.values()) if m._graphs is not None else "-",
            "allocs": (pool.device_allocs - allocs0) if pool is not None else None}
     if os.environ.get("NETDSL_CUDA_BLAS") == "1":
         from netdsl.runtime import cuda_blas
         out["graph"] += f"; cuBLAS: {RC.BLAS or 'on'}, products {cuda_blas.stats}"
-    if os.environ.get("NETDSL_CUDA_GRAPHS") == "0":      # the eager ways: time per operator family
+    if os.environ.get("NETDSL_CUDA_GRAPHS") == "0" and os.environ.get("BENCH_FAMILIES", "1") != "0":
+        # the eager ways: time per operator family (a profiled step runs eagerly, not from records)
         prog = next(iter(m._programs.values()))
         prog.profile = {}
         sync = prog.target.sync
@@ -204,7 +216,8 @@ def sub(*args, env=None) -> dict:
 def main():
     mib = lambda b: f"{b / 2**20:.0f}" if b is not None else "-"
     import importlib.util
-    default = [w for w in MODES if w != "graph-cublas" or importlib.util.find_spec("cupy") is not None]
+    default = [w for w in MODES if w != "records-config"
+               and (w != "graph-cublas" or importlib.util.find_spec("cupy") is not None)]
     modes = [w for w in os.environ.get("BENCH_MODES", ",".join(default)).split(",") if w]
     for name in MODELS:
         _, _, size, batch = geometry(name)
@@ -225,7 +238,7 @@ def main():
         for who, r in runs.items():
             if who.startswith("netdsl") and "error" not in r:
                 print(f"  {who}: first step {r['first_step']:.1f} s (compile or cache load), loss {r['loss0']:.4f}, "
-                      f"CUDA graph: {r['graph']}")
+                      f"CUDA graph: {r['graph']}; eager steps: {r['arena']}")
         if "error" not in tr:
             print(f"  torch {tr['torch']}, eager, TF32 off; planned device memory (netdsl): "
                   + next((mib(r["planned"]) + " MiB" for r in runs.values() if "planned" in r), "-"))
@@ -238,9 +251,35 @@ def main():
         sys.stdout.flush()
 
 
+def arena():
+    """ResNet-18 (32x32, batch 64) eager steps replayed from launch records, through the compiled
+    kernel and through numba's configured launcher, against the eager step (graphs off, each
+    way in its own process; no profiled step): images/s, ms and host CPU ms a step, speed-up
+    over eager, launches a step (the records'), device allocations in the timed steps."""
+    name = "resnet18"
+    _, _, size, batch = geometry(name)
+    runs = {w: sub("netdsl", name, env={**MODES[w], "BENCH_FAMILIES": "0"}) for w in ARENA_MODES}
+    print(f"{name} {size}x{size} batch {batch}, eager steps, graphs off (median of {STEPS}):")
+    print(f"  {'':16s} {'images/s':>9s} {'ms/step':>8s} {'host CPU ms':>11s} {'x eager':>7s} {'device allocs':>13s}")
+    base = runs["eager"]
+    for who, r in runs.items():
+        if "error" in r:
+            print(f"  {who} FAILED:\n    " + r["error"].replace("\n", "\n    "))
+            continue
+        ratio = f"{base['sec'] / r['sec']:.2f}" if "error" not in base else "-"
+        print(f"  {who:16s} {batch / r['sec']:9.1f} {1e3 * r['sec']:8.2f} {1e3 * r['cpu']:11.2f} {ratio:>7s} "
+              f"{'-' if r.get('allocs') is None else r['allocs']:>13}")
+    for who, r in runs.items():
+        if "error" not in r:
+            print(f"  {who}: {r['arena']}")
+    sys.stdout.flush()
+
+
 if __name__ == "__main__":
     args = [a for a in sys.argv[1:] if a != "--tiny"]
-    if args:
+    if args == ["arena"]:
+        arena()
+    elif args:
         fn = {"netdsl": run_netdsl, "torch": run_torch}[args[0]]
         print(json.dumps(fn(args[1])))
     else:

@@ -339,30 +339,30 @@ def _device_runs(text, batches, lib) -> dict:
     eager twice (NETDSL_CUDA_ARENA=0: is eager reproducible itself?) and the CPU, graphs off;
     the comparisons and the pool's allocations per step (mallocs: taken from the pool at all)."""
     from test_cuda_graph import _compare, _steps
-    from netdsl.runtime import cuda_pool
+    from netdsl.runtime import cuda_graph, cuda_pool
     from netdsl.runtime.model import Model
     g = _graph(text.format(lib=ROOT / "specs" / "lib" / lib))
     params = dict(Model(g, seed=0).params)
     pool = cuda_pool.pool()
     runs, mallocs, status = {}, {}, {}
+    orig = cuda_graph.GraphSteps.run
     for name, arena in (("records", "1"), ("config", "config"), ("eager", "0"), ("eager2", "0")):
         os.environ["NETDSL_CUDA_ARENA"] = arena
-        per = []
-        orig = Model.train_step
+        per, seen = [], []
 
-        def counted(self, *a, **k):
+        def counted(self, *a, **k):     # pool allocations inside the step (not the finite check after it)
             m0 = (pool.hits + pool.misses) if pool is not None else 0
             out = orig(self, *a, **k)
             per.append((pool.hits + pool.misses - m0) if pool is not None else None)
-            counted.model = self
+            seen.append(self)
             return out
-        Model.train_step = counted
+        cuda_graph.GraphSteps.run = counted
         try:
             runs[name] = _steps(g, params, batches, "cuda", "0")
         finally:
-            Model.train_step = orig
+            cuda_graph.GraphSteps.run = orig
         mallocs[name] = per
-        status[name] = list(counted.model._graphs.arena.status.values())
+        status[name] = list(seen[-1].arena.status.values())
     runs["cpu"] = _steps(g, params, batches, "cpu", "1")
     return {"records_vs_eager": _compare(runs["records"], runs["eager"]),
             "config_vs_records": _compare(runs["config"], runs["records"]),
