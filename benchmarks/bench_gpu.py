@@ -14,9 +14,10 @@ kernel through the bindings; all three with netdsl's caching allocator,
 runtime/cuda_pool.py), `eager-numba-alloc` (NETDSL_CUDA_POOL=0 as well: numba's
 allocator, what netdsl did before) and, where CuPy is installed, `graph-cublas`
 (NETDSL_CUDA_BLAS=1: the GEMMs through cuBLAS, fp32 without TF32, runtime/cuda_blas.py);
-`records-config` (the records calling numba's configured launcher) on request.
-BENCH_MODES picks them (default: all that can run but records-config).
-`python benchmarks/bench_gpu.py arena`: ResNet-18 only, records (both launch paths)
+`records-config` (the records calling numba's configured launcher) and `records-packed`
+(arguments packed once, cuda.core's launch) on request.
+BENCH_MODES picks them (default: all that can run but those two).
+`python benchmarks/bench_gpu.py arena`: ResNet-18 only, records (the three launch paths)
 against eager, for scripts/gpu-check's arena section.
 
 Per way: images/s (median of STEPS timed steps after warm-up), milliseconds a step,
@@ -81,9 +82,10 @@ MODES = {"graph": {"NETDSL_CUDA_GRAPHS": "1"},
          "eager": {"NETDSL_CUDA_GRAPHS": "0", "NETDSL_CUDA_ARENA": "0"},
          "eager-numba-alloc": {"NETDSL_CUDA_GRAPHS": "0", "NETDSL_CUDA_POOL": "0", "NETDSL_CUDA_ARENA": "0"},
          "graph-cublas": {"NETDSL_CUDA_GRAPHS": "1", "NETDSL_CUDA_BLAS": "1"},
-         "records-config": {"NETDSL_CUDA_GRAPHS": "0", "NETDSL_CUDA_ARENA": "config"}}
+         "records-config": {"NETDSL_CUDA_GRAPHS": "0", "NETDSL_CUDA_ARENA": "config"},
+         "records-packed": {"NETDSL_CUDA_GRAPHS": "0", "NETDSL_CUDA_ARENA": "packed"}}
 # `arena`: the eager step replayed from launch records (runtime/cuda_arena.py) against the eager step
-ARENA_MODES = ("records", "records-config", "eager")
+ARENA_MODES = ("records", "records-config", "records-packed", "eager")
 
 
 def run_netdsl(name) -> dict:
@@ -216,7 +218,7 @@ def sub(*args, env=None) -> dict:
 def main():
     mib = lambda b: f"{b / 2**20:.0f}" if b is not None else "-"
     import importlib.util
-    default = [w for w in MODES if w != "records-config"
+    default = [w for w in MODES if w not in ("records-config", "records-packed")
                and (w != "graph-cublas" or importlib.util.find_spec("cupy") is not None)]
     modes = [w for w in os.environ.get("BENCH_MODES", ",".join(default)).split(",") if w]
     for name in MODELS:
@@ -253,7 +255,7 @@ def main():
 
 def arena():
     """ResNet-18 (32x32, batch 64) eager steps replayed from launch records, through the compiled
-    kernel and through numba's configured launcher, against the eager step (graphs off, each
+    kernel, numba's configured launcher and packed arguments, against the eager step (graphs off, each
     way in its own process; no profiled step): images/s, ms and host CPU ms a step, speed-up
     over eager, launches a step (the records'), device allocations in the timed steps."""
     name = "resnet18"

@@ -61,7 +61,8 @@ def test_a_sampling_language_model_is_not_recorded():
     assert why is not None and why.startswith("sample_categorical (") and "seed" in why
 
 
-@pytest.mark.parametrize("value, want", [(None, "kernel"), ("1", "kernel"), ("config", "config"), ("0", None)])
+@pytest.mark.parametrize("value, want", [(None, "kernel"), ("1", "kernel"), ("config", "config"),
+                                         ("packed", "packed"), ("0", None)])
 def test_the_switch(monkeypatch, value, want):
     from netdsl.runtime import cuda_arena
     if value is None:
@@ -335,7 +336,7 @@ def main_sim() -> dict:
 # ---------------------------------------------------------------- on a GPU (scripts/gpu-check)
 
 def _device_runs(text, batches, lib) -> dict:
-    """SGD steps of one network: records (kernel launch and numba's configured launcher),
+    """SGD steps of one network: records (kernel launch, numba's configured launcher, packed),
     eager twice (NETDSL_CUDA_ARENA=0: is eager reproducible itself?) and the CPU, graphs off;
     the comparisons and the pool's allocations per step (mallocs: taken from the pool at all)."""
     from test_cuda_graph import _compare, _steps
@@ -346,7 +347,8 @@ def _device_runs(text, batches, lib) -> dict:
     pool = cuda_pool.pool()
     runs, mallocs, status = {}, {}, {}
     orig = cuda_graph.GraphSteps.run
-    for name, arena in (("records", "1"), ("config", "config"), ("eager", "0"), ("eager2", "0")):
+    for name, arena in (("records", "1"), ("config", "config"), ("packed", "packed"), ("eager", "0"),
+                        ("eager2", "0")):
         os.environ["NETDSL_CUDA_ARENA"] = arena
         per, seen = [], []
 
@@ -366,6 +368,7 @@ def _device_runs(text, batches, lib) -> dict:
     runs["cpu"] = _steps(g, params, batches, "cpu", "1")
     return {"records_vs_eager": _compare(runs["records"], runs["eager"]),
             "config_vs_records": _compare(runs["config"], runs["records"]),
+            "packed_vs_records": _compare(runs["packed"], runs["records"]),
             "eager_vs_eager": _compare(runs["eager2"], runs["eager"]),
             "records_vs_cpu": _compare(runs["records"], runs["cpu"]),
             "eager_vs_cpu": _compare(runs["eager"], runs["cpu"]),

@@ -25,8 +25,10 @@ every device copy, each tagged with the plan step that made it. Then
 
 A record launches the compiled kernel directly (`_Kernel.launch`, caught from numba's
 pre-launch callback while recording); NETDSL_CUDA_ARENA=config calls numba's configured
-launcher instead (numba types the arguments each call); NETDSL_CUDA_ARENA=0 keeps the
-eager step. Under the simulator a record reconfigures the fake kernel and calls it.
+launcher instead (numba types the arguments each call); NETDSL_CUDA_ARENA=packed packs
+the arguments once and calls cuda.core's launch (numba-cuda internals: opt-in until
+measured); NETDSL_CUDA_ARENA=0 keeps the eager step. Under the simulator a record
+reconfigures the fake kernel and calls it.
 
 Which steps can be recorded: those a replay repeats exactly, the same condition as for a
 CUDA graph (runtime/cuda_graph.py HOST_WORK), except that index tables uploaded from the
@@ -57,10 +59,11 @@ CONSTANT_UPLOADS = {"transpose", "concat", "split", "slice", "slice_grad", "pad"
 
 
 def mode() -> str | None:
-    """None (off: eager steps), "kernel" (records launch the compiled kernel) or "config"
-    (records call numba's configured launcher)."""
+    """None (off: eager steps), "kernel" (records launch the compiled kernel), "config"
+    (records call numba's configured launcher) or "packed" (arguments packed once, launched
+    through cuda.core; opt-in)."""
     v = os.environ.get(ENV, "1")
-    return None if v == "0" else "config" if v == "config" else "kernel"
+    return None if v == "0" else v if v in ("config", "packed") else "kernel"
 
 
 def sim() -> bool:
@@ -433,9 +436,11 @@ class Records:
                 call, grid, block = functools.partial(dst.copy_to_device, src), None, None
             elif sim():
                 call, grid, block = functools.partial(_sim_launch, ev.fn, ev.cfg, args), ev.cfg[0], ev.cfg[1]
-            elif how == "kernel" and ev.fn is not None:
+            elif how in ("kernel", "packed") and ev.fn is not None:
                 lc = ev.cfg
-                call = functools.partial(ev.fn.launch, args, lc.griddim, lc.blockdim, lc.stream, lc.sharedmem)
+                call = _packed(ev.fn, args, lc) if how == "packed" else None
+                if call is None:
+                    call = functools.partial(ev.fn.launch, args, lc.griddim, lc.blockdim, lc.stream, lc.sharedmem)
                 grid, block = lc.griddim, lc.blockdim
             else:
                 lc = ev.cfg
@@ -457,6 +462,29 @@ class Records:
     def describe(self) -> str:
         return (f"launch records ({len(self.launches)} launches, arena {self.size / 2**20:.1f} MiB"
                 + (f", {self.consts / 2**10:.1f} KiB of constant tables" if self.consts else "") + ")")
+
+
+def _packed(kernel, args, lc):
+    """The launch with its arguments packed once, as numba's `_Kernel.launch` packs them at
+    every call (`_prepare_args`: an array becomes meminfo, parent, size, itemsize, pointer,
+    shape, strides), handed to cuda.core's `launch` as that method does. None (the record
+    then calls `_Kernel.launch`) for a debug kernel, an argument numba would copy to the
+    device and back, or anything this numba-cuda does differently."""
+    try:
+        from numba.cuda import dispatcher as D
+        if kernel.debug or kernel.extensions:
+            return None
+        retr, kargs = [], []
+        for t, v in zip(kernel.argument_types, args):
+            kernel._prepare_args(t, v, lc.stream, retr, kargs)
+        if retr:
+            return None
+        kw = {"grid": lc.griddim, "block": lc.blockdim, "shmem_size": lc.sharedmem,
+              ("is_cooperative" if D.CUDA_CORE_GE_1_0 else "cooperative_launch"): kernel.cooperative}
+        return functools.partial(D.launch, lc.stream, D.LaunchConfig(**kw), kernel._codelibrary.get_cufunc().kernel,
+                                 *kargs)
+    except Exception:   # (internals of numba-cuda 0.30.4; another version may differ)
+        return None
 
 
 def _sim_launch(k, cfg, args):
