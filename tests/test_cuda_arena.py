@@ -110,6 +110,25 @@ def test_reasons_to_stay_eager(monkeypatch, case):
         assert arena.status == {}
 
 
+def test_a_first_replay_that_fails_runs_the_step_eagerly(monkeypatch):
+    from netdsl.runtime import cuda_arena, cuda_graph
+    monkeypatch.setattr(cuda_graph, "_told", set())
+    monkeypatch.setenv(cuda_arena.ENV, "1")
+
+    class Broken:
+        params, replays = (), 0
+
+        def replay(self, feeds):
+            raise TypeError("an argument numba cannot pack")
+    prog, arena = FakeProgram(), cuda_arena.ArenaSteps()
+    arena.records[prog] = Broken()
+    assert arena.run(prog, St(), {1: "b"}, lambda fv: fv, ()) == {"eager": {1: "b"}}
+    assert prog.runs == 1 and prog not in arena.records
+    assert arena.status[prog].startswith("the first replay failed (TypeError")
+    arena.run(prog, St(), {1: "b"}, lambda fv: fv, ())
+    assert prog.runs == 2 and prog not in arena.records
+
+
 # ---------------------------------------------------------------- under the simulator
 
 @pytest.fixture(scope="module")

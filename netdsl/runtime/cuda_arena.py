@@ -46,6 +46,7 @@ import functools
 import math
 import os
 import sys
+import threading
 import time
 
 import numpy as np
@@ -176,7 +177,8 @@ class Recorder:
         self._ext: list[tuple[int, int]] = sorted(
             (p, p + n) for p, _, _, _, n in (_geom(a) for a in externals) if n)
         self._patches: list = []
-        self._inside = 0
+        self._inside = 0        # inside a patched call: what it does itself is not recorded again
+        self._tid = threading.get_ident()   # the step's thread: other threads are not the step
 
     # -- where we are
 
@@ -245,21 +247,32 @@ class Recorder:
                     "a gradient buffer nor an input")
         return None
 
-    # -- the patched entry points
+    # -- the patched entry points: they always do what they were asked; the bookkeeping around
+    # them refuses the records if it fails, and never breaks the step
+
+    def _mine(self) -> bool:
+        return not self._inside and threading.get_ident() == self._tid
+
+    def _book(self, fn, *args):
+        try:
+            return fn(*args)
+        except Exception as e:
+            self.refuse(f"could not be recorded ({type(e).__name__}: {e})", -1)
+            return None
 
     def _device_array(self, orig, *args, **kw):
         a = orig(*args, **kw)
-        if not self._inside:
-            self._add(a)
+        if self._mine():
+            self._book(self._add, a)
         return a
 
     def _to_device(self, orig, obj, *args, **kw):
-        if self._inside:
+        if not self._mine():
             return orig(obj, *args, **kw)
         step = self._step()
         to = kw.get("to", args[2] if len(args) > 2 else None)
         if to is not None:
-            self._copy(to, obj, step)
+            self._book(self._copy, to, obj, step)
             self._inside += 1
             try:
                 return orig(obj, *args, **kw)
@@ -272,7 +285,7 @@ class Recorder:
             a = orig(obj, *args, **kw)
         finally:
             self._inside -= 1
-        self._add(a, const=a)
+        self._book(self._add, a, a)
         return a
 
     def _copy(self, dst, src, step) -> None:
@@ -289,8 +302,8 @@ class Recorder:
             self.events.append(Event("copy", step, None, None, (d, s), "copy"))
 
     def _copy_to_device(self, orig, arr, ary, *args, **kw):
-        if not self._inside:
-            self._copy(arr, ary, self._step())
+        if self._mine():
+            self._book(self._copy, arr, ary, self._step())
         self._inside += 1
         try:
             return orig(arr, ary, *args, **kw)
@@ -298,7 +311,7 @@ class Recorder:
             self._inside -= 1
 
     def _copy_to_host(self, orig, arr, *args, **kw):
-        if not self._inside:
+        if self._mine():
             self.refuse("reads device memory back to the host")
         self._inside += 1
         try:
@@ -311,16 +324,10 @@ class Recorder:
         rec = self
 
         def launch(*args):
-            step, e = rec._step(), len(rec.events)
-            refs = []
-            for a in args:
-                if _is_dev(a):
-                    refs.append(rec.ref(a, e))
-                elif isinstance(a, np.ndarray):
-                    rec.refuse("passes a host array to a kernel (numba copies it both ways each launch)", step)
-                    refs.append(None)
-                else:
-                    refs.append(Ref(obj=a))     # a scalar: the same every step (what varies is host work)
+            if threading.get_ident() != rec._tid:
+                return orig_getitem(disp, cfg)(*args)
+            step = rec._step()
+            refs = rec._book(rec._refs, args, step, len(rec.events))
             got = {}
             if sim() or not rec.execute:
                 if rec.execute:
@@ -336,10 +343,22 @@ class Recorder:
                 finally:
                     lc.pre_launch_callbacks.remove(cb)
                 fn, conf = got.get("kernel"), lc
-            if None not in refs:
+            if refs is not None and None not in refs:
                 name = getattr(disp, "__name__", None) or getattr(getattr(disp, "py_func", None), "__name__", "?")
                 rec.events.append(Event("launch", step, fn, conf, tuple(refs), name))
         return launch
+
+    def _refs(self, args, step: int, e: int) -> list:
+        refs = []
+        for a in args:
+            if _is_dev(a):
+                refs.append(self.ref(a, e))
+            elif isinstance(a, np.ndarray):
+                self.refuse("passes a host array to a kernel (numba copies it both ways each launch)", step)
+                refs.append(None)
+            else:
+                refs.append(Ref(obj=a))     # a scalar: the same every step (what varies is host work)
+        return refs
 
     def __enter__(self):
         from numba import cuda
@@ -396,6 +415,7 @@ class Records:
         from ..plan import Plan, Step
         from .arena import layout
         self.params, self.inputs, self.how = params, inputs, how
+        self.replays = 0
         E = len(rec.events)
         ret = {}
         for vid, a in env.items():      # what the step returns lives to its end
@@ -510,8 +530,10 @@ def record(prog, st, inputs: dict, params: tuple, how: str, execute: bool = True
         return rec.refused, env
     try:
         r = Records(prog, rec, env, inputs, params, how)
-    except ValueError as e:
+    except ValueError as e:     # (what the step returns lies outside what it may: rec.refused)
         return str(e), env
+    except Exception as e:      # never the step's failure: it ran, and runs eagerly on
+        return f"the records could not be built ({type(e).__name__}: {e})", env
     return r, env
 
 
@@ -561,7 +583,18 @@ class ArenaSteps:
             return prog.run(st, upload(host_feeds))
         r = self.records.get(prog)
         if r is not None and _same(r.params, params):
-            return r.replay(host_feeds)
+            if r.replays:
+                r.replays += 1
+                return r.replay(host_feeds)
+            try:        # the first replay: a failure keeps the program eager from then on (what
+                # ran before it ran twice: a norm's running statistics moved once more)
+                env = r.replay(host_feeds)
+            except Exception as e:
+                del self.records[prog]
+                self._note(prog, f"the first replay failed ({type(e).__name__}: {e})")
+                return prog.run(st, upload(host_feeds))
+            r.replays = 1
+            return env
         t0 = time.perf_counter()
         r, env = record(prog, st, upload(host_feeds), params, mode())
         self.record_s[prog] = time.perf_counter() - t0
