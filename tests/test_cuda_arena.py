@@ -5,7 +5,8 @@
 - the switch (NETDSL_CUDA_ARENA=0, config) and the reasons a step stays eager;
 - under Numba's CUDA simulator (this file run as a script in a subprocess, as
   tests/test_cuda_sim.py does): the records of a small ResNet (the library's residual
-  blocks) and of a 2-layer LSTM scan, recorded without running the kernels: a launch for
+  blocks), of a 2-layer LSTM scan and of a per-pixel classifier (transpose, concat, 4-d
+  cross entropy), recorded without running the kernels: a launch for
   every plan step that computes anything, and the arena checked by the CPU workspace's
   liveness test (tests/test_arena.py: no two values alive at the same launch share a
   byte); then a small network trained on the records: the recorded step, a replayed step
@@ -28,12 +29,14 @@ ROOT = HERE.parent.parent
 sys.path.insert(0, str(HERE.parent))
 
 
-def _plan_reason(spec, dims, text=None):
+def _plan_reason(spec, dims, text=None, graph=False):
+    """Why records (graph=True: a CUDA graph) refuse the CUDA training plan of a spec or text."""
     import tempfile
     from netdsl import autodiff
     from netdsl.lang.elaborate import elaborate
     from netdsl.plan import plan
-    from netdsl.runtime.cuda_arena import plan_reason
+    from netdsl.runtime import cuda_arena, cuda_graph
+    plan_reason = cuda_graph.plan_reason if graph else cuda_arena.plan_reason
     if text is not None:
         with tempfile.TemporaryDirectory() as tmp:
             p = Path(tmp) / "net.net"
@@ -49,6 +52,12 @@ def test_plans_that_can_be_recorded():
     assert _plan_reason("resnet18.net", {"N": 8}) is None
     # a scan slices time steps with index tables uploaded from the host: constants, recorded
     assert _plan_reason(None, {"N": 2, "T": 3}, LSTM.format(lib=ROOT / "specs" / "lib" / "rnn.net")) is None
+
+
+def test_what_a_graph_refuses_and_records_take():
+    for text, dims in ((SEG, {"N": 2}), (LSTM.format(lib=ROOT / "specs" / "lib" / "rnn.net"), {"N": 2, "T": 3})):
+        assert _plan_reason(None, dims, text, graph=True) is not None
+        assert _plan_reason(None, dims, text) is None
 
 
 def test_a_detector_is_not_recorded_and_says_why():
@@ -137,22 +146,22 @@ def sim():
     return script_results(HERE, {"sim": True}, timeout=600)["sim"]
 
 
-@pytest.mark.parametrize("net", ["resnet", "lstm"])
+@pytest.mark.parametrize("net", ["resnet", "lstm", "seg"])
 def test_every_plan_step_has_its_launches(sim, net):
     r = sim["dry"][net]
     assert r["refused"] is None
     # steps with no launch: views (reshape, flatten) and constant uploads only
     assert r["uncovered"] == [], r["uncovered"]
-    assert r["launches"] >= {"resnet": 80, "lstm": 200}[net] and r["steps"] > 15
+    assert r["launches"] >= {"resnet": 80, "lstm": 200, "seg": 20}[net] and r["steps"] > 10
     assert r["replay_calls"] == r["launches"] + r["copies"]
 
 
-@pytest.mark.parametrize("net", ["resnet", "lstm"])
+@pytest.mark.parametrize("net", ["resnet", "lstm", "seg"])
 def test_values_alive_at_the_same_launch_never_share_bytes(sim, net):
     """tests/test_arena.py's check, on the arena laid out over the recorded launches."""
     r = sim["dry"][net]
     slots = sorted((tuple(span), lo, hi) for span, lo, hi in r["slots"])
-    assert len(slots) > 50
+    assert len(slots) > {"resnet": 50, "lstm": 50, "seg": 10}[net]
     for i, ((a0, a1), lo, hi) in enumerate(slots):
         for (b0, b1), lo2, hi2 in slots[i + 1:]:
             if b0 > a1:
@@ -204,6 +213,20 @@ network small_resnet(classes = 10) {{
   output logits
   loss ce = cross_entropy(logits, label)
 }}
+"""
+
+# per-pixel classes: a transpose, a concat and cross entropy over 4-d logits (index tables
+# uploaded from the host: constants the records keep)
+SEG = """
+network seg(classes = 3) {
+  input image: f32[N, 2, 4, 4]
+  input label: i64[N, 4, 4]
+  f = image -> conv(4, k=3, p=1) -> relu
+  g = transpose(f, [0, 1, 3, 2])
+  logits = concat(f, g) -> conv(classes, k=1)
+  output logits
+  loss ce = cross_entropy(logits, label)
+}
 """
 
 # small enough for the simulator (every thread a Python thread): a norm heading a fused
@@ -348,7 +371,9 @@ def main_sim() -> dict:
                               {"image": rng.standard_normal((2, 3, 8, 8)).astype(np.float32),
                                "label": np.array([1, 2])}),
                "lstm": _dry(LSTM.format(lib=ROOT / "specs" / "lib" / "rnn.net"),
-                            {"chars": rng.integers(0, 7, (2, 3)), "next": rng.integers(0, 7, (2, 3))})}
+                            {"chars": rng.integers(0, 7, (2, 3)), "next": rng.integers(0, 7, (2, 3))}),
+               "seg": _dry(SEG, {"image": rng.standard_normal((2, 2, 4, 4)).astype(np.float32),
+                                 "label": rng.integers(0, 3, (2, 4, 4))})}
         return {"dry": dry, "train": _train()}
 
 
