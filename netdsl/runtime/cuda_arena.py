@@ -336,12 +336,15 @@ class Recorder:
             else:   # numba's configured launcher (kept: an lru_cache eviction cannot touch it), which
                 # hands the compiled kernel it picked to a pre-launch callback, there only for this call
                 lc = orig_getitem(disp, cfg)
+                cbs = getattr(lc, "pre_launch_callbacks", None)     # (no such hook: records call lc)
                 cb = lambda kernel, conf: got.setdefault("kernel", kernel)   # noqa: E731
-                lc.pre_launch_callbacks.append(cb)
+                if cbs is not None:
+                    cbs.append(cb)
                 try:
                     lc(*args)
                 finally:
-                    lc.pre_launch_callbacks.remove(cb)
+                    if cbs is not None:
+                        cbs.remove(cb)
                 fn, conf = got.get("kernel"), lc
             if refs is not None and None not in refs:
                 name = getattr(disp, "__name__", None) or getattr(getattr(disp, "py_func", None), "__name__", "?")
