@@ -18,7 +18,9 @@ allocator, what netdsl did before) and, where CuPy is installed, `graph-cublas`
 (arguments packed once, cuda.core's launch) on request.
 BENCH_MODES picks them (default: all that can run but those two).
 `python benchmarks/bench_gpu.py arena`: ResNet-18 only, records (the three launch paths)
-against eager, for scripts/gpu-check's arena section.
+against eager, for scripts/gpu-check's arena section. `NUMBA_ENABLE_CUDASIM=1 python
+benchmarks/bench_gpu.py host`: without a GPU, the host time of a step outside the kernels,
+eager against records (every kernel a no-op under the simulator).
 
 Per way: images/s (median of STEPS timed steps after warm-up), milliseconds a step,
 host CPU time a step (the process's CPU time across the step, time.process_time: it
@@ -277,10 +279,66 @@ def arena():
     sys.stdout.flush()
 
 
+def host():
+    """Without a GPU (NUMBA_ENABLE_CUDASIM=1, every kernel a no-op, values garbage): host CPU
+    time of a ResNet-18 32x32 batch-64 training step outside the kernels, eager
+    (Program.run: the bindings, their arrays and allocations, the launches) against the
+    records' replay. The simulator's launch is not numba's (no typing, no argument packing):
+    a lower bound of what the records save, and a check that they save it."""
+    if os.environ.get("NUMBA_ENABLE_CUDASIM") != "1":
+        sys.exit("bench_gpu.py host: run under NUMBA_ENABLE_CUDASIM=1")
+    from numba.cuda.simulator.kernel import FakeCUDAKernel
+    call = FakeCUDAKernel.__call__
+    FakeCUDAKernel.__call__ = lambda self, *a: call(self, *a) if self._device else None
+    import numpy as np
+    from netdsl.lang.elaborate import elaborate
+    from netdsl.runtime import cuda_arena
+    from netdsl.runtime.model import Model
+    name, batch, reps = "resnet18", 64, 5
+    with tempfile.TemporaryDirectory() as d:
+        p = os.path.join(d, f"{name}.net")
+        with open(p, "w") as f:
+            f.write(spec(name))
+        g, _ = elaborate(p)
+    m = Model(g, seed=0, device="cuda")
+    rng = np.random.default_rng(0)
+    feeds = {"image": rng.standard_normal((batch, 3, 32, 32)).astype(np.float32),
+             "label": rng.integers(0, CLASSES, batch)}
+    dims, fv = m.bind(feeds, upload=False)
+    prog = m._program(True, dims, ())
+
+    def state():
+        st = m._state(dims, True, None)
+        st.grad_buffers = m.flat.bind(m.training_graph.grads)
+        return st
+    inputs = {k: m.target.upload(a) for k, a in fv.items()}
+
+    def median(f):
+        t = []
+        for _ in range(reps):
+            c = time.process_time()
+            f()
+            t.append(time.process_time() - c)
+        return sorted(t)[reps // 2]
+    prog.run(state(), inputs)       # builds the generated kernels
+    eager = median(lambda: prog.run(state(), inputs))
+    r, _ = cuda_arena.record(prog, state(), dict(inputs), tuple(state().params.values()), "kernel")
+    if isinstance(r, str):
+        sys.exit(f"not recorded: {r}")
+    replay = median(lambda: r.replay(fv))
+    n = sum(ln.grid is not None for ln in r.launches)
+    print(f"{name} 32x32 batch {batch} training step under the simulator, kernels no-ops: host CPU ms a step "
+          f"(median of {reps}) eager {1e3 * eager:.1f}, records {1e3 * replay:.2f} ({eager / replay:.1f}x); "
+          f"{n} launches for {len(prog.plan.steps)} plan steps ({1e6 * eager / n:.0f} vs {1e6 * replay / n:.1f} us "
+          f"a launch); arena {r.size / 2**20:.1f} MiB")
+
+
 if __name__ == "__main__":
     args = [a for a in sys.argv[1:] if a != "--tiny"]
     if args == ["arena"]:
         arena()
+    elif args == ["host"]:
+        host()
     elif args:
         fn = {"netdsl": run_netdsl, "torch": run_torch}[args[0]]
         print(json.dumps(fn(args[1])))
