@@ -14,7 +14,8 @@
   against the CPU to 1e-4, with no allocation and one kernel call per record in the replay.
 
 On a GPU, scripts/gpu-check's arena section runs `python tests/test_cuda_arena.py device`
-(ResNet-18 and an LSTM: records vs eager vs CPU, allocations per step).
+(ResNet-18 and an LSTM: records vs eager vs CPU, allocations per step; the LSTM's records
+captured as a CUDA graph, NETDSL_CUDA_GRAPH_RECORDS=1, against its records).
 """
 import json
 import os
@@ -136,6 +137,63 @@ def test_a_first_replay_that_fails_runs_the_step_eagerly(monkeypatch):
     assert arena.status[prog].startswith("the first replay failed (TypeError")
     arena.run(prog, St(), {1: "b"}, lambda fv: fv, ())
     assert prog.runs == 2 and prog not in arena.records
+
+
+class FakeRecords:
+    params, replays, graph, graph_why, host_copies, inputs = (), 1, None, None, False, {}
+
+    def __init__(self):
+        self.launched, self.calls, self.env = 0, [self.launch], {"out": 1}
+
+    def launch(self):
+        self.launched += 1
+
+    def replay(self, feeds):
+        self.launch()
+        return dict(self.env)
+
+    def describe(self):
+        return "launch records (1 launches, arena 0.0 MiB)"
+
+
+@pytest.mark.parametrize("asked", [True, False])
+def test_records_captured_as_one_graph_when_asked(monkeypatch, asked):
+    """NETDSL_CUDA_GRAPH_RECORDS=1: after the first replay, the records' launches are captured
+    (device parts faked) and the graph launched from then on; not asked: replayed."""
+    from netdsl.runtime import cuda_arena, cuda_graph, cuda_pool
+    monkeypatch.setattr(cuda_graph, "_told", set())
+    monkeypatch.delenv("NUMBA_ENABLE_CUDASIM", raising=False)
+    monkeypatch.delenv("NETDSL_CUDA_GRAPHS", raising=False)
+    monkeypatch.setenv(cuda_arena.ENV, "1")
+    if asked:
+        monkeypatch.setenv(cuda_arena.GRAPH_ENV, "1")
+    else:
+        monkeypatch.delenv(cuda_arena.GRAPH_ENV, raising=False)
+    monkeypatch.setattr(cuda_pool, "pool", lambda: object())
+    monkeypatch.setattr(cuda_graph, "ptds_ok", lambda: None)
+    made = []
+
+    class Graph:
+        nodes, launches = 1, 0
+
+        def launch(self, feeds):
+            self.launches += 1
+            return {"graph": feeds}
+
+    def capture(replay, st, inputs, params):
+        assert replay.run(st, inputs) == {"out": 1}     # the records' launches, run inside the capture
+        made.append(Graph())
+        return made[-1]
+    monkeypatch.setattr(cuda_graph, "capture", capture)
+    prog, arena, r = FakeProgram(), cuda_arena.ArenaSteps(), FakeRecords()
+    arena.records[prog] = r
+    outs = [arena.run(prog, St(), {1: "b"}, lambda fv: fv, ()) for _ in range(3)]
+    assert prog.runs == 0
+    if asked:
+        assert len(made) == 1 and made[0].launches == 3 and r.launched == 1 and outs[-1] == {"graph": {1: "b"}}
+        assert "captured as one CUDA graph (1 nodes)" in arena.status[prog]
+    else:
+        assert not made and r.launched == 3 and outs[-1] == {"out": 1}
 
 
 # ---------------------------------------------------------------- under the simulator
@@ -379,10 +437,12 @@ def main_sim() -> dict:
 
 # ---------------------------------------------------------------- on a GPU (scripts/gpu-check)
 
-def _device_runs(text, batches, lib) -> dict:
+def _device_runs(text, batches, lib, graph_records=False) -> dict:
     """SGD steps of one network: records (kernel launch, numba's configured launcher, packed),
     eager twice (NETDSL_CUDA_ARENA=0: is eager reproducible itself?) and the CPU, graphs off;
-    the comparisons and the pool's allocations per step (mallocs: taken from the pool at all)."""
+    graph_records: also with graphs on and NETDSL_CUDA_GRAPH_RECORDS=1 (step 1 recorded, 2
+    replayed, 3 captured and launched, then launched). The comparisons and the pool's
+    allocations per step (mallocs: taken from the pool at all)."""
     from test_cuda_graph import _compare, _steps
     from netdsl.runtime import cuda_graph, cuda_pool
     from netdsl.runtime.model import Model
@@ -391,9 +451,10 @@ def _device_runs(text, batches, lib) -> dict:
     pool = cuda_pool.pool()
     runs, mallocs, status = {}, {}, {}
     orig = cuda_graph.GraphSteps.run
-    for name, arena in (("records", "1"), ("config", "config"), ("packed", "packed"), ("eager", "0"),
-                        ("eager2", "0")):
+    ways = [("records", "1"), ("config", "config"), ("packed", "packed"), ("eager", "0"), ("eager2", "0")]
+    for name, arena in ways + ([("graph", "1")] if graph_records else []):
         os.environ["NETDSL_CUDA_ARENA"] = arena
+        os.environ["NETDSL_CUDA_GRAPH_RECORDS"] = "1" if name == "graph" else "0"
         per, seen = [], []
 
         def counted(self, *a, **k):     # pool allocations inside the step (not the finite check after it)
@@ -404,13 +465,15 @@ def _device_runs(text, batches, lib) -> dict:
             return out
         cuda_graph.GraphSteps.run = counted
         try:
-            runs[name] = _steps(g, params, batches, "cuda", "0")
+            runs[name] = _steps(g, params, batches, "cuda", "1" if name == "graph" else "0")
         finally:
             cuda_graph.GraphSteps.run = orig
+            del os.environ["NETDSL_CUDA_GRAPH_RECORDS"]
         mallocs[name] = per
         status[name] = list(seen[-1].arena.status.values())
     runs["cpu"] = _steps(g, params, batches, "cpu", "1")
-    return {"records_vs_eager": _compare(runs["records"], runs["eager"]),
+    extra = {"graph_records_vs_records": _compare(runs["graph"], runs["records"])} if graph_records else {}
+    return {**extra, "records_vs_eager": _compare(runs["records"], runs["eager"]),
             "config_vs_records": _compare(runs["config"], runs["records"]),
             "packed_vs_records": _compare(runs["packed"], runs["records"]),
             "eager_vs_eager": _compare(runs["eager2"], runs["eager"]),
@@ -425,8 +488,9 @@ def main_device() -> dict:
     rng = np.random.default_rng(0)
     img = [{"image": rng.standard_normal((8, 3, 32, 32)).astype(np.float32), "label": rng.integers(0, 10, 8)}
            for _ in range(4)]
-    seq = [{"chars": rng.integers(0, 7, (4, 6)), "next": rng.integers(0, 7, (4, 6))} for _ in range(3)]
-    return {"resnet18": _device_runs(RESNET18, img, "resnet.net"), "lstm": _device_runs(LSTM, seq, "rnn.net")}
+    seq = [{"chars": rng.integers(0, 7, (4, 6)), "next": rng.integers(0, 7, (4, 6))} for _ in range(4)]
+    return {"resnet18": _device_runs(RESNET18, img, "resnet.net"),
+            "lstm": _device_runs(LSTM, seq, "rnn.net", graph_records=True)}
 
 
 if __name__ == "__main__":

@@ -52,6 +52,7 @@ import time
 import numpy as np
 
 ENV = "NETDSL_CUDA_ARENA"
+GRAPH_ENV = "NETDSL_CUDA_GRAPH_RECORDS"     # 1: capture the records' replay as one CUDA graph (opt-in)
 ALIGN = 256     # bytes: every slot starts where cuMemAlloc would align an allocation
 
 # operators whose only host work is uploading index tables that depend on shapes alone
@@ -419,6 +420,7 @@ class Records:
         from .arena import layout
         self.params, self.inputs, self.how = params, inputs, how
         self.replays = 0
+        self.graph, self.graph_why = None, None     # the replay captured (NETDSL_CUDA_GRAPH_RECORDS=1)
         E = len(rec.events)
         ret = {}
         for vid, a in env.items():      # what the step returns lives to its end
@@ -474,6 +476,8 @@ class Records:
                 self.per_step[ev.step].append(ln)
         self.calls = [ln.call for ln in self.launches]
         self.env = {vid: build(r) for vid, r in ret.items()}
+        # constant tables copied into an array at each replay: a capture would refuse the copy
+        self.host_copies = any(ln.grid is None and isinstance(ln.args[1], np.ndarray) for ln in self.launches)
 
     def replay(self, host_feeds: dict) -> dict:
         for vid, buf in self.inputs.items():
@@ -508,6 +512,19 @@ def _packed(kernel, args, lc):
                                  *kargs)
     except Exception:   # (internals of numba-cuda 0.30.4; another version may differ)
         return None
+
+
+class _Replay:
+    """What `cuda_graph.capture` runs in place of `Program.run`: the records' launches on
+    their own buffers (`StepGraph.launch` copies each batch into the input buffers)."""
+
+    def __init__(self, r: Records):
+        self.r = r
+
+    def run(self, st, inputs) -> dict:
+        for call in self.r.calls:
+            call()
+        return dict(self.r.env)
 
 
 def _sim_launch(k, cfg, args):
@@ -587,6 +604,10 @@ class ArenaSteps:
         r = self.records.get(prog)
         if r is not None and _same(r.params, params):
             if r.replays:
+                if r.graph is None and r.graph_why is None and os.environ.get(GRAPH_ENV) == "1":
+                    r.graph_why = self._capture(prog, st, r, params)
+                if r.graph is not None:
+                    return r.graph.launch(host_feeds)
                 r.replays += 1
                 return r.replay(host_feeds)
             try:        # the first replay: a failure keeps the program eager from then on (what
@@ -611,6 +632,26 @@ class ArenaSteps:
             from . import cuda_pool
             cuda_pool.empty_cache()     # the recorded step's blocks: the arena replaces them
         return env
+
+    def _capture(self, prog, st, r: Records, params: tuple) -> str:
+        """NETDSL_CUDA_GRAPH_RECORDS=1 (opt-in, after the first replay): capture the records'
+        replay as one CUDA graph, so that a plan a graph of `Program.run` refuses only for its
+        constant index uploads (a scan, concat, transpose...) is one launch a step too. Its
+        memory is the arena's, fixed. Returns "captured" or why not (the records go on)."""
+        from . import cuda_graph, cuda_pool
+        why = ("NETDSL_CUDA_GRAPHS=0" if not cuda_graph.enabled() else
+               "the CUDA simulator cannot capture graphs" if sim() else
+               "netdsl's device allocator is off (NETDSL_CUDA_POOL=0)" if cuda_pool.pool() is None else
+               "the records copy constant tables from the host at every replay" if r.host_copies else None)
+        why = why or cuda_graph.ptds_ok()
+        if why is None:
+            try:
+                r.graph = cuda_graph.capture(_Replay(r), st, r.inputs, params)
+            except cuda_graph.CaptureFailed as e:
+                why = str(e)
+        self._note(prog, f"{r.describe()} captured as one CUDA graph ({r.graph.nodes} nodes)" if why is None
+                   else f"{r.describe()}, not captured: {why}")
+        return "captured" if why is None else why
 
     def _note(self, prog, status: str) -> None:
         from .cuda_graph import _told
