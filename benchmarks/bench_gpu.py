@@ -87,7 +87,7 @@ MODES = {"graph": {"NETDSL_CUDA_GRAPHS": "1"},
          "records-config": {"NETDSL_CUDA_GRAPHS": "0", "NETDSL_CUDA_ARENA": "config"},
          "records-packed": {"NETDSL_CUDA_GRAPHS": "0", "NETDSL_CUDA_ARENA": "packed"}}
 # `arena`: the eager step replayed from launch records (runtime/cuda_arena.py) against the eager step
-ARENA_MODES = ("records", "records-config", "records-packed", "eager")
+ARENA_MODES = ("eager", "records", "records-config", "records-packed")
 
 
 def run_netdsl(name) -> dict:
@@ -258,25 +258,24 @@ def main():
 def arena():
     """ResNet-18 (32x32, batch 64) eager steps replayed from launch records, through the compiled
     kernel, numba's configured launcher and packed arguments, against the eager step (graphs off, each
-    way in its own process; no profiled step): images/s, ms and host CPU ms a step, speed-up
-    over eager, launches a step (the records'), device allocations in the timed steps."""
+    way in its own process, eager first; no profiled step; each row printed when its run ends,
+    so a time limit keeps the rows done): images/s, ms and host CPU ms a step, speed-up over
+    eager, device allocations in the timed steps, the records' status (launches a step)."""
     name = "resnet18"
     _, _, size, batch = geometry(name)
-    runs = {w: sub("netdsl", name, env={**MODES[w], "BENCH_FAMILIES": "0"}) for w in ARENA_MODES}
-    print(f"{name} {size}x{size} batch {batch}, eager steps, graphs off (median of {STEPS}):")
+    print(f"{name} {size}x{size} batch {batch}, eager steps, graphs off (median of {STEPS}; each row as it ends):")
     print(f"  {'':16s} {'images/s':>9s} {'ms/step':>8s} {'host CPU ms':>11s} {'x eager':>7s} {'device allocs':>13s}")
-    base = runs["eager"]
-    for who, r in runs.items():
+    sys.stdout.flush()
+    base = None
+    for who in ARENA_MODES:     # eager first: the rows after it are measured against it
+        r = sub("netdsl", name, env={**MODES[who], "BENCH_FAMILIES": "0"})
         if "error" in r:
             print(f"  {who} FAILED:\n    " + r["error"].replace("\n", "\n    "))
-            continue
-        ratio = f"{base['sec'] / r['sec']:.2f}" if "error" not in base else "-"
-        print(f"  {who:16s} {batch / r['sec']:9.1f} {1e3 * r['sec']:8.2f} {1e3 * r['cpu']:11.2f} {ratio:>7s} "
-              f"{'-' if r.get('allocs') is None else r['allocs']:>13}")
-    for who, r in runs.items():
-        if "error" not in r:
-            print(f"  {who}: {r['arena']}")
-    sys.stdout.flush()
+        else:
+            base = base or r
+            print(f"  {who:16s} {batch / r['sec']:9.1f} {1e3 * r['sec']:8.2f} {1e3 * r['cpu']:11.2f} "
+                  f"{base['sec'] / r['sec']:7.2f} {'-' if r.get('allocs') is None else r['allocs']:>13}   {r['arena']}")
+        sys.stdout.flush()
 
 
 def host():
