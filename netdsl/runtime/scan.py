@@ -162,7 +162,7 @@ class _Cell(_Deferred):
     def keep(self, A, bufs, t, T, got, x=None):
         """As _Deferred.keep, but when the input and recurrent pre-activations share their
         gradient (lstm, rnn: ghp is gxp) and x is a scanned sequence, h's rows are kept
-        with x's columns beside them ([N, T, H + D], x copied in once): W_hh's and W_ih's
+        with x's columns beside them ([T, N, H + D], x copied in once): W_hh's and W_ih's
         gradients are then one GEMM gxp^T [h | x] (a K = 64 GEMM of its own ran at two
         thirds of the speed) and the two bias gradients one column sum. These buffers are
         _TimeMajor; gxp is not copied when the cell's backward wrote it in place (into)."""
