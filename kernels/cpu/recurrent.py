@@ -25,8 +25,8 @@ recurrent part per step:
       steps as one weight_grad(ghp rows, h rows) after the loop.
   transposed_weights(w_hh list): a context in which cell_step_grads forms gh from a
       transposed copy of each w_hh made once (a scan's backward over T steps).
-  gate_grads_into(w_hh, out): the next lstm cell_step_grads with w_hh writes gxp into
-      out (a time slice of a scan's [N, T, 4H] buffer) instead of a new array.
+  gate_grads_into(w_hh, out): the next lstm (or rnn) cell_step_grads with w_hh writes
+      gxp into out (a time slice of a scan's buffer) instead of a new array.
   cell_step_backward(kind, acts, gh'[N, H], gc' or None, h, c, w_hh, order="ifog",
                      gw_hh=None, gb_hh=None, accumulate=False)
       -> (gxp[N, G*H], gh[N, H], gc or None, gw_hh, gb_hh)
@@ -498,8 +498,9 @@ _INTO: dict = {}    # id(w_hh) -> (w_hh, out): where the next cell_step_grads wr
 def gate_grads_into(w_hh, out):
     """The next cell_step_grads of an lstm cell with this w_hh writes gxp into out
     ([N, 4H], its rows contiguous at any distance apart: a time slice of a scan's
-    [N, T, 4H] buffer) and returns it, instead of a new array that the scan then copies
-    there (52 MB a char-LSTM step). out None: forget it."""
+    buffer) and returns it, instead of a new array that the scan then copies there
+    (52 MB a char-LSTM step); an rnn cell too where out is C-contiguous. out None:
+    forget it."""
     if out is None:
         _INTO.pop(id(w_hh), None)
     else:
@@ -526,7 +527,9 @@ def cell_step_grads(kind, acts, ghn, gcn, h, c, w_hh, order="ifog"):
     into = _into(w_hh, (h.shape[0], G * H), dt)
     ghn, h, w_hh = _f(ghn, dt), _f(h, dt), _f(w_hh, dt)
     N = h.shape[0]
-    gxp = into if into is not None and kind == "lstm" else np.empty((N, G * H), dt)
+    if into is not None and not (kind == "lstm" or kind == "rnn" and into.flags.c_contiguous):
+        into = None     # (the rnn kernel writes whole rows only; gru keeps two gradients)
+    gxp = np.empty((N, G * H), dt) if into is None else into
     ghp, gc = gxp, None
     fn, T = _threads(_rnn_bwd if kind == "rnn" else _lstm_bwd if kind == "lstm" else _gru_bwd, N * G * H * 8, N)
     if kind == "rnn":

@@ -72,7 +72,7 @@ class CpuArrays:
     # cell_step_grads multiplies by transposed copies of these weights while it is open
     transposed = staticmethod(kernels.recurrent.transposed_weights)
     joint = True    # a cell's h and x rows side by side: one weight-gradient GEMM (_Cell.keep)
-    # an lstm cell's backward writes its gates' gradient of step t into the kept buffer
+    # an lstm or rnn cell's backward writes its gates' gradient of step t into the kept buffer
     grads_into = staticmethod(kernels.recurrent.gate_grads_into)
     empty = staticmethod(np.empty)
     zeros = staticmethod(np.zeros)
@@ -183,9 +183,11 @@ class _Cell(_Deferred):
         return _TimeMajor([A.empty((T, h.shape[0], G), h.dtype), None, hx, None])
 
     def into(self, A, st, x, T):
-        """(w_hh, the joint buffers made before the loop) for an lstm cell whose backward
-        can write its gates' gradient straight into them (A.grads_into), or None."""
-        if self.node.op != "lstm_cell" or x is None or not getattr(A, "grads_into", None):
+        """(w_hh, the joint buffers made before the loop) for an lstm or rnn cell (whose
+        input and recurrent pre-activations share their gradient) reading a scanned
+        sequence: its backward writes that gradient straight into them (A.grads_into).
+        Else None."""
+        if self.node.op not in ("lstm_cell", "rnn_cell") or x is None or not getattr(A, "grads_into", None):
             return None
         w = st.params[self.p["weight_hh"]]
         if x.dtype != w.dtype:
