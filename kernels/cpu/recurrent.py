@@ -248,17 +248,19 @@ def _rnn_bwd(acts, ghn, gxp, T):
 
 
 @njit
-def _hh_fwd(wf, hf, gf, af, W, xp, xs, bhh, c0, c1, N, H):
-    """acts[:, c0:c1] = (h @ w_hh.T)[:, c0:c1] + xp + b_hh, the GEMM formed as
-    w_hh[c0:c1] @ h.T into gt [G*H, N] and transposed into acts with the adds: OpenBLAS
-    packs the weight faster as the left operand (as in _hh_grad: the GEMM 1.53 against
-    1.67 ms at N 64, H 512, one thread; the transposed add costs 0.05 ms)."""
+def _hh_fwd(wf, hf, gf, af, W, xp, xs, bhh, c0, c1, N, H, a1):
+    """acts[:, c0:c1] = (h @ w_hh.T)[:, c0:c1] + xp + b_hh (the adds only in columns
+    below a1: gru's n block takes its GEMM alone), the GEMM formed as w_hh[c0:c1] @ h.T
+    into gt [G*H, N] and transposed into acts with the adds: OpenBLAS packs the weight
+    faster as the left operand (as in _hh_grad: the GEMM 1.53 against 1.67 ms at N 64,
+    H 512, one thread; the transposed add costs 0.05 ms)."""
     u = np.uint64
+    zero = af.dtype.type(0)
     _gemm(c1 - c0, N, H, wf[c0 * H:], H, N_, hf, H, T_, gf[c0 * N:], 0.0)
     for n in range(N):      # the adds first, along rows (vectorised), then the transposed GEMM
         b, x = n * W, n * xs
         for k in range(c0, c1):
-            af[u(b + k)] = xp[u(x + k)] + bhh[u(k)]
+            af[u(b + k)] = xp[u(x + k)] + bhh[u(k)] if k < a1 else zero
     for k0 in range(c0, c1, 16):    # 16 of gt's rows at a time: its reads stay in L1
         k1 = min(k0 + 16, c1)
         for n in range(N):
@@ -278,7 +280,7 @@ def _lstm_fwd(xp, xs, h, c, whh, bhh, acts, gt, hn, cn, bo, bg, T):
     for t in prange(T):     # split over w_hh's rows, so acts' columns: see _hh_share
         c0, c1 = _hh_share(t, T, 4 * H)
         if c1 > c0:
-            _hh_fwd(wf, hf, gt.reshape(-1), af, W, xp, xs, bhh, c0, c1, N, H)
+            _hh_fwd(wf, hf, gt.reshape(-1), af, W, xp, xs, bhh, c0, c1, N, H, 4 * H)
     for t in prange(T):
         n0, n1 = t * N // T, (t + 1) * N // T
         if n1 > n0:
@@ -324,25 +326,24 @@ def _lstm_bwd(acts, c, ghn, gcn, has_gc, xf, xs, gc, bo, bg, T):
     return xf
 
 
-def _gru_fwd(xp, xs, h, whh, bhh, acts, hn, T):
-    """acts[:, :3H] = h @ w_hh.T first, then r, z, n there and w_hn h + b_hn in acts[:, 3H:]."""
+def _gru_fwd(xp, xs, h, whh, bhh, acts, gt, hn, T):
+    """acts[:, :3H] = h @ w_hh.T (+ xp + b_hh in r and z) first (_hh_fwd), then r, z, n
+    there and w_hn h + b_hn in acts[:, 3H:]."""
     N, H = h.shape
     one = acts.dtype.type(1)
     W = 4 * H
     u = np.uint64
     hf, wf, af, hnf = h.reshape(-1), whh.reshape(-1), acts.reshape(-1), hn.reshape(-1)
-    for t in prange(T):     # h @ w_hh.T, split over columns: see _hh_share
+    for t in prange(T):     # split over w_hh's rows, so acts' columns: see _hh_share
         c0, c1 = _hh_share(t, T, 3 * H)
         if c1 > c0:
-            _gemm(N, c1 - c0, H, hf, H, N_, wf[c0 * H:], H, T_, af[c0:], 0.0, W)
+            _hh_fwd(wf, hf, gt.reshape(-1), af, W, xp, xs, bhh, c0, c1, N, H, 2 * H)
     for t in prange(T):
         n0, n1 = t * N // T, (t + 1) * N // T
         if n1 > n0:
             ki = np.empty(4 * H, np.int32)
             for r in range(n0, n1):
                 b, x, s = r * W, r * xs, r * H
-                for k in range(2 * H):
-                    af[u(b + k)] += bhh[u(k)] + xp[u(x + k)]
                 vsigmoid(af, b, 2 * H, ki)          # r, z
                 for j in range(H):
                     hpn = af[u(b + 2 * H + j)] + bhh[u(2 * H + j)]
@@ -426,7 +427,7 @@ def cell_step(kind, xp, h, c, w_hh, b_hh=None, order="ifog"):
         return hn, cn, acts
     acts = np.empty((N, 4 * H), dt)
     fn, T = _threads(_gru_fwd, size, N)
-    fn(xp, xs, h, w_hh, b_hh, acts, hn, T)
+    fn(xp, xs, h, w_hh, b_hh, acts, np.empty((3 * H, N), dt), hn, T)
     return hn, None, acts
 
 
