@@ -214,23 +214,20 @@ def _hh_grad(gf, gs, wt, gt, gh, add, T):
 # (the LSTM backward's loop was all scalar: 3.1 ns a cell). xp is a flat view of the
 # projected input whose rows are xs apart (a time slice of [N, T, G*H], not copied).
 
-def _rnn_fwd(xp, xs, h, whh, bhh, hn, T):
+def _rnn_fwd(xp, xs, h, whh, bhh, hn, gt, T):
+    """hn = h @ w_hh.T + xp + b_hh first (_hh_fwd), then tanh a row at a time."""
     N, H = h.shape
-    u = np.uint64
     hf, wf, yf = h.reshape(-1), whh.reshape(-1), hn.reshape(-1)
-    for t in prange(T):     # h @ w_hh.T, split over columns: see _hh_share
+    for t in prange(T):     # split over w_hh's rows, so hn's columns: see _hh_share
         c0, c1 = _hh_share(t, T, 1 * H)
         if c1 > c0:
-            _gemm(N, c1 - c0, H, hf, H, N_, wf[c0 * H:], H, T_, yf[c0:], 0.0, H)
+            _hh_fwd(wf, hf, gt.reshape(-1), yf, H, xp, xs, bhh, c0, c1, N, H, H)
     for t in prange(T):
         n0, n1 = t * N // T, (t + 1) * N // T
         if n1 > n0:
             ki = np.empty(2 * H, np.int32)
             for r in range(n0, n1):
-                b, x = r * H, r * xs
-                for j in range(H):
-                    yf[u(b + j)] += xp[u(x + j)] + bhh[u(j)]
-                vtanh(yf, b, H, ki)
+                vtanh(yf, r * H, H, ki)
     return hn
 
 
@@ -418,7 +415,7 @@ def cell_step(kind, xp, h, c, w_hh, b_hh=None, order="ifog"):
     size = N * G * H * (H + 8)
     if kind == "rnn":
         fn, T = _threads(_rnn_fwd, size, N)
-        fn(xp, xs, h, w_hh, b_hh, hn, T)
+        fn(xp, xs, h, w_hh, b_hh, hn, np.empty((H, N), dt), T)
         return hn, None, hn
     if kind == "lstm":
         acts, cn = np.empty((N, 5 * H), dt), np.empty((N, H), dt)
