@@ -50,6 +50,10 @@ TASKS = {
     "fast_rcnn": {"H": 128, "W": 128, **SMALL_VGG},
     "rcnn": {"size": 32, "rois_per_image": 32, **SMALL_VGG},
 }
+# the paper's pretraining (sec. 2.2): the first 20 convs trained as a classifier on the single-object
+# set, then loaded by name into the detector (--weights-partial), which trains for EPOCHS epochs
+PRETRAIN = {"yolo_v1": ("specs/det/yolo_v1_pretrain.net", ("size", "width", "pools", "batch_norm", "classes"))}
+EPOCHS = {"yolo_v1": 30}
 TARGETS = {"faster_rcnn": 0.90, "fast_rcnn": 0.85, "rcnn": 0.70, "yolo_v1": 0.85, "ssd300": 0.85}
 NAMES = {"faster_rcnn": "Faster R-CNN", "fast_rcnn": "Fast R-CNN", "rcnn": "R-CNN", "yolo_v1": "YOLO v1",
          "ssd300": "SSD"}
@@ -72,12 +76,28 @@ def train_and_eval(name: str, data: str, runs: str, say, threads: int = 2) -> di
     run = os.path.join(runs, name)
     args = ["run", f"specs/det/{name}.net", *[x for k, v in TASKS[name].items() for x in ("--set", f"{k}={v}")],
             "--data", f"coco:{data}", "--out", run]
-    say(f"\n## {NAMES[name]}\nnetdsl {' '.join(args)}")
+    say(f"\n## {NAMES[name]}")
+    wall = cpu = 0.0
+    if name in PRETRAIN:
+        spec, keys = PRETRAIN[name]
+        pre = run + "_pretrain"
+        pargs = ["run", spec, *[x for k in keys for x in ("--set", f"{k}={TASKS[name][k]}")],
+                 "--data", f"coco:{os.path.join(data, 'single')}", "--out", pre]
+        say(f"netdsl {' '.join(pargs)}")
+        wall, cpu, plog = netdsl(*pargs, threads=threads)
+        say(f"  pretrained in {wall:.0f} s wall, {cpu:.0f} s CPU: "
+            + " ".join(x for x in plog.splitlines() if "test_acc" in x)[-80:])
+        args += ["--weights", os.path.join(pre, "checkpoint.npz"), "--weights-partial"]
+    if name in EPOCHS:
+        args += ["--epochs", str(EPOCHS[name])]
+    say(f"netdsl {' '.join(args)}")
     load = os.getloadavg()
-    wall, cpu, log = netdsl(*args, threads=threads)
+    w, c, log = netdsl(*args, threads=threads)
+    wall, cpu = wall + w, cpu + c
     rows = [json.loads(x) for x in open(os.path.join(ROOT, run, "metrics.jsonl")).read().splitlines()]
     epochs = epoch_seconds(log)
-    say(f"  trained {len(rows)} epochs in {wall:.0f} s wall ({wall / 60:.1f} min), {cpu:.0f} s CPU; load average "
+    say(f"  trained {len(rows)} epochs in {wall:.0f} s wall ({wall / 60:.1f} min), {cpu:.0f} s CPU"
+        f"{' with the pretraining' if name in PRETRAIN else ''}; load average "
         f"{load[0]:.1f} at the start, {os.getloadavg()[0]:.1f} at the end")
     say(f"  epoch times (training pass, s): {' '.join(map(str, epochs))}")
     last = rows[-1]
