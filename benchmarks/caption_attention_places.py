@@ -34,18 +34,8 @@ def load(run: str):
 
 def captions(t):
     """(greedy [(words, maps)], references, grounding, image H and W) of the test images, as evaluate_captions."""
-    ds = t.data
-    img_in = C._io(t.g)[0]
-    first, refs = ds.per_image("test")
-    images = ds.test["image"][first]
-    norm = t.norm.get(t.fields.get(img_in))
-    if norm is not None:
-        images = (images - norm[0].reshape(1, -1, 1, 1)) / norm[1].reshape(1, -1, 1, 1)
-    images = images.astype(np.float32)
-    got = []
-    for k in range(0, len(images), 64):
-        got += C.decode_batch(t.model, ds.vocab, images[k:k + 64], ds.max_len)
-    return got, refs, C._grounding(ds, first), images.shape[2:]
+    got, refs, first, images = C.test_decodes(t)
+    return got, refs, C._grounding(t.data, first), images.shape[2:]
 
 
 def main(run: str) -> None:

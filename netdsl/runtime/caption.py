@@ -102,16 +102,8 @@ def evaluate_captions(t) -> tuple[dict, list[str]]:
     the peak of its attention map falls inside that object's box."""
     from ..datasets import captions as cap
     ds = t.data
-    img_in, _, _, alphas_out = _io(t.g)
-    first, refs = ds.per_image("test")
-    images = ds.test["image"][first]
-    norm = t.norm.get(t.fields.get(img_in))
-    if norm is not None:
-        images = (images - norm[0].reshape(1, -1, 1, 1)) / norm[1].reshape(1, -1, 1, 1)
-    images = images.astype(np.float32)
-    got = []
-    for k in range(0, len(images), 64):
-        got += decode_batch(t.model, ds.vocab, images[k:k + 64], ds.max_len)
+    alphas_out = _io(t.g)[3]
+    got, refs, first, images = test_decodes(t)
     hyps = [" ".join(w) for w, _ in got]
     figures = cap.caption_scores(hyps, refs)
     lines = [f"captions of {len(hyps)} held-out images, greedy: exact match {figures['exact_match']:.4f}  "
@@ -132,6 +124,23 @@ def evaluate_captions(t) -> tuple[dict, list[str]]:
     for i in range(min(5, len(hyps))):
         lines.append(f"  {hyps[i]!r}   (references: {' | '.join(refs[i])})")
     return figures, lines
+
+
+def test_decodes(t):
+    """(greedy [(words, maps)] of each held-out image, its references, the test rows of the
+    images' first captions, the normalised images)."""
+    ds = t.data
+    img_in = _io(t.g)[0]
+    first, refs = ds.per_image("test")
+    images = ds.test["image"][first]
+    norm = t.norm.get(t.fields.get(img_in))
+    if norm is not None:
+        images = (images - norm[0].reshape(1, -1, 1, 1)) / norm[1].reshape(1, -1, 1, 1)
+    images = images.astype(np.float32)
+    got = []
+    for k in range(0, len(images), 64):
+        got += decode_batch(t.model, ds.vocab, images[k:k + 64], ds.max_len)
+    return got, refs, first, images
 
 
 def _grounding(ds, first):
