@@ -51,10 +51,10 @@ TASKS = {
     "rcnn": {"size": 32, "rois_per_image": 32, **SMALL_VGG},
 }
 # the paper's pretraining (sec. 2.2): the first 20 convs trained as a classifier on the single-object
-# set, then loaded by name into the detector (--weights-partial), which trains for EPOCHS epochs
-# (45, the spec's own: 0.831 in 14.7 quiet minutes with the pretraining; 30: 0.799)
+# set, then loaded by name into the detector (--weights-partial), which trains by its spec's train section
+# (or for EPOCHS[name] epochs where one is given)
 PRETRAIN = {"yolo_v1": ("specs/det/yolo_v1_pretrain.net", ("size", "width", "pools", "batch_norm", "classes"))}
-EPOCHS = {"yolo_v1": 56}
+EPOCHS: dict[str, int] = {}
 TARGETS = {"faster_rcnn": 0.90, "fast_rcnn": 0.85, "rcnn": 0.70, "yolo_v1": 0.85, "ssd300": 0.85}
 NAMES = {"faster_rcnn": "Faster R-CNN", "fast_rcnn": "Fast R-CNN", "rcnn": "R-CNN", "yolo_v1": "YOLO v1",
          "ssd300": "SSD"}
