@@ -97,3 +97,28 @@ def test_predict_captions_from_the_cli(tmp_path):
                    for p, rec in zip(images, recs) if rec["caption"])
     r = cli("run", spec, *args, "--predict", tmp_path / "nothing.png")
     assert r.returncode == 2 and "no such file" in r.stderr
+
+
+def _first_step_scores(m, images):
+    """log of the first word's attention weights, less their mean over the locations: the
+    first step scores each location from its features alone (the state starts at zero)."""
+    out = m.infer({"image": images, "captions": np.ones((len(images), 2), np.int64)}, want=["alphas"])
+    s = np.log(out["alphas"][:, 0].astype(np.float64))
+    return s - s.mean(1, keepdims=True)
+
+
+def test_patch_locations_see_only_their_own_pixels():
+    """patch = true: changing one 8 x 8 cell's pixels changes that location's score and no
+    other's (relative to each other); the VGG-style trunk's neighbours see them too."""
+    rng = np.random.default_rng(7)
+    a = rng.random((3, 32, 32)).astype(np.float32)
+    b = a.copy()
+    b[:, 8:16, 8:16] = rng.random((3, 8, 8))        # the cell at row 1, column 1 of the 4 x 4 grid
+    others = [k for k in range(16) if k != 5]
+    for patch, local in ((True, True), (False, False)):
+        g = compile_spec("rnn/captioning_attention_small.net", vocab=len(VOCAB), embed=8, H=16, A=8, size=32,
+                         width=4, patch=patch)
+        sa, sb = _first_step_scores(Model(g, seed=5), np.stack([a, b]))
+        da, db = sa[others] - sa[others].mean(), sb[others] - sb[others].mean()
+        assert abs(sa[5] - sb[5]) > 1e-4
+        assert np.allclose(da, db, atol=1e-5) == local
