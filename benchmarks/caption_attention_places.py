@@ -26,7 +26,8 @@ def load(run: str):
     info = read_run_file(run)
     g, loader = elaborate(info["spec"], info["network"], info["set"])
     cfg = dict(g.train)
-    cfg["data"] = data_flag(info["data"], cfg["data"])
+    if info.get("data"):        # (a run without --data read its train section's own)
+        cfg["data"] = data_flag(info["data"], cfg["data"])
     t = Trainer(g, cfg, run, "".join(loader.sources.values()), training=False)
     load_run_weights(t, None, resume=False, fresh=False)
     return t
