@@ -52,9 +52,7 @@ TASKS = {
 }
 # the paper's pretraining (sec. 2.2): the first 20 convs trained as a classifier on the single-object
 # set, then loaded by name into the detector (--weights-partial), which trains by its spec's train section
-# (or for EPOCHS[name] epochs where one is given)
 PRETRAIN = {"yolo_v1": ("specs/det/yolo_v1_pretrain.net", ("size", "width", "pools", "batch_norm", "classes"))}
-EPOCHS: dict[str, int] = {}
 TARGETS = {"faster_rcnn": 0.90, "fast_rcnn": 0.85, "rcnn": 0.70, "yolo_v1": 0.85, "ssd300": 0.85}
 NAMES = {"faster_rcnn": "Faster R-CNN", "fast_rcnn": "Fast R-CNN", "rcnn": "R-CNN", "yolo_v1": "YOLO v1",
          "ssd300": "SSD"}
@@ -89,8 +87,6 @@ def train_and_eval(name: str, data: str, runs: str, say, threads: int = 2) -> di
         say(f"  pretrained in {wall:.0f} s wall, {cpu:.0f} s CPU: "
             + " ".join(x for x in plog.splitlines() if "test_acc" in x)[-80:])
         args += ["--weights", os.path.join(pre, "checkpoint.npz"), "--weights-partial"]
-    if name in EPOCHS:
-        args += ["--epochs", str(EPOCHS[name])]
     say(f"netdsl {' '.join(args)}")
     load = os.getloadavg()
     w, c, log = netdsl(*args, threads=threads)

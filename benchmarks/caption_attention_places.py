@@ -45,31 +45,27 @@ def main(run: str) -> None:
         sys.exit(f"{run}: the data has no grounding (instances and `grounding` of netdsl data shapes-captions)")
     rows = defaultdict(lambda: {"n": 0, "hit": 0, "over": 0, "smooth": 0, "far": []})
     offs, outside, peaks = [], [], []
-    for (words, maps), (cands, boxes) in zip(got, grounded):
-        best = max(cands, key=lambda c: sum(a == b for a, b in zip(words, c[0])))
-        for i, ann in best[1]:
-            if not (i < len(words) and words[i] == best[0][i]):
-                continue
-            m, (bx, by, bw, bh) = maps[i], boxes[ann]
-            side = math.isqrt(m.size)
-            ch, cw = H / side, W / side
-            r, c = divmod(int(np.argmax(m)), side)
-            x, y = (c + 0.5) * cw, (r + 0.5) * ch
-            row = rows[i]
-            row["n"] += 1
-            hit = C.attention_peak_in_box(m, (H, W), boxes[ann])
-            row["hit"] += hit
-            row["over"] += c * cw < bx + bw and (c + 1) * cw > bx and r * ch < by + bh and (r + 1) * ch > by
-            # Xu et al.'s drawing: skimage pyramid_expand, sigma 20 px for 16-px cells (1.25 cells)
-            up = pyramid_expand(m.reshape(side, side).astype(np.float64), upscale=round(cw), sigma=1.25 * cw)
-            yy, xx = divmod(int(np.argmax(up)), up.shape[1])
-            row["smooth"] += bx <= xx + 0.5 <= bx + bw and by <= yy + 0.5 <= by + bh
-            peaks.append(float(m.max()))
-            if not hit:
-                dx, dy = x - (bx + bw / 2), y - (by + bh / 2)
-                row["far"].append(math.hypot(dx, dy))
-                offs.append((dx, dy, bw, bh))
-                outside.append(max(bx - x, x - bx - bw, by - y, y - by - bh))
+    for _, i, m, box in C.grounded_words(got, grounded):
+        bx, by, bw, bh = box
+        side = math.isqrt(m.size)
+        ch, cw = H / side, W / side
+        x, y = C.attention_peak(m, (H, W))
+        r, c = int(y // ch), int(x // cw)
+        row = rows[i]
+        row["n"] += 1
+        hit = C.attention_peak_in_box(m, (H, W), box)
+        row["hit"] += hit
+        row["over"] += c * cw < bx + bw and (c + 1) * cw > bx and r * ch < by + bh and (r + 1) * ch > by
+        # Xu et al.'s drawing: skimage pyramid_expand, sigma 20 px for 16-px cells (1.25 cells)
+        up = pyramid_expand(m.reshape(side, side).astype(np.float64), upscale=round(cw), sigma=1.25 * cw)
+        yy, xx = divmod(int(np.argmax(up)), up.shape[1])
+        row["smooth"] += bx <= xx + 0.5 <= bx + bw and by <= yy + 0.5 <= by + bh
+        peaks.append(float(m.max()))
+        if not hit:
+            dx, dy = x - (bx + bw / 2), y - (by + bh / 2)
+            row["far"].append(math.hypot(dx, dy))
+            offs.append((dx, dy, bw, bh))
+            outside.append(max(bx - x, x - bx - bw, by - y, y - by - bh))
     n = sum(r["n"] for r in rows.values())
     if not n:
         sys.exit(f"{run}: no grounded word was said right")

@@ -83,13 +83,29 @@ def decode_batch(model: Model, vocab: list[str], images: np.ndarray, max_len: in
     return [(w, np.array(m, out[alphas_out].dtype).reshape(len(w), L) if alphas_out else None) for w, m in zip(words, maps)]
 
 
-def attention_peak_in_box(maps: np.ndarray, hw: tuple[int, int], box) -> bool:
-    """Whether the centre of the most weighted cell of an attention map over a square
-    grid of the image (H, W) lies inside the COCO box [x, y, w, h]."""
+def attention_peak(maps: np.ndarray, hw: tuple[int, int]) -> tuple[float, float]:
+    """(x, y) in pixels of the centre of the most weighted cell of an attention map over a
+    square grid of the image (H, W)."""
     side = math.isqrt(maps.size)
     r, c = divmod(int(np.argmax(maps)), side)
-    y, x = (r + 0.5) * hw[0] / side, (c + 0.5) * hw[1] / side
+    return (c + 0.5) * hw[1] / side, (r + 0.5) * hw[0] / side
+
+
+def attention_peak_in_box(maps: np.ndarray, hw: tuple[int, int], box) -> bool:
+    """Whether attention_peak lies inside the COCO box [x, y, w, h]."""
+    x, y = attention_peak(maps, hw)
     return box[0] <= x <= box[0] + box[2] and box[1] <= y <= box[1] + box[3]
+
+
+def grounded_words(got, grounded):
+    """(image index, word index, its map, the named object's box) for each grounded word a
+    greedy caption has right: the same word at the same place as in the reference that
+    shares most words with the caption. got: [(words, maps)]; grounded: _grounding's."""
+    for k, ((words, maps), (cands, boxes)) in enumerate(zip(got, grounded)):
+        best = max(cands, key=lambda c: sum(a == b for a, b in zip(words, c[0])))
+        for i, ann in best[1]:
+            if i < len(words) and words[i] == best[0][i]:
+                yield k, i, maps[i], boxes[ann]
 
 
 def evaluate_captions(t) -> tuple[dict, list[str]]:
@@ -111,12 +127,9 @@ def evaluate_captions(t) -> tuple[dict, list[str]]:
     grounded = _grounding(ds, first) if alphas_out else None
     if grounded is not None:
         hits = total = 0
-        for (words, maps), (cands, boxes) in zip(got, grounded):
-            best = max(cands, key=lambda c: sum(a == b for a, b in zip(words, c[0])))
-            for i, ann in best[1]:
-                if i < len(words) and words[i] == best[0][i]:
-                    total += 1
-                    hits += attention_peak_in_box(maps[i], images.shape[2:], boxes[ann])
+        for _, _, m, box in grounded_words(got, grounded):
+            total += 1
+            hits += attention_peak_in_box(m, images.shape[2:], box)
         if total:
             figures["attention_in_box"] = hits / total
             lines.append(f"attention peak inside the named object's box: {hits} of {total} grounded words "
