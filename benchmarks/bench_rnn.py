@@ -17,7 +17,8 @@ g @ W_hh [N, 4H] x [4H, H] (backward), netdsl's (scipy's OpenBLAS through Numba)
 torch's, and netdsl's whole step (GEMM and gates).
 `bench_rnn.py profile [CELL ...]` splits one training step by phase (input projection,
 the T steps forward and backward, the weight-gradient GEMMs, scan's copies, Python,
-head and loss, Adam), one thread, in CPU time, netdsl's fused cell beside torch's.
+head and loss, Adam), one thread, in CPU time, netdsl's fused cell beside torch's
+(BENCH_PROFILE_THREADS=2: two threads, in wall time).
 BENCH_DEVICE=cuda runs both on the GPU (torch's nn.LSTM is cuDNN's there; netdsl's
 parameters, gradients and Adam state stay on the device); scripts/gpu-check does.
 """
@@ -41,6 +42,9 @@ T = int(os.environ.get("BENCH_T", 100))
 V = int(os.environ.get("BENCH_V", 100))
 E = 64
 DEVICE = os.environ.get("BENCH_DEVICE", "cpu")
+# `profile` at more than one thread times wall clock (CPU time would add the threads up)
+PROFILE_THREADS = int(os.environ.get("BENCH_PROFILE_THREADS", 1))
+_clock = time.process_time if PROFILE_THREADS == 1 else time.perf_counter
 
 
 def data(seed=0):
@@ -160,8 +164,8 @@ def gemms():
 
 
 PHASES = [("input projection (before the loop)", ("K.project",)),      # labels, or prefixes ending in . or :
-          ("T steps forward (GEMM + gates)", ("K.cell_step",)),
-          ("T steps backward (gates + GEMM)", ("K.cell_step_grads",)),
+          ("T steps forward (GEMM + gates)", ("K.cell_step", "K.lstm_layer_forward")),
+          ("T steps backward (gates + GEMM)", ("K.cell_step_grads", "K.lstm_layer_backward")),
           ("weight-gradient and gx GEMMs (after the loop)", ("K.weight_grad", "K.matmul_rows", "K.project_backward")),
           ("scan copies and buffers", ("scan.",)),
           ("scan, step programs, bindings (Python)", tuple(f"op:{o}{g}" for o in ("scan", "lstm_cell", "gru_cell",
@@ -180,7 +184,7 @@ def profile(cell: str):
     netdsl's fused cell (each phase's own time, nested calls apart) and torch's."""
     import collections
     from netdsl.kernels import native
-    native.set_num_threads(1)
+    native.set_num_threads(PROFILE_THREADS)
     from netdsl.kernels import cpu as K
     from netdsl.kernels.cpu import recurrent as R
     from netdsl.runtime import clip_grad_norm, cpu as table, make_optimizer, scan
@@ -195,12 +199,12 @@ def profile(cell: str):
             if is_kernel and inside[0]:     # a kernel called by another: counted as the outer one's
                 return fn(*a, **k)
             inside[0] += is_kernel
-            t0 = time.process_time()
+            t0 = _clock()
             stack.append(0.0)
             try:
                 return fn(*a, **k)
             finally:
-                dt, inner = time.process_time() - t0, stack.pop()
+                dt, inner = _clock() - t0, stack.pop()
                 own[label] += dt - inner
                 inside[0] -= is_kernel
                 if stack:
@@ -230,8 +234,10 @@ def profile(cell: str):
     step(), step()
     for op, b in list(table.KERNELS.items()):
         table.KERNELS[op] = Op(b, "op:" + op)
-    for name in ("cell_step", "cell_step_grads", "project", "project_backward", "weight_grad", "matmul_rows"):
-        setattr(K, name, timed(getattr(K, name), "K." + name))
+    for name in ("cell_step", "cell_step_grads", "project", "project_backward", "weight_grad", "matmul_rows",
+                 "lstm_layer_forward", "lstm_layer_backward"):
+        if hasattr(K, name):        # (so that an older tree profiles too)
+            setattr(K, name, timed(getattr(K, name), "K." + name))
     for name in ("matmul_rows", "weight_grad", "_recurrent_grad"):
         if hasattr(R, name):        # (so that an older tree profiles too)
             setattr(R, name, timed(getattr(R, name), "K." + name))
@@ -244,13 +250,14 @@ def profile(cell: str):
     best = None
     for _ in range(4):
         own.clear()
-        t0 = time.process_time()
+        t0 = _clock()
         step(timed(clip_grad_norm, "opt"), timed(opt.step, "opt"))
-        total = time.process_time() - t0
+        total = _clock() - t0
         if best is None or total < best[0]:
             best = (total, dict(own))
     total, own = best
-    print(f"# {time.strftime('%Y-%m-%d %H:%M')}  {_cpu_model()}  one thread, CPU time, best of 4 steps  "
+    print(f"# {time.strftime('%Y-%m-%d %H:%M')}  {_cpu_model()}  {PROFILE_THREADS} thread(s), {'CPU' if PROFILE_THREADS == 1 else 'wall'} time, "
+          f"best of 4 steps  "
           f"{cell} H={H} N={N} T={T}  load {os.getloadavg()[0]:.1f}")
     print(f"netdsl {cell} fused: {total * 1e3:.0f} ms a step ({N * T / total:,.0f} tok/s)")
     left = dict(own)
@@ -263,13 +270,13 @@ def profile(cell: str):
 
 def torch_phases(cell: str):
     import torch
-    torch.set_num_threads(1)
+    torch.set_num_threads(PROFILE_THREADS)
     rnn = {"lstm": torch.nn.LSTM, "gru": torch.nn.GRU, "rnn": torch.nn.RNN}[cell](E, H, batch_first=True)
     emb, head = torch.nn.Embedding(V, E), torch.nn.Linear(H, V)
     params = [*emb.parameters(), *rnn.parameters(), *head.parameters()]
     opt = torch.optim.Adam(params, lr=2e-3)
     x, y = (torch.tensor(a) for a in data())
-    pt = time.process_time
+    pt = _clock
 
     def step():
         mark = {}

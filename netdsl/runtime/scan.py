@@ -76,6 +76,8 @@ class CpuArrays:
     grads_into = staticmethod(kernels.recurrent.gate_grads_into)
     empty = staticmethod(np.empty)
     zeros = staticmethod(np.zeros)
+    # a scan whose step is one fused lstm cell runs as one kernel call per direction (_Layer)
+    layer = True
 
     @staticmethod
     def norm(a) -> float:
@@ -224,6 +226,63 @@ class _Cell(_Deferred):
         return out, gx
 
 
+class _Layer:
+    """A scan whose step is one fused lstm cell reading the scanned sequence, carrying its
+    h and c and emitting h (a recurrent layer: lib/rnn.net's `lstm` step with fused=true):
+    run over all T steps by one kernel call each way (kernels/cpu/recurrent_layer.py)
+    instead of the step's programs once per time step. The forward keeps what the backward
+    reads in [T, ...] buffers; the weight gradients are the cell's one GEMM (_Cell)."""
+
+    def __init__(self, cell: "_Cell"):
+        self.cell = cell
+        self.order = cell.node.attrs.get("order", "ifog")
+
+    @staticmethod
+    def match(node, hoists) -> "_Layer | None":
+        body = node.body
+        if len(body.nodes) != 1 or len(hoists) != 1 or len(node.inputs) != 3 or len(node.attrs["seq"]) != 1:
+            return None
+        m, h = body.nodes[0], hoists[0]
+        if m.op != "lstm_cell" or h.node is not m or h.seq != 0 or len(body.carries) != 2:
+            return None
+        (ch, cc), (oh, oc) = body.carries, m.outputs
+        if m.inputs[1] is not ch.step_in or m.inputs[2] is not cc.step_in or ch.step_out is not oh \
+                or cc.step_out is not oc or len(body.outputs) > 1 or any(v is not oh for v in body.outputs.values()):
+            return None
+        return _Layer(h)
+
+    def usable(self, A, st, x) -> bool:
+        w = st.params[self.cell.p["weight_hh"]]
+        return getattr(A, "layer", False) and getattr(st, "grad_flow", None) is None and x.dtype == w.dtype
+
+    def forward(self, A, st, x, h0, c0, ne):
+        """The scan's outputs (hs if emitted, h_T, c_T); training, st.saved keeps a _LayerSaved."""
+        K, p = A.kernels, self.cell.p
+        xp = self.cell.project(K, st, x)
+        hx = None
+        if st.train:
+            N, T, D = x.shape
+            H = h0.shape[1]
+            hx = A.empty((T, N, H + D), x.dtype)
+            hx[:, :, H:] = x.transpose(1, 0, 2)
+        hs, h, c, saved = K.lstm_layer_forward(xp, h0, c0, st.params[p["weight_hh"]],
+                                               st.params[p["bias_hh"]] if p["bias_hh"] else None, self.order, hx)
+        if st.train:
+            return [hs] * ne + [h, c], (saved, hx)
+        return [hs] * ne + [h, c], None
+
+    def backward(self, A, st, x, saved, gemit, gh, gc, need_gx):
+        """(gx or None, [gh0, gc0], {param name: gradient})."""
+        gxp, gh0, gc0 = A.kernels.lstm_layer_backward(saved[0], gemit, gh, gc,
+                                                      st.params[self.cell.p["weight_hh"]], self.order)
+        grads, gx = self.cell.backward(A.kernels, st, x, _TimeMajor([gxp, None, saved[1], None]), need_gx)
+        return (np.ascontiguousarray(gx) if gx is not None else None), [gh0, gc0], grads
+
+
+class _LayerSaved(tuple):
+    """What _Layer.forward kept for its backward (st.saved of the scan node)."""
+
+
 def _hoists(node, sg) -> list[_Deferred]:
     """The step's fused cells and linear layers whose parameters nothing else in the step
     uses (and, training, whose parameter gradients are their own grad node's)."""
@@ -253,6 +312,7 @@ class _Runner:
         self.names = [c.name for c in body.carries]
         self.sg = step_grad(node) if train else None
         self.hoists = _hoists(node, self.sg)
+        self.layer = _Layer.match(node, self.hoists)
         keep = self.outs + (self.sg.residuals if train else [])
         self.fwd = Program(body.nodes, keep, dims, fuse, target)
         self.bwd = None
@@ -289,6 +349,11 @@ def bind(table: dict, target: str, A) -> None:
         given = getattr(st, "carry_in", None) or {}
         carry = [given.get(name, c) for name, c in zip(r.names, carry)]
         ne = len(r.outs) - nc
+        if r.layer is not None and r.layer.usable(A, st, seqs[0]):
+            outs, saved = r.layer.forward(A, st, seqs[0], carry[0], carry[1], ne)
+            if st.train:
+                st.saved[id(n)] = _LayerSaved(saved)
+            return outs
         emits = [A.empty(_shape_of(st, v), array_dtype(v.dtype, st.dtype)) for v in n.outputs[:ne]]
         projected = [(h, h.project(A.kernels, st, seqs[h.seq])) for h in r.hoists if h.seq is not None]
         saved = []
@@ -323,11 +388,14 @@ def bind(table: dict, target: str, A) -> None:
         want = {j - k for j in like if j < k + nin}
         # gradients of the step's outputs: the emits' time slices, then the carries leaving it
         gcarry = [gy.get(ne + j) for j in range(nc)]
+        saved = st.saved.pop(id(n))
+        if isinstance(saved, _LayerSaved):
+            gx, gcarry, gpar = r.layer.backward(A, st, fwd_in[0], saved, gy.get(0) if ne else None, *gcarry, 0 in want)
+            return _grads_out(A, st, n, like, k, ns, nc, {0: gx}, gcarry, {}, gpar)
         gseq = {i: A.zeros(_shape_of(st, n.inputs[i]), array_dtype(n.inputs[i].dtype, st.dtype))
                 for i in range(ns) if i in want}
         gcap: dict[int, object] = {}
         gpar: dict[str, object] = {}
-        saved = st.saved.pop(id(n))
         per_cell = [None] * len(r.hoists)     # each hoisted cell's [N, T, ...] rows for its weight GEMMs
         deferred = {name for h in r.hoists for name in h.names}
         flow = getattr(st, "grad_flow", None)     # carry path -> |dL/dh_t| per t (--grad-flow)
@@ -385,20 +453,27 @@ def bind(table: dict, target: str, A) -> None:
                 gseq[h.seq] = A.add(gseq[h.seq], gx)
             for name, gv in grads.items():
                 gpar[name] = A.add(gpar.get(name), gv)
-        roles = [role for role, _ in trainable(n)]
-        out = []
-        for j in like:
-            i = j - k
-            if i < ns:
-                out.append(gseq[i])
-            elif i < ns + nc:
-                c = gcarry[i - ns]
-                out.append(c if c is not None else A.zeros(_shape_of(st, n.inputs[i]), st.dtype))
-            elif i < nin:
-                c = gcap.get(i - ns - nc)
-                out.append(c if c is not None else A.zeros(_shape_of(st, n.inputs[i]), st.dtype))
-            else:
-                name = roles[i - nin]
-                c = gpar.get(name)
-                out.append(c if c is not None else A.zeros(st.params[name].shape, st.dtype))
-        return out
+        return _grads_out(A, st, n, like, k, ns, nc, gseq, gcarry, gcap, gpar)
+
+
+def _grads_out(A, st, n, like, k, ns, nc, gseq, gcarry, gcap, gpar) -> list:
+    """scan_grad's outputs in its `like` order: the sequences', carries', captures' and
+    parameters' gradients (zeros where none reached them)."""
+    roles = [role for role, _ in trainable(n)]
+    nin = len(n.inputs)
+    out = []
+    for j in like:
+        i = j - k
+        if i < ns:
+            out.append(gseq[i])
+        elif i < ns + nc:
+            c = gcarry[i - ns]
+            out.append(c if c is not None else A.zeros(_shape_of(st, n.inputs[i]), st.dtype))
+        elif i < nin:
+            c = gcap.get(i - ns - nc)
+            out.append(c if c is not None else A.zeros(_shape_of(st, n.inputs[i]), st.dtype))
+        else:
+            name = roles[i - nin]
+            c = gpar.get(name)
+            out.append(c if c is not None else A.zeros(st.params[name].shape, st.dtype))
+    return out
