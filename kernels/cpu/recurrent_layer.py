@@ -1,138 +1,255 @@
-"""A scan whose step is one fused LSTM cell reading the scanned sequence (a recurrent
-layer: charlm's fused stack), run over all T steps in one kernel call per direction
-(Numba, CPU) instead of a step program and its bindings per time step.
+"""An LSTM layer over T steps in one kernel call each way (Numba, CPU): the lowering of a
+scan whose step is one fused lstm_cell reading the scanned sequence (runtime/scan.py).
 
-The step is recurrent.py's cell_step and cell_step_grads: the same GEMM split, the same
-gate rows (_lstm_gates, _lstm_grad_row), so a layer gives what T cell steps give. What
-the loop saves is the Python of the per-step programs, a new buffer per step (and its
-page faults), and the copies into the scan's kept buffers: the forward writes what the
-backward reads straight into the [T, ...] buffers it keeps.
+It computes what T of recurrent.py's cell steps compute, in a feature-major layout that
+needs no input projection, no adds and no transposes per step:
 
-  lstm_layer_forward(xp[N, T, 4H], h0, c0, w_hh, b_hh, order, hx=None)
-      -> (hs [N, T, H], h_T, c_T, saved): xp is the input projection of every step
-      (x W_ih^T + b_ih, one GEMM before); hx [T, N, H + D] (training): h_{t-1} is written
-      into hx[t, :, :H] (x_t being in hx[t, :, H:]), the rows of the weight gradients'
-      one GEMM; saved (training, else None) is what lstm_layer_backward reads.
-  lstm_layer_backward(saved, ghs [N, T, H] or None, gh_T or None, gc_T or None, w_hh, order)
-      -> (gxp [T, N, 4H], gh0, gc0): gxp the gradient of the projected input (and of
-      h @ w_hh.T + b_hh: they share it) at every step, time-major.
+  hx  [H + D + 1, (T + 1) N]   column block t is [h_{t-1}; x_t; 1] for the N rows: the
+                               forward writes h_t straight into block t + 1
+  W   [4H, H + D + 1]          [w_hh | w_ih | b_ih + b_hh], its gate rows permuted so that
+                               thread p's units' i, f, o, g rows are one block
+  acts [T, 5H, N]              W @ hx block t (one GEMM a step, the projection and both
+                               biases in it), activated in place, then tanh(c_t)
+
+so a thread's step is one GEMM into its own rows and the gates of its own units: one
+parallel region a step. The backward leaves the gates' gradient of every step as
+G [4H, T N], and all of W's gradient (biases included, through the row of ones) is one
+GEMM G @ hx^T after the loop.
+
+  lstm_layer_forward(x[N, T, D], h0, c0, w_ih, w_hh, b_ih, b_hh, order, keep)
+      -> (hs [N, T, H], h_T, c_T, saved or None)
+  lstm_layer_backward(saved, ghs [N, T, H] or None, gh_T or None, gc_T or None, need_gx)
+      -> (gx [N, T, D] or None, gh0, gc0, gw_ih, gw_hh, gb): gb the gradient of either bias
 """
 import numpy as np
 
-from . import kernel, prange
+from . import kernel, njit, prange
 from .gemm import N_, T_, gemm as _gemm
-from .recurrent import LSTM_BLOCKS, _f, _bias, _gates, _hh_fwd, _hh_share, _lstm_gates, _lstm_grad_row, _threads, \
-    transposed
+from .recurrent import LSTM_BLOCKS, _f, _gates, _threads
+from .vmath import vsigmoid, vtanh
+
+CHUNK = 16      # units a gate pass takes at a time: 16 x N values a block, in L1
 
 
-def _fwd(xp, h0, c0, whh, bhh, hs, cs, acts, hx, keep, ki, gt, bo, bg, P):
-    """cs [T + 1, N, H] (keep) or [2, N, H]: c_{t-1} at cs[t]; acts [T, N, 5H] (keep) or
-    [1, N, 5H]; hx [T, N, H + D] (keep) or empty; ki [P, 4H] int32 scratch; gt [4H, N]."""
-    N, T, G = xp.shape
-    H = h0.shape[1]
-    W = 5 * H
+@njit
+def _share(p, P, H):
+    return p * H // P, (p + 1) * H // P
+
+
+def _fwd(w, hx, acts, cs, T, keep, ki, P):
+    """Steps 0..T-1. hx [K, (T+1) N] holds block 0 and the x and ones rows; acts [T or 1,
+    5H, N]; cs [T+1 or 2, H, N] with c_0 in cs[0]; h_t goes to hx block t + 1 (rows :H)."""
+    H = cs.shape[1]
+    N = cs.shape[2]
+    K = w.shape[1]
+    L = hx.shape[1]
     u = np.uint64
-    xf, hf, hsf, csf, af, wf, gtf = (xp.reshape(-1), h0.reshape(-1), hs.reshape(-1), cs.reshape(-1),
-                                     acts.reshape(-1), whh.reshape(-1), gt.reshape(-1))
-    hxf = hx.reshape(-1)
-    D = hx.shape[2] - H if keep else 0
-    oo, og = bo * H, bg * H
-    c0f = c0.reshape(-1)
-    for j in range(N * H):
-        csf[u(j)] = c0f[u(j)]
+    wf, xf, af, cf = w.reshape(-1), hx.reshape(-1), acts.reshape(-1), cs.reshape(-1)
     for t in range(T):
-        a0 = t * N * W if keep else 0
-        cp = (t if keep else t % 2) * N * H
-        cq = (t + 1 if keep else (t + 1) % 2) * N * H
-        for p in prange(P):     # split over w_hh's rows, so acts' columns: see _hh_share
-            c0_, c1_ = _hh_share(p, P, G)
-            if c1_ > c0_:
-                if t == 0:
-                    _hh_fwd(wf, hf, H, gtf, af[a0:], W, xf, T * G, bhh, c0_, c1_, N, H, G)
-                else:
-                    _hh_fwd(wf, hsf[(t - 1) * H:], T * H, gtf, af[a0:], W, xf[t * G:], T * G, bhh, c0_, c1_, N, H, G)
+        a0 = (t if keep else 0) * 5 * H * N
+        cp = (t if keep else t % 2) * H * N
+        cq = (t + 1 if keep else (t + 1) % 2) * H * N
         for p in prange(P):
-            k = ki[p]
-            for n in range(p * N // P, (p + 1) * N // P):
-                q = n * T * H + t * H
-                _lstm_gates(af, a0 + n * W, csf, cp + n * H, csf, cq + n * H, hsf, q, H, oo, og, k)
-                if keep and t + 1 < T:
-                    r = ((t + 1) * N + n) * (H + D)
-                    for j in range(H):
-                        hxf[u(r + j)] = hsf[u(q + j)]
-    return hs
+            u0, u1 = _share(p, P, H)
+            U = u1 - u0
+            if U > 0:
+                g0 = a0 + 4 * u0 * N       # this thread's gate rows: i, f, o, g blocks of U rows
+                _gemm(4 * U, N, K, wf[4 * u0 * K:], K, N_, xf[t * N:], L, N_, af[g0:], 0.0)
+                k = ki[p]
+                for j0 in range(u0, u1, CHUNK):
+                    j1 = min(j0 + CHUNK, u1)
+                    m = (j1 - j0) * N
+                    bi = g0 + (j0 - u0) * N
+                    bf, bo, bg = bi + U * N, bi + 2 * U * N, bi + 3 * U * N
+                    bc = a0 + (4 * H + j0) * N
+                    vsigmoid(af, bi, m, k)
+                    vsigmoid(af, bf, m, k)
+                    vsigmoid(af, bo, m, k)
+                    vtanh(af, bg, m, k)
+                    c0, c1 = cp + j0 * N, cq + j0 * N
+                    for e in range(m):
+                        c2 = af[u(bf + e)] * cf[u(c0 + e)] + af[u(bi + e)] * af[u(bg + e)]
+                        cf[u(c1 + e)] = c2
+                        af[u(bc + e)] = c2
+                    vtanh(af, bc, m, k)
+                    for j in range(j0, j1):
+                        r, s = (j - j0) * N, j * L + (t + 1) * N
+                        for n in range(N):
+                            xf[u(s + n)] = af[u(bo + r + n)] * af[u(bc + r + n)]
+    return hx
 
 
-def _bwd(acts, cs, ghs, has_ghs, wt, gxp, gh, gca, gcb, gt, bo, bg, P):
-    """From t = T-1 down to 0: the gates' gradient of step t into gxp[t] (gh: the gradient
-    reaching h_t, gca / gcb: c_t's, swapped each step), then gh = gxp[t] @ w_hh (from
-    wt = w_hh.T, as recurrent._hh_grad) + ghs[:, t-1]. Returns the buffer holding c_0's."""
-    T, N, W = acts.shape
-    H = W // 5
-    G = 4 * H
+def _bwd(w, wt, acts, cs, ghT, gca, gcb, gout, G, T, P):
+    """From t = T-1 down to 0: region A, thread p's units: the gates' gradient of step t
+    into G's column block t (its rows), c's gradient into the other of gca / gcb; region
+    B: ghT[t-1] += w_hh^T @ G block t (into gout at t = 0). ghT [T, H, N] holds the
+    emits' gradients (and the final h's at T-1); wt = w[:, :H]^T [H, 4H]. Returns the
+    buffer that holds c_0's gradient."""
+    H = cs.shape[1]
+    N = cs.shape[2]
+    L = G.shape[1]
     u = np.uint64
-    af, csf, gsf, wtf, xf, ghf, gtf = (acts.reshape(-1), cs.reshape(-1), ghs.reshape(-1), wt.reshape(-1),
-                                       gxp.reshape(-1), gh.reshape(-1), gt.reshape(-1))
-    oo, og = bo * H, bg * H
+    one = acts.dtype.type(1)
+    af, cf, gf, wtf, Gf = acts.reshape(-1), cs.reshape(-1), ghT.reshape(-1), wt.reshape(-1), G.reshape(-1)
     src, dst = gca.reshape(-1), gcb.reshape(-1)
     for t in range(T - 1, -1, -1):
+        a0, h0 = t * 5 * H * N, t * H * N
         for p in prange(P):
-            for n in range(p * N // P, (p + 1) * N // P):
-                r = t * N + n
-                _lstm_grad_row(af, r * W, csf, r * H, ghf, n * H, src, True, xf, r * G, dst, n * H, H, oo, og)
+            u0, u1 = _share(p, P, H)
+            U = u1 - u0
+            for j in range(u0, u1):
+                r = j - u0
+                ai = a0 + (4 * u0 + r) * N
+                af_, ao, ag, ac = ai + U * N, ai + 2 * U * N, ai + 3 * U * N, a0 + (4 * H + j) * N
+                gi = (4 * u0 + r) * L + t * N
+                gfo, go, gg = gi + U * L, gi + 2 * U * L, gi + 3 * U * L
+                s = j * N
+                for n in range(N):
+                    i, f = af[u(ai + n)], af[u(af_ + n)]
+                    o, g, tc = af[u(ao + n)], af[u(ag + n)], af[u(ac + n)]
+                    gh = gf[u(h0 + s + n)]
+                    dc = gh * o * (one - tc * tc) + src[u(s + n)]
+                    Gf[u(gi + n)] = dc * g * i * (one - i)
+                    Gf[u(gfo + n)] = dc * cf[u(h0 + s + n)] * f * (one - f)
+                    Gf[u(go + n)] = gh * tc * o * (one - o)
+                    Gf[u(gg + n)] = dc * i * (one - g * g)
+                    dst[u(s + n)] = dc * f
         src, dst = dst, src
-        for p in prange(P):     # thread p: a share of wt's rows, so of gh's columns
-            h0, h1 = p * H // P, (p + 1) * H // P
-            if h1 > h0:
-                _gemm(h1 - h0, N, G, wtf[h0 * G:], G, N_, xf[t * N * G:], G, T_, gtf[h0 * N:], 0.0)
-                for j0 in range(h0, h1, 16):    # 16 of gt's rows at a time: its reads stay in L1
-                    j1 = min(j0 + 16, h1)
-                    for n in range(N):
-                        for j in range(j0, j1):
-                            v = gtf[u(j * N + n)]
-                            if has_ghs and t > 0:
-                                v += gsf[u(n * T * H + (t - 1) * H + j)]
-                            ghf[u(n * H + j)] = v
+        for p in prange(P):     # thread p: its units' rows of the gradient reaching h_{t-1}
+            u0, u1 = _share(p, P, H)
+            if u1 > u0:
+                if t > 0:
+                    _gemm(u1 - u0, N, 4 * H, wtf[u0 * 4 * H:], 4 * H, N_, Gf[t * N:], L, N_,
+                          gf[(t - 1) * H * N + u0 * N:], 1.0)
+                else:
+                    _gemm(u1 - u0, N, 4 * H, wtf[u0 * 4 * H:], 4 * H, N_, Gf, L, N_, gout.reshape(-1)[u0 * N:], 0.0)
     return src
 
 
-_fwd, _bwd = kernel(_fwd), kernel(_bwd)
+def _cols(src, dst, b, ld, r0, P):
+    """dst[t b + (r0 + f) ld + n] = src[n, t, f] for src [N, T, F]: rows to feature-major
+    blocks, 16 features at a time (their reads stay in L1)."""
+    N, T, F = src.shape
+    u = np.uint64
+    sf = src.reshape(-1)
+    for t in prange(T):
+        for f0 in range(0, F, 16):
+            f1 = min(f0 + 16, F)
+            for n in range(N):
+                for f in range(f0, f1):
+                    dst[u(t * b + (r0 + f) * ld + n)] = sf[u((n * T + t) * F + f)]
+    return dst
 
 
-def lstm_layer_forward(xp, h0, c0, w_hh, b_hh=None, order="ifog", hx=None):
-    """(hs, h_T, c_T, saved or None); see the module doc."""
-    dt = xp.dtype
+def _rows(src, b, ld, dst, P):
+    """dst[n, t, f] = src[t b + f ld + n] for dst [N, T, F]: the inverse of _cols."""
+    N, T, F = dst.shape
+    u = np.uint64
+    df = dst.reshape(-1)
+    for t in prange(T):
+        for f0 in range(0, F, 16):
+            f1 = min(f0 + 16, F)
+            for n in range(N):
+                for f in range(f0, f1):
+                    df[u((n * T + t) * F + f)] = src[u(t * b + f * ld + n)]
+    return dst
+
+
+def _wgrad(G, hx, gw, P):
+    """gw [4H, K] = G [4H, T N] @ hx[:, :T N]^T, thread p a share of the rows."""
+    M, R = G.shape
+    K, L = hx.shape
+    Gf, xf, wf = G.reshape(-1), hx.reshape(-1), gw.reshape(-1)
+    for p in prange(P):
+        m0, m1 = p * M // P, (p + 1) * M // P
+        if m1 > m0:
+            _gemm(m1 - m0, K, R, Gf[m0 * R:], R, N_, xf, L, T_, wf[m0 * K:], 0.0)
+    return gw
+
+
+def _xgrad(G, w, H, D, gx, P):
+    """gx rows (t, n) [T N, D] = G^T @ w[:, H:H+D], thread p a share of the rows."""
+    M, R = G.shape
+    K = w.shape[1]
+    Gf, wf, of = G.reshape(-1), w.reshape(-1), gx.reshape(-1)
+    for p in prange(P):
+        r0, r1 = p * R // P, (p + 1) * R // P
+        if r1 > r0:
+            _gemm(r1 - r0, D, M, Gf[r0:], R, T_, wf[H:], K, N_, of[r0 * D:], 0.0)
+    return gx
+
+
+_fwd, _bwd, _wgrad, _xgrad, _cols, _rows = (kernel(f) for f in (_fwd, _bwd, _wgrad, _xgrad, _cols, _rows))
+
+
+def _run(k, P, *args):
+    """k's parallel copy for P > 1 threads, else its serial one."""
+    return (k.parallel if P > 1 else k.serial)(*args, P)
+
+
+def _perm(H, P, order):
+    """Gate row of W -> row of the cell's weights: thread p's units' i, f, o, g blocks."""
+    bo, bg = LSTM_BLOCKS[order]
+    rows = []
+    for p in range(P):
+        js = np.arange(p * H // P, (p + 1) * H // P)
+        rows += [js, H + js, bo * H + js, bg * H + js]
+    return np.concatenate(rows)
+
+
+def lstm_layer_forward(x, h0, c0, w_ih, w_hh, b_ih=None, b_hh=None, order="ifog", keep=False):
+    """(hs [N, T, H], h_T, c_T, saved or None); see the module doc."""
+    dt = x.dtype
     _, H = _gates("lstm", w_hh)
-    xp, h0, c0, w_hh, b_hh = _f(xp, dt), _f(h0, dt), _f(c0, dt), _f(w_hh, dt), _bias(b_hh, 4 * H, dt)
-    N, T, _ = xp.shape
-    keep = hx is not None
-    hs = np.empty((N, T, H), dt)
-    cs = np.empty((T + 1 if keep else 2, N, H), dt)
-    acts = np.empty((T if keep else 1, N, 5 * H), dt)
-    fn, P = _threads(_fwd, N * 4 * H * (H + 8), N)
-    if keep:
-        hx[0, :, :H] = h0
-    fn(xp, h0, c0, w_hh, b_hh, hs, cs, acts, hx if keep else np.empty((0, 0, 0), dt), keep,
-       np.empty((P, 4 * H), np.int32), np.empty((4 * H, N), dt), *LSTM_BLOCKS[order], P)
-    c_T = cs[T if keep else T % 2].copy()
-    h_T = np.ascontiguousarray(hs[:, T - 1]) if T else h0.copy()
-    return hs, h_T, c_T, ((acts, cs) if keep else None)
+    x = _f(x, dt)
+    N, T, D = x.shape
+    K = H + D + 1
+    fn, P = _threads(_fwd, N * 4 * H * K, H)
+    perm = _perm(H, P, order)
+    b = np.zeros(4 * H, dt)
+    for v in (b_ih, b_hh):
+        if v is not None:
+            b += v
+    w = np.empty((4 * H, K), dt)
+    w[:, :H], w[:, H:H + D], w[:, H + D] = _f(w_hh, dt)[perm], _f(w_ih, dt)[perm], b[perm]
+    L = (T + 1) * N
+    hx = np.empty((K, L), dt)
+    hx[:H, :N] = _f(h0, dt).T
+    _run(_cols, P, x, hx.reshape(-1), N, L, H)
+    hx[H:H + D, T * N:] = 0
+    hx[H + D] = 1
+    acts = np.empty((T if keep else 1, 5 * H, N), dt)
+    cs = np.empty((T + 1 if keep else 2, H, N), dt)
+    cs[0] = _f(c0, dt).T
+    fn(w, hx, acts, cs, T, keep, np.empty((P, 2 * CHUNK * N), np.int32), P)
+    hs = _run(_rows, P, hx.reshape(-1)[N:], N, L, np.empty((N, T, H), dt))
+    c_T = np.ascontiguousarray(cs[T if keep else T % 2].T)
+    h_T = np.ascontiguousarray(hx[:H, T * N:].T)
+    return hs, h_T, c_T, ((w, hx, acts, cs, perm, P, D) if keep else None)
 
 
-def lstm_layer_backward(saved, ghs, gh_T, gc_T, w_hh, order="ifog"):
-    """(gxp [T, N, 4H], gh0, gc0); see the module doc."""
-    acts, cs = saved
-    dt = acts.dtype
-    T, N, W = acts.shape
+def lstm_layer_backward(saved, ghs, gh_T=None, gc_T=None, need_gx=True):
+    """(gx or None, gh0, gc0, gw_ih, gw_hh, gb); see the module doc."""
+    w, hx, acts, cs, perm, P, D = saved
+    dt = w.dtype
+    T, W, N = acts.shape
     H = W // 5
-    gh = np.zeros((N, H), dt) if gh_T is None else np.array(gh_T, dt)
-    has = ghs is not None
-    if has and T:
-        ghs = _f(ghs, dt)
-        gh += ghs[:, T - 1]
-    gca = np.zeros((N, H), dt) if gc_T is None else np.array(gc_T, dt)
-    gxp = np.empty((T, N, 4 * H), dt)
-    fn, P = _threads(_bwd, N * 4 * H * (H + 8), H)
-    gc = fn(acts, cs, ghs if has else np.empty((0, 0, 0), dt), has, transposed(_f(w_hh, dt)), gxp, gh, gca,
-            np.empty((N, H), dt), np.empty((H, N), dt), *LSTM_BLOCKS[order], P)
-    return gxp, gh, gc.reshape(N, H)
+    ghT = np.zeros((T, H, N), dt) if ghs is None else _run(_cols, P, _f(ghs, dt), np.empty(T * H * N, dt), H * N, N, 0)
+    ghT = ghT.reshape(T, H, N)
+    if gh_T is not None and T:
+        ghT[T - 1] += _f(gh_T, dt).T
+    gc = np.zeros((H, N), dt) if gc_T is None else np.ascontiguousarray(_f(gc_T, dt).T)
+    G = np.empty((4 * H, T * N), dt)
+    gout = np.zeros((H, N), dt)
+    wt = np.ascontiguousarray(w[:, :H].T)
+    gc = _run(_bwd, P, w, wt, acts, cs, ghT, gc, np.empty((H, N), dt), gout, G, T)
+    gw = _run(_wgrad, P, G, hx, np.empty(w.shape, dt))
+    inv = np.empty_like(perm)
+    inv[perm] = np.arange(perm.size)
+    gw = gw[inv]
+    gx = None
+    if need_gx:
+        gx = _run(_xgrad, P, G, w, H, D, np.empty((T * N, D), dt))
+        gx = np.ascontiguousarray(gx.reshape(T, N, D).transpose(1, 0, 2))
+    return (gx, np.ascontiguousarray(gout.T), np.ascontiguousarray(gc.reshape(H, N).T),
+            np.ascontiguousarray(gw[:, H:H + D]), np.ascontiguousarray(gw[:, :H]), np.ascontiguousarray(gw[:, H + D]))

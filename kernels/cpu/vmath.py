@@ -16,7 +16,15 @@ np.exp (the reference precision the tests run in).
 """
 import numpy as np
 
-from . import njit
+from . import FAST
+from .jit import Jit
+
+
+def njit(fn):
+    """As kernels.njit, with NumPy's error model: under Python's, a division checks for a
+    zero divisor (to raise ZeroDivisionError), and that branch keeps the reciprocal loops
+    of sigmoid and tanh scalar (0.83 against 0.10 ns an element here)."""
+    return Jit(fn, fastmath=FAST, error_model="numpy")
 
 _LOG2E = np.float32(1.44269504088896341)
 _C1, _C2 = np.float32(0.693359375), np.float32(-2.12194440e-4)

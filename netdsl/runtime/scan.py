@@ -233,6 +233,8 @@ class _Layer:
     instead of the step's programs once per time step. The forward keeps what the backward
     reads in [T, ...] buffers; the weight gradients are the cell's one GEMM (_Cell)."""
 
+    ROLES = ("weight_ih", "weight_hh", "bias_ih", "bias_hh")
+
     def __init__(self, cell: "_Cell"):
         self.cell = cell
         self.order = cell.node.attrs.get("order", "ifog")
@@ -256,27 +258,21 @@ class _Layer:
         return getattr(A, "layer", False) and getattr(st, "grad_flow", None) is None and x.dtype == w.dtype
 
     def forward(self, A, st, x, h0, c0, ne):
-        """The scan's outputs (hs if emitted, h_T, c_T); training, st.saved keeps a _LayerSaved."""
-        K, p = A.kernels, self.cell.p
-        xp = self.cell.project(K, st, x)
-        hx = None
-        if st.train:
-            N, T, D = x.shape
-            H = h0.shape[1]
-            hx = A.empty((T, N, H + D), x.dtype)
-            hx[:, :, H:] = x.transpose(1, 0, 2)
-        hs, h, c, saved = K.lstm_layer_forward(xp, h0, c0, st.params[p["weight_hh"]],
-                                               st.params[p["bias_hh"]] if p["bias_hh"] else None, self.order, hx)
-        if st.train:
-            return [hs] * ne + [h, c], (saved, hx)
-        return [hs] * ne + [h, c], None
+        """The scan's outputs (hs if emitted, h_T, c_T) and, training, what the backward reads."""
+        prm = [st.params[q] if q else None for q in (self.cell.p[r] for r in self.ROLES)]
+        hs, h, c, saved = A.kernels.lstm_layer_forward(x, h0, c0, *prm, self.order, st.train)
+        return [hs] * ne + [h, c], saved
 
-    def backward(self, A, st, x, saved, gemit, gh, gc, need_gx):
+    def backward(self, A, st, saved, gemit, gh, gc, need_gx):
         """(gx or None, [gh0, gc0], {param name: gradient})."""
-        gxp, gh0, gc0 = A.kernels.lstm_layer_backward(saved[0], gemit, gh, gc,
-                                                      st.params[self.cell.p["weight_hh"]], self.order)
-        grads, gx = self.cell.backward(A.kernels, st, x, _TimeMajor([gxp, None, saved[1], None]), need_gx)
-        return (np.ascontiguousarray(gx) if gx is not None else None), [gh0, gc0], grads
+        gx, gh0, gc0, gwi, gwh, gb = A.kernels.lstm_layer_backward(saved, gemit, gh, gc, need_gx)
+        p = self.cell.p
+        grads = {p["weight_ih"]: gwi, p["weight_hh"]: gwh}
+        if p["bias_ih"]:
+            grads[p["bias_ih"]] = gb
+        if p["bias_hh"]:
+            grads[p["bias_hh"]] = gb.copy() if p["bias_ih"] else gb
+        return gx, [gh0, gc0], grads
 
 
 class _LayerSaved(tuple):
@@ -390,7 +386,7 @@ def bind(table: dict, target: str, A) -> None:
         gcarry = [gy.get(ne + j) for j in range(nc)]
         saved = st.saved.pop(id(n))
         if isinstance(saved, _LayerSaved):
-            gx, gcarry, gpar = r.layer.backward(A, st, fwd_in[0], saved, gy.get(0) if ne else None, *gcarry, 0 in want)
+            gx, gcarry, gpar = r.layer.backward(A, st, saved, gy.get(0) if ne else None, *gcarry, 0 in want)
             return _grads_out(A, st, n, like, k, ns, nc, {0: gx}, gcarry, {}, gpar)
         gseq = {i: A.zeros(_shape_of(st, n.inputs[i]), array_dtype(n.inputs[i].dtype, st.dtype))
                 for i in range(ns) if i in want}
