@@ -1,7 +1,8 @@
-"""Fully connected layer y = x @ w.T + b, threads split the batch rows (or the columns)."""
+"""Fully connected layer y = x @ w.T + b, threads split the batch rows (or the columns);
+and the backward of an embedding (a linear layer on one-hot rows)."""
 import numpy as np
 
-from . import as_float, kernel, prange
+from . import as_float, kernel, njit, prange
 from .gemm import N_, T_, gemm as _gemm
 
 
@@ -56,8 +57,21 @@ def _bwd(x, w, gy, gx, gw, T, need_gx):
     return gx
 
 
+def _emb_bwd(gy, ids, gw):
+    """gw[ids[r]] += gy[r] in row order (np.add.at's), serially: rows of one id collide."""
+    R, D = gy.shape
+    u = np.uint64
+    gf, wf = gy.reshape(-1), gw.reshape(-1)
+    for r in range(R):
+        b = ids[r] * D
+        for d in range(D):
+            wf[u(b + d)] += gf[u(r * D + d)]
+    return gw
+
+
 _fwd = kernel(_fwd)
 _bwd = kernel(_bwd)
+_emb_bwd = njit(_emb_bwd)
 
 
 def linear(x, w, b=None):
@@ -81,3 +95,14 @@ def linear_backward(x, w, gy, need_gx=True, gw_out=None):
     gw = np.empty(w.shape, x.dtype) if gw_out is None else gw_out
     fn(x, w, gy, gx, gw, T, need_gx)
     return (gx if need_gx else None), gw, gy.sum(axis=0)
+
+
+def embedding_backward(gy, ids, wshape):
+    """The gradient of w[ids] for w of shape wshape, given gy [..., D] (np.add.at's sums,
+    in its order, about 20x faster)."""
+    V, D = wshape
+    ids = np.asarray(ids, np.int64).reshape(-1)
+    if ids.size and (ids.min() < -V or ids.max() >= V):
+        raise IndexError(f"embedding: an index outside [{-V}, {V})")
+    gy = np.ascontiguousarray(gy).reshape(-1, D)
+    return _emb_bwd(gy, np.where(ids < 0, ids + V, ids), np.zeros(wshape, gy.dtype))

@@ -12,6 +12,7 @@ from __future__ import annotations
 import numpy as np
 
 from netdsl.kernels import cpu as K
+from netdsl.kernels.cpu.dense import embedding_backward
 from netdsl.kernels.cpu.loss import scalar
 
 from . import scan
@@ -67,12 +68,6 @@ def softmax_backward(gy, y, axis, log=False):
 
 def embedding(w, ids):
     return w[ids]
-
-
-def embedding_backward(gy, ids, wshape):
-    gw = np.zeros(wshape, gy.dtype)
-    np.add.at(gw, ids.reshape(-1), gy.reshape(-1, wshape[1]))
-    return gw
 
 
 def one_hot(ids, classes):

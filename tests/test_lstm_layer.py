@@ -1,0 +1,96 @@
+"""The LSTM layer kernel (kernels/cpu/recurrent_layer.py): a scan whose step is one fused
+lstm_cell runs as one kernel call each way. Against torch.nn.LSTM (outputs, final states
+and every gradient, float64) with the hidden units in 1, 2 and 3 threads' shares (7
+units: shares of unequal size), and in a network against the per-step scan it
+replaces: the same loss, outputs, final states and gradients, with state carried in
+(truncated BPTT) and with --grad-flow (which takes the per-step path)."""
+import numpy as np
+import pytest
+import torch
+
+from helpers import compile_text
+from netdsl.kernels.cpu import recurrent_layer as L
+from netdsl.runtime import scan as rscan
+from netdsl.runtime.model import Model
+from test_scan import FUSED, data
+
+TORCH_ROWS = {"ifog": [0, 1, 3, 2], "ifgo": [0, 1, 2, 3]}     # torch's i, f, g, o from our blocks
+
+
+@pytest.mark.parametrize("order", ["ifog", "ifgo"])
+@pytest.mark.parametrize("shares", [1, 2, 3])
+def test_layer_matches_torch_lstm(monkeypatch, order, shares):
+    """shares: how many threads' shares the units are split into (3 on this 2-core machine
+    too: prange runs the shares on the threads it has)."""
+    monkeypatch.setattr(L, "_threads", lambda k, size, rows: (k.parallel if shares > 1 else k.serial, shares))
+    N, T, D, H = 3, 6, 4, 7
+    r = np.random.default_rng(5)
+    x, h0, c0 = r.standard_normal((N, T, D)), r.standard_normal((N, H)), r.standard_normal((N, H))
+    w_ih, w_hh = r.standard_normal((4 * H, D)) * 0.5, r.standard_normal((4 * H, H)) * 0.5
+    b_ih, b_hh = r.standard_normal(4 * H), r.standard_normal(4 * H)
+    ghs, gh_T, gc_T = r.standard_normal((N, T, H)), r.standard_normal((N, H)), r.standard_normal((N, H))
+
+    hs, h_T, c_T, saved = L.lstm_layer_forward(x, h0, c0, w_ih, w_hh, b_ih, b_hh, order, keep=True)
+    gx, gh0, gc0, gw_ih, gw_hh, gb = L.lstm_layer_backward(saved, ghs, gh_T, gc_T, need_gx=True)
+
+    rows = lambda a: np.concatenate([np.split(a, 4)[k] for k in TORCH_ROWS[order]])
+    ref = torch.nn.LSTM(D, H, batch_first=True).double()
+    with torch.no_grad():
+        for name, v in (("weight_ih_l0", w_ih), ("weight_hh_l0", w_hh), ("bias_ih_l0", b_ih), ("bias_hh_l0", b_hh)):
+            getattr(ref, name).copy_(torch.tensor(rows(v)))
+    tx, th, tc = (torch.tensor(a, requires_grad=True) for a in (x, h0[None], c0[None]))
+    ths, (thT, tcT) = ref(tx, (th, tc))
+    (ths * torch.tensor(ghs)).sum().add((thT[0] * torch.tensor(gh_T)).sum()).add(
+        (tcT[0] * torch.tensor(gc_T)).sum()).backward()
+    close = lambda a, b: np.testing.assert_allclose(a, b.detach().numpy(), rtol=1e-10, atol=1e-12)
+    close(hs, ths), close(h_T, thT[0]), close(c_T, tcT[0])
+    close(gx, tx.grad), close(gh0, th.grad[0]), close(gc0, tc.grad[0])
+    close(rows(gw_ih), ref.weight_ih_l0.grad), close(rows(gw_hh), ref.weight_hh_l0.grad)
+    close(rows(gb), ref.bias_ih_l0.grad), close(rows(gb), ref.bias_hh_l0.grad)
+    # inference keeps nothing and gives the same outputs
+    hs2, h2, c2, none = L.lstm_layer_forward(x, h0, c0, w_ih, w_hh, b_ih, b_hh, order, keep=False)
+    assert none is None
+    np.testing.assert_array_equal(hs2, hs), np.testing.assert_array_equal(c2, c_T)
+
+
+def test_float32_layer_agrees_with_float64():
+    N, T, D, H = 4, 9, 5, 16
+    r = np.random.default_rng(6)
+    args = [r.standard_normal(s) * 0.5 for s in ((N, T, D), (N, H), (N, H), (4 * H, D), (4 * H, H), (4 * H,), (4 * H,))]
+    ghs = r.standard_normal((N, T, H))
+    got = [L.lstm_layer_forward(*[a.astype(dt) for a in args], "ifog", keep=True) for dt in (np.float32, np.float64)]
+    np.testing.assert_allclose(got[0][0], got[1][0], rtol=1e-4, atol=1e-5)
+    assert got[0][0].dtype == np.float32
+    back = [L.lstm_layer_backward(g[3], ghs.astype(g[0].dtype)) for g in got]
+    for a, b in zip(back[0], back[1]):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
+
+
+def _run(tmp_path, monkeypatch, layer: bool, **kw):
+    monkeypatch.setattr(rscan.CpuArrays, "layer", layer)
+    calls = []
+    real = L.lstm_layer_forward
+    monkeypatch.setattr("netdsl.kernels.cpu.lstm_layer_forward", lambda *a, **k: calls.append(1) or real(*a, **k))
+    g = compile_text(tmp_path, FUSED.replace("{cell}", "lstm"), name=f"n{int(layer)}.net")
+    m = Model(g, dtype=np.float64, seed=3)
+    x, y = data(N=3, T=5)
+    out = m.train_step({"x": x, "y": y}, **kw)
+    return out, m, calls
+
+
+@pytest.mark.parametrize("how", ["plain", "carry", "grad_flow"])
+def test_layer_path_equals_the_per_step_scan(tmp_path, monkeypatch, how):
+    r = np.random.default_rng(7)
+    kw = {"carry": {f"layer{l}.rnn.{s}": r.standard_normal((3, 5)) for l in (1, 2) for s in "hc"}} \
+        if how == "carry" else {"grad_flow": True} if how == "grad_flow" else {}
+    (la, _, oa, ga), ma, calls = _run(tmp_path, monkeypatch, True, **kw)
+    assert len(calls) == (0 if how == "grad_flow" else 2)     # grad_flow records per step: the step path
+    (lb, _, ob, gb), mb, none = _run(tmp_path, monkeypatch, False, **kw)
+    assert not none
+    assert abs(la - lb) < 1e-12
+    np.testing.assert_allclose(oa["logits"], ob["logits"], rtol=1e-11, atol=1e-13)
+    for k in ma.carries:
+        np.testing.assert_allclose(ma.carries[k], mb.carries[k], rtol=1e-11, atol=1e-13, err_msg=k)
+    assert set(ga) == set(gb)
+    for k in ga:
+        np.testing.assert_allclose(ga[k], gb[k], rtol=1e-10, atol=1e-13, err_msg=k)
