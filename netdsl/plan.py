@@ -160,6 +160,24 @@ def replays(p: Plan) -> list[Node]:
     return [n for s in p.steps for n in s.nodes if n.path.endswith(REPLAY)]
 
 
+def lstm_layer(n: Node) -> Node | None:
+    """The lstm_cell of a scan whose whole step is that cell reading the scanned sequence,
+    carrying its h and c and emitting h at most (a recurrent layer: lib/rnn.net's `lstm`
+    with fused = true), or None. On the CPU such a scan runs as one LSTM layer kernel each
+    way (runtime/scan.py, kernels/cpu/recurrent_layer.py) instead of its step program."""
+    body = n.body
+    if len(body.nodes) != 1 or len(n.inputs) != 3 or len(n.attrs["seq"]) != 1 or len(body.carries) != 2:
+        return None
+    m = body.nodes[0]
+    if m.op != "lstm_cell" or m.inputs[0] is not body.inputs[n.attrs["seq"][0]]:
+        return None
+    (ch, cc), (oh, oc) = body.carries, m.outputs
+    if m.inputs[1] is not ch.step_in or m.inputs[2] is not cc.step_in or ch.step_out is not oh \
+            or cc.step_out is not oc or len(body.outputs) > 1 or any(v is not oh for v in body.outputs.values()):
+        return None
+    return m
+
+
 def loops(p: Plan) -> list[dict]:
     """Each scan of the plan as the loop it runs: T steps of its step's own plan, and the
     values its backward reads, saved at every step (bytes per step and over T)."""
@@ -176,8 +194,14 @@ def loops(p: Plan) -> list[dict]:
         saved = sum(nbytes(v, p.dims) for v in residuals)
         inner = plan(body, list(n.body.outputs.values()) + [c.step_out for c in n.body.carries] + residuals,
                      p.dims)
-        out.append({"path": n.path, "steps": T, "nodes": len(body), "kernels": len(inner.steps),
-                    "saved_per_step": saved, "saved": saved * T})
+        entry = {"path": n.path, "steps": T, "nodes": len(body), "kernels": len(inner.steps),
+                 "saved_per_step": saved, "saved": saved * T}
+        cell = lstm_layer(n)
+        if cell is not None:    # on the CPU: the layer kernel's [h; x; 1] columns, gates and c, every step
+            h, x = nbytes(cell.outputs[0], p.dims), nbytes(n.body.inputs[n.attrs["seq"][0]], p.dims)
+            one = h // int(subs(cell.outputs[0].shape[-1], p.dims))
+            entry["cpu_layer_saved_per_step"] = (h + x + one + 6 * h) if train else 0
+        out.append(entry)
     return out
 
 
@@ -196,7 +220,11 @@ def explain(p: Plan) -> str:
     for l in loops(p):
         lines.append(f"loop         {l['path']}: {l['steps']} steps of a {l['nodes']}-node step ({l['kernels']} kernels)"
                      + (f"; saves {l['saved_per_step'] / 2**10:.1f} KiB per step for the backward "
-                        f"({l['saved'] / 2**20:.1f} MiB over the sequence)" if l["saved"] else ""))
+                        f"({l['saved'] / 2**20:.1f} MiB over the sequence)" if l["saved"] else "")
+                     + ("; on the CPU one LSTM layer kernel each way"
+                        + (f", keeping {l['cpu_layer_saved_per_step'] / 2**10:.1f} KiB per step "
+                           f"({l['cpu_layer_saved_per_step'] * l['steps'] / 2**20:.1f} MiB)"
+                           if l["cpu_layer_saved_per_step"] else "") if "cpu_layer_saved_per_step" in l else ""))
         held += l["saved"]
     lines.append(f"peak memory  {p.peak_naive / 2**20:.1f} MiB with every intermediate kept; "
                  f"{p.peak_planned / 2**20:.1f} MiB planned"

@@ -28,6 +28,7 @@ import numpy as np
 from ..autodiff import step_grad, step_inputs, trainable
 from ..ir.dims import subs
 from ..ops.registry import is_float
+from ..plan import lstm_layer
 from .bindings import array_dtype
 
 
@@ -241,17 +242,10 @@ class _Layer:
 
     @staticmethod
     def match(node, hoists) -> "_Layer | None":
-        body = node.body
-        if len(body.nodes) != 1 or len(hoists) != 1 or len(node.inputs) != 3 or len(node.attrs["seq"]) != 1:
+        m = lstm_layer(node)
+        if m is None or len(hoists) != 1 or hoists[0].node is not m or hoists[0].seq != 0:
             return None
-        m, h = body.nodes[0], hoists[0]
-        if m.op != "lstm_cell" or h.node is not m or h.seq != 0 or len(body.carries) != 2:
-            return None
-        (ch, cc), (oh, oc) = body.carries, m.outputs
-        if m.inputs[1] is not ch.step_in or m.inputs[2] is not cc.step_in or ch.step_out is not oh \
-                or cc.step_out is not oc or len(body.outputs) > 1 or any(v is not oh for v in body.outputs.values()):
-            return None
-        return _Layer(h)
+        return _Layer(hoists[0])
 
     def usable(self, A, st, x) -> bool:
         w = st.params[self.cell.p["weight_hh"]]
