@@ -94,3 +94,22 @@ def test_layer_path_equals_the_per_step_scan(tmp_path, monkeypatch, how):
     assert set(ga) == set(gb)
     for k in ga:
         np.testing.assert_allclose(ga[k], gb[k], rtol=1e-10, atol=1e-13, err_msg=k)
+
+
+def test_explain_says_which_scans_run_as_the_layer_kernel(capsys):
+    """`compile --explain` names the loop that runs as the layer kernel and what it keeps:
+    per step the [h; x; 1] column block, the five gate rows and c, N x (H + D + 1 + 6H)
+    values (here N 4, H 256, D 64: 29.0 KiB); the notes' written-out cell runs its step."""
+    from helpers import SPECS
+    from netdsl.cli import main
+    spec = str(SPECS / "rnn" / "charlm_lstm.net")
+    args = ["compile", spec, "--explain", "--set", "T=10", "--batch", "4", "--set", "layers=1"]
+    assert main(args + ["--set", "fused=true"]) == 0
+    out = capsys.readouterr().out
+    assert "on the CPU one LSTM layer kernel each way, keeping 29.0 KiB per step (0.3 MiB)" in out
+    assert main(args + ["--set", "fused=true", "--json"]) == 0
+    import json
+    loop, = json.loads(capsys.readouterr().out)["plan"]["loops"]
+    assert loop["cpu_layer_saved_per_step"] == 4 * (256 + 64 + 1 + 6 * 256) * 4
+    assert main(args) == 0
+    assert "LSTM layer kernel" not in capsys.readouterr().out

@@ -12,9 +12,10 @@ needs no input projection, no adds and no transposes per step:
                                biases in it), activated in place, then tanh(c_t)
 
 so a thread's step is one GEMM into its own rows and the gates of its own units: one
-parallel region a step. The backward leaves the gates' gradient of every step as
-G [4H, T N], and all of W's gradient (biases included, through the row of ones) is one
-GEMM G @ hx^T after the loop.
+parallel region a step. The backward is one region a step too (its units' rows of the
+gradient reaching h_t, then their gates' gradient), leaves the gates' gradient of every
+step as G [4H, T N], and all of W's gradient (biases included, through the row of ones)
+is one GEMM G @ hx^T after the loop.
 
   lstm_layer_forward(x[N, T, D], h0, c0, w_ih, w_hh, b_ih, b_hh, order, keep)
       -> (hs [N, T, H], h_T, c_T, saved or None)
@@ -79,12 +80,13 @@ def _fwd(w, hx, acts, cs, T, keep, ki, P):
     return hx
 
 
-def _bwd(w, wt, acts, cs, ghT, gca, gcb, gout, G, T, P):
-    """From t = T-1 down to 0: region A, thread p's units: the gates' gradient of step t
-    into G's column block t (its rows), c's gradient into the other of gca / gcb; region
-    B: ghT[t-1] += w_hh^T @ G block t (into gout at t = 0). ghT [T, H, N] holds the
-    emits' gradients (and the final h's at T-1); wt = w[:, :H]^T [H, 4H]. Returns the
-    buffer that holds c_0's gradient."""
+def _bwd(wt, acts, cs, ghT, gca, gcb, gout, G, T, P):
+    """For t = T-1 down to -1, one parallel region, thread p its units: first their rows
+    of the gradient reaching h_t from step t + 1, ghT[t] += w_hh^T @ G block t + 1 (into
+    gout at t = -1; this needs all of block t + 1, written in the region before), then
+    the gates' gradient of step t into their rows of G's block t, and c's into the other
+    of gca / gcb. ghT [T, H, N] holds the emits' gradients (and the final h's at T-1);
+    wt = w[:, :H]^T [H, 4H]. Returns the buffer that holds c_0's gradient."""
     H = cs.shape[1]
     N = cs.shape[2]
     L = G.shape[1]
@@ -92,12 +94,17 @@ def _bwd(w, wt, acts, cs, ghT, gca, gcb, gout, G, T, P):
     one = acts.dtype.type(1)
     af, cf, gf, wtf, Gf = acts.reshape(-1), cs.reshape(-1), ghT.reshape(-1), wt.reshape(-1), G.reshape(-1)
     src, dst = gca.reshape(-1), gcb.reshape(-1)
-    for t in range(T - 1, -1, -1):
+    for t in range(T - 1, -2, -1):
         a0, h0 = t * 5 * H * N, t * H * N
         for p in prange(P):
             u0, u1 = _share(p, P, H)
             U = u1 - u0
-            for j in range(u0, u1):
+            if U > 0 and t + 1 < T:
+                if t >= 0:
+                    _gemm(U, N, 4 * H, wtf[u0 * 4 * H:], 4 * H, N_, Gf[(t + 1) * N:], L, N_, gf[h0 + u0 * N:], 1.0)
+                else:
+                    _gemm(U, N, 4 * H, wtf[u0 * 4 * H:], 4 * H, N_, Gf, L, N_, gout.reshape(-1)[u0 * N:], 0.0)
+            for j in range(u0, u1 if t >= 0 else u0):
                 r = j - u0
                 ai = a0 + (4 * u0 + r) * N
                 af_, ao, ag, ac = ai + U * N, ai + 2 * U * N, ai + 3 * U * N, a0 + (4 * H + j) * N
@@ -114,15 +121,8 @@ def _bwd(w, wt, acts, cs, ghT, gca, gcb, gout, G, T, P):
                     Gf[u(go + n)] = gh * tc * o * (one - o)
                     Gf[u(gg + n)] = dc * i * (one - g * g)
                     dst[u(s + n)] = dc * f
-        src, dst = dst, src
-        for p in prange(P):     # thread p: its units' rows of the gradient reaching h_{t-1}
-            u0, u1 = _share(p, P, H)
-            if u1 > u0:
-                if t > 0:
-                    _gemm(u1 - u0, N, 4 * H, wtf[u0 * 4 * H:], 4 * H, N_, Gf[t * N:], L, N_,
-                          gf[(t - 1) * H * N + u0 * N:], 1.0)
-                else:
-                    _gemm(u1 - u0, N, 4 * H, wtf[u0 * 4 * H:], 4 * H, N_, Gf, L, N_, gout.reshape(-1)[u0 * N:], 0.0)
+        if t >= 0:
+            src, dst = dst, src
     return src
 
 
@@ -242,7 +242,7 @@ def lstm_layer_backward(saved, ghs, gh_T=None, gc_T=None, need_gx=True):
     G = np.empty((4 * H, T * N), dt)
     gout = np.zeros((H, N), dt)
     wt = np.ascontiguousarray(w[:, :H].T)
-    gc = _run(_bwd, P, w, wt, acts, cs, ghT, gc, np.empty((H, N), dt), gout, G, T)
+    gc = _run(_bwd, P, wt, acts, cs, ghT, gc, np.empty((H, N), dt), gout, G, T)
     gw = _run(_wgrad, P, G, hx, np.empty(w.shape, dt))
     inv = np.empty_like(perm)
     inv[perm] = np.arange(perm.size)
