@@ -15,9 +15,9 @@ Sizes: BENCH_H (512), BENCH_N (64), BENCH_T (100), BENCH_V (100).
 busy machine still gives figures): h @ W_hh^T [N, H] x [H, 4H] (forward) and
 g @ W_hh [N, 4H] x [4H, H] (backward), netdsl's (scipy's OpenBLAS through Numba) against
 torch's, and netdsl's whole step (GEMM and gates).
-`bench_rnn.py profile [CELL ...]` splits one training step by phase (input projection,
-the T steps forward and backward, the weight-gradient GEMMs, scan's copies, Python,
-head and loss, Adam), one thread, in CPU time, netdsl's fused cell beside torch's
+`bench_rnn.py profile [CELL ...]` splits one training step by phase (the LSTM layer
+kernel each way, or the input projection, the T steps forward and backward, the
+weight-gradient GEMMs and scan's copies of the per-step path; Python, head and loss, Adam), one thread, in CPU time, netdsl's fused cell beside torch's
 (BENCH_PROFILE_THREADS=2: two threads, in wall time).
 BENCH_DEVICE=cuda runs both on the GPU (torch's nn.LSTM is cuDNN's there; netdsl's
 parameters, gradients and Adam state stay on the device); scripts/gpu-check does.
@@ -163,9 +163,11 @@ def gemms():
         print(f"{name:44s} {dt * 1e3:7.3f} ms  {flop / dt / 1e9:6.1f} GFLOP/s of the GEMM", flush=True)
 
 
-PHASES = [("input projection (before the loop)", ("K.project",)),      # labels, or prefixes ending in . or :
-          ("T steps forward (GEMM + gates)", ("K.cell_step", "K.lstm_layer_forward")),
-          ("T steps backward (gates + GEMM)", ("K.cell_step_grads", "K.lstm_layer_backward")),
+PHASES = [("LSTM layer kernel forward (projection in its GEMMs)", ("K.lstm_layer_forward",)),  # labels, or
+          ("LSTM layer kernel backward (weight gradients in it)", ("K.lstm_layer_backward",)),  # prefixes ending . :
+          ("input projection (before the loop)", ("K.project",)),
+          ("T steps forward (GEMM + gates)", ("K.cell_step",)),
+          ("T steps backward (gates + GEMM)", ("K.cell_step_grads",)),
           ("weight-gradient and gx GEMMs (after the loop)", ("K.weight_grad", "K.matmul_rows", "K.project_backward")),
           ("scan copies and buffers", ("scan.",)),
           ("scan, step programs, bindings (Python)", tuple(f"op:{o}{g}" for o in ("scan", "lstm_cell", "gru_cell",
@@ -263,7 +265,8 @@ def profile(cell: str):
     left = dict(own)
     for name, keys in PHASES:
         ms = sum(left.pop(k) for k in [k for k in left if _in(k, keys)]) * 1e3
-        print(f"  {name:50s} {ms:7.1f} ms")
+        if ms:
+            print(f"  {name:50s} {ms:7.1f} ms")
     print(f"  {'rest (train_step, executor)':50s} {(total - sum(own.values()) + sum(left.values())) * 1e3:7.1f} ms")
     torch_phases(cell)
 
