@@ -15,8 +15,8 @@ Sizes: BENCH_H (512), BENCH_N (64), BENCH_T (100), BENCH_V (100).
 busy machine still gives figures): h @ W_hh^T [N, H] x [H, 4H] (forward) and
 g @ W_hh [N, 4H] x [4H, H] (backward), netdsl's (scipy's OpenBLAS through Numba) against
 torch's, and netdsl's whole step (GEMM and gates).
-`bench_rnn.py profile [CELL ...]` splits one training step by phase (the LSTM layer
-kernel each way, or the input projection, the T steps forward and backward, the
+`bench_rnn.py profile [CELL ...]` splits one training step by phase (the layer kernel
+each way (lstm, rnn), or the input projection, the T steps forward and backward, the
 weight-gradient GEMMs and scan's copies of the per-step path; Python, head and loss, Adam), one thread, in CPU time, netdsl's fused cell beside torch's
 (BENCH_PROFILE_THREADS=2: two threads, in wall time).
 BENCH_DEVICE=cuda runs both on the GPU (torch's nn.LSTM is cuDNN's there; netdsl's
@@ -163,8 +163,8 @@ def gemms():
         print(f"{name:44s} {dt * 1e3:7.3f} ms  {flop / dt / 1e9:6.1f} GFLOP/s of the GEMM", flush=True)
 
 
-PHASES = [("LSTM layer kernel forward (projection in its GEMMs)", ("K.lstm_layer_forward",)),  # labels, or
-          ("LSTM layer kernel backward (weight gradients in it)", ("K.lstm_layer_backward",)),  # prefixes ending . :
+PHASES = [("layer kernel forward (projection in its GEMMs)", ("K.layer_forward",)),  # labels, or prefixes
+          ("layer kernel backward (weight gradients in it)", ("K.layer_backward",)),  # ending in . or :
           ("input projection (before the loop)", ("K.project",)),
           ("T steps forward (GEMM + gates)", ("K.cell_step",)),
           ("T steps backward (gates + GEMM)", ("K.cell_step_grads",)),
@@ -237,7 +237,7 @@ def profile(cell: str):
     for op, b in list(table.KERNELS.items()):
         table.KERNELS[op] = Op(b, "op:" + op)
     for name in ("cell_step", "cell_step_grads", "project", "project_backward", "weight_grad", "matmul_rows",
-                 "lstm_layer_forward", "lstm_layer_backward"):
+                 "layer_forward", "layer_backward"):
         if hasattr(K, name):        # (so that an older tree profiles too)
             setattr(K, name, timed(getattr(K, name), "K." + name))
     for name in ("matmul_rows", "weight_grad", "_recurrent_grad"):

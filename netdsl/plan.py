@@ -160,20 +160,25 @@ def replays(p: Plan) -> list[Node]:
     return [n for s in p.steps for n in s.nodes if n.path.endswith(REPLAY)]
 
 
-def lstm_layer(n: Node) -> Node | None:
-    """The lstm_cell of a scan whose whole step is that cell reading the scanned sequence,
-    carrying its h and c and emitting h at most (a recurrent layer: lib/rnn.net's `lstm`
-    with fused = true), or None. On the CPU such a scan runs as one LSTM layer kernel each
-    way (runtime/scan.py, kernels/cpu/recurrent_layer.py) instead of its step program."""
+LAYER_CELLS = {"lstm_cell": 2, "rnn_cell": 1}     # the cells a layer kernel runs, and their carries
+
+
+def layer_cell(n: Node) -> Node | None:
+    """The cell of a scan whose whole step is one lstm_cell or rnn_cell reading the scanned
+    sequence, carrying its state and emitting h at most (a recurrent layer: lib/rnn.net's
+    `lstm` or `rnn` with fused = true), or None. On the CPU such a scan runs as one layer
+    kernel each way (runtime/scan.py, kernels/cpu/recurrent_layer.py), not its step program."""
     body = n.body
-    if len(body.nodes) != 1 or len(n.inputs) != 3 or len(n.attrs["seq"]) != 1 or len(body.carries) != 2:
+    if len(body.nodes) != 1 or len(n.attrs["seq"]) != 1:
         return None
     m = body.nodes[0]
-    if m.op != "lstm_cell" or m.inputs[0] is not body.inputs[n.attrs["seq"][0]]:
+    nc = LAYER_CELLS.get(m.op)
+    if nc is None or len(body.carries) != nc or len(n.inputs) != 1 + nc \
+            or m.inputs[0] is not body.inputs[n.attrs["seq"][0]]:
         return None
-    (ch, cc), (oh, oc) = body.carries, m.outputs
-    if m.inputs[1] is not ch.step_in or m.inputs[2] is not cc.step_in or ch.step_out is not oh \
-            or cc.step_out is not oc or len(body.outputs) > 1 or any(v is not oh for v in body.outputs.values()):
+    if any(m.inputs[1 + i] is not c.step_in or c.step_out is not m.outputs[i] for i, c in enumerate(body.carries)):
+        return None
+    if len(body.outputs) > 1 or any(v is not m.outputs[0] for v in body.outputs.values()):
         return None
     return m
 
@@ -196,11 +201,12 @@ def loops(p: Plan) -> list[dict]:
                      p.dims)
         entry = {"path": n.path, "steps": T, "nodes": len(body), "kernels": len(inner.steps),
                  "saved_per_step": saved, "saved": saved * T}
-        cell = lstm_layer(n)
-        if cell is not None:    # on the CPU: the layer kernel's [h; x; 1] columns, gates and c, every step
+        cell = layer_cell(n)
+        if cell is not None:    # on the CPU: the layer kernel's [h; x; 1] columns (and an lstm's gates and c)
             h, x = nbytes(cell.outputs[0], p.dims), nbytes(n.body.inputs[n.attrs["seq"][0]], p.dims)
             one = h // int(subs(cell.outputs[0].shape[-1], p.dims))
-            entry["cpu_layer_saved_per_step"] = (h + x + one + 6 * h) if train else 0
+            entry["cpu_layer_saved_per_step"] = (h + x + one + (6 * h if cell.op == "lstm_cell" else 0)) if train \
+                else 0
         out.append(entry)
     return out
 
@@ -221,7 +227,7 @@ def explain(p: Plan) -> str:
         lines.append(f"loop         {l['path']}: {l['steps']} steps of a {l['nodes']}-node step ({l['kernels']} kernels)"
                      + (f"; saves {l['saved_per_step'] / 2**10:.1f} KiB per step for the backward "
                         f"({l['saved'] / 2**20:.1f} MiB over the sequence)" if l["saved"] else "")
-                     + ("; on the CPU one LSTM layer kernel each way"
+                     + ("; on the CPU one layer kernel each way"
                         + (f", keeping {l['cpu_layer_saved_per_step'] / 2**10:.1f} KiB per step "
                            f"({l['cpu_layer_saved_per_step'] * l['steps'] / 2**20:.1f} MiB)"
                            if l["cpu_layer_saved_per_step"] else "") if "cpu_layer_saved_per_step" in l else ""))

@@ -162,7 +162,7 @@ from .recurrent import (  # noqa: E402
     attention_scores, attention_scores_backward, weighted_sum, weighted_sum_backward,
     gather_location, gather_location_backward, sample_categorical, argmax,
 )
-from .recurrent_layer import lstm_layer_forward, lstm_layer_backward  # noqa: E402
+from .recurrent_layer import layer_forward, layer_backward  # noqa: E402
 from .loss import (  # noqa: E402
     softmax_cross_entropy, softmax_cross_entropy_backward,
     mse_loss, mse_loss_backward, smooth_l1_loss, smooth_l1_loss_backward,

@@ -1,26 +1,29 @@
-"""An LSTM layer over T steps in one kernel call each way (Numba, CPU): the lowering of a
-scan whose step is one fused lstm_cell reading the scanned sequence (runtime/scan.py).
+"""A recurrent layer over T steps in one kernel call each way (Numba, CPU): the lowering
+of a scan whose step is one fused lstm_cell or rnn_cell reading the scanned sequence
+(runtime/scan.py, plan.layer_cell).
 
 It computes what T of recurrent.py's cell steps compute, in a feature-major layout that
 needs no input projection, no adds and no transposes per step:
 
   hx  [H + D + 1, (T + 1) N]   column block t is [h_{t-1}; x_t; 1] for the N rows: the
                                forward writes h_t straight into block t + 1
-  W   [4H, H + D + 1]          [w_hh | w_ih | b_ih + b_hh], its gate rows permuted so that
-                               thread p's units' i, f, o, g rows are one block
-  acts [T, 5H, N]              W @ hx block t (one GEMM a step, the projection and both
-                               biases in it), activated in place, then tanh(c_t)
+  W   [G H, H + D + 1]         [w_hh | w_ih | b_ih + b_hh], an lstm's gate rows permuted so
+                               that thread p's units' i, f, o, g rows are one block
+  acts [T, 5H, N]              (lstm) W @ hx block t (one GEMM a step, the projection and
+                               both biases in it), activated in place, then tanh(c_t); an
+                               rnn's tanh goes straight into hx
 
 so a thread's step is one GEMM into its own rows and the gates of its own units: one
 parallel region a step. The backward is one region a step too (its units' rows of the
 gradient reaching h_t, then their gates' gradient), leaves the gates' gradient of every
-step as G [4H, T N], and all of W's gradient (biases included, through the row of ones)
+step as G [G H, T N], and all of W's gradient (biases included, through the row of ones)
 is one GEMM G @ hx^T after the loop.
 
-  lstm_layer_forward(x[N, T, D], h0, c0, w_ih, w_hh, b_ih, b_hh, order, keep)
-      -> (hs [N, T, H], h_T, c_T, saved or None)
-  lstm_layer_backward(saved, ghs [N, T, H] or None, gh_T or None, gc_T or None, need_gx)
-      -> (gx [N, T, D] or None, gh0, gc0, gw_ih, gw_hh, gb): gb the gradient of either bias
+  layer_forward(kind, x[N, T, D], h0, c0 or None, w_ih, w_hh, b_ih, b_hh, order, keep)
+      -> (hs [N, T, H], h_T, c_T or None, saved or None)
+  layer_backward(saved, ghs [N, T, H] or None, gh_T or None, gc_T or None, need_gx)
+      -> (gx [N, T, D] or None, gh0, gc0 or None, gw_ih, gw_hh, gb): gb the gradient of
+      either bias
 """
 import numpy as np
 
@@ -126,6 +129,52 @@ def _bwd(wt, acts, cs, ghT, gca, gcb, gout, G, T, P):
     return src
 
 
+def _rnn_fwd(w, hx, T, ki, P):
+    """The vanilla RNN's steps: h_t = tanh(W @ hx block t), written straight into block
+    t + 1 (thread p its units' rows), where the backward reads it too."""
+    H = w.shape[0]
+    K = w.shape[1]
+    L = hx.shape[1]
+    N = L // (T + 1)
+    wf, xf = w.reshape(-1), hx.reshape(-1)
+    for t in range(T):
+        for p in prange(P):
+            u0, u1 = _share(p, P, H)
+            if u1 > u0:
+                o = u0 * L + (t + 1) * N
+                _gemm(u1 - u0, N, K, wf[u0 * K:], K, N_, xf[t * N:], L, N_, xf[o:], 0.0, L)
+                for j in range(u0, u1):
+                    vtanh(xf, j * L + (t + 1) * N, N, ki[p])
+    return hx
+
+
+def _rnn_bwd(wt, hx, ghT, gout, G, T, P):
+    """As _bwd for the vanilla RNN: thread p's rows of ghT[t] += w_hh^T @ G block t + 1,
+    then G's block t = ghT[t] * (1 - h_t^2) in its rows."""
+    H = ghT.shape[1]
+    N = ghT.shape[2]
+    L, LX = G.shape[1], hx.shape[1]
+    u = np.uint64
+    one = G.dtype.type(1)
+    xf, gf, wtf, Gf = hx.reshape(-1), ghT.reshape(-1), wt.reshape(-1), G.reshape(-1)
+    for t in range(T - 1, -2, -1):
+        h0 = t * H * N
+        for p in prange(P):
+            u0, u1 = _share(p, P, H)
+            U = u1 - u0
+            if U > 0 and t + 1 < T:
+                if t >= 0:
+                    _gemm(U, N, H, wtf[u0 * H:], H, N_, Gf[(t + 1) * N:], L, N_, gf[h0 + u0 * N:], 1.0)
+                else:
+                    _gemm(U, N, H, wtf[u0 * H:], H, N_, Gf, L, N_, gout.reshape(-1)[u0 * N:], 0.0)
+            for j in range(u0, u1 if t >= 0 else u0):
+                a, g, s = j * LX + (t + 1) * N, j * L + t * N, h0 + j * N
+                for n in range(N):
+                    y = xf[u(a + n)]
+                    Gf[u(g + n)] = gf[u(s + n)] * (one - y * y)
+    return G
+
+
 def _cols(src, dst, b, ld, r0, P):
     """dst[t b + (r0 + f) ld + n] = src[n, t, f] for src [N, T, F]: rows to feature-major
     blocks, 16 features at a time (their reads stay in L1)."""
@@ -179,7 +228,8 @@ def _xgrad(G, w, H, D, gx, P):
     return gx
 
 
-_fwd, _bwd, _wgrad, _xgrad, _cols, _rows = (kernel(f) for f in (_fwd, _bwd, _wgrad, _xgrad, _cols, _rows))
+_fwd, _bwd, _rnn_fwd, _rnn_bwd, _wgrad, _xgrad, _cols, _rows = (
+    kernel(f) for f in (_fwd, _bwd, _rnn_fwd, _rnn_bwd, _wgrad, _xgrad, _cols, _rows))
 
 
 def _run(k, P, *args):
@@ -187,8 +237,11 @@ def _run(k, P, *args):
     return (k.parallel if P > 1 else k.serial)(*args, P)
 
 
-def _perm(H, P, order):
-    """Gate row of W -> row of the cell's weights: thread p's units' i, f, o, g blocks."""
+def _perm(kind, H, P, order):
+    """Gate row of W -> row of the cell's weights: thread p's units' i, f, o, g blocks
+    (lstm; rnn: its units' rows, in order already)."""
+    if kind == "rnn":
+        return np.arange(H)
     bo, bg = LSTM_BLOCKS[order]
     rows = []
     for p in range(P):
@@ -197,20 +250,20 @@ def _perm(H, P, order):
     return np.concatenate(rows)
 
 
-def lstm_layer_forward(x, h0, c0, w_ih, w_hh, b_ih=None, b_hh=None, order="ifog", keep=False):
-    """(hs [N, T, H], h_T, c_T, saved or None); see the module doc."""
+def layer_forward(kind, x, h0, c0, w_ih, w_hh, b_ih=None, b_hh=None, order="ifog", keep=False):
+    """(hs [N, T, H], h_T, c_T (None but for lstm), saved or None); see the module doc."""
     dt = x.dtype
-    _, H = _gates("lstm", w_hh)
+    Gn, H = _gates(kind, w_hh)
     x = _f(x, dt)
     N, T, D = x.shape
     K = H + D + 1
-    fn, P = _threads(_fwd, N * 4 * H * K, H)
-    perm = _perm(H, P, order)
-    b = np.zeros(4 * H, dt)
+    fn, P = _threads(_fwd if kind == "lstm" else _rnn_fwd, N * Gn * H * K, H)
+    perm = _perm(kind, H, P, order)
+    b = np.zeros(Gn * H, dt)
     for v in (b_ih, b_hh):
         if v is not None:
             b += v
-    w = np.empty((4 * H, K), dt)
+    w = np.empty((Gn * H, K), dt)
     w[:, :H], w[:, H:H + D], w[:, H + D] = _f(w_hh, dt)[perm], _f(w_ih, dt)[perm], b[perm]
     L = (T + 1) * N
     hx = np.empty((K, L), dt)
@@ -218,31 +271,40 @@ def lstm_layer_forward(x, h0, c0, w_ih, w_hh, b_ih=None, b_hh=None, order="ifog"
     _run(_cols, P, x, hx.reshape(-1), N, L, H)
     hx[H:H + D, T * N:] = 0
     hx[H + D] = 1
-    acts = np.empty((T if keep else 1, 5 * H, N), dt)
-    cs = np.empty((T + 1 if keep else 2, H, N), dt)
-    cs[0] = _f(c0, dt).T
-    fn(w, hx, acts, cs, T, keep, np.empty((P, 2 * CHUNK * N), np.int32), P)
+    ki = np.empty((P, 2 * CHUNK * N), np.int32)
+    acts = cs = c_T = None
+    if kind == "lstm":
+        acts = np.empty((T if keep else 1, 5 * H, N), dt)
+        cs = np.empty((T + 1 if keep else 2, H, N), dt)
+        cs[0] = _f(c0, dt).T
+        fn(w, hx, acts, cs, T, keep, ki, P)
+        c_T = np.ascontiguousarray(cs[T if keep else T % 2].T)
+    else:
+        fn(w, hx, T, ki, P)
     hs = _run(_rows, P, hx.reshape(-1)[N:], N, L, np.empty((N, T, H), dt))
-    c_T = np.ascontiguousarray(cs[T if keep else T % 2].T)
     h_T = np.ascontiguousarray(hx[:H, T * N:].T)
-    return hs, h_T, c_T, ((w, hx, acts, cs, perm, P, D) if keep else None)
+    return hs, h_T, c_T, ((kind, w, hx, acts, cs, perm, P, D, N, T) if keep else None)
 
 
-def lstm_layer_backward(saved, ghs, gh_T=None, gc_T=None, need_gx=True):
-    """(gx or None, gh0, gc0, gw_ih, gw_hh, gb); see the module doc."""
-    w, hx, acts, cs, perm, P, D = saved
+def layer_backward(saved, ghs, gh_T=None, gc_T=None, need_gx=True):
+    """(gx or None, gh0, gc0 (None but for lstm), gw_ih, gw_hh, gb); see the module doc."""
+    kind, w, hx, acts, cs, perm, P, D, N, T = saved
     dt = w.dtype
-    T, W, N = acts.shape
-    H = W // 5
+    H = hx.shape[0] - D - 1
     ghT = np.zeros((T, H, N), dt) if ghs is None else _run(_cols, P, _f(ghs, dt), np.empty(T * H * N, dt), H * N, N, 0)
     ghT = ghT.reshape(T, H, N)
     if gh_T is not None and T:
         ghT[T - 1] += _f(gh_T, dt).T
-    gc = np.zeros((H, N), dt) if gc_T is None else np.ascontiguousarray(_f(gc_T, dt).T)
-    G = np.empty((4 * H, T * N), dt)
+    G = np.empty((w.shape[0], T * N), dt)
     gout = np.zeros((H, N), dt)
     wt = np.ascontiguousarray(w[:, :H].T)
-    gc = _run(_bwd, P, wt, acts, cs, ghT, gc, np.empty((H, N), dt), gout, G, T)
+    gc = None
+    if kind == "lstm":
+        gc = np.zeros((H, N), dt) if gc_T is None else np.ascontiguousarray(_f(gc_T, dt).T)
+        gc = _run(_bwd, P, wt, acts, cs, ghT, gc, np.empty((H, N), dt), gout, G, T)
+        gc = np.ascontiguousarray(gc.reshape(H, N).T)
+    else:
+        _run(_rnn_bwd, P, wt, hx, ghT, gout, G, T)
     gw = _run(_wgrad, P, G, hx, np.empty(w.shape, dt))
     inv = np.empty_like(perm)
     inv[perm] = np.arange(perm.size)
@@ -251,5 +313,5 @@ def lstm_layer_backward(saved, ghs, gh_T=None, gc_T=None, need_gx=True):
     if need_gx:
         gx = _run(_xgrad, P, G, w, H, D, np.empty((T * N, D), dt))
         gx = np.ascontiguousarray(gx.reshape(T, N, D).transpose(1, 0, 2))
-    return (gx, np.ascontiguousarray(gout.T), np.ascontiguousarray(gc.reshape(H, N).T),
-            np.ascontiguousarray(gw[:, H:H + D]), np.ascontiguousarray(gw[:, :H]), np.ascontiguousarray(gw[:, H + D]))
+    return (gx, np.ascontiguousarray(gout.T), gc, np.ascontiguousarray(gw[:, H:H + D]),
+            np.ascontiguousarray(gw[:, :H]), np.ascontiguousarray(gw[:, H + D]))

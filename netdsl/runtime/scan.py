@@ -28,7 +28,7 @@ import numpy as np
 from ..autodiff import step_grad, step_inputs, trainable
 from ..ir.dims import subs
 from ..ops.registry import is_float
-from ..plan import lstm_layer
+from ..plan import layer_cell
 from .bindings import array_dtype
 
 
@@ -77,7 +77,7 @@ class CpuArrays:
     grads_into = staticmethod(kernels.recurrent.gate_grads_into)
     empty = staticmethod(np.empty)
     zeros = staticmethod(np.zeros)
-    # a scan whose step is one fused lstm cell runs as one kernel call per direction (_Layer)
+    # a scan whose step is one fused lstm or rnn cell runs as one kernel call each way (_Layer)
     layer = True
 
     @staticmethod
@@ -94,6 +94,7 @@ class CpuArrays:
 
 
 CELLS = ("rnn_cell", "lstm_cell", "gru_cell")
+CELL_KINDS = {"rnn_cell": "rnn", "lstm_cell": "lstm", "gru_cell": "gru"}
 
 
 class _Deferred:
@@ -228,21 +229,22 @@ class _Cell(_Deferred):
 
 
 class _Layer:
-    """A scan whose step is one fused lstm cell reading the scanned sequence, carrying its
-    h and c and emitting h (a recurrent layer: lib/rnn.net's `lstm` step with fused=true):
-    run over all T steps by one kernel call each way (kernels/cpu/recurrent_layer.py)
-    instead of the step's programs once per time step. The forward keeps what the backward
-    reads in [T, ...] buffers; the weight gradients are the cell's one GEMM (_Cell)."""
+    """A scan whose step is one fused lstm or rnn cell reading the scanned sequence,
+    carrying its state and emitting h (a recurrent layer: lib/rnn.net's `lstm` or `rnn`
+    step with fused=true; plan.layer_cell): run over all T steps by one kernel call each
+    way (kernels/cpu/recurrent_layer.py) instead of the step's programs once per time
+    step, with the same numbers (tests/test_recurrent_layer.py)."""
 
     ROLES = ("weight_ih", "weight_hh", "bias_ih", "bias_hh")
 
     def __init__(self, cell: "_Cell"):
         self.cell = cell
+        self.kind = CELL_KINDS[cell.node.op]
         self.order = cell.node.attrs.get("order", "ifog")
 
     @staticmethod
     def match(node, hoists) -> "_Layer | None":
-        m = lstm_layer(node)
+        m = layer_cell(node)
         if m is None or len(hoists) != 1 or hoists[0].node is not m or hoists[0].seq != 0:
             return None
         return _Layer(hoists[0])
@@ -251,22 +253,25 @@ class _Layer:
         w = st.params[self.cell.p["weight_hh"]]
         return getattr(A, "layer", False) and getattr(st, "grad_flow", None) is None and x.dtype == w.dtype
 
-    def forward(self, A, st, x, h0, c0, ne):
-        """The scan's outputs (hs if emitted, h_T, c_T) and, training, what the backward reads."""
+    def forward(self, A, st, x, carry, ne):
+        """The scan's outputs (hs if emitted, then the final carries) and, training, what
+        the backward reads."""
         prm = [st.params[q] if q else None for q in (self.cell.p[r] for r in self.ROLES)]
-        hs, h, c, saved = A.kernels.lstm_layer_forward(x, h0, c0, *prm, self.order, st.train)
-        return [hs] * ne + [h, c], saved
+        c0 = carry[1] if self.kind == "lstm" else None
+        hs, h, c, saved = A.kernels.layer_forward(self.kind, x, carry[0], c0, *prm, self.order, st.train)
+        return [hs] * ne + [h] + ([c] if self.kind == "lstm" else []), saved
 
-    def backward(self, A, st, saved, gemit, gh, gc, need_gx):
-        """(gx or None, [gh0, gc0], {param name: gradient})."""
-        gx, gh0, gc0, gwi, gwh, gb = A.kernels.lstm_layer_backward(saved, gemit, gh, gc, need_gx)
+    def backward(self, A, st, saved, gemit, gcarry, need_gx):
+        """(gx or None, the initial carries' gradients, {param name: gradient})."""
+        gc = gcarry[1] if self.kind == "lstm" else None
+        gx, gh0, gc0, gwi, gwh, gb = A.kernels.layer_backward(saved, gemit, gcarry[0], gc, need_gx)
         p = self.cell.p
         grads = {p["weight_ih"]: gwi, p["weight_hh"]: gwh}
         if p["bias_ih"]:
             grads[p["bias_ih"]] = gb
         if p["bias_hh"]:
             grads[p["bias_hh"]] = gb.copy() if p["bias_ih"] else gb
-        return gx, [gh0, gc0], grads
+        return gx, [gh0] + ([gc0] if self.kind == "lstm" else []), grads
 
 
 class _LayerSaved(tuple):
@@ -340,7 +345,7 @@ def bind(table: dict, target: str, A) -> None:
         carry = [given.get(name, c) for name, c in zip(r.names, carry)]
         ne = len(r.outs) - nc
         if r.layer is not None and r.layer.usable(A, st, seqs[0]):
-            outs, saved = r.layer.forward(A, st, seqs[0], carry[0], carry[1], ne)
+            outs, saved = r.layer.forward(A, st, seqs[0], carry, ne)
             if st.train:
                 st.saved[id(n)] = _LayerSaved(saved)
             return outs
@@ -380,7 +385,7 @@ def bind(table: dict, target: str, A) -> None:
         gcarry = [gy.get(ne + j) for j in range(nc)]
         saved = st.saved.pop(id(n))
         if isinstance(saved, _LayerSaved):
-            gx, gcarry, gpar = r.layer.backward(A, st, saved, gy.get(0) if ne else None, *gcarry, 0 in want)
+            gx, gcarry, gpar = r.layer.backward(A, st, saved, gy.get(0) if ne else None, gcarry, 0 in want)
             return _grads_out(A, st, n, like, k, ns, nc, {0: gx}, gcarry, {}, gpar)
         gseq = {i: A.zeros(_shape_of(st, n.inputs[i]), array_dtype(n.inputs[i].dtype, st.dtype))
                 for i in range(ns) if i in want}

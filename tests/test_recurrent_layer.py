@@ -1,6 +1,6 @@
-"""The LSTM layer kernel (kernels/cpu/recurrent_layer.py): a scan whose step is one fused
-lstm_cell runs as one kernel call each way. Against torch.nn.LSTM (outputs, final states
-and every gradient, float64) with the hidden units in 1, 2 and 3 threads' shares (7
+"""The layer kernels (kernels/cpu/recurrent_layer.py): a scan whose step is one fused
+lstm_cell or rnn_cell runs as one kernel call each way. Against torch.nn.LSTM and
+torch.nn.RNN (outputs, final states and every gradient, float64) with the hidden units in 1, 2 and 3 threads' shares (7
 units: shares of unequal size), and in a network against the per-step scan it
 replaces: the same loss, outputs, final states and gradients, with state carried in
 (truncated BPTT) and with --grad-flow (which takes the per-step path)."""
@@ -17,40 +17,50 @@ from test_scan import FUSED, data
 TORCH_ROWS = {"ifog": [0, 1, 3, 2], "ifgo": [0, 1, 2, 3]}     # torch's i, f, g, o from our blocks
 
 
-@pytest.mark.parametrize("order", ["ifog", "ifgo"])
+@pytest.mark.parametrize("cell", ["lstm-ifog", "lstm-ifgo", "rnn"])
 @pytest.mark.parametrize("shares", [1, 2, 3])
-def test_layer_matches_torch_lstm(monkeypatch, order, shares):
+def test_layer_matches_torch(monkeypatch, cell, shares):
     """shares: how many threads' shares the units are split into (3 on this 2-core machine
     too: prange runs the shares on the threads it has)."""
     monkeypatch.setattr(L, "_threads", lambda k, size, rows: (k.parallel if shares > 1 else k.serial, shares))
+    kind, _, order = cell.partition("-")
+    G = 4 if kind == "lstm" else 1
     N, T, D, H = 3, 6, 4, 7
     r = np.random.default_rng(5)
     x, h0, c0 = r.standard_normal((N, T, D)), r.standard_normal((N, H)), r.standard_normal((N, H))
-    w_ih, w_hh = r.standard_normal((4 * H, D)) * 0.5, r.standard_normal((4 * H, H)) * 0.5
-    b_ih, b_hh = r.standard_normal(4 * H), r.standard_normal(4 * H)
+    w_ih, w_hh = r.standard_normal((G * H, D)) * 0.5, r.standard_normal((G * H, H)) * 0.5
+    b_ih, b_hh = r.standard_normal(G * H), r.standard_normal(G * H)
     ghs, gh_T, gc_T = r.standard_normal((N, T, H)), r.standard_normal((N, H)), r.standard_normal((N, H))
+    lstm = kind == "lstm"
 
-    hs, h_T, c_T, saved = L.lstm_layer_forward(x, h0, c0, w_ih, w_hh, b_ih, b_hh, order, keep=True)
-    gx, gh0, gc0, gw_ih, gw_hh, gb = L.lstm_layer_backward(saved, ghs, gh_T, gc_T, need_gx=True)
+    hs, h_T, c_T, saved = L.layer_forward(kind, x, h0, c0 if lstm else None, w_ih, w_hh, b_ih, b_hh, order or "ifog",
+                                          keep=True)
+    gx, gh0, gc0, gw_ih, gw_hh, gb = L.layer_backward(saved, ghs, gh_T, gc_T if lstm else None, need_gx=True)
 
-    rows = lambda a: np.concatenate([np.split(a, 4)[k] for k in TORCH_ROWS[order]])
-    ref = torch.nn.LSTM(D, H, batch_first=True).double()
+    rows = (lambda a: np.concatenate([np.split(a, 4)[k] for k in TORCH_ROWS[order]])) if lstm else (lambda a: a)
+    ref = (torch.nn.LSTM if lstm else torch.nn.RNN)(D, H, batch_first=True).double()
     with torch.no_grad():
         for name, v in (("weight_ih_l0", w_ih), ("weight_hh_l0", w_hh), ("bias_ih_l0", b_ih), ("bias_hh_l0", b_hh)):
             getattr(ref, name).copy_(torch.tensor(rows(v)))
     tx, th, tc = (torch.tensor(a, requires_grad=True) for a in (x, h0[None], c0[None]))
-    ths, (thT, tcT) = ref(tx, (th, tc))
-    (ths * torch.tensor(ghs)).sum().add((thT[0] * torch.tensor(gh_T)).sum()).add(
-        (tcT[0] * torch.tensor(gc_T)).sum()).backward()
+    ths, fin = ref(tx, (th, tc) if lstm else th)
+    thT, tcT = fin if lstm else (fin, None)
+    loss = (ths * torch.tensor(ghs)).sum() + (thT[0] * torch.tensor(gh_T)).sum()
+    if lstm:
+        loss = loss + (tcT[0] * torch.tensor(gc_T)).sum()
+    loss.backward()
     close = lambda a, b: np.testing.assert_allclose(a, b.detach().numpy(), rtol=1e-10, atol=1e-12)
-    close(hs, ths), close(h_T, thT[0]), close(c_T, tcT[0])
-    close(gx, tx.grad), close(gh0, th.grad[0]), close(gc0, tc.grad[0])
+    close(hs, ths), close(h_T, thT[0]), close(gx, tx.grad), close(gh0, th.grad[0])
+    if lstm:
+        close(c_T, tcT[0]), close(gc0, tc.grad[0])
+    else:
+        assert c_T is None and gc0 is None
     close(rows(gw_ih), ref.weight_ih_l0.grad), close(rows(gw_hh), ref.weight_hh_l0.grad)
     close(rows(gb), ref.bias_ih_l0.grad), close(rows(gb), ref.bias_hh_l0.grad)
     # inference keeps nothing and gives the same outputs
-    hs2, h2, c2, none = L.lstm_layer_forward(x, h0, c0, w_ih, w_hh, b_ih, b_hh, order, keep=False)
+    hs2, h2, c2, none = L.layer_forward(kind, x, h0, c0 if lstm else None, w_ih, w_hh, b_ih, b_hh, order or "ifog")
     assert none is None
-    np.testing.assert_array_equal(hs2, hs), np.testing.assert_array_equal(c2, c_T)
+    np.testing.assert_array_equal(hs2, hs), np.testing.assert_array_equal(h2, h_T)
 
 
 def test_float32_layer_agrees_with_float64():
@@ -58,34 +68,36 @@ def test_float32_layer_agrees_with_float64():
     r = np.random.default_rng(6)
     args = [r.standard_normal(s) * 0.5 for s in ((N, T, D), (N, H), (N, H), (4 * H, D), (4 * H, H), (4 * H,), (4 * H,))]
     ghs = r.standard_normal((N, T, H))
-    got = [L.lstm_layer_forward(*[a.astype(dt) for a in args], "ifog", keep=True) for dt in (np.float32, np.float64)]
+    got = [L.layer_forward("lstm", *[a.astype(dt) for a in args], "ifog", keep=True) for dt in (np.float32, np.float64)]
     np.testing.assert_allclose(got[0][0], got[1][0], rtol=1e-4, atol=1e-5)
     assert got[0][0].dtype == np.float32
-    back = [L.lstm_layer_backward(g[3], ghs.astype(g[0].dtype)) for g in got]
+    back = [L.layer_backward(g[3], ghs.astype(g[0].dtype)) for g in got]
     for a, b in zip(back[0], back[1]):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
 
 
-def _run(tmp_path, monkeypatch, layer: bool, **kw):
+def _run(tmp_path, monkeypatch, kind, layer: bool, **kw):
     monkeypatch.setattr(rscan.CpuArrays, "layer", layer)
     calls = []
-    real = L.lstm_layer_forward
-    monkeypatch.setattr("netdsl.kernels.cpu.lstm_layer_forward", lambda *a, **k: calls.append(1) or real(*a, **k))
-    g = compile_text(tmp_path, FUSED.replace("{cell}", "lstm"), name=f"n{int(layer)}.net")
+    real = L.layer_forward
+    monkeypatch.setattr("netdsl.kernels.cpu.layer_forward", lambda *a, **k: calls.append(1) or real(*a, **k))
+    g = compile_text(tmp_path, FUSED.replace("{cell}", kind), name=f"n{int(layer)}.net")
     m = Model(g, dtype=np.float64, seed=3)
     x, y = data(N=3, T=5)
     out = m.train_step({"x": x, "y": y}, **kw)
     return out, m, calls
 
 
+@pytest.mark.parametrize("kind", ["lstm", "rnn"])
 @pytest.mark.parametrize("how", ["plain", "carry", "grad_flow"])
-def test_layer_path_equals_the_per_step_scan(tmp_path, monkeypatch, how):
+def test_layer_path_equals_the_per_step_scan(tmp_path, monkeypatch, kind, how):
     r = np.random.default_rng(7)
-    kw = {"carry": {f"layer{l}.rnn.{s}": r.standard_normal((3, 5)) for l in (1, 2) for s in "hc"}} \
+    kw = {"carry": {f"layer{l}.rnn.{s}": r.standard_normal((3, 5)) for l in (1, 2) for s in "hc"[:2 if kind == "lstm"
+                                                                                                  else 1]}} \
         if how == "carry" else {"grad_flow": True} if how == "grad_flow" else {}
-    (la, _, oa, ga), ma, calls = _run(tmp_path, monkeypatch, True, **kw)
+    (la, _, oa, ga), ma, calls = _run(tmp_path, monkeypatch, kind, True, **kw)
     assert len(calls) == (0 if how == "grad_flow" else 2)     # grad_flow records per step: the step path
-    (lb, _, ob, gb), mb, none = _run(tmp_path, monkeypatch, False, **kw)
+    (lb, _, ob, gb), mb, none = _run(tmp_path, monkeypatch, kind, False, **kw)
     assert not none
     assert abs(la - lb) < 1e-12
     np.testing.assert_allclose(oa["logits"], ob["logits"], rtol=1e-11, atol=1e-13)
@@ -98,18 +110,24 @@ def test_layer_path_equals_the_per_step_scan(tmp_path, monkeypatch, how):
 
 def test_explain_says_which_scans_run_as_the_layer_kernel(capsys):
     """`compile --explain` names the loop that runs as the layer kernel and what it keeps:
-    per step the [h; x; 1] column block, the five gate rows and c, N x (H + D + 1 + 6H)
-    values (here N 4, H 256, D 64: 29.0 KiB); the notes' written-out cell runs its step."""
+    per step the [h; x; 1] column block, an lstm's five gate rows and c, N x (H + D + 1
+    + 6H) values (here N 4, H 256, D 64: 29.0 KiB); the notes' written-out cell runs its
+    step."""
     from helpers import SPECS
     from netdsl.cli import main
     spec = str(SPECS / "rnn" / "charlm_lstm.net")
     args = ["compile", spec, "--explain", "--set", "T=10", "--batch", "4", "--set", "layers=1"]
     assert main(args + ["--set", "fused=true"]) == 0
     out = capsys.readouterr().out
-    assert "on the CPU one LSTM layer kernel each way, keeping 29.0 KiB per step (0.3 MiB)" in out
+    assert "on the CPU one layer kernel each way, keeping 29.0 KiB per step (0.3 MiB)" in out
     assert main(args + ["--set", "fused=true", "--json"]) == 0
     import json
     loop, = json.loads(capsys.readouterr().out)["plan"]["loops"]
     assert loop["cpu_layer_saved_per_step"] == 4 * (256 + 64 + 1 + 6 * 256) * 4
     assert main(args) == 0
-    assert "LSTM layer kernel" not in capsys.readouterr().out
+    assert "layer kernel" not in capsys.readouterr().out
+    # an rnn keeps only its [h; x; 1] columns: 4 x (256 + 64 + 1) values a step
+    assert main(["compile", str(SPECS / "rnn" / "charlm_rnn.net"), "--explain", "--set", "T=10", "--batch", "4",
+                 "--set", "layers=1", "--set", "fused=true", "--json"]) == 0
+    loop, = json.loads(capsys.readouterr().out)["plan"]["loops"]
+    assert loop["cpu_layer_saved_per_step"] == 4 * (256 + 64 + 1) * 4
