@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from . import layer_match
 from .ir.dims import product, subs
 from .ir.graph import Node, Value
 from .ops import OPS
@@ -160,29 +161,6 @@ def replays(p: Plan) -> list[Node]:
     return [n for s in p.steps for n in s.nodes if n.path.endswith(REPLAY)]
 
 
-LAYER_CELLS = {"lstm_cell": 2, "rnn_cell": 1}     # the cells a layer kernel runs, and their carries
-
-
-def layer_cell(n: Node) -> Node | None:
-    """The cell of a scan whose whole step is one lstm_cell or rnn_cell reading the scanned
-    sequence, carrying its state and emitting h at most (a recurrent layer: lib/rnn.net's
-    `lstm` or `rnn` with fused = true), or None. On the CPU such a scan runs as one layer
-    kernel each way (runtime/scan.py, kernels/cpu/recurrent_layer.py), not its step program."""
-    body = n.body
-    if len(body.nodes) != 1 or len(n.attrs["seq"]) != 1:
-        return None
-    m = body.nodes[0]
-    nc = LAYER_CELLS.get(m.op)
-    if nc is None or len(body.carries) != nc or len(n.inputs) != 1 + nc \
-            or m.inputs[0] is not body.inputs[n.attrs["seq"][0]]:
-        return None
-    if any(m.inputs[1 + i] is not c.step_in or c.step_out is not m.outputs[i] for i, c in enumerate(body.carries)):
-        return None
-    if len(body.outputs) > 1 or any(v is not m.outputs[0] for v in body.outputs.values()):
-        return None
-    return m
-
-
 def loops(p: Plan) -> list[dict]:
     """Each scan of the plan as the loop it runs: T steps of its step's own plan, and the
     values its backward reads, saved at every step (bytes per step and over T)."""
@@ -201,12 +179,12 @@ def loops(p: Plan) -> list[dict]:
                      p.dims)
         entry = {"path": n.path, "steps": T, "nodes": len(body), "kernels": len(inner.steps),
                  "saved_per_step": saved, "saved": saved * T}
-        cell = layer_cell(n)
-        if cell is not None:    # on the CPU: the layer kernel's [h; x; 1] columns (and an lstm's gates and c)
-            h, x = nbytes(cell.outputs[0], p.dims), nbytes(n.body.inputs[n.attrs["seq"][0]], p.dims)
-            one = h // int(subs(cell.outputs[0].shape[-1], p.dims))
-            entry["cpu_layer_saved_per_step"] = (h + x + one + (6 * h if cell.op == "lstm_cell" else 0)) if train \
-                else 0
+        lay = layer_match.match(n)
+        if lay is not None:     # on the CPU: the layer kernel's [h; x; 1] columns (and an lstm's gates and c)
+            hv = n.body.carries[0].step_out
+            h, x = nbytes(hv, p.dims), nbytes(n.body.inputs[n.attrs["seq"][0]], p.dims)
+            one = h // int(subs(hv.shape[-1], p.dims))
+            entry["cpu_layer_saved_per_step"] = (h + x + one + (6 * h if lay.kind == "lstm" else 0)) if train else 0
         out.append(entry)
     return out
 

@@ -12,7 +12,7 @@ from helpers import compile_text
 from netdsl.kernels.cpu import recurrent_layer as L
 from netdsl.runtime import scan as rscan
 from netdsl.runtime.model import Model
-from test_scan import FUSED, data
+from test_scan import FUSED, STACK, data
 
 TORCH_ROWS = {"ifog": [0, 1, 3, 2], "ifgo": [0, 1, 2, 3]}     # torch's i, f, g, o from our blocks
 
@@ -81,19 +81,21 @@ def _run(tmp_path, monkeypatch, kind, layer: bool, **kw):
     calls = []
     real = L.layer_forward
     monkeypatch.setattr("netdsl.kernels.cpu.layer_forward", lambda *a, **k: calls.append(1) or real(*a, **k))
-    g = compile_text(tmp_path, FUSED.replace("{cell}", kind), name=f"n{int(layer)}.net")
+    spec = STACK.replace("{cell}", "lstm") if kind == "lstm-written" else FUSED.replace("{cell}", kind)
+    g = compile_text(tmp_path, spec, name=f"n{int(layer)}.net")
     m = Model(g, dtype=np.float64, seed=3)
     x, y = data(N=3, T=5)
     out = m.train_step({"x": x, "y": y}, **kw)
     return out, m, calls
 
 
-@pytest.mark.parametrize("kind", ["lstm", "rnn"])
+@pytest.mark.parametrize("kind", ["lstm", "rnn", "lstm-written"])
 @pytest.mark.parametrize("how", ["plain", "carry", "grad_flow"])
 def test_layer_path_equals_the_per_step_scan(tmp_path, monkeypatch, kind, how):
+    """lstm-written: lib/rnn.net's lstm step as the notes write it (one W over [h; x])."""
     r = np.random.default_rng(7)
-    kw = {"carry": {f"layer{l}.rnn.{s}": r.standard_normal((3, 5)) for l in (1, 2) for s in "hc"[:2 if kind == "lstm"
-                                                                                                  else 1]}} \
+    kw = {"carry": {f"layer{l}.rnn.{s}": r.standard_normal((3, 5)) for l in (1, 2) for s in "hc"[:1 if kind == "rnn"
+                                                                                                  else 2]}} \
         if how == "carry" else {"grad_flow": True} if how == "grad_flow" else {}
     (la, _, oa, ga), ma, calls = _run(tmp_path, monkeypatch, kind, True, **kw)
     assert len(calls) == (0 if how == "grad_flow" else 2)     # grad_flow records per step: the step path
@@ -124,10 +126,58 @@ def test_explain_says_which_scans_run_as_the_layer_kernel(capsys):
     import json
     loop, = json.loads(capsys.readouterr().out)["plan"]["loops"]
     assert loop["cpu_layer_saved_per_step"] == 4 * (256 + 64 + 1 + 6 * 256) * 4
-    assert main(args) == 0
+    assert main(args) == 0      # the notes' lstm written out runs as the layer kernel too
+    assert "on the CPU one layer kernel each way, keeping 29.0 KiB per step (0.3 MiB)" in capsys.readouterr().out
+    assert main(["compile", str(SPECS / "rnn" / "charlm_gru.net"), "--explain", "--set", "T=10", "--batch", "4"]) == 0
     assert "layer kernel" not in capsys.readouterr().out
     # an rnn keeps only its [h; x; 1] columns: 4 x (256 + 64 + 1) values a step
     assert main(["compile", str(SPECS / "rnn" / "charlm_rnn.net"), "--explain", "--set", "T=10", "--batch", "4",
                  "--set", "layers=1", "--set", "fused=true", "--json"]) == 0
     loop, = json.loads(capsys.readouterr().out)["plan"]["loops"]
     assert loop["cpu_layer_saved_per_step"] == 4 * (256 + 64 + 1) * 4
+
+
+NEAR = """step near(x_t: seq, H, h0 = zeros([x_t.N, H]), c0 = zeros([x_t.N, H])) {
+  carry h = h0, c = c0
+  i, f, o, g = split(linear(concat(h, x_t), 4 * H, name="W"), 4)
+  c = {c_eq}
+  h = sigmoid(o) * tanh(c)
+  emit h
+}
+network n(D = 3, H = 5, V = 7) {
+  input x: f32[N, T, D]
+  input y: i64[N, T]
+  hs = scan near(x, H, name="rnn")
+  logits = hs -> linear(V, name="head")
+  output logits
+  loss ce = cross_entropy(logits, y)
+}
+"""
+
+
+@pytest.mark.parametrize("c_eq, layer", [
+    ("sigmoid(f) * c + sigmoid(i) * tanh(g)", True),
+    ("tanh(g) * sigmoid(i) + c * sigmoid(f)", True),        # the same, operands the other way round
+    ("sigmoid(i) * c + sigmoid(f) * tanh(g)", False),       # i and f trade places: not the notes' LSTM
+    ("sigmoid(f) * c + sigmoid(i) * sigmoid(g)", False),
+    ("sigmoid(f) * c + sigmoid(i) * tanh(g) * 2", False),   # a node more
+])
+def test_only_the_notes_lstm_written_out_is_taken_for_the_layer(tmp_path, monkeypatch, c_eq, layer):
+    """A step that differs from the notes' LSTM in any way runs its own program; either way
+    the training step equals the per-step path's."""
+    from netdsl.lang.elaborate import elaborate
+    from netdsl.layer_match import match
+    path = tmp_path / "near.net"
+    path.write_text(NEAR.replace("{c_eq}", c_eq))
+    g, _ = elaborate(str(path), None, {})
+    scan = next(n for n in g.nodes if n.op == "scan")
+    assert (match(scan) is not None) == layer
+    x, y = data(N=2, T=3)
+    out = []
+    for on in (True, False):
+        monkeypatch.setattr(rscan.CpuArrays, "layer", on)
+        g, _ = elaborate(str(path), None, {})
+        out.append(Model(g, dtype=np.float64, seed=4).train_step({"x": x, "y": y}))
+    assert abs(out[0][0] - out[1][0]) < 1e-12
+    for k in out[0][3]:
+        np.testing.assert_allclose(out[0][3][k], out[1][3][k], rtol=1e-10, atol=1e-13, err_msg=k)

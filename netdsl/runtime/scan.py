@@ -28,7 +28,7 @@ import numpy as np
 from ..autodiff import step_grad, step_inputs, trainable
 from ..ir.dims import subs
 from ..ops.registry import is_float
-from ..plan import layer_cell
+from .. import layer_match
 from .bindings import array_dtype
 
 
@@ -77,7 +77,7 @@ class CpuArrays:
     grads_into = staticmethod(kernels.recurrent.gate_grads_into)
     empty = staticmethod(np.empty)
     zeros = staticmethod(np.zeros)
-    # a scan whose step is one fused lstm or rnn cell runs as one kernel call each way (_Layer)
+    # a scan whose step is one lstm or rnn (layer_match.py) runs as one kernel call each way (_Layer)
     layer = True
 
     @staticmethod
@@ -94,7 +94,6 @@ class CpuArrays:
 
 
 CELLS = ("rnn_cell", "lstm_cell", "gru_cell")
-CELL_KINDS = {"rnn_cell": "rnn", "lstm_cell": "lstm", "gru_cell": "gru"}
 
 
 class _Deferred:
@@ -229,48 +228,61 @@ class _Cell(_Deferred):
 
 
 class _Layer:
-    """A scan whose step is one fused lstm or rnn cell reading the scanned sequence,
-    carrying its state and emitting h (a recurrent layer: lib/rnn.net's `lstm` or `rnn`
-    step with fused=true; plan.layer_cell): run over all T steps by one kernel call each
-    way (kernels/cpu/recurrent_layer.py) instead of the step's programs once per time
-    step, with the same numbers (tests/test_recurrent_layer.py)."""
+    """A scan whose step is one LSTM or vanilla RNN reading the scanned sequence, carrying
+    its state and emitting h (layer_match.py: lib/rnn.net's `lstm` and `rnn` steps fused,
+    and its `lstm` written out): run over all T steps by one kernel call each way
+    (kernels/cpu/recurrent_layer.py) instead of the step's programs once per time step,
+    with the same numbers (tests/test_recurrent_layer.py)."""
 
     ROLES = ("weight_ih", "weight_hh", "bias_ih", "bias_hh")
 
-    def __init__(self, cell: "_Cell"):
-        self.cell = cell
-        self.kind = CELL_KINDS[cell.node.op]
-        self.order = cell.node.attrs.get("order", "ifog")
+    def __init__(self, lay: layer_match.Layer):
+        m = lay.node
+        self.kind, self.written = lay.kind, lay.written
+        self.order = "ifog" if lay.written else m.attrs.get("order", "ifog")
+        names = {r: (q.name if (q := m.params.get(r)) is not None else None) for r in (*self.ROLES, "weight", "bias")}
+        self.p = names
 
     @staticmethod
-    def match(node, hoists) -> "_Layer | None":
-        m = layer_cell(node)
-        if m is None or len(hoists) != 1 or hoists[0].node is not m or hoists[0].seq != 0:
-            return None
-        return _Layer(hoists[0])
+    def match(node) -> "_Layer | None":
+        lay = layer_match.match(node)
+        return _Layer(lay) if lay is not None else None
+
+    def _params(self, st, H):
+        """(w_ih, w_hh, b_ih, b_hh) of the layer kernel."""
+        get = lambda r: st.params[self.p[r]] if self.p[r] else None
+        if self.written:        # one W over [h; x]
+            w = get("weight")
+            return w[:, H:], w[:, :H], get("bias"), None
+        return tuple(get(r) for r in self.ROLES)
 
     def usable(self, A, st, x) -> bool:
-        w = st.params[self.cell.p["weight_hh"]]
+        w = st.params[self.p["weight" if self.written else "weight_hh"]]
         return getattr(A, "layer", False) and getattr(st, "grad_flow", None) is None and x.dtype == w.dtype
 
     def forward(self, A, st, x, carry, ne):
         """The scan's outputs (hs if emitted, then the final carries) and, training, what
         the backward reads."""
-        prm = [st.params[q] if q else None for q in (self.cell.p[r] for r in self.ROLES)]
         c0 = carry[1] if self.kind == "lstm" else None
-        hs, h, c, saved = A.kernels.layer_forward(self.kind, x, carry[0], c0, *prm, self.order, st.train)
+        hs, h, c, saved = A.kernels.layer_forward(self.kind, x, carry[0], c0, *self._params(st, carry[0].shape[1]),
+                                                  self.order, st.train)
         return [hs] * ne + [h] + ([c] if self.kind == "lstm" else []), saved
 
     def backward(self, A, st, saved, gemit, gcarry, need_gx):
         """(gx or None, the initial carries' gradients, {param name: gradient})."""
         gc = gcarry[1] if self.kind == "lstm" else None
         gx, gh0, gc0, gwi, gwh, gb = A.kernels.layer_backward(saved, gemit, gcarry[0], gc, need_gx)
-        p = self.cell.p
-        grads = {p["weight_ih"]: gwi, p["weight_hh"]: gwh}
-        if p["bias_ih"]:
-            grads[p["bias_ih"]] = gb
-        if p["bias_hh"]:
-            grads[p["bias_hh"]] = gb.copy() if p["bias_ih"] else gb
+        p = self.p
+        if self.written:
+            grads = {p["weight"]: np.concatenate([gwh, gwi], axis=1)}
+            if p["bias"]:
+                grads[p["bias"]] = gb
+        else:
+            grads = {p["weight_ih"]: gwi, p["weight_hh"]: gwh}
+            if p["bias_ih"]:
+                grads[p["bias_ih"]] = gb
+            if p["bias_hh"]:
+                grads[p["bias_hh"]] = gb.copy() if p["bias_ih"] else gb
         return gx, [gh0] + ([gc0] if self.kind == "lstm" else []), grads
 
 
@@ -307,7 +319,7 @@ class _Runner:
         self.names = [c.name for c in body.carries]
         self.sg = step_grad(node) if train else None
         self.hoists = _hoists(node, self.sg)
-        self.layer = _Layer.match(node, self.hoists)
+        self.layer = _Layer.match(node)
         keep = self.outs + (self.sg.residuals if train else [])
         self.fwd = Program(body.nodes, keep, dims, fuse, target)
         self.bwd = None
