@@ -6,7 +6,8 @@ For each cell (lstm, gru, rnn; default all three): a character-level language mo
 (embedding 64 -> one recurrent layer of hidden H -> linear over the vocabulary), batch
 N, sequence T, one training step (forward, backward, Adam) on random characters.
 netdsl runs specs/rnn/charlm_<cell>.net twice: with the torch-layout fused cell
-(`fused=true`) and with the notes' written-out equations (`fused=false`); torch runs
+(`fused=true`) and with the notes' written-out equations (`fused=false`; an LSTM either
+way, and a fused vanilla RNN, run as the CPU's layer kernel: docs/language.md); torch runs
 nn.Embedding + nn.LSTM/GRU/RNN + nn.Linear. Each framework runs in its own
 subprocess; BENCH_ROUNDS interleaved rounds of the median of BENCH_STEPS steps.
 Prints training tokens/s (N*T per step) and the ratio to torch.
