@@ -221,7 +221,7 @@ def _rnn_fwd(xp, xs, h, whh, bhh, hn, gt, T):
     for t in prange(T):     # split over w_hh's rows, so hn's columns: see _hh_share
         c0, c1 = _hh_share(t, T, 1 * H)
         if c1 > c0:
-            _hh_fwd(wf, hf, H, gt.reshape(-1), yf, H, xp, xs, bhh, c0, c1, N, H, H)
+            _hh_fwd(wf, hf, gt.reshape(-1), yf, H, xp, xs, bhh, c0, c1, N, H, H)
     for t in prange(T):
         n0, n1 = t * N // T, (t + 1) * N // T
         if n1 > n0:
@@ -245,15 +245,15 @@ def _rnn_bwd(acts, ghn, gxp, T):
 
 
 @njit
-def _hh_fwd(wf, hf, hs, gf, af, W, xp, xs, bhh, c0, c1, N, H, a1):
+def _hh_fwd(wf, hf, gf, af, W, xp, xs, bhh, c0, c1, N, H, a1):
     """acts[:, c0:c1] = (h @ w_hh.T)[:, c0:c1] + xp + b_hh (the adds only in columns
-    below a1: gru's n block takes its GEMM alone; h's rows hs apart), the GEMM formed as w_hh[c0:c1] @ h.T
+    below a1: gru's n block takes its GEMM alone), the GEMM formed as w_hh[c0:c1] @ h.T
     into gt [G*H, N] and transposed into acts with the adds: OpenBLAS packs the weight
     faster as the left operand (as in _hh_grad: the GEMM 1.53 against 1.67 ms at N 64,
     H 512, one thread; the transposed add costs 0.05 ms)."""
     u = np.uint64
     zero = af.dtype.type(0)
-    _gemm(c1 - c0, N, H, wf[c0 * H:], H, N_, hf, hs, T_, gf[c0 * N:], 0.0)
+    _gemm(c1 - c0, N, H, wf[c0 * H:], H, N_, hf, H, T_, gf[c0 * N:], 0.0)
     for n in range(N):      # the adds first, along rows (vectorised), then the transposed GEMM
         b, x = n * W, n * xs
         for k in range(c0, c1):
@@ -270,70 +270,57 @@ def _lstm_fwd(xp, xs, h, c, whh, bhh, acts, gt, hn, cn, bo, bg, T):
     time, each activation one vectorised pass (vmath.py)."""
     N, H = h.shape
     W = 5 * H
+    u = np.uint64
     hf, wf, af, cf = h.reshape(-1), whh.reshape(-1), acts.reshape(-1), c.reshape(-1)
     hnf, cnf = hn.reshape(-1), cn.reshape(-1)
     oo, og = bo * H, bg * H
     for t in prange(T):     # split over w_hh's rows, so acts' columns: see _hh_share
         c0, c1 = _hh_share(t, T, 4 * H)
         if c1 > c0:
-            _hh_fwd(wf, hf, H, gt.reshape(-1), af, W, xp, xs, bhh, c0, c1, N, H, 4 * H)
+            _hh_fwd(wf, hf, gt.reshape(-1), af, W, xp, xs, bhh, c0, c1, N, H, 4 * H)
     for t in prange(T):
         n0, n1 = t * N // T, (t + 1) * N // T
         if n1 > n0:
             ki = np.empty(4 * H, np.int32)
             for r in range(n0, n1):
-                _lstm_gates(af, r * W, cf, r * H, cnf, r * H, hnf, r * H, H, oo, og, ki)
+                b, s = r * W, r * H
+                vsigmoid(af, b, 2 * H, ki)          # i, f
+                vsigmoid(af, b + oo, H, ki)         # o
+                vtanh(af, b + og, H, ki)            # g
+                for j in range(H):
+                    c2 = af[u(b + H + j)] * cf[u(s + j)] + af[u(b + j)] * af[u(b + og + j)]
+                    cnf[u(s + j)] = c2
+                    af[u(b + 4 * H + j)] = c2
+                vtanh(af, b + 4 * H, H, ki)         # tanh(c')
+                for j in range(H):
+                    hnf[u(s + j)] = af[u(b + oo + j)] * af[u(b + 4 * H + j)]
     return hn
-
-
-@njit
-def _lstm_gates(af, b, cf, cp, cnf, cq, hnf, hq, H, oo, og, ki):
-    """One row's gates: af[b:b+4H] holds the pre-activations (blocks i, f and o, g at oo,
-    og), activated in place, tanh(c') into af[b+4H:b+5H]; c at cf[cp:], c' into cnf[cq:],
-    h' into hnf[hq:]; each activation one vectorised pass (vmath.py)."""
-    u = np.uint64
-    vsigmoid(af, b, 2 * H, ki)          # i, f
-    vsigmoid(af, b + oo, H, ki)         # o
-    vtanh(af, b + og, H, ki)            # g
-    for j in range(H):
-        c2 = af[u(b + H + j)] * cf[u(cp + j)] + af[u(b + j)] * af[u(b + og + j)]
-        cnf[u(cq + j)] = c2
-        af[u(b + 4 * H + j)] = c2
-    vtanh(af, b + 4 * H, H, ki)         # tanh(c')
-    for j in range(H):
-        hnf[u(hq + j)] = af[u(b + oo + j)] * af[u(b + 4 * H + j)]
 
 
 def _lstm_bwd(acts, c, ghn, gcn, has_gc, xf, xs, gc, bo, bg, T):
     """xf: gxp flat, its rows xs apart (a time slice of a scan's buffer: gate_grads_into)."""
     N, H = c.shape
+    u = np.uint64
+    one = acts.dtype.type(1)
     af, cf, gf, gcf = acts.reshape(-1), c.reshape(-1), ghn.reshape(-1), gcn.reshape(-1)
     ocf = gc.reshape(-1)
+    oo, og = bo * H, bg * H
     for t in prange(T):
         for r in range(t * N // T, (t + 1) * N // T):
-            _lstm_grad_row(af, r * 5 * H, cf, r * H, gf, r * H, gcf, has_gc, xf, r * xs, ocf, r * H, H, bo * H, bg * H)
+            a, x, s = r * 5 * H, r * xs, r * H
+            for j in range(H):
+                i, f = af[u(a + j)], af[u(a + H + j)]
+                o, g, tc = af[u(a + oo + j)], af[u(a + og + j)], af[u(a + 4 * H + j)]
+                gh = gf[u(s + j)]
+                dc = gh * o * (one - tc * tc)
+                if has_gc:
+                    dc += gcf[u(s + j)]
+                xf[u(x + j)] = dc * g * i * (one - i)
+                xf[u(x + H + j)] = dc * cf[u(s + j)] * f * (one - f)
+                xf[u(x + oo + j)] = gh * tc * o * (one - o)
+                xf[u(x + og + j)] = dc * i * (one - g * g)
+                ocf[u(s + j)] = dc * f
     return xf
-
-
-@njit
-def _lstm_grad_row(af, a, cf, cp, gf, s, gcf, has_gc, xf, x, ocf, oc, H, oo, og):
-    """One row of the gates' gradient: acts at af[a:], c at cf[cp:], gh' at gf[s:] and gc'
-    at gcf[s:] (if has_gc) give the four blocks' gradients at xf[x:] and gc at ocf[oc:]
-    (ocf must not be gcf: LLVM's overlap check would keep the loop scalar)."""
-    u = np.uint64
-    one = af.dtype.type(1)
-    for j in range(H):
-        i, f = af[u(a + j)], af[u(a + H + j)]
-        o, g, tc = af[u(a + oo + j)], af[u(a + og + j)], af[u(a + 4 * H + j)]
-        gh = gf[u(s + j)]
-        dc = gh * o * (one - tc * tc)
-        if has_gc:
-            dc += gcf[u(s + j)]
-        xf[u(x + j)] = dc * g * i * (one - i)
-        xf[u(x + H + j)] = dc * cf[u(cp + j)] * f * (one - f)
-        xf[u(x + oo + j)] = gh * tc * o * (one - o)
-        xf[u(x + og + j)] = dc * i * (one - g * g)
-        ocf[u(oc + j)] = dc * f
 
 
 def _gru_fwd(xp, xs, h, whh, bhh, acts, gt, hn, T):
@@ -347,7 +334,7 @@ def _gru_fwd(xp, xs, h, whh, bhh, acts, gt, hn, T):
     for t in prange(T):     # split over w_hh's rows, so acts' columns: see _hh_share
         c0, c1 = _hh_share(t, T, 3 * H)
         if c1 > c0:
-            _hh_fwd(wf, hf, H, gt.reshape(-1), af, W, xp, xs, bhh, c0, c1, N, H, 2 * H)
+            _hh_fwd(wf, hf, gt.reshape(-1), af, W, xp, xs, bhh, c0, c1, N, H, 2 * H)
     for t in prange(T):
         n0, n1 = t * N // T, (t + 1) * N // T
         if n1 > n0:
