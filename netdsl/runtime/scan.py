@@ -10,6 +10,9 @@ every time step. The backward runs the step's VJP program from T-1 down to 0: th
 gradient of the carries entering step t is what flows into step t-1, the sequences'
 gradients are written at t, and parameters' and captured tensors' gradients are summed.
 
+On the CPU, a scan whose step is one LSTM or vanilla RNN (layer_match.py) skips all that:
+it runs as one layer kernel call each way (_Layer, kernels/cpu/recurrent_layer.py).
+
 Truncated backpropagation through time feeds a chunk's final carries as the next chunk's
 initial ones: `state.carry_in` (carry path name -> array) replaces a scan's initial
 carries, so no gradient flows into the previous chunk. `state.grad_flow` (a dict) asks
