@@ -27,17 +27,12 @@ is one GEMM G @ hx^T after the loop.
 """
 import numpy as np
 
-from . import kernel, njit, prange
+from . import kernel, prange
 from .gemm import N_, T_, gemm as _gemm
-from .recurrent import LSTM_BLOCKS, _f, _gates, _threads
+from .recurrent import LSTM_BLOCKS, _f, _gates, _hh_share as _share, _threads
 from .vmath import vsigmoid, vtanh
 
 CHUNK = 16      # units a gate pass takes at a time: 16 x N values a block, in L1
-
-
-@njit
-def _share(p, P, H):
-    return p * H // P, (p + 1) * H // P
 
 
 def _fwd(w, hx, acts, cs, T, keep, ki, P):
@@ -175,33 +170,24 @@ def _rnn_bwd(wt, hx, ghT, gout, G, T, P):
     return G
 
 
-def _cols(src, dst, b, ld, r0, P):
-    """dst[t b + (r0 + f) ld + n] = src[n, t, f] for src [N, T, F]: rows to feature-major
-    blocks, 16 features at a time (their reads stay in L1)."""
-    N, T, F = src.shape
+def _blocks(rows, blk, b, ld, into, P):
+    """Between rows [N, T, F] and feature-major blocks: blk[t b + f ld + n] = rows[n, t, f]
+    (into), or the other way; 16 features at a time (their rows stay in L1)."""
+    N, T, F = rows.shape
     u = np.uint64
-    sf = src.reshape(-1)
+    rf = rows.reshape(-1)
     for t in prange(T):
         for f0 in range(0, F, 16):
             f1 = min(f0 + 16, F)
             for n in range(N):
-                for f in range(f0, f1):
-                    dst[u(t * b + (r0 + f) * ld + n)] = sf[u((n * T + t) * F + f)]
-    return dst
-
-
-def _rows(src, b, ld, dst, P):
-    """dst[n, t, f] = src[t b + f ld + n] for dst [N, T, F]: the inverse of _cols."""
-    N, T, F = dst.shape
-    u = np.uint64
-    df = dst.reshape(-1)
-    for t in prange(T):
-        for f0 in range(0, F, 16):
-            f1 = min(f0 + 16, F)
-            for n in range(N):
-                for f in range(f0, f1):
-                    df[u((n * T + t) * F + f)] = src[u(t * b + f * ld + n)]
-    return dst
+                i, j = t * b + n, (n * T + t) * F
+                if into:
+                    for f in range(f0, f1):
+                        blk[u(i + f * ld)] = rf[u(j + f)]
+                else:
+                    for f in range(f0, f1):
+                        rf[u(j + f)] = blk[u(i + f * ld)]
+    return blk
 
 
 def _wgrad(G, hx, gw, P):
@@ -228,8 +214,8 @@ def _xgrad(G, w, H, D, gx, P):
     return gx
 
 
-_fwd, _bwd, _rnn_fwd, _rnn_bwd, _wgrad, _xgrad, _cols, _rows = (
-    kernel(f) for f in (_fwd, _bwd, _rnn_fwd, _rnn_bwd, _wgrad, _xgrad, _cols, _rows))
+_fwd, _bwd, _rnn_fwd, _rnn_bwd, _wgrad, _xgrad, _blocks = (
+    kernel(f) for f in (_fwd, _bwd, _rnn_fwd, _rnn_bwd, _wgrad, _xgrad, _blocks))
 
 
 def _run(k, P, *args):
@@ -268,7 +254,7 @@ def layer_forward(kind, x, h0, c0, w_ih, w_hh, b_ih=None, b_hh=None, order="ifog
     L = (T + 1) * N
     hx = np.empty((K, L), dt)
     hx[:H, :N] = _f(h0, dt).T
-    _run(_cols, P, x, hx.reshape(-1), N, L, H)
+    _run(_blocks, P, x, hx.reshape(-1)[H * L:], N, L, True)
     hx[H:H + D, T * N:] = 0
     hx[H + D] = 1
     ki = np.empty((P, 2 * CHUNK * N), np.int32)
@@ -281,7 +267,8 @@ def layer_forward(kind, x, h0, c0, w_ih, w_hh, b_ih=None, b_hh=None, order="ifog
         c_T = np.ascontiguousarray(cs[T if keep else T % 2].T)
     else:
         fn(w, hx, T, ki, P)
-    hs = _run(_rows, P, hx.reshape(-1)[N:], N, L, np.empty((N, T, H), dt))
+    hs = np.empty((N, T, H), dt)
+    _run(_blocks, P, hs, hx.reshape(-1)[N:], N, L, False)
     h_T = np.ascontiguousarray(hx[:H, T * N:].T)
     return hs, h_T, c_T, ((kind, w, hx, acts, cs, perm, P, D, N, T) if keep else None)
 
@@ -291,7 +278,7 @@ def layer_backward(saved, ghs, gh_T=None, gc_T=None, need_gx=True):
     kind, w, hx, acts, cs, perm, P, D, N, T = saved
     dt = w.dtype
     H = hx.shape[0] - D - 1
-    ghT = np.zeros((T, H, N), dt) if ghs is None else _run(_cols, P, _f(ghs, dt), np.empty(T * H * N, dt), H * N, N, 0)
+    ghT = np.zeros((T, H, N), dt) if ghs is None else _run(_blocks, P, _f(ghs, dt), np.empty(T * H * N, dt), H * N, N, True)
     ghT = ghT.reshape(T, H, N)
     if gh_T is not None and T:
         ghT[T - 1] += _f(gh_T, dt).T
